@@ -165,8 +165,11 @@ def _coerce(tp, value, key: str):
         return dict(value)
     if tp is Any:
         return value
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+    if tp is float and not isinstance(value, bool) and isinstance(value, (int, str)):
+        try:  # PyYAML reads `1e-3` (no dot) as a string
+            return float(value)
+        except ValueError:
+            raise ConfigError(f"{key}: expected a number, got {value!r}") from None
     if tp is bool and not isinstance(value, bool):
         raise ConfigError(f"{key}: expected true or false, got {value!r}")
     if tp is int and (isinstance(value, bool) or not isinstance(value, int)):
