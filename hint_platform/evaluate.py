@@ -16,9 +16,11 @@ would.
 
 from __future__ import annotations
 
+import json
 import string
 from collections import defaultdict
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import torch
@@ -79,3 +81,165 @@ def rank_classification_accuracy(results: Iterable[tuple[str, str, bool]]) -> di
         "per_dataset": per_dataset,
         "per_template": per_template,
     }
+
+
+# --- running a model over evaluation records ---------------------------------------------------
+
+# Variants whose model reads no instruction through a hypernetwork: nothing to generate per task.
+_NO_MODULES = ("concat", "no_instruct")
+
+
+@dataclass
+class EvalReport:
+    """Metrics overall, per task and per category, and every prediction made."""
+
+    overall: dict[str, float]
+    per_task: dict[str, dict[str, float]]
+    per_category: dict[str, dict[str, float]] = field(default_factory=dict)
+    predictions: list[dict[str, Any]] = field(default_factory=list)
+
+    def flat_metrics(self, prefix: str = "eval") -> dict[str, float]:
+        """`eval/rougeL`, `eval/task/<task>/rougeL`, ...: names MLflow accepts as metric keys."""
+        out = {f"{prefix}/{k}": v for k, v in self.overall.items()}
+        for group, table in (("task", self.per_task), ("category", self.per_category)):
+            for name, metrics in table.items():
+                safe = "".join(c if c.isalnum() or c in "_-." else "_" for c in name)
+                out.update({f"{prefix}/{group}/{safe}/{k}": v for k, v in metrics.items()})
+        return out
+
+
+def uses_modules(model) -> bool:
+    return model.config.variant not in _NO_MODULES
+
+
+def group_by_instruction(records: Iterable[dict]) -> dict[tuple[str, tuple[int, ...]], list[dict]]:
+    """Records keyed by (task, instruction tokens), in stream order: one module generation each."""
+    groups: dict[tuple[str, tuple[int, ...]], list[dict]] = defaultdict(list)
+    for record in records:
+        groups[(record["task"], tuple(record.get("hyper_input_ids") or ()))].append(record)
+    return groups
+
+
+@torch.no_grad()
+def task_modules(model, hyper_input_ids: tuple[int, ...]):
+    """The task's modules, generated once; None for variants that read no instruction."""
+    if not uses_modules(model) or not hyper_input_ids:
+        return None
+    ids = torch.tensor([hyper_input_ids], dtype=torch.long)
+    return model.generate_modules(ids, torch.ones_like(ids))
+
+
+@torch.no_grad()
+def generate_outputs(model, tokenizer, modules, input_ids: list[list[int]], *,
+                     batch_size: int = 16, max_new_tokens: int = 64) -> list[str]:
+    """Greedy outputs for inputs of ONE task, every batch reusing that task's modules."""
+    outputs = []
+    for start in range(0, len(input_ids), batch_size):
+        ids, mask = _pad(input_ids[start:start + batch_size], tokenizer.pad_token_id)
+        tokens = model.generate(ids, mask, modules=modules, max_new_tokens=max_new_tokens)
+        outputs += tokenizer.batch_decode(tokens, skip_special_tokens=True)
+    return [o.strip() for o in outputs]
+
+
+@torch.no_grad()
+def choose_answers(model, tokenizer, modules, records: list[dict], *, batch_size: int = 16) -> list[int]:
+    """Rank classification: per record, the index of the answer choice with the highest log-likelihood."""
+    pairs = [(r["input_ids"], choice) for r in records for choice in r["answer_choices"]]
+    eos = tokenizer.eos_token_id
+    scores = []
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start:start + batch_size]
+        ids, mask = _pad([p[0] for p in chunk], tokenizer.pad_token_id)
+        labels, _ = _pad([tokenizer.encode(c, add_special_tokens=False) + [eos] for _, c in chunk], -100)
+        scores += model.score(ids, mask, labels, modules=modules).tolist()
+    choices, at = [], 0
+    for r in records:
+        n = len(r["answer_choices"])
+        row = scores[at:at + n]
+        choices.append(max(range(n), key=row.__getitem__))
+        at += n
+    return choices
+
+
+def evaluate_records(model, tokenizer, records: Iterable[dict], *, categories: dict[str, str] | None = None,
+                     batch_size: int = 16, max_new_tokens: int = 64,
+                     progress: Callable[[str], None] | None = None) -> EvalReport:
+    """Evaluate a model on evaluation records (generation ones with `references`, rank
+    classification ones with `answer_choices`), generating each task's modules once."""
+    model.eval()
+    groups = group_by_instruction(records)
+    if not groups:
+        raise ValueError("evaluate_records: no evaluation records")
+    predictions: list[dict[str, Any]] = []
+    for i, ((task, hyper), rows) in enumerate(groups.items()):
+        modules = task_modules(model, hyper)
+        if "answer_choices" in rows[0]:
+            picked = choose_answers(model, tokenizer, modules, rows, batch_size=batch_size)
+            predictions += [{"task": task, "example_index": r.get("example_index"),
+                             "prediction": r["answer_choices"][p], "choice": p,
+                             "answer_index": r["answer_index"]} for r, p in zip(rows, picked)]
+        else:
+            outs = generate_outputs(model, tokenizer, modules, [r["input_ids"] for r in rows],
+                                    batch_size=batch_size, max_new_tokens=max_new_tokens)
+            predictions += [{"task": task, "example_index": r.get("example_index"), "prediction": o,
+                             "references": list(r["references"])} for r, o in zip(rows, outs)]
+        if progress:
+            progress(f"evaluated task {i + 1}/{len(groups)}: {task} ({len(rows)} examples)")
+    return score_predictions(predictions, categories or {})
+
+
+def score_predictions(predictions: list[dict[str, Any]], categories: dict[str, str]) -> EvalReport:
+    """Metrics from saved predictions: SNI metrics for generations, accuracy for choices."""
+    by_task: dict[str, list[dict]] = defaultdict(list)
+    for p in predictions:
+        by_task[p["task"]].append(p)
+    per_task = {task: _metrics(rows) for task, rows in by_task.items()}
+    by_category: dict[str, list[dict]] = defaultdict(list)
+    for p in predictions:
+        if p["task"] in categories:
+            by_category[categories[p["task"]]].append(p)
+    per_category = {c: _metrics(rows) for c, rows in by_category.items()}
+    generated = [p for p in predictions if "references" in p]
+    chosen = [p for p in predictions if "choice" in p]
+    overall: dict[str, float] = {}
+    if generated:
+        overall.update(sni_metrics([p["prediction"] for p in generated], [p["references"] for p in generated]))
+    if chosen:
+        overall["accuracy"] = rank_classification_accuracy(
+            (*split_p3_task(p["task"]), p["choice"] == p["answer_index"]) for p in chosen)["accuracy"]
+    return EvalReport(overall, per_task, per_category, predictions)
+
+
+def split_p3_task(task: str) -> tuple[str, str]:
+    """P3 task names are `<dataset>/<template>`; the dataset is what accuracy averages over."""
+    dataset, _, template = task.rpartition("/")
+    return (dataset or task), template
+
+
+def _metrics(rows: list[dict]) -> dict[str, float]:
+    if "references" in rows[0]:
+        return sni_metrics([r["prediction"] for r in rows], [r["references"] for r in rows])
+    return {"accuracy": 100.0 * sum(r["choice"] == r["answer_index"] for r in rows) / len(rows)}
+
+
+def _pad(seqs: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[i, :len(s)] = 1
+    return ids, mask
+
+
+def sni_categories(tasks_dir: str | Path, tasks: Iterable[str]) -> dict[str, str]:
+    """Task name -> category, from the `Categories` field of the SNI task files (`<task>.json`)."""
+    out = {}
+    for task in tasks:
+        path = Path(tasks_dir) / f"{task}.json"
+        if path.is_file():
+            with open(path, encoding="utf-8") as f:
+                cats = json.load(f).get("Categories") or []
+            if cats:
+                out[task] = cats[0]
+    return out
