@@ -85,10 +85,6 @@ def rank_classification_accuracy(results: Iterable[tuple[str, str, bool]]) -> di
 
 # --- running a model over evaluation records ---------------------------------------------------
 
-# Variants whose model reads no instruction through a hypernetwork: nothing to generate per task.
-_NO_MODULES = ("concat", "no_instruct")
-
-
 @dataclass
 class EvalReport:
     """Metrics overall, per task and per category, and every prediction made."""
@@ -108,10 +104,6 @@ class EvalReport:
         return out
 
 
-def uses_modules(model) -> bool:
-    return model.config.variant not in _NO_MODULES
-
-
 def group_by_instruction(records: Iterable[dict]) -> dict[tuple[str, tuple[int, ...]], list[dict]]:
     """Records keyed by (task, instruction tokens), in stream order: one module generation each."""
     groups: dict[tuple[str, tuple[int, ...]], list[dict]] = defaultdict(list)
@@ -123,7 +115,7 @@ def group_by_instruction(records: Iterable[dict]) -> dict[tuple[str, tuple[int, 
 @torch.no_grad()
 def task_modules(model, hyper_input_ids: tuple[int, ...]):
     """The task's modules, generated once; None for variants that read no instruction."""
-    if not uses_modules(model) or not hyper_input_ids:
+    if not model.config.hypernetwork or not hyper_input_ids:
         return None
     ids = torch.tensor([hyper_input_ids], dtype=torch.long)
     return model.generate_modules(ids, torch.ones_like(ids))
@@ -135,9 +127,9 @@ def generate_outputs(model, tokenizer, modules, input_ids: list[list[int]], *,
     """Greedy outputs for inputs of ONE task, every batch reusing that task's modules."""
     outputs = []
     for start in range(0, len(input_ids), batch_size):
-        ids, mask = _pad(input_ids[start:start + batch_size], tokenizer.pad_token_id)
+        ids, mask = _pad(input_ids[start:start + batch_size], tokenizer.pad_id)
         tokens = model.generate(ids, mask, modules=modules, max_new_tokens=max_new_tokens)
-        outputs += tokenizer.batch_decode(tokens, skip_special_tokens=True)
+        outputs += [tokenizer.decode(row) for row in tokens.tolist()]
     return [o.strip() for o in outputs]
 
 
@@ -145,12 +137,11 @@ def generate_outputs(model, tokenizer, modules, input_ids: list[list[int]], *,
 def choose_answers(model, tokenizer, modules, records: list[dict], *, batch_size: int = 16) -> list[int]:
     """Rank classification: per record, the index of the answer choice with the highest log-likelihood."""
     pairs = [(r["input_ids"], choice) for r in records for choice in r["answer_choices"]]
-    eos = tokenizer.eos_token_id
     scores = []
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start:start + batch_size]
-        ids, mask = _pad([p[0] for p in chunk], tokenizer.pad_token_id)
-        labels, _ = _pad([tokenizer.encode(c, add_special_tokens=False) + [eos] for _, c in chunk], -100)
+        ids, mask = _pad([p[0] for p in chunk], tokenizer.pad_id)
+        labels, _ = _pad([tokenizer.encode(choice) for _, choice in chunk], -100)
         scores += model.score(ids, mask, labels, modules=modules).tolist()
     choices, at = [], 0
     for r in records:
