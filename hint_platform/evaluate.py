@@ -9,7 +9,7 @@ The metrics follow the official definitions so that numbers compare with the pap
   prediction; accuracy is averaged over the examples of a template, then over the templates of
   a dataset, then over datasets.
 
-`evaluate_records` runs a model over evaluation records task by task: the task's modules are
+`predict_records` runs a model over evaluation records task by task: the task's modules are
 generated ONCE (`TaskModules`) and every input of the task reuses them, as a HINT deployment
 would.
 """
@@ -25,6 +25,8 @@ from typing import Any, Callable, Iterable
 
 import torch
 from rouge_score import rouge_scorer
+
+from hint_platform.errors import UserError
 
 _PUNCTUATION = set(string.punctuation)
 _ROUGE = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
@@ -152,10 +154,9 @@ def choose_answers(model, tokenizer, modules, records: list[dict], *, batch_size
     return choices
 
 
-def evaluate_records(model, tokenizer, records: Iterable[dict], *, categories: dict[str, str] | None = None,
-                     batch_size: int = 16, max_new_tokens: int = 64,
-                     progress: Callable[[str], None] | None = None) -> EvalReport:
-    """Evaluate a model on evaluation records (generation ones with `references`, rank
+def predict_records(model, tokenizer, records: Iterable[dict], *, batch_size: int = 16,
+                    max_new_tokens: int = 64, progress: Callable[[str], None] | None = None) -> list[dict]:
+    """Predictions for evaluation records (generation ones with `references`, rank
     classification ones with `answer_choices`), generating each task's modules once."""
     model.eval()
     groups = group_by_instruction(records)
@@ -176,15 +177,16 @@ def evaluate_records(model, tokenizer, records: Iterable[dict], *, categories: d
                              "references": list(r["references"])} for r, o in zip(rows, outs)]
         if progress:
             progress(f"evaluated task {i + 1}/{len(groups)}: {task} ({len(rows)} examples)")
-    return score_predictions(predictions, categories or {})
+    return predictions
 
 
-def score_predictions(predictions: list[dict[str, Any]], categories: dict[str, str]) -> EvalReport:
+def score_predictions(predictions: list[dict[str, Any]], categories: dict[str, str] | None = None) -> EvalReport:
     """Metrics from saved predictions: SNI metrics for generations, accuracy for choices."""
     by_task: dict[str, list[dict]] = defaultdict(list)
     for p in predictions:
         by_task[p["task"]].append(p)
     per_task = {task: _metrics(rows) for task, rows in by_task.items()}
+    categories = categories or {}
     by_category: dict[str, list[dict]] = defaultdict(list)
     for p in predictions:
         if p["task"] in categories:
@@ -234,3 +236,54 @@ def sni_categories(tasks_dir: str | Path, tasks: Iterable[str]) -> dict[str, str
             if cats:
                 out[task] = cats[0]
     return out
+
+
+def evaluate_export(export_dir: str | Path, cfg, *, batch_size: int = 16, max_new_tokens: int = 64,
+                    progress: Callable[[str], None] | None = None) -> EvalReport:
+    """The export's model on the evaluation sources of experiment config `cfg` (data.eval, the
+    lengths), tokenised with the export's own tokenizer. SNI tasks are grouped by category."""
+    from hint_model import HintModel
+    from pipelines import SourceSpec, iter_records, load_tokenizer
+
+    specs = [SourceSpec.from_dict(d, where=f"data.eval[{i}]") for i, d in enumerate(cfg.data.eval)]
+    if not specs:
+        raise UserError("data.eval lists no evaluation sources (add e.g. {kind: sni, path: ..., part: test})")
+    model = HintModel.from_pretrained(str(export_dir))
+    records = iter_records(specs, str(export_dir), max_input_len=cfg.data.max_input_len,
+                           max_hyper_len=cfg.data.max_hyper_len, max_target_len=cfg.data.max_target_len,
+                           on_bad_record=cfg.data.on_bad_record, seed=cfg.data.seed)
+    predictions = predict_records(model, load_tokenizer(str(export_dir)), records, batch_size=batch_size,
+                                  max_new_tokens=max_new_tokens, progress=progress)
+    tasks = {p["task"] for p in predictions}
+    categories: dict[str, str] = {}
+    for spec in specs:
+        if spec.kind == "sni":
+            categories.update(sni_categories(Path(spec.path) / "tasks", tasks))
+    return score_predictions(predictions, categories)
+
+
+def save_report(report: EvalReport, out_dir: str | Path) -> Path:
+    """out_dir/predictions.jsonl (one prediction a line) and out_dir/metrics.json."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "predictions.jsonl", "w", encoding="utf-8") as f:
+        for p in report.predictions:
+            f.write(json.dumps(p, ensure_ascii=False) + "\n")
+    metrics = {"overall": report.overall, "per_category": report.per_category, "per_task": report.per_task}
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    return out
+
+
+def log_report(report: EvalReport, out_dir: str | Path, *, tracking_uri: str, experiment: str,
+               run_name: str, artifact_location: str | None = None) -> str:
+    """An MLflow run holding the evaluation's metrics and its saved files; returns the run id."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri)
+    if mlflow.get_experiment_by_name(experiment) is None:
+        mlflow.create_experiment(experiment, artifact_location=artifact_location)
+    mlflow.set_experiment(experiment)
+    with mlflow.start_run(run_name=run_name) as run:
+        mlflow.log_metrics(report.flat_metrics())
+        mlflow.log_artifacts(str(out_dir), artifact_path="eval")
+    return run.info.run_id
