@@ -1,0 +1,161 @@
+"""The model registry: log a training export as an MLflow `pyfunc` model, register it, alias it,
+and load `models:/NAME@ALIAS` back for evaluation or inference.
+
+The logged model is "model from code" (hint_platform/mlflow_model.py): MLflow stores a reference
+to `HintPyfunc` and the export directory (safetensors weights, config.json, tokenizer) as an
+artifact, so nothing is pickled. `predict` takes a table with `instruction` and `input` columns
+and returns one output string per row; rows sharing an instruction share one module generation.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import mlflow.pyfunc
+from mlflow import MlflowClient
+
+from hint_platform.errors import UserError
+
+EXPORT_ARTIFACT = "export"  # the artifact key of the export directory inside the logged model
+_MODEL_CODE = Path(__file__).with_name("mlflow_model.py")
+# What a serving environment needs to import the model; explicit so that MLflow does not load
+# the model once more just to infer it.
+_REQUIREMENTS = ["torch==2.13.0", "transformers==5.24.0", "sentencepiece==0.2.3", "safetensors",
+                 "mlflow==3.17.2"]
+
+
+class RegistryError(UserError):
+    """A registry name, version, alias or URI that does not resolve: the message names it."""
+
+
+class HintPredictor:
+    """An export directory loaded for inference: (instruction, input) pairs -> outputs."""
+
+    def __init__(self, export_dir: str | Path, max_new_tokens: int = 64, batch_size: int = 16,
+                 max_input_len: int = 1024):
+        from hint_model import HintModel
+        from pipelines import load_tokenizer
+
+        self.model = HintModel.from_pretrained(str(export_dir)).eval()
+        self.tokenizer = load_tokenizer(str(export_dir))
+        self.max_new_tokens = max_new_tokens
+        self.batch_size = batch_size
+        self.max_input_len = max_input_len
+
+    def predict(self, instructions: list[str], inputs: list[str]) -> list[str]:
+        from hint_platform.evaluate import generate_outputs, task_modules
+
+        if len(instructions) != len(inputs):
+            raise ValueError(f"{len(instructions)} instructions for {len(inputs)} inputs")
+        rows_by_instruction: dict[str, list[int]] = {}
+        for i, instruction in enumerate(instructions):
+            rows_by_instruction.setdefault(instruction, []).append(i)
+        outputs: list[str] = [""] * len(inputs)
+        for instruction, rows in rows_by_instruction.items():
+            texts = [self.texts(instruction, inputs[i]) for i in rows]
+            max_hyper = self.model.config.max_hyper_len
+            hyper = tuple(self.tokenizer.encode(texts[0][0], max_hyper)) if texts[0][0] else ()
+            modules = task_modules(self.model, hyper)
+            ids = [self.tokenizer.encode(model_input, self.max_input_len) for _, model_input in texts]
+            outs = generate_outputs(self.model, self.tokenizer, modules, ids,
+                                    batch_size=self.batch_size, max_new_tokens=self.max_new_tokens)
+            for i, out in zip(rows, outs):
+                outputs[i] = out
+        return outputs
+
+
+    def texts(self, instruction: str, input_text: str) -> tuple[str, str]:
+        """(hypernetwork text, model text) in the SNI format the model's variant trains on."""
+        from pipelines import formats
+
+        cfg = self.model.config
+        if cfg.hypernetwork:
+            return formats.sni_def(instruction, input_text)
+        if cfg.variant == "no_instruct":
+            return formats.no_instruct(input_text)
+        return formats.sni_concat(instruction, [], 0, input_text)
+
+
+class HintPyfunc(mlflow.pyfunc.PythonModel):
+    """The MLflow face of `HintPredictor`."""
+
+    def load_context(self, context):
+        self.predictor = HintPredictor(context.artifacts[EXPORT_ARTIFACT])
+
+    def predict(self, context, model_input: list[dict[str, str]], params=None) -> list[str]:
+        # The type hints are the signature: MLflow turns a DataFrame with `instruction` and
+        # `input` columns (or a list of such dicts) into this list and checks it.
+        return self.predictor.predict([r["instruction"] for r in model_input], [r["input"] for r in model_input])
+
+
+def log_and_register(export_dir: str | Path, *, tracking_uri: str, run_id: str | None = None,
+                     name: str | None = None) -> dict[str, Any]:
+    """Logs `export_dir` as a pyfunc model into run `run_id` (a new run if None) and, with a
+    `name`, registers it. Returns {"model_uri", "run_id", "name", "version"}."""
+    export_dir = Path(export_dir)
+    if not (export_dir / "config.json").is_file():
+        raise RegistryError(f"{export_dir}: not a model export (no config.json)")
+    mlflow.set_tracking_uri(tracking_uri)
+    with mlflow.start_run(run_id=run_id) as run:
+        info = mlflow.pyfunc.log_model(
+            name="model", python_model=str(_MODEL_CODE), artifacts={EXPORT_ARTIFACT: str(export_dir)},
+            pip_requirements=_REQUIREMENTS, registered_model_name=name,
+        )
+    version = info.registered_model_version
+    return {"model_uri": f"models:/{name}/{version}" if name else info.model_uri,
+            "run_id": run.info.run_id, "name": name, "version": version}
+
+
+def list_versions(tracking_uri: str, name: str | None = None) -> list[dict[str, Any]]:
+    """Registered versions (of `name`, or of every model), newest first, with their aliases."""
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    query = f"name='{name}'" if name else None
+    rows = []
+    for mv in client.search_model_versions(query):
+        aliases = sorted(getattr(mv, "aliases", []) or [])
+        rows.append({"name": mv.name, "version": int(mv.version), "aliases": aliases,
+                     "run_id": mv.run_id, "created": mv.creation_timestamp})
+    if name and not rows:
+        raise RegistryError(f"no registered model named {name!r} at {tracking_uri}")
+    return sorted(rows, key=lambda r: (r["name"], -r["version"]))
+
+
+def set_alias(tracking_uri: str, name: str, alias: str, version: int) -> None:
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    try:
+        client.set_registered_model_alias(name, alias, str(version))
+    except mlflow.exceptions.MlflowException as e:
+        raise RegistryError(f"cannot point alias {alias!r} of {name!r} at version {version}: "
+                            f"{e.message}") from None
+
+
+def resolve_export(model: str, tracking_uri: str | None = None) -> Path:
+    """An export directory: `model` itself when it is one, else the export inside the logged
+    model `models:/NAME@ALIAS` (or `models:/NAME/VERSION`, `runs:/...`), downloaded."""
+    if "://" not in model and not model.startswith("models:/"):
+        path = Path(model)
+        if not (path / "config.json").is_file():
+            raise RegistryError(f"{model}: not a model export directory nor a models:/ URI")
+        return path
+    if tracking_uri:
+        mlflow.set_tracking_uri(tracking_uri)
+    try:
+        local = mlflow.artifacts.download_artifacts(artifact_uri=model)
+    except mlflow.exceptions.MlflowException as e:
+        raise RegistryError(f"cannot load {model} from {mlflow.get_tracking_uri()}: {e.message}") from None
+    export = Path(local) / "artifacts" / EXPORT_ARTIFACT
+    if not export.is_dir():
+        raise RegistryError(f"{model}: not a hint model (no {EXPORT_ARTIFACT} artifact)")
+    return export
+
+
+def load_pyfunc(model_uri: str, tracking_uri: str | None = None):
+    """The registered pyfunc model (`.predict(DataFrame[instruction, input]) -> list[str]`)."""
+    if tracking_uri:
+        mlflow.set_tracking_uri(tracking_uri)
+    try:
+        return mlflow.pyfunc.load_model(model_uri)
+    except mlflow.exceptions.MlflowException as e:
+        raise RegistryError(f"cannot load {model_uri} from {mlflow.get_tracking_uri()}: {e.message}") from None
