@@ -42,7 +42,7 @@ class DemoSettings:
 
     @classmethod
     def quick(cls) -> "DemoSettings":
-        return cls(num_train_tasks=16, num_test_tasks=4, instances_per_task=20, num_pretrain_docs=40,
+        return cls(num_train_tasks=21, num_test_tasks=4, instances_per_task=20, num_pretrain_docs=40,
                    vocab_size=300, eval_per_task=4, pretrain_overrides=("train.max_steps=2",),
                    finetune_overrides=("train.max_steps=2",))
 

@@ -116,9 +116,11 @@ def group_by_instruction(records: Iterable[dict]) -> dict[tuple[str, tuple[int, 
 
 @torch.no_grad()
 def task_modules(model, hyper_input_ids: tuple[int, ...]):
-    """The task's modules, generated once; None for variants that read no instruction."""
-    if not model.config.hypernetwork or not hyper_input_ids:
-        return None
+    """The task's modules, generated once (variants without a hypernetwork: their static ones)."""
+    if not model.config.hypernetwork:
+        return model.generate_modules()
+    if not hyper_input_ids:
+        raise ValueError(f"variant {model.config.variant!r} needs an instruction; the record has none")
     ids = torch.tensor([hyper_input_ids], dtype=torch.long)
     return model.generate_modules(ids, torch.ones_like(ids))
 
@@ -165,7 +167,7 @@ def predict_records(model, tokenizer, records: Iterable[dict], *, batch_size: in
     predictions: list[dict[str, Any]] = []
     for i, ((task, hyper), rows) in enumerate(groups.items()):
         modules = task_modules(model, hyper)
-        if "answer_choices" in rows[0]:
+        if rows[0].get("answer_choices"):
             picked = choose_answers(model, tokenizer, modules, rows, batch_size=batch_size)
             predictions += [{"task": task, "example_index": r.get("example_index"),
                              "prediction": r["answer_choices"][p], "choice": p,
