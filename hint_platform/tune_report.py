@@ -1,0 +1,186 @@
+"""The report of a study: a leaderboard a person reads, and plots, logged to its parent run.
+
+Read from Tune's results directory (so `hint tune report` works after the study, and on a
+partial one): one row per trial with its setting, how it ended, its last value of the study's
+metric, the size of the PEFT modules it generates per task and its inference GFLOPs per task.
+Plots: learning curves, metric vs PEFT size, metric vs inference GFLOPs per task.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from hint_platform.tune import StudyRun
+
+# Inference cost of one task in the plots: the paper's SNI evaluation (Appendix C):
+# 100 inputs of a task, instruction and input lengths as configured, 128 output tokens.
+TASK_INPUTS = 100
+OUTPUT_LEN = 128
+
+
+@dataclass
+class Row:
+    trial_id: str
+    setting: str  # the trial's point of the space, `key=value ...`
+    status: str  # done | stopped early | failed | pending | running
+    steps: int  # last step reported
+    metric: float  # last reported value of the study's metric (nan: never reported)
+    peft_params: int  # generated PEFT parameters per task
+    gflops: float  # inference GFLOPs per task
+    curve: tuple[list[int], list[float]]  # (steps, metric values)
+
+
+def leaderboard(run: "StudyRun") -> list[Row]:
+    """The study's trials, best first (trials without the metric last)."""
+    from ray.tune import ExperimentAnalysis
+
+    from hint_platform.errors import UserError
+    from hint_platform.tune import apply_point, trial_outcome
+
+    if not (run.path / "tuner.pkl").exists():
+        raise UserError(f"no results for study {run.name} under {run.path}: "
+                        f"run `hint tune {run.study.name}` first")
+    analysis = ExperimentAnalysis(str(run.path))
+    frames = analysis.trial_dataframes
+    metric, max_steps = run.study.metric, run.base.train.max_steps
+    rows = []
+    for trial in analysis.trials:
+        frame = frames.get(trial.trial_id)
+        steps, values = [], []
+        if frame is not None and metric in frame and "step" in frame:
+            reported = frame[frame[metric].notna()]
+            steps, values = reported["step"].astype(int).tolist(), reported[metric].tolist()
+        last_step = int(trial.last_result.get("step", 0) or 0)
+        cfg = apply_point(run.base, trial.config)
+        rows.append(Row(
+            trial_id=trial.trial_id, setting=_setting(trial.config),
+            status=trial_outcome(trial, max_steps), steps=last_step,
+            metric=values[-1] if values else math.nan,
+            peft_params=peft_params(cfg), gflops=inference_gflops(cfg), curve=(steps, values)))
+    sign = 1 if run.study.mode == "min" else -1
+    return sorted(rows, key=lambda r: (math.isnan(r.metric), sign * r.metric
+                                       if not math.isnan(r.metric) else 0))
+
+
+def format_table(rows: list[Row], metric: str) -> str:
+    header = ["#", "trial", "setting", "status", "steps", metric, "PEFT params/task",
+              "GFLOPs/task"]
+    body = [[str(i), r.trial_id, r.setting, r.status, str(r.steps),
+             "-" if math.isnan(r.metric) else f"{r.metric:.4f}", f"{r.peft_params:,}",
+             f"{r.gflops:,.1f}"] for i, r in enumerate(rows, 1)]
+    widths = [max(len(line[i]) for line in [header, *body]) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip()
+             for line in [header, *body]]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def write_report(run: "StudyRun", parent_run_id: str | None) -> Path:
+    """Writes report/ (leaderboard.txt + PNG plots) into the study directory, tags the best
+    trial, and logs the report to the study's MLflow parent run. Returns the report directory."""
+    from mlflow.tracking import MlflowClient
+
+    from hint_platform.tune import TRIAL_TAG, child_runs
+
+    rows = leaderboard(run)
+    metric = run.study.metric
+    out = run.path / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    table = format_table(rows, metric)
+    (out / "leaderboard.txt").write_text(f"{run.name}: {run.study.question}\n\n{table}\n")
+    plot_learning_curves(rows, metric, out / "learning_curves.png")
+    plot_against(rows, "peft_params", "generated PEFT parameters per task", metric,
+                 out / f"{metric}_vs_peft_size.png")
+    plot_against(rows, "gflops", f"inference GFLOPs per task ({TASK_INPUTS} inputs)", metric,
+                 out / f"{metric}_vs_gflops.png")
+    if parent_run_id:
+        client = MlflowClient(run.tracking_uri)
+        best = rows[0] if rows and not math.isnan(rows[0].metric) else None
+        for child in child_runs(run, parent_run_id):
+            is_best = best is not None and child.data.tags.get(TRIAL_TAG) == best.trial_id
+            client.set_tag(child.info.run_id, "hint.tune.best", str(is_best).lower())
+        if best:
+            client.set_tag(parent_run_id, "hint.tune.best_trial", best.trial_id)
+            client.log_metric(parent_run_id, f"best_{metric}", best.metric)
+        client.log_artifacts(parent_run_id, str(out), "report")
+    return out
+
+
+def plot_learning_curves(rows: list[Row], metric: str, path: Path) -> None:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in rows:
+        if r.curve[0]:
+            ax.plot(*r.curve, marker=".", label=f"{r.setting} ({r.status})")
+    ax.set(xlabel="step", ylabel=metric, title=f"{metric} during training")
+    ax.legend(fontsize="small")
+    _save(fig, path)
+
+
+def plot_against(rows: list[Row], attr: str, xlabel: str, metric: str, path: Path) -> None:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in rows:
+        if not math.isnan(r.metric):
+            ax.scatter(getattr(r, attr), r.metric)
+            ax.annotate(r.setting, (getattr(r, attr), r.metric), fontsize="x-small")
+    ax.set(xlabel=xlabel, ylabel=metric, title=f"{metric} vs {xlabel}")
+    _save(fig, path)
+
+
+def peft_params(cfg) -> int:
+    """Parameters the hypernetwork generates for one task (adapters, prefixes, LoRA)."""
+    from hint_model import HintConfig
+
+    m = HintConfig.preset(cfg.model.preset, variant=cfg.model.variant, **cfg.model.overrides)
+    if not m.hypernetwork:
+        return 0
+    d, slots = m.d_model, m.num_slots
+    adapters = m.num_layers + m.num_decoder_layers  # one per FFN
+    total = 0
+    if m.adapters:
+        total += adapters * (2 * d * m.adapter_size + m.adapter_size + d)
+    if m.prefixes:
+        total += slots * 2 * m.prefix_length * m.inner_dim
+    if m.lora:
+        total += slots * 2 * m.lora_rank * (d + m.inner_dim)  # q and v: A (d x r), B (r x inner)
+    return total
+
+
+def inference_gflops(cfg) -> float:
+    """Inference GFLOPs of one task of TASK_INPUTS inputs (hint_model.flops, Appendix C)."""
+    from hint_model import flops
+
+    d = cfg.data
+    return flops.task_flops(cfg.model.preset, cfg.model.variant, cfg.model.overrides,
+                            n=TASK_INPUTS, instr_len=d.max_hyper_len, input_len=d.max_input_len,
+                            output_len=OUTPUT_LEN) / 1e9
+
+
+def _setting(point: dict) -> str:
+    from hint_platform.tune import dotted
+
+    parts = []
+    for key, value in dotted(point).items():
+        short = key.removeprefix("model.overrides.").removeprefix("model.")
+        parts.append(f"{short}={value}")
+    return " ".join(parts)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display on a cluster or in CI
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    _pyplot().close(fig)
