@@ -1,0 +1,146 @@
+"""Training checkpoints and the final export.
+
+A checkpoint directory holds
+  - the model and optimizer state, sharded: `torch.distributed.checkpoint` (DCP) files, one
+    per rank (`__<rank>_0.distcp`) plus `.metadata`; each rank saves into its own directory
+    and Ray Train merges them into one checkpoint;
+  - `train_state.safetensors` (rank 0): the step, the epoch and the data position, a bitmap
+    over `example_index` of the examples consumed in the current epoch, gathered from all ranks;
+  - `model_config.json` (rank 0): the model's HintConfig, checked before loading so that a
+    checkpoint of another model shape is refused with a clear error.
+No pickle: tensors go through DCP and safetensors, the rest is JSON.
+
+The export (`export_model`) is what later stages, evaluation and the registry load:
+`HintModel.save_pretrained` (config.json + model.safetensors) and a copy of the tokenizer
+directory under `tokenizer/`.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
+
+from hint_platform.errors import UserError
+
+TRAIN_STATE = "train_state.safetensors"
+MODEL_CONFIG = "model_config.json"
+
+
+class CheckpointError(UserError):
+    """A checkpoint that cannot be resumed from: the message names the directory and why."""
+
+
+@dataclass
+class TrainState:
+    """Where training is: optimizer steps done, the epoch, and the examples consumed in it."""
+
+    step: int = 0
+    epoch: int = 0
+    consumed: torch.Tensor = None  # bool [max example_index + 1] of the current epoch
+
+    def __post_init__(self):
+        if self.consumed is None:
+            self.consumed = torch.zeros(0, dtype=torch.bool)
+
+    def mark(self, example_indices: list[int]) -> None:
+        top = max(example_indices, default=-1) + 1
+        if top > len(self.consumed):
+            grown = torch.zeros(max(top, 2 * len(self.consumed)), dtype=torch.bool)
+            grown[: len(self.consumed)] = self.consumed
+            self.consumed = grown
+        self.consumed[torch.tensor(example_indices, dtype=torch.long)] = True
+
+    def is_consumed(self, example_index: int) -> bool:
+        return example_index < len(self.consumed) and bool(self.consumed[example_index])
+
+    def num_consumed(self) -> int:
+        return int(self.consumed.sum())
+
+    def gather(self) -> None:
+        """Makes `consumed` the union over all ranks (each rank marks only what it trained)."""
+        if not dist.is_initialized():
+            return
+        size = torch.tensor([len(self.consumed)])
+        dist.all_reduce(size, op=dist.ReduceOp.MAX)
+        bitmap = torch.zeros(int(size), dtype=torch.uint8)
+        bitmap[: len(self.consumed)] = self.consumed.to(torch.uint8)
+        dist.all_reduce(bitmap, op=dist.ReduceOp.MAX)
+        self.consumed = bitmap.bool()
+
+
+def save_checkpoint(directory: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    state: TrainState, model_config: dict) -> None:
+    """Collective: every rank calls it with its own `directory` (Ray Train merges them)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(directory))
+    state.gather()
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        save_file({"step": torch.tensor([state.step]), "epoch": torch.tensor([state.epoch]),
+                   "consumed": state.consumed.to(torch.uint8)}, str(directory / TRAIN_STATE))
+        (directory / MODEL_CONFIG).write_text(json.dumps(model_config, indent=2, sort_keys=True))
+
+
+def load_checkpoint(directory: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    model_config: dict) -> TrainState:
+    """Restores model and optimizer in place (collective) and returns the train state."""
+    directory = Path(directory)
+    for name in (TRAIN_STATE, MODEL_CONFIG, ".metadata"):
+        if not (directory / name).is_file():
+            raise CheckpointError(f"checkpoint {directory}: {name} is missing; "
+                                  "not a checkpoint of `hint train`, or an incomplete one")
+    try:
+        saved_config = json.loads((directory / MODEL_CONFIG).read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"checkpoint {directory}/{MODEL_CONFIG}: corrupt JSON: {e}") from None
+    differs = sorted(k for k in set(saved_config) | set(model_config)
+                     if saved_config.get(k) != model_config.get(k))
+    if differs:
+        detail = ", ".join(f"{k}: checkpoint {saved_config.get(k)!r} vs run "
+                           f"{model_config.get(k)!r}" for k in differs[:5])
+        raise CheckpointError(f"checkpoint {directory} is of another model ({detail}); "
+                              "use another run name or storage path to start afresh")
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    state_dict = {"model": model_sd, "optim": optim_sd}
+    try:
+        dcp.load(state_dict, checkpoint_id=str(directory))
+        saved = load_file(str(directory / TRAIN_STATE))
+    except Exception as e:  # DCP and safetensors raise many types for damaged files
+        raise CheckpointError(f"checkpoint {directory} cannot be loaded: "
+                              f"{type(e).__name__}: {e}") from e
+    set_state_dict(model, optimizer, model_state_dict=state_dict["model"],
+                   optim_state_dict=state_dict["optim"])
+    return TrainState(step=int(saved["step"]), epoch=int(saved["epoch"]),
+                      consumed=saved["consumed"].bool())
+
+
+def export_model(model: nn.Module, directory: str | Path, tokenizer_dir: str | Path) -> None:
+    """Collective: gathers the full state dict to rank 0 (on CPU), which writes the model with
+    `save_pretrained` and copies the tokenizer beside it."""
+    from hint_model import HintModel
+
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
+                                                                 cpu_offload=True))
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return
+    with torch.device("meta"):
+        plain = HintModel(model.config)
+    plain.load_state_dict(full, assign=True)
+    directory = Path(directory)
+    plain.save_pretrained(directory)
+    shutil.copytree(tokenizer_dir, directory / "tokenizer", dirs_exist_ok=True)

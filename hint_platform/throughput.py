@@ -1,0 +1,62 @@
+"""Throughput of the train loop between two log points: step time, tokens/s, examples/s, the
+fraction of time spent waiting for data, and MFU (model FLOPs / peak FLOPs) on GPUs we know."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+
+# Dense bf16 peak FLOP/s per GPU, by a substring of torch.cuda.get_device_name().
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L4": 121e12}
+
+
+def peak_flops(device: torch.device) -> float:
+    """Peak FLOP/s of `device`, or nan where unknown (every CPU)."""
+    if device.type != "cuda":
+        return math.nan
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), math.nan)
+
+
+class Throughput:
+    """Accumulates steps between two log points; `summary()` reports and starts afresh.
+
+    Counts are one worker's; every worker trains the same number of examples per step, so
+    rates over the run are `world_size` times the worker's. `flops_per_example` is the training
+    FLOPs of one example (forward + backward), for MFU; tokens are every non-padding token the
+    model reads or predicts (instruction, input and target).
+    """
+
+    def __init__(self, device: torch.device, world_size: int = 1,
+                 flops_per_example: float = math.nan):
+        self.peak = peak_flops(device)
+        self.world_size = world_size
+        self.flops_per_example = flops_per_example
+        self._reset()
+
+    def _reset(self) -> None:
+        self.steps = 0
+        self.examples = 0
+        self.tokens = 0
+        self.wait_s = 0.0
+        self.start = time.perf_counter()
+
+    def add(self, examples: int, tokens: int, wait_s: float) -> None:
+        self.steps += 1
+        self.examples += examples
+        self.tokens += tokens
+        self.wait_s += wait_s
+
+    def summary(self) -> dict[str, float]:
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        out = {
+            "step_time_s": elapsed / max(self.steps, 1),
+            "examples_per_s": self.world_size * self.examples / elapsed,
+            "tokens_per_s": self.world_size * self.tokens / elapsed,
+            "data_wait_fraction": self.wait_s / elapsed,
+            "mfu": self.flops_per_example * self.examples / elapsed / self.peak,
+        }
+        self._reset()
+        return out
