@@ -14,6 +14,7 @@ runs, exports, evaluations and the MLflow SQLite store. The last line of output 
 
 from __future__ import annotations
 
+import glob
 import os
 import shutil
 import time
@@ -89,12 +90,13 @@ def run_demo(out_dir: str | Path = "runs/demo", settings: DemoSettings | None = 
         # More logical CPUs than cores: the two workers take half a CPU each, Ray Data the rest.
         ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
                  _temp_dir=str(out / "ray"))
+    (pretrain_file,) = glob.glob(suite.c4_path)  # one file; train.fit checks that paths exist
     common = [f"run.storage_path={out}", f"data.tokenizer={out / 'tokenizer'}"]
     reports, exports, finetune_cfgs, run_ids = {}, {}, {}, {}
     for variant, fmt in VARIANTS.items():
         pre = config.load(CONFIGS / "pretrain.yaml", [*common, *settings.pretrain_overrides])
         pre = pre.with_overrides({"name": f"demo-pretrain-{variant}", "model.variant": variant,
-                                  "data.train": [{**pre.data.train[0], "path": suite.c4_path}]})
+                                  "data.train": [{**pre.data.train[0], "path": pretrain_file}]})
         progress(f"{variant}: pretraining ({pre.train.max_steps} steps, {pre.train.num_workers} workers)")
         pre_result = _fit(pre)
         cfg = config.load(CONFIGS / "finetune.yaml", [*common, *settings.finetune_overrides])
