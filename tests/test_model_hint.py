@@ -1,0 +1,179 @@
+"""The hypernetwork side: presets, generation per unique instruction, gradients, training."""
+
+import pytest
+import torch
+
+from hint_model import VARIANT_PRESETS, HintConfig, HintConfigError, HintModel
+
+VOCAB = 100
+
+
+def tiny(variant="hint", **overrides):
+    torch.manual_seed(0)
+    return HintModel(HintConfig.preset("tiny", variant=variant, vocab_size=VOCAB, **overrides))
+
+
+def mixed_batch():
+    """Four examples, three tasks: rows 0 and 2 share an instruction; row 3's is shorter."""
+    torch.manual_seed(2)
+    hyper = torch.randint(2, VOCAB, (4, 6))
+    hyper[2] = hyper[0]
+    hyper_mask = torch.ones_like(hyper)
+    hyper[3, 4:], hyper_mask[3, 4:] = 0, 0
+    ids = torch.randint(2, VOCAB, (4, 5))
+    mask = torch.ones_like(ids)
+    ids[1, 3:], mask[1, 3:] = 0, 0
+    labels = torch.randint(2, VOCAB, (4, 3))
+    labels[1, 2] = -100
+    return dict(hyper_input_ids=hyper, hyper_attention_mask=hyper_mask, input_ids=ids,
+                attention_mask=mask, labels=labels)
+
+
+def test_unknown_names_list_the_valid_ones():
+    with pytest.raises(HintConfigError, match="valid: tiny, small, base, large, xl, xxl"):
+        HintConfig.preset("huge")
+    with pytest.raises(HintConfigError, match="hint_no_fusion"):
+        HintConfig.preset("tiny", variant="hint_fusion")
+    with pytest.raises(HintConfigError, match="unknown HintConfig field 'adapter'"):
+        HintConfig.preset("tiny", adapter=3)
+    with pytest.raises(HintConfigError, match="HintConfig.adapter_size: expected int"):
+        HintConfig.preset("tiny", adapter_size="8")
+
+
+def test_config_round_trips_through_a_dict():
+    cfg = HintConfig.preset("small", variant="lora_only", vocab_size=1000)
+    assert HintConfig.from_dict(cfg.to_dict()) == cfg
+    assert cfg.lora and not cfg.adapters and cfg.vocab_size == 1000
+
+
+@pytest.mark.parametrize("variant", ["adapters_only", "lora_only"])
+def test_all_zero_modules_give_the_plain_t5(variant):
+    model = tiny(variant, fusion=False).eval()
+    for mlp in model.generator.mlps.values():
+        torch.nn.init.zeros_(mlp.fc2.weight)
+    b = mixed_batch()
+    with torch.no_grad():
+        hint = model(**b).logits
+        plain = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
+                      labels=b["labels"], modules=model._static_modules()).logits
+    assert torch.equal(hint, plain)
+
+
+@pytest.mark.parametrize("variant", ["hint", "lora_only", "generator_decoder", "hypter"])
+def test_mixed_task_batch_equals_each_example_alone(variant):
+    model = tiny(variant).eval()
+    b = mixed_batch()
+    with torch.no_grad():
+        together = model(**b).logits
+        for i in range(4):
+            hyper_len = int(b["hyper_attention_mask"][i].sum())
+            alone = model(hyper_input_ids=b["hyper_input_ids"][i:i + 1, :hyper_len],
+                          hyper_attention_mask=b["hyper_attention_mask"][i:i + 1, :hyper_len],
+                          input_ids=b["input_ids"][i:i + 1], attention_mask=b["attention_mask"][i:i + 1],
+                          labels=b["labels"][i:i + 1]).logits
+            torch.testing.assert_close(together[i:i + 1], alone, atol=1e-5, rtol=1e-5)
+
+
+def test_generator_runs_once_per_unique_instruction():
+    model = tiny()
+    calls = []
+    model.generator.register_forward_hook(lambda mod, args, out: calls.append(args[0].shape[0]))
+    model(**mixed_batch())
+    assert calls == [3]  # one call, three unique instructions for four examples
+
+
+def test_gradients_reach_generator_embeddings_and_tied_encoder():
+    model = tiny()
+    model(**mixed_batch()).loss.backward()
+    for name in ("generator.embeddings.prefix_key", "generator.cross_attn.k.weight",
+                 "generator.mlps.adapter_up.fc1.weight", "t5.shared.weight",
+                 "t5.encoder.blocks.0.attn.q.weight", "t5.decoder.blocks.1.cross_attn.v.weight"):
+        grad = model.get_parameter(name).grad
+        assert grad is not None and grad.abs().sum() > 0, name
+
+
+def test_tied_encoder_learns_through_the_generator():
+    # The generated modules alone (no input side): their gradient reaches the T5 encoder
+    # because the hyper-encoder is that encoder.
+    model = tiny("hint_no_fusion")
+    b = mixed_batch()
+    modules = model._modules_for(b["hyper_input_ids"][:1], b["hyper_attention_mask"][:1])
+    sum(t.sum() for t in modules.peft.values()).backward()
+    assert model.t5.encoder.blocks[0].ffn.wo.weight.grad.abs().sum() > 0
+    assert model.t5.decoder.blocks[0].ffn.wo.weight.grad is None
+
+
+def test_untied_encoder_gets_its_own_gradients():
+    model = tiny("untied_encoder")
+    model(**mixed_batch()).loss.backward()
+    assert model.hyper_encoder.blocks[0].attn.q.weight.grad.abs().sum() > 0
+    assert model.hyper_encoder.blocks[0].attn.q.weight is not model.t5.encoder.blocks[0].attn.q.weight
+
+
+@pytest.mark.parametrize("variant", list(VARIANT_PRESETS))
+def test_every_preset_trains_on_a_fixed_batch(variant):
+    model = tiny(variant)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    b = mixed_batch()
+    losses = []
+    for _ in range(4):
+        loss = model(**b).loss
+        assert torch.isfinite(loss)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+
+
+def test_frozen_underlying_trains_the_generator_only():
+    model = tiny("frozen_underlying")
+    assert not any(p.requires_grad for p in model.t5.parameters())
+    model(**mixed_batch()).loss.backward()
+    assert model.generator.mlps["prefix_key"].fc2.weight.grad.abs().sum() > 0
+
+
+def test_baselines_ignore_the_instruction():
+    model = tiny("no_instruct").eval()
+    b = mixed_batch()
+    with torch.no_grad():
+        with_hyper = model(**b).logits
+        without = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
+                        labels=b["labels"]).logits
+    assert torch.equal(with_hyper, without)
+
+
+def test_instruction_longer_than_the_maximum_is_an_error():
+    model = tiny(max_hyper_len=5)
+    with pytest.raises(ValueError, match="instruction 0 has 6 tokens, more than HintConfig.max_hyper_len=5"):
+        model(**mixed_batch())
+    with pytest.raises(ValueError, match="needs hyper_input_ids"):
+        b = mixed_batch()
+        model(input_ids=b["input_ids"], labels=b["labels"])
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    b = mixed_batch()
+    grads = []
+    for on in (False, True):
+        model = tiny()
+        model.set_activation_checkpointing(on)
+        model(**b).loss.backward()
+        grads.append(model.generator.embeddings["adapter_down"].grad)
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_blocks_lists_every_t5_block():
+    model = tiny("generator_decoder", tied_hyper_encoder=False)
+    cfg = model.config
+    assert len(model.blocks()) == 2 * cfg.num_layers + cfg.num_decoder_layers + cfg.generator_layers
+
+
+@pytest.mark.parametrize("size, billions", [("xl", 2.85), ("xxl", 11.3)])
+def test_paper_sizes_on_the_meta_device(size, billions):
+    with torch.device("meta"):
+        model = HintModel(HintConfig.preset(size, variant="hint"))
+    t5 = sum(p.numel() for p in model.t5.parameters())
+    generator = sum(p.numel() for p in model.generator.parameters())
+    print(f"{size}: T5 {t5 / 1e9:.3f}B, generator {generator / 1e6:.1f}M")
+    assert abs(t5 / 1e9 - billions) / billions < 0.02
