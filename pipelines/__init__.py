@@ -4,7 +4,7 @@ and baseline input formats, tokenisation, and Ray Data pipelines that stream the
 Imports neither hint_model nor hint_platform.
 """
 
-from pipelines import c4, formats, sni, synthetic
+from pipelines import c4, formats, p3, p3_templates, sni, synthetic
 from pipelines.bad_records import BadRecordError, BadRecords
 from pipelines.collate import collate, length_buckets
 from pipelines.dataset import build_dataset, iter_records
@@ -13,6 +13,6 @@ from pipelines.synthetic import write_suite
 from pipelines.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
 
 __all__ = [
-    "BadRecordError", "BadRecords", "SourceSpec", "c4", "formats", "sni", "synthetic", "SpecError", "Tokenizer", "build_dataset",
+    "BadRecordError", "BadRecords", "SourceSpec", "c4", "formats", "p3", "p3_templates", "sni", "synthetic", "SpecError", "Tokenizer", "build_dataset",
     "collate", "iter_records", "length_buckets", "load_tokenizer", "train_tokenizer", "write_suite",
 ]

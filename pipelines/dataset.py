@@ -31,7 +31,7 @@ from ray.data.datasource import Datasource, ReadTask
 
 import ray.data
 
-from pipelines import c4, sni
+from pipelines import c4, p3, sni
 from pipelines.bad_records import BadRecords
 from pipelines.example import Example
 from pipelines.spec import SourceSpec
@@ -59,7 +59,9 @@ def as_specs(specs: Sequence[SourceSpec | dict]) -> list[SourceSpec]:
 def _task_streams(spec: SourceSpec, tokenizer: Tokenizer, bad: BadRecords, seed: int) -> list[Iterator[Example]]:
     if spec.kind == "sni":
         return [stream for _, stream in sni.task_streams(spec, bad, seed)]
-    return [c4.examples(spec, tokenizer, bad, seed)]
+    if spec.kind == "c4":
+        return [c4.examples(spec, tokenizer, bad, seed)]
+    return [stream for _, stream in p3.task_streams(spec, bad, seed)]
 
 
 def mixed_examples(specs: list[SourceSpec], tokenizer: Tokenizer, bad: BadRecords, seed: int) -> Iterator[Example]:
