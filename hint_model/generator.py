@@ -26,7 +26,7 @@ from hint_model.t5 import Stack, padding_bias
 _COLUMNS = {"adapter_down", "lora_q_a", "lora_v_a"}
 
 
-def _layout(cfg: HintConfig) -> dict[str, tuple[int, int, int]]:
+def component_layout(cfg: HintConfig) -> dict[str, tuple[int, int, int]]:
     """kind -> (slots, components per slot, output width of its MLP)."""
     d, inner = cfg.d_model, cfg.inner_dim
     layers, slots = cfg.num_layers + cfg.num_decoder_layers, cfg.num_slots
@@ -79,7 +79,7 @@ class ComponentGenerator(nn.Module):
     def __init__(self, cfg: HintConfig):
         super().__init__()
         self.cfg = cfg
-        self.layout = _layout(cfg)
+        self.layout = component_layout(cfg)
         d = cfg.d_model
         self.embeddings = nn.ParameterDict({
             kind: nn.Parameter(torch.randn(slots, count, d) / math.sqrt(d))

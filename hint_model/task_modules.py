@@ -8,7 +8,6 @@ Saved as safetensors, never pickle.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,9 +42,8 @@ class TaskModules:
         if self.instruction_states is not None:
             tensors["instruction_states"] = self.instruction_states.detach().contiguous().cpu()
             tensors["instruction_mask"] = self.instruction_mask.detach().contiguous().cpu()
-        # safetensors refuses an empty file; a metadata entry keeps "no modules" saveable.
-        save_file(tensors, str(path), metadata={"format": "hint-task-modules",
-                                                "kinds": json.dumps(sorted(self.peft))})
+        # The format tag lets load() refuse any other safetensors file (e.g. a model export).
+        save_file(tensors, str(path), metadata={"format": "hint-task-modules"})
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "cpu") -> "TaskModules":

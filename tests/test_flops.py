@@ -1,0 +1,50 @@
+"""The Appendix C compute / memory model against values worked out by hand."""
+
+from hint_model import HintConfig
+from hint_model.flops import stack_weights, task_cost
+
+# d=4, 2 heads of 2 (inner 4), gated FFN 8 wide, one encoder and one decoder layer, vocab 10,
+# adapters of 2, prefixes of 1, fusion on, component generator.
+CFG = HintConfig.from_dict(dict(
+    vocab_size=10, d_model=4, d_kv=2, num_heads=2, d_ff=8, num_layers=1, num_decoder_layers=1,
+    adapter_size=2, prefix_length=1, lora=False, generator="component"))
+
+
+def test_stack_weights():
+    # encoder: 4*d*inner = 64 attention + 3*d*d_ff = 96 FFN
+    # decoder: 8*d*inner = 128 (self + cross) + 96 FFN + d*vocab = 40 lm head
+    assert stack_weights(CFG) == (160, 264)
+
+
+def test_hand_computed_task_cost():
+    cost = task_cost(CFG, n=3, t=5, i=2, o=1)
+    # concat: 2*160*3*(5+2) + 2*264*3*1
+    assert cost.concat == 6720 + 1584
+    # generator: 18 rows (adapter 4+4+2+2, prefix 3+3);
+    #   mixing 4*d*d*t + 4*d*d*rows + 4*rows*t*d = 320 + 1152 + 1440;
+    #   MLPs 16 rows of width 4 at 2*(16+16), 2 rows of width 2 at 2*(16+8) = 1024 + 96
+    assert cost.generator == 2912 + 1120
+    # per input: 2*160*2 + 2*264*1 + adapters 4*d*a*(2+1)=96 + prefixes 4*P*inner*(2+2)=64
+    #   + fusion 4*d*inner*t + 4*t*inner*o = 320 + 80
+    per_input = 640 + 528 + 96 + 64 + 400
+    assert cost.hint == 2 * 160 * 5 + 4032 + 3 * per_input
+    # state: adapters 16+4+16+8, prefixes 2*3*1*4, instruction t*d = 20 values, 2 bytes each
+    assert cost.hint_state_bytes == (44 + 24 + 20) * 2
+    # decoder-only cache of the instruction: 2 * (1+1) layers * 4 * 5 values, 2 bytes each
+    assert cost.kv_cache_bytes == 80 * 2
+
+
+def test_variants_change_only_their_terms():
+    no_fusion = task_cost(HintConfig.from_dict({**CFG.to_dict(), "fusion": False}), 3, 5, 2, 1)
+    assert no_fusion.hint == task_cost(CFG, 3, 5, 2, 1).hint - 3 * 400
+    concat = task_cost(HintConfig.preset("tiny", variant="concat"), 3, 5, 2, 1)
+    assert concat.generator == 0 and concat.hint_state_bytes == 0
+
+
+def test_hint_pays_off_for_long_instructions_at_3b():
+    xl = HintConfig.preset("xl", variant="hint")
+    few, many = task_cost(xl, n=1, t=1024, i=256, o=16), task_cost(xl, n=100, t=1024, i=256, o=16)
+    print(f"xl, t=1024 i=256 o=16: speedup n=1 {few.speedup:.2f}, n=100 {many.speedup:.2f}; "
+          f"state {many.hint_state_bytes / 2**20:.0f} MiB vs KV cache {many.kv_cache_bytes / 2**20:.0f} MiB")
+    assert few.speedup < 1 < 2 < many.speedup  # the generator costs; reuse pays it back
+    assert many.hint_state_bytes < many.kv_cache_bytes
