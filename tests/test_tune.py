@@ -1,0 +1,120 @@
+"""Studies through real Ray Tune and a real MLflow SQLite store, with a quick trial function
+(a learning curve from the trial's config) in place of training: validation, the parent and
+child runs, an interrupted study resumed, the report. tests/test_tune_train.py runs real
+training."""
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+from ray import tune as ray_tune
+
+from hint_platform import tune
+from hint_platform.config import ConfigError, ExperimentConfig
+from hint_platform.tune_report import leaderboard
+from tune_spaces import STUDIES, Study, load_study
+
+LRS = [0.5, 0.001]
+
+
+def write_base(tmp_path: Path, **train) -> Path:
+    cfg = ExperimentConfig(name="toy").with_overrides({
+        "train.max_steps": 4, "train.global_batch_size": 8,
+        "run.storage_path": str(tmp_path / "runs"),
+        "run.tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
+        **{f"train.{k}": v for k, v in train.items()}})
+    path = tmp_path / "base.yaml"
+    path.write_text(yaml.safe_dump(cfg.to_dict()))
+    return path
+
+
+def lr_study(**settings) -> Study:
+    return Study(name="lr", question="Which learning rate?",
+                 space={"train.lr": ray_tune.grid_search(LRS)}, base_overrides={}, **settings)
+
+
+@pytest.mark.parametrize("name", STUDIES)
+def test_every_study_validates_against_its_base_config(name):
+    run = tune.prepare(name)
+    assert run.study is load_study(name)
+    assert run.path.name == f"{run.base.name}-{name}"
+
+
+@pytest.mark.parametrize("study, overrides, message", [
+    ("peft_sise", [], "unknown study 'peft_sise'; studies: generator, peft_size"),
+    ("peft_type", ["train.lrr=0.1"], "unknown key train.lrr; valid keys under train:"),
+    (Study("s", "q", {"model.overrides.adapter_sise": ray_tune.choice([8])}), [],
+     "study s, search-space key model.overrides.adapter_sise: model: unknown HintConfig "
+     "field 'adapter_sise'"),
+    (Study("s", "q", {"train.optimiser": ray_tune.loguniform(1e-4, 1e-2)}), [],
+     "study s, search-space key train.optimiser: unknown key train.optimiser"),
+    (Study("s", "q", {"model.variant": ray_tune.grid_search(["hint", "hint_big"])}), [],
+     "study s, search-space key model.variant: model: unknown variant 'hint_big'"),
+])
+def test_bad_study_or_key_fails_before_any_trial(tmp_path, study, overrides, message):
+    base = write_base(tmp_path)
+    with pytest.raises(ConfigError) as error:
+        tune.prepare(study, base, overrides)
+    assert message in str(error.value)
+    assert not (tmp_path / "runs").exists()  # nothing started, nothing written
+
+
+def test_interrupted_study_resumes_without_rerunning_finished_trials(tmp_path, ray_local):
+    """Trial 2 interrupts the driver (SIGINT, as Ctrl-C would) when it first starts; running
+    the study again finishes it, and trial 1 never runs again. MLflow keeps one parent and one
+    child per trial; the report lists both trials and logs its plots to the parent."""
+    starts = tmp_path / "starts"
+    starts.mkdir()
+    driver = os.getpid()
+
+    def quick_trial(cfg):  # nested: cloudpickle ships it to the trial by value
+        from ray import tune as rt
+
+        marker = starts / f"{cfg.train.lr}"
+        first = not marker.exists()
+        marker.write_text(marker.read_text() + "x" if not first else "x")
+        if cfg.train.lr == LRS[1] and first:
+            os.kill(driver, signal.SIGINT)
+            time.sleep(30)  # stopped by the driver long before
+        for step in range(1, cfg.train.max_steps + 1):
+            rt.report({"step": step, "eval_loss": 1.0 / (cfg.train.lr * step)})
+
+    run = tune.prepare(lr_study(max_concurrent=1, scheduler="fifo"), write_base(tmp_path))
+    assert tune.run_study(run, quick_trial) is False
+    assert {p.name: p.read_text() for p in starts.iterdir()} == {"0.5": "x", "0.001": "x"}
+    client = MlflowClient(run.tracking_uri)
+    parent = tune.parent_run_id(run)
+    assert client.get_run(parent).info.status == "KILLED"
+
+    assert tune.run_study(run, quick_trial) is True
+    assert {p.name: p.read_text() for p in starts.iterdir()} == {"0.5": "x", "0.001": "xx"}
+    assert tune.parent_run_id(run) == parent
+    assert client.get_run(parent).info.status == "FINISHED"
+    children = tune.child_runs(run, parent)
+    assert len(children) == 2
+    assert sorted(float(c.data.params["train.lr"]) for c in children) == sorted(LRS)
+    assert len({c.data.tags[tune.TRIAL_TAG] for c in children}) == 2
+    assert all(c.info.status == "FINISHED" or c.data.tags["hint.tune.outcome"] == "done"
+               for c in children)
+
+    rows = leaderboard(run)
+    assert [r.setting for r in rows] == ["train.lr=0.5", "train.lr=0.001"]  # best first
+    assert [r.status for r in rows] == ["done", "done"]
+    assert rows[0].metric == pytest.approx(1 / (0.5 * 4))
+    assert rows[0].curve == ([1, 2, 3, 4], [1 / (0.5 * s) for s in (1, 2, 3, 4)])
+    best = [c for c in children if c.data.tags.get("hint.tune.best") == "true"]
+    assert [b.data.params["train.lr"] for b in best] == ["0.5"]
+    report = run.path / "report"
+    assert "train.lr=0.5" in (report / "leaderboard.txt").read_text()
+    pngs = sorted(p.name for p in report.glob("*.png"))
+    assert pngs == ["eval_loss_vs_gflops.png", "eval_loss_vs_peft_size.png",
+                    "learning_curves.png"]
+    assert all((report / p).read_bytes()[:4] == b"\x89PNG" for p in pngs)
+    logged = {a.path for a in client.list_artifacts(parent, "report")}
+    assert {f"report/{p}" for p in pngs} | {"report/leaderboard.txt"} <= logged
+    trial_dirs = {p.parent for p in run.path.glob("*/events.out.tfevents.*")}  # TensorBoard
+    assert len(trial_dirs) == 2
