@@ -95,7 +95,7 @@ def template_examples(spec: SourceSpec, template: Template, records: list[dict],
         try:
             prompt, target, choices = template.render(record, seed=seed * 1_000_003 + i)
         except (jinja2.TemplateError, TypeError, ValueError, KeyError, IndexError) as e:
-            bad.report(f"task {task} (template {template.id}) record {i}", f"template failed to render: {e}")
+            bad.report(f"task {task} (template {template.id})", f"record {i}: template failed to render: {e}")
             continue
         if not prompt or not target:
             not_applicable += 1
