@@ -119,28 +119,44 @@ def load_checkpoint(directory: str | Path, model: nn.Module, optimizer: torch.op
     state_dict = {"model": model_sd, "optim": optim_sd}
     try:
         dcp.load(state_dict, checkpoint_id=str(directory))
-        saved = load_file(str(directory / TRAIN_STATE))
-    except Exception as e:  # DCP and safetensors raise many types for damaged files
+    except Exception as e:  # DCP raises many types for damaged files
         raise CheckpointError(f"checkpoint {directory} cannot be loaded: "
                               f"{type(e).__name__}: {e}") from e
     set_state_dict(model, optimizer, model_state_dict=state_dict["model"],
                    optim_state_dict=state_dict["optim"])
-    return TrainState(step=int(saved["step"]), epoch=int(saved["epoch"]),
-                      consumed=saved["consumed"].bool())
+    return _read_train_state(directory)
+
+
+def _read_train_state(directory: Path) -> TrainState:
+    try:
+        saved = load_file(str(directory / TRAIN_STATE))
+        return TrainState(step=int(saved["step"]), epoch=int(saved["epoch"]),
+                          consumed=saved["consumed"].bool())
+    except Exception as e:
+        raise CheckpointError(f"checkpoint {directory}: {TRAIN_STATE} cannot be read: "
+                              f"{type(e).__name__}: {e}") from e
+
+
+def latest_train_state(run_dir: str | Path) -> TrainState | None:
+    """The train state of the run's latest registered checkpoint, as Ray Train's checkpoint
+    manager recorded it (the same checkpoint `ray.train.get_checkpoint()` gives the workers),
+    or None before the first checkpoint."""
+    snapshot = Path(run_dir) / "checkpoint_manager_snapshot.json"
+    if not snapshot.is_file():
+        return None
+    latest = json.loads(snapshot.read_text()).get("latest_checkpoint_result")
+    if not latest:
+        return None
+    return _read_train_state(Path(run_dir) / latest["checkpoint_dir_name"])
 
 
 def export_model(model: nn.Module, directory: str | Path, tokenizer_dir: str | Path) -> None:
     """Collective: gathers the full state dict to rank 0 (on CPU), which writes the model with
     `save_pretrained` and copies the tokenizer beside it."""
-    from hint_model import HintModel
-
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
                                                                  cpu_offload=True))
     if dist.is_initialized() and dist.get_rank() != 0:
         return
-    with torch.device("meta"):
-        plain = HintModel(model.config)
-    plain.load_state_dict(full, assign=True)
     directory = Path(directory)
-    plain.save_pretrained(directory)
+    model.save_pretrained(directory, state_dict=full)
     shutil.copytree(tokenizer_dir, directory / "tokenizer", dirs_exist_ok=True)

@@ -8,19 +8,22 @@ per-micro-batch means), so a step's gradient does not depend on how the batch is
 workers and micro-batches: 2-worker FSDP and one process give the same update.
 
 Data position and resume. Rows carry a deterministic `example_index`. Each rank records the
-indices it trained; a checkpoint stores their union over ranks (a bitmap) with the step and
-the epoch. After a worker failure or a restart under the same name and storage path, every
-worker reads the latest checkpoint and drops the rows its shard streams whose index is in the
-bitmap, so no example is trained twice or skipped within an epoch. Granularity: the
-checkpoint; steps after the last checkpoint are redone, on the examples not yet in its bitmap.
-The rows of an epoch are streamed again from its start on resume and the consumed ones are
-read and dropped. An epoch ends when any worker cannot fill a whole step; what the others
-hold then (fewer than one global batch, more than usual only after a resume) is left for the
-next epoch, which starts the stream afresh.
+indices it trained; a checkpoint stores their union over ranks (a bitmap over the current
+epoch) with the step and the epoch. Workers read two datasets: `train_remainder`, built by Ray
+Train at every start of the worker group (first, after a failure, or a restarted run of the
+same name and storage path) as the rows of the latest checkpoint's epoch minus its bitmap, then
+`train` (all rows) for each later epoch. Both are split equally over the workers. Each worker
+also drops any row in its checkpoint's bitmap as it streams (a guard; the split is then no
+longer equal, which only happens if Ray's record and the files disagree).
+Granularity: the checkpoint. Steps after the last checkpoint are redone on examples not in its
+bitmap, none is trained twice in an epoch's accounting, none skipped. An epoch ends when a
+worker cannot fill one more step: the last (fewer than global_batch_size) rows of each epoch
+are not trained (drop-last). Every epoch streams the rows in the same seeded order.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import tempfile
@@ -38,7 +41,8 @@ from torch import nn
 from torch.distributed.fsdp import FSDPModule
 
 from hint_platform import tracking
-from hint_platform.checkpoint import TrainState, export_model, load_checkpoint, save_checkpoint
+from hint_platform.checkpoint import (TrainState, export_model, latest_train_state,
+                                     load_checkpoint, save_checkpoint)
 from hint_platform.config import ConfigError, ExperimentConfig, from_dict
 from hint_platform.errors import UserError
 from hint_platform.optim import build_optimizer, clip_gradients
@@ -74,8 +78,6 @@ def fit(cfg: ExperimentConfig, *, run_config_callbacks: list | None = None) -> T
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from pipelines import SourceSpec, build_dataset
-
     cfg = _resolved(cfg)
     storage = tracking.storage_dir(cfg)
     uri = tracking.resolve_tracking_uri(cfg)
@@ -85,15 +87,11 @@ def fit(cfg: ExperimentConfig, *, run_config_callbacks: list | None = None) -> T
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
     if not ray.is_initialized():
         ray.init(log_to_driver=False)
-    data = cfg.data
-    dataset = build_dataset(
-        [SourceSpec.from_dict(s) for s in cfg.data.train], data.tokenizer,
-        max_input_len=data.max_input_len, max_hyper_len=data.max_hyper_len,
-        max_target_len=data.max_target_len, on_bad_record=data.on_bad_record, seed=data.seed)
+    run_dir = storage / cfg.name
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": cfg.to_dict(), "tracking_uri": uri, "run_id": run_id,
-                           "export_dir": str(storage / cfg.name / "export")},
+                           "export_dir": str(run_dir / "export")},
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers,
                                      use_gpu=cfg.train.use_gpu,
                                      resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
@@ -101,8 +99,8 @@ def fit(cfg: ExperimentConfig, *, run_config_callbacks: list | None = None) -> T
                              failure_config=FailureConfig(max_failures=cfg.train.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
                              callbacks=run_config_callbacks),
-        datasets={"train": dataset},
-        dataset_config=DataConfig(datasets_to_split=["train"]),
+        datasets={"train": training_dataset(cfg), "train_remainder": RemainingEpoch(cfg, run_dir)},
+        dataset_config=DataConfig(datasets_to_split=["train", "train_remainder"]),
     )
     try:
         result = trainer.fit()
@@ -183,6 +181,45 @@ def build_model(cfg: ExperimentConfig) -> nn.Module:
     return HintModel(HintConfig.preset(section.preset, variant=section.variant, **overrides))
 
 
+def training_dataset(cfg: ExperimentConfig):
+    """The training rows as a Ray Dataset (lazy: reading and tokenising run as it streams)."""
+    from pipelines import SourceSpec, build_dataset
+
+    data = cfg.data
+    return build_dataset(
+        [SourceSpec.from_dict(s) for s in data.train], data.tokenizer,
+        max_input_len=data.max_input_len, max_hyper_len=data.max_hyper_len,
+        max_target_len=data.max_target_len, on_bad_record=data.on_bad_record, seed=data.seed)
+
+
+class RemainingEpoch:
+    """The rest of the epoch the run's latest checkpoint is in: the training rows without the
+    examples it consumed. Ray Train calls it at every start of the worker group, first or after
+    a failure, so the rows left are split equally over the workers."""
+
+    def __init__(self, cfg: ExperimentConfig, run_dir: Path):
+        self.cfg = cfg
+        self.run_dir = run_dir
+
+    def __call__(self):
+        dataset = training_dataset(self.cfg)
+        state = latest_train_state(self.run_dir)
+        if state is None or not state.num_consumed():
+            return dataset
+        return dataset.map_batches(_drop_consumed, batch_format="pyarrow",
+                                   fn_kwargs={"consumed": state.consumed.numpy()})
+
+
+def _drop_consumed(block, consumed: np.ndarray):
+    import pyarrow as pa
+
+    index = block["example_index"].to_numpy()
+    seen = np.zeros(len(index), dtype=bool)
+    known = index < len(consumed)
+    seen[known] = consumed[index[known]]
+    return block.filter(pa.array(~seen))
+
+
 class RowsOf(NumpyBatchCollateFn):
     """collate_fn for `iter_torch_batches`: a numpy batch -> the rows the loop still needs
     (those not consumed before a resume), as plain int lists. Padding happens per micro-batch
@@ -199,12 +236,13 @@ class RowsOf(NumpyBatchCollateFn):
         return rows
 
 
-def global_batches(shard, state: TrainState, micro: int, accum: int
+def global_batches(epochs: Iterator, state: TrainState, micro: int, accum: int
                    ) -> Iterator[tuple[list[list[dict]], float]]:
     """Yields (this worker's `accum` micro-batches of `micro` rows, seconds waited for them),
-    step after step, across epochs; `state.epoch` and `state.consumed` follow the epochs."""
+    step after step, over the dataset shards of `epochs` in turn; `state.epoch` and
+    `state.consumed` follow the epochs."""
     empty_epochs = 0
-    while True:
+    for shard in epochs:
         batches = shard.iter_torch_batches(batch_size=micro, collate_fn=RowsOf(state),
                                            prefetch_batches=2)
         rows = (row for batch in batches for row in batch)
@@ -251,7 +289,8 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer,
     for i, batch in enumerate(micro_batches):
         if isinstance(model, FSDPModule):  # reduce gradients once, after the last micro-batch
             model.set_requires_gradient_sync(i == len(micro_batches) - 1)
-        logits = model(**batch).logits
+        # decoder inputs without labels: the model would also compute a mean loss we don't use
+        logits = model(**batch, decoder_input_ids=model.shift_right(batch["labels"])).logits
         loss = F.cross_entropy(logits.float().flatten(0, 1), batch["labels"].flatten(),
                                ignore_index=-100, reduction="sum")
         (loss * (world / total_tokens)).backward()
@@ -304,10 +343,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     logger = tracking.RunLogger(loop_config["tracking_uri"], loop_config["run_id"], rank == 0)
     micro = t.micro_batch_size
     accum = t.global_batch_size // (world * micro)
-    meter = Throughput(device, world, _flops_per_example(cfg, model_config))
+    flops = _flops_per_example(cfg, model_config) if device.type == "cuda" else math.nan
+    meter = Throughput(device, world, flops)
     model.train()
     metrics: dict[str, float] = {}
-    steps = global_batches(ray.train.get_dataset_shard("train"), state, micro, accum)
+    epochs = itertools.chain([ray.train.get_dataset_shard("train_remainder")],
+                             itertools.repeat(ray.train.get_dataset_shard("train")))
+    steps = global_batches(epochs, state, micro, accum)
     while state.step < t.max_steps:
         micro_rows, waited = next(steps)
         try:
