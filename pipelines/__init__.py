@@ -8,11 +8,12 @@ from pipelines import c4, formats, p3, p3_templates, sni, synthetic
 from pipelines.bad_records import BadRecordError, BadRecords
 from pipelines.collate import collate, length_buckets
 from pipelines.dataset import build_dataset, iter_records
+from pipelines.prepare import prepare, stats_table
 from pipelines.spec import SourceSpec, SpecError
 from pipelines.synthetic import write_suite
 from pipelines.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
 
 __all__ = [
     "BadRecordError", "BadRecords", "SourceSpec", "c4", "formats", "p3", "p3_templates", "sni", "synthetic", "SpecError", "Tokenizer", "build_dataset",
-    "collate", "iter_records", "length_buckets", "load_tokenizer", "train_tokenizer", "write_suite",
+    "collate", "iter_records", "length_buckets", "load_tokenizer", "prepare", "stats_table", "train_tokenizer", "write_suite",
 ]
