@@ -33,6 +33,7 @@ REPO = Path(__file__).resolve().parent.parent
 TIME_ATTR = "step"  # ASHA's clock: every training report carries the optimizer step
 STUDY_TAG = "hint.study"
 TRIAL_TAG = "hint.trial_id"
+SETTING_TAG = "hint.tune.setting"  # the trial's point of the space, `key=value ...`
 PARENT_TAG = "mlflow.parentRunId"  # MLflow's own tag: the UI nests the child under the parent
 _ENDED = ("TERMINATED", "ERROR")  # Tune trial statuses that will not run again
 
@@ -201,10 +202,15 @@ def _trial(point: dict[str, Any], *, trial_fn, base: dict[str, Any], study_run: 
     """One Tune trial: its config, its MLflow child run (reopened on a restart), its training.
 
     The training run is named after the trial, so a restarted trial resumes its checkpoint and
-    its MLflow run (tracking.open_run finds both by name and storage path).
+    its MLflow run (tracking.open_run finds both by name and storage path). Besides the config,
+    the child logs the resolved model config as `model.config.<field>`: every trial has the same
+    param names, so MLflow's compare view lines up e.g. adapter_size whoever set it.
     """
+    from mlflow.entities import Param
     from mlflow.tracking import MlflowClient
     from ray import tune
+
+    from hint_model import HintConfig
 
     trial_id = tune.get_context().get_trial_id()
     cfg = apply_point(from_dict(base), point).with_overrides({
@@ -214,6 +220,12 @@ def _trial(point: dict[str, Any], *, trial_fn, base: dict[str, Any], study_run: 
     client = MlflowClient(tracking_uri)
     client.set_tag(run_id, PARENT_TAG, parent_run_id)
     client.set_tag(run_id, TRIAL_TAG, trial_id)
+    client.set_tag(run_id, SETTING_TAG, setting(point))
+    m = cfg.model
+    model = HintConfig.preset(m.preset, variant=m.variant, **m.overrides).to_dict()
+    logged = client.get_run(run_id).data.params
+    client.log_batch(run_id, params=[Param(f"model.config.{k}", str(v)) for k, v in model.items()
+                                     if f"model.config.{k}" not in logged])
     trial_fn(cfg)
 
 
@@ -283,6 +295,12 @@ def _candidates(domain: Any) -> list[Any]:
 
 def _is_grid(domain: Any) -> bool:
     return isinstance(domain, dict) and set(domain) == {"grid_search"}
+
+
+def setting(point: dict[str, Any]) -> str:
+    """A trial's point as a person reads it: `adapter_size=64 prefix_length=30`."""
+    return " ".join(f"{k.removeprefix('model.overrides.').removeprefix('model.')}={v}"
+                    for k, v in dotted(point).items())
 
 
 def dotted(point: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -39,7 +39,7 @@ def leaderboard(run: "StudyRun") -> list[Row]:
     from ray.tune import ExperimentAnalysis
 
     from hint_platform.errors import UserError
-    from hint_platform.tune import apply_point, trial_outcome
+    from hint_platform.tune import apply_point, setting, trial_outcome
 
     if not (run.path / "tuner.pkl").exists():
         raise UserError(f"no results for study {run.name} under {run.path}: "
@@ -57,7 +57,7 @@ def leaderboard(run: "StudyRun") -> list[Row]:
         last_step = int(trial.last_result.get("step", 0) or 0)
         cfg = apply_point(run.base, trial.config)
         rows.append(Row(
-            trial_id=trial.trial_id, setting=_setting(trial.config),
+            trial_id=trial.trial_id, setting=setting(trial.config),
             status=trial_outcome(trial, max_steps), steps=last_step,
             metric=values[-1] if values else math.nan,
             peft_params=peft_params(cfg), gflops=inference_gflops(cfg), curve=(steps, values)))
@@ -134,41 +134,28 @@ def plot_against(rows: list[Row], attr: str, xlabel: str, metric: str, path: Pat
 
 def peft_params(cfg) -> int:
     """Parameters the hypernetwork generates for one task (adapters, prefixes, LoRA)."""
-    from hint_model import HintConfig
+    from hint_model import flops
 
-    m = HintConfig.preset(cfg.model.preset, variant=cfg.model.variant, **cfg.model.overrides)
-    if not m.hypernetwork:
-        return 0
-    d, slots = m.d_model, m.num_slots
-    adapters = m.num_layers + m.num_decoder_layers  # one per FFN
-    total = 0
-    if m.adapters:
-        total += adapters * (2 * d * m.adapter_size + m.adapter_size + d)
-    if m.prefixes:
-        total += slots * 2 * m.prefix_length * m.inner_dim
-    if m.lora:
-        total += slots * 2 * m.lora_rank * (d + m.inner_dim)  # q and v: A (d x r), B (r x inner)
-    return total
+    m = _model_config(cfg)
+    return flops.task_state_values(m, t=0) if m.hypernetwork else 0
 
 
 def inference_gflops(cfg) -> float:
-    """Inference GFLOPs of one task of TASK_INPUTS inputs (hint_model.flops, Appendix C)."""
+    """Inference GFLOPs of one task of TASK_INPUTS inputs (hint_model.flops, Appendix C):
+    HINT reads the instruction once; a model without a hypernetwork reads it with every input,
+    or not at all (No-Instruct)."""
     from hint_model import flops
 
-    d = cfg.data
-    return flops.task_flops(cfg.model.preset, cfg.model.variant, cfg.model.overrides,
-                            n=TASK_INPUTS, instr_len=d.max_hyper_len, input_len=d.max_input_len,
-                            output_len=OUTPUT_LEN) / 1e9
+    m, d = _model_config(cfg), cfg.data
+    t = 0 if cfg.model.variant == "no_instruct" else d.max_hyper_len
+    cost = flops.task_cost(m, n=TASK_INPUTS, t=t, i=d.max_input_len, o=OUTPUT_LEN)
+    return (cost.hint if m.hypernetwork else cost.concat) / 1e9
 
 
-def _setting(point: dict) -> str:
-    from hint_platform.tune import dotted
+def _model_config(cfg):
+    from hint_model import HintConfig
 
-    parts = []
-    for key, value in dotted(point).items():
-        short = key.removeprefix("model.overrides.").removeprefix("model.")
-        parts.append(f"{short}={value}")
-    return " ".join(parts)
+    return HintConfig.preset(cfg.model.preset, variant=cfg.model.variant, **cfg.model.overrides)
 
 
 def _pyplot():

@@ -98,6 +98,10 @@ def test_interrupted_study_resumes_without_rerunning_finished_trials(tmp_path, r
     assert len(children) == 2
     assert sorted(float(c.data.params["train.lr"]) for c in children) == sorted(LRS)
     assert len({c.data.tags[tune.TRIAL_TAG] for c in children}) == 2
+    assert sorted(c.data.tags[tune.SETTING_TAG] for c in children) == ["train.lr=0.001",
+                                                                       "train.lr=0.5"]
+    # the resolved model config: the same param names in every trial, for MLflow's compare view
+    assert {c.data.params["model.config.adapter_size"] for c in children} == {"8"}
     assert all(c.info.status == "FINISHED" or c.data.tags["hint.tune.outcome"] == "done"
                for c in children)
 
