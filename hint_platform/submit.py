@@ -15,6 +15,7 @@ bearer header whether or not RAY_AUTH_MODE is set here; a cluster without auth i
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shlex
 import sys
@@ -31,7 +32,7 @@ from hint_platform.errors import UserError
 # Never uploaded with a job (Ray's gitignore-style patterns): virtualenvs, VCS, run outputs,
 # MLflow stores, data and caches. Data and outputs live on shared storage instead.
 WORKING_DIR_EXCLUDES = [
-    ".venv", "venv", ".git", "runs", "mlruns", "mlartifacts", "mlflow.db", "data",
+    ".venv", "venv", ".git", "/runs", "/mlruns", "/mlartifacts", "mlflow.db", "/data",
     "__pycache__", "*.egg-info", ".pytest_cache",
 ]
 
@@ -59,8 +60,13 @@ def prepare(
     name: str | None = None,
     tracking_uri: str | None = None,
     env_vars: dict[str, str] | None = None,
+    shared_dir: str | None = None,
 ) -> JobRequest:
-    """Validate the experiment and build the job. Raises UserError, naming what is wrong."""
+    """Validate the experiment and build the job. Raises UserError, naming what is wrong.
+
+    `shared_dir` (a shared filesystem path or a URI every node reaches) is where the config's
+    relative paths go: `runs` becomes `<shared_dir>/runs`, as overrides in the entrypoint.
+    """
     working_dir = Path(working_dir).resolve()
     config_path = Path(config_path).resolve()
     if not config_path.is_relative_to(working_dir):
@@ -70,6 +76,11 @@ def prepare(
         )
     overrides = list(overrides) + ([f"name={name}"] if name else [])
     cfg = config_lib.load(config_path, overrides)
+    if shared_dir:
+        if not _is_shared(shared_dir):
+            raise UserError(f"--shared-dir {shared_dir}: expected an absolute path or a URI")
+        overrides += shared_overrides(cfg, shared_dir)
+        cfg = config_lib.load(config_path, overrides)
     unshared = unshared_paths(cfg)
     if unshared:
         raise UserError(
@@ -77,6 +88,7 @@ def prepare(
             "URI, or a shared filesystem path such as /mnt/shared/...); a relative path resolves "
             "in the job's temporary working directory on one node. Not shared: "
             + "; ".join(f"{key}={value!r}" for key, value in unshared)
+            + ". Override them, or pass --shared-dir DIR to put them under DIR"
         )
 
     relative = config_path.relative_to(working_dir).as_posix()
@@ -92,14 +104,36 @@ def prepare(
     )
 
 
+_PATH_KEYS = ("run.storage_path", "data.tokenizer", "model.init_from")
+
+
 def unshared_paths(cfg: config_lib.ExperimentConfig) -> list[tuple[str, str]]:
     """(key, path) for every path of the run that is relative, so not on shared storage."""
-    paths = [("run.storage_path", cfg.run.storage_path), ("data.tokenizer", cfg.data.tokenizer),
-             ("model.init_from", cfg.model.init_from)]
+    flat = cfg.flat()
+    paths = [(key, flat[key]) for key in _PATH_KEYS]
     for split in ("train", "eval"):
         for i, source in enumerate(getattr(cfg.data, split)):
             paths.append((f"data.{split}[{i}].path", source.get("path")))
-    return [(key, p) for key, p in paths if p and "://" not in p and not Path(p).is_absolute()]
+    return [(key, p) for key, p in paths if p and not _is_shared(p)]
+
+
+def shared_overrides(cfg: config_lib.ExperimentConfig, shared_dir: str) -> list[str]:
+    """`key=value` overrides that move every relative path of `cfg` under `shared_dir`."""
+    base = shared_dir.rstrip("/")
+    flat = cfg.flat()
+    overrides = [f"{key}={base}/{flat[key]}" for key in _PATH_KEYS
+                 if flat[key] and not _is_shared(flat[key])]
+    for split in ("train", "eval"):
+        sources = getattr(cfg.data, split)
+        if any(s.get("path") and not _is_shared(s["path"]) for s in sources):
+            moved = [s | {"path": f"{base}/{s['path']}"} if s.get("path") and not _is_shared(s["path"])
+                     else s for s in sources]
+            overrides.append(f"data.{split}={json.dumps(moved)}")  # JSON is YAML: one value
+    return overrides
+
+
+def _is_shared(path: str) -> bool:
+    return "://" in path or Path(path).is_absolute()
 
 
 def auth_headers() -> dict[str, str]:

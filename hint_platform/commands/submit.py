@@ -26,6 +26,9 @@ def register(subparsers) -> None:
                    help="stream the job's logs and exit with its status (0 only if SUCCEEDED)")
     p.add_argument("--working-dir", default=".",
                    help="directory uploaded as the job's working directory (default: .)")
+    p.add_argument("--shared-dir", default=None,
+                   help="storage every node reaches (e.g. /mnt/shared or s3://bucket/hint): the "
+                   "config's relative paths (runs, data, checkpoints) are put under it")
     p.add_argument("--tracking-uri", default=None,
                    help="MLflow tracking URI the job logs to, as the cluster reaches it "
                    "(default: $MLFLOW_TRACKING_URI here, if set)")
@@ -65,6 +68,7 @@ def run_submit(args) -> int:
     request = submit_lib.prepare(
         args.config, args.overrides, working_dir=args.working_dir, name=args.name,
         tracking_uri=args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"), env_vars=env_vars,
+        shared_dir=args.shared_dir,
     )
     client = submit_lib.connect(args.address)
     job_id = submit_lib.submit(client, request)

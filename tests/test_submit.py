@@ -1,0 +1,134 @@
+"""What `hint submit` decides before it contacts a cluster (the job it builds, what it refuses),
+what it uploads (Ray's own packaging of this repository), and how it meets addresses that are
+not a Ray cluster. The cluster itself: test_submit_cluster.py."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import shlex
+import socket
+import threading
+import zipfile
+from pathlib import Path
+
+import pytest
+import yaml
+
+from hint_platform import submit
+from hint_platform.config import ConfigError
+from hint_platform.errors import UserError
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def write_config(directory: Path, **run) -> Path:
+    cfg = {
+        "name": "tiny",
+        "data": {"tokenizer": "/shared/tok",
+                 "train": [{"kind": "sni", "path": "/shared/sni", "format": "def"}]},
+        "train": {"global_batch_size": 8, "micro_batch_size": 8, "max_steps": 4},
+        "run": {"storage_path": "/shared/runs", **run},
+    }
+    path = directory / "configs" / "tiny.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_job_runs_hint_train_on_the_uploaded_config(tmp_path):
+    config = write_config(tmp_path)
+    request = submit.prepare(config, ["train.max_steps=2"], working_dir=tmp_path, name="exp 1",
+                             tracking_uri="http://mlflow:5000", env_vars={"A": "b"})
+    assert shlex.split(request.entrypoint) == ["hint", "train", "configs/tiny.yaml",
+                                               "train.max_steps=2", "name=exp 1"]
+    assert request.runtime_env["working_dir"] == str(tmp_path)
+    assert request.runtime_env["env_vars"] == {"A": "b", "MLFLOW_TRACKING_URI": "http://mlflow:5000"}
+    assert request.metadata == {"hint_run": "exp 1", "hint_config": "configs/tiny.yaml"}
+    assert request.submission_id.startswith("hint-exp 1-")
+    ids = {submit.prepare(config, [], working_dir=tmp_path).submission_id for _ in range(2)}
+    assert len(ids) == 2  # a name can be resubmitted (to resume); job ids stay unique
+
+
+def test_invalid_config_is_refused_naming_the_key(tmp_path):
+    config = write_config(tmp_path)
+    with pytest.raises(ConfigError, match="train.max_steps: must be positive"):
+        submit.prepare(config, ["train.max_steps=0"], working_dir=tmp_path)
+    with pytest.raises(ConfigError, match="unknown key train.max_stepz"):
+        submit.prepare(config, ["train.max_stepz=3"], working_dir=tmp_path)
+
+
+def test_config_outside_the_working_dir_is_refused(tmp_path):
+    config = write_config(tmp_path / "elsewhere")
+    with pytest.raises(UserError, match="outside the working directory"):
+        submit.prepare(config, [], working_dir=tmp_path / "project")
+
+
+def test_relative_paths_are_refused_until_on_shared_storage(tmp_path):
+    """The paper configs use repository-relative paths (runs/, data/, checkpoints/): refused
+    as they are, accepted with --shared-dir, which moves every one of them under it."""
+    paper = REPO / "configs" / "paper" / "hint-3b-sni-def.yaml"
+    with pytest.raises(UserError) as refused:
+        submit.prepare(paper, [], working_dir=REPO)
+    for key in ("run.storage_path='runs'", "data.tokenizer=", "model.init_from=",
+                "data.train[0].path='data/natural-instructions'", "data.eval[0].path="):
+        assert key in str(refused.value)
+
+    request = submit.prepare(paper, [], working_dir=REPO, shared_dir="s3://bucket/hint")
+    args = dict(a.split("=", 1) for a in shlex.split(request.entrypoint)[3:])
+    assert args["run.storage_path"] == "s3://bucket/hint/runs"
+    assert args["model.init_from"] == "s3://bucket/hint/runs/hint-3b-pretrain-c4/export"
+    assert [s["path"] for s in json.loads(args["data.train"])] == ["s3://bucket/hint/data/natural-instructions"]
+    with pytest.raises(UserError, match="--shared-dir shared: expected an absolute path"):
+        submit.prepare(paper, [], working_dir=REPO, shared_dir="shared")
+
+
+def test_upload_leaves_out_virtualenvs_outputs_and_data(tmp_path):
+    """Ray's own packaging of this repository with our excludes (and no help from .gitignore)."""
+    from ray._private.runtime_env.packaging import create_package
+
+    target = tmp_path / "pkg.zip"
+    create_package(str(REPO), target, include_gitignore=False, excludes=submit.WORKING_DIR_EXCLUDES)
+    names = zipfile.ZipFile(target).namelist()
+    tops = {n.split("/", 1)[0] for n in names}
+    assert not tops & {".venv", ".git", "runs", "mlruns", "data"}
+    assert not [n for n in names if "__pycache__" in n or ".egg-info" in n]
+    assert {"hint_platform/submit.py", "configs/paper/hint-3b-sni-def.yaml", "pyproject.toml"} <= set(names)
+    assert target.stat().st_size < 20 * 2**20
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_unreachable_address_is_refused():
+    with pytest.raises(UserError, match=r"cannot reach a Ray cluster at http://127.0.0.1:\d+"):
+        submit.connect(f"127.0.0.1:{free_port()}", timeout_s=5)
+    with pytest.raises(UserError, match="expected the dashboard's http"):
+        submit.connect("ray://127.0.0.1:10001")
+
+
+def test_a_server_that_is_not_ray_is_refused(tmp_path):
+    server = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), lambda *a: http.server.SimpleHTTPRequestHandler(*a, directory=str(tmp_path)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with pytest.raises(UserError, match="does not answer as a Ray dashboard .*HTTP 404"):
+            submit.connect(f"http://127.0.0.1:{server.server_address[1]}")
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_token_comes_from_env_then_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+    monkeypatch.delenv("RAY_AUTH_TOKEN_PATH", raising=False)
+    assert submit.auth_headers() == {}
+    (tmp_path / ".ray").mkdir()
+    (tmp_path / ".ray" / "auth_token").write_text("from-file\n")
+    assert submit.auth_headers() == {"Authorization": "Bearer from-file"}
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "from-env")
+    assert submit.auth_headers() == {"Authorization": "Bearer from-env"}
