@@ -80,6 +80,10 @@ def prepare(study: str | Study, config_path: str | Path | None = None,
         raise ConfigError(f"scheduler {run.setting('scheduler')!r} is not one of asha, fifo")
     if run.study.mode not in ("min", "max"):
         raise ConfigError(f"study {study.name}: mode {study.mode!r} is not one of min, max")
+    try:
+        check_model(base)
+    except ConfigError as e:
+        raise ConfigError(f"base config {path}: {e}") from None
     for key, domain in study.space.items():
         for value in _candidates(domain):
             try:

@@ -122,3 +122,19 @@ def test_interrupted_study_resumes_without_rerunning_finished_trials(tmp_path, r
     assert {f"report/{p}" for p in pngs} | {"report/leaderboard.txt"} <= logged
     trial_dirs = {p.parent for p in run.path.glob("*/events.out.tfevents.*")}  # TensorBoard
     assert len(trial_dirs) == 2
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["tune", "peft_sise"], "hint tune: error: unknown study 'peft_sise'"),
+    (["tune", "peft_type", "train.lrr=0.1"], "hint tune: error: unknown key train.lrr"),
+    (["tune", "--scheduler", "asha", "peft_type", "model.overrides.adapter_sise=8"],
+     "base.yaml: model: unknown HintConfig field 'adapter_sise'"),
+    (["tune", "report"], "hint tune report needs the study's name"),
+    (["tune", "report", "fusion"], "no results for study toy-fusion under"),
+])
+def test_cli_errors_name_what_is_wrong(tmp_path, capsys, argv, message):
+    from hint_platform import cli
+
+    assert cli.main([*argv, "--config", str(write_base(tmp_path))]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "runs" / "tune").exists()

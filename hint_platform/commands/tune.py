@@ -18,8 +18,8 @@ def register(subparsers) -> None:
                     f"Studies: {', '.join(STUDIES)}.")
     p.add_argument("study", metavar="STUDY", help=f"one of {', '.join(STUDIES)}, or `report`")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                   help="dotted overrides of the base config, e.g. train.max_steps=200 "
-                        "(after `report`: the study's name first)")
+                   help="dotted overrides of the base config, e.g. train.max_steps=200, after "
+                        "the options (after `report`: the study's name first)")
     p.add_argument("--config", metavar="BASE",
                    help="base experiment config (default: the study's, e.g. "
                         "configs/paper/hint-3b-sni-def.yaml)")
