@@ -42,7 +42,7 @@ _ENDED = ("TERMINATED", "ERROR")  # Tune trial statuses that will not run again
 class StudyRun:
     study: Study
     base: ExperimentConfig  # the base config with the command line's overrides
-    overrides: dict[str, Any]  # scheduler / sample settings given on the command line
+    settings: dict[str, Any]  # num_samples, max_concurrent, ... given on the command line
 
     @property
     def name(self) -> str:
@@ -58,14 +58,16 @@ class StudyRun:
         return tracking.resolve_tracking_uri(self.base)
 
     def setting(self, key: str) -> Any:
-        value = self.overrides.get(key)
+        """The command line's value of a study setting, else the study's default."""
+        value = self.settings.get(key)
         return getattr(self.study, key) if value is None else value
 
 
 def prepare(study: str | Study, config_path: str | Path | None = None,
             overrides: list[str] | dict[str, Any] = (), **settings: Any) -> StudyRun:
-    """Loads the study (a name in tune_spaces, or a Study) and its base config and checks every point of the space against the
-    config schema and the model's config, so a bad key fails before any trial starts.
+    """Loads the study (a name in tune_spaces, or a Study) and its base config, and checks the
+    settings and every point of the space against the config schema and the model's config, so
+    that a bad key fails before any trial starts.
 
     `settings`: num_samples, max_concurrent, scheduler (asha | fifo), grace_period; None keeps
     the study's default.
@@ -78,8 +80,11 @@ def prepare(study: str | Study, config_path: str | Path | None = None,
     run = StudyRun(study, base, settings)
     if run.setting("scheduler") not in ("asha", "fifo"):
         raise ConfigError(f"scheduler {run.setting('scheduler')!r} is not one of asha, fifo")
-    if run.study.mode not in ("min", "max"):
+    if study.mode not in ("min", "max"):
         raise ConfigError(f"study {study.name}: mode {study.mode!r} is not one of min, max")
+    for key in ("num_samples", "max_concurrent", "grace_period"):
+        if run.setting(key) < 1:
+            raise ConfigError(f"{key} must be at least 1, got {run.setting(key)}")
     try:
         check_model(base)
     except ConfigError as e:
@@ -279,8 +284,9 @@ def _scheduler(run: StudyRun):
 
     if run.setting("scheduler") == "fifo":
         return FIFOScheduler()
-    return ASHAScheduler(time_attr=TIME_ATTR, max_t=run.base.train.max_steps,
-                         grace_period=run.setting("grace_period"),
+    max_steps = run.base.train.max_steps  # a short base run (a laptop's) shortens the grace
+    return ASHAScheduler(time_attr=TIME_ATTR, max_t=max_steps,
+                         grace_period=min(run.setting("grace_period"), max_steps),
                          reduction_factor=run.study.reduction_factor)
 
 

@@ -129,6 +129,7 @@ def test_interrupted_study_resumes_without_rerunning_finished_trials(tmp_path, r
     (["tune", "peft_type", "train.lrr=0.1"], "hint tune: error: unknown key train.lrr"),
     (["tune", "--scheduler", "asha", "peft_type", "model.overrides.adapter_sise=8"],
      "base.yaml: model: unknown HintConfig field 'adapter_sise'"),
+    (["tune", "--grace-period", "0", "fusion"], "grace_period must be at least 1, got 0"),
     (["tune", "report"], "hint tune report needs the study's name"),
     (["tune", "report", "fusion"], "no results for study toy-fusion under"),
 ])
