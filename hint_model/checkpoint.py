@@ -61,12 +61,16 @@ def read_t5_checkpoint(directory: str | Path) -> tuple[dict, dict[str, Tensor]]:
     if hf.get("model_type") != "t5":
         raise CheckpointError(f"{directory / CONFIG}: model_type is {hf.get('model_type')!r}, "
                               "expected 't5'")
-    state = _read_hf_tensors(directory)
+    return t5_fields(hf, _read_hf_tensors(directory), where=directory / CONFIG)
+
+
+def t5_fields(hf: dict, state: dict[str, Tensor], where: str | Path = "T5 config") -> tuple[dict, dict[str, Tensor]]:
+    """HintConfig fields from a Hugging Face T5 config dict; drops a tied lm head from state."""
     try:
         fields = dict(vocab_size=hf["vocab_size"], d_model=hf["d_model"], d_kv=hf["d_kv"],
                       d_ff=hf["d_ff"], num_layers=hf["num_layers"], num_heads=hf["num_heads"])
     except KeyError as e:
-        raise CheckpointError(f"{directory / CONFIG}: missing key {e.args[0]!r}") from None
+        raise CheckpointError(f"{where}: missing key {e.args[0]!r}") from None
     fields.update(
         num_decoder_layers=hf.get("num_decoder_layers") or hf["num_layers"],
         relative_attention_num_buckets=hf.get("relative_attention_num_buckets", 32),
@@ -78,7 +82,8 @@ def read_t5_checkpoint(directory: str | Path) -> tuple[dict, dict[str, Tensor]]:
         scale_decoder_outputs=bool(hf.get("scale_decoder_outputs",
                                           hf.get("tie_word_embeddings", True) is not False)),
     )
-    # Tied iff the file has no separate lm head (or one equal to the embedding).
+    # Tied iff there is no separate lm head (or one equal to the embedding).
+    state = dict(state)
     head = state.get("lm_head.weight")
     fields["tie_word_embeddings"] = head is None or (
         "shared.weight" in state and torch.equal(head, state["shared.weight"]))

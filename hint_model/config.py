@@ -53,7 +53,7 @@ class HintConfig:
     lora: bool = False
     lora_rank: int = 8
     fusion: bool = True  # decoder cross-attends to [encoded instruction, encoded input]
-    freeze_underlying: bool = False  # train the hypernetwork only
+    freeze_underlying: bool = False  # train the hypernetwork only (a tied hyper-encoder freezes too)
     max_hyper_len: int = 1024  # longest instruction (tokens) the model accepts
 
     @property
@@ -126,6 +126,10 @@ class HintConfig:
             raise HintConfigError(f"HintConfig.dropout_rate: must be in [0, 1), got {self.dropout_rate}")
         if self.fusion and not self.hypernetwork:
             raise HintConfigError("HintConfig.fusion needs hypernetwork=True (it fuses the instruction)")
+        if self.hypernetwork and self.generator == "component" and self.d_model % self.d_kv:
+            raise HintConfigError(
+                f"HintConfig: the component generator's attention uses heads of d_kv={self.d_kv}, "
+                f"which must divide d_model={self.d_model}")
         if self.generator == "pooled" and (self.prefixes or self.lora) and self.hypernetwork:
             raise HintConfigError(
                 "HintConfig.generator='pooled' (Hypter-like) generates adapters only; "

@@ -87,8 +87,7 @@ class ComponentGenerator(nn.Module):
         if cfg.generator == "decoder":
             self.decoder = Stack(cfg, is_decoder=True, num_layers=cfg.generator_layers)
         else:
-            heads = cfg.num_heads if d % cfg.num_heads == 0 else 1
-            self.cross_attn = CrossAttention(d, heads)
+            self.cross_attn = CrossAttention(d, num_heads=d // cfg.d_kv)
         self.mlps = nn.ModuleDict({kind: MLP(d, width) for kind, (_, _, width) in self.layout.items()})
 
     def forward(self, states: Tensor, mask: Tensor) -> dict[str, Tensor]:

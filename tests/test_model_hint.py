@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from hint_model import VARIANT_PRESETS, HintConfig, HintConfigError, HintModel
+from hint_model import VARIANT_PRESETS, HintConfig, HintConfigError, HintModel, TaskModules
 
 VOCAB = 100
 
@@ -55,7 +55,7 @@ def test_all_zero_modules_give_the_plain_t5(variant):
     with torch.no_grad():
         hint = model(**b).logits
         plain = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
-                      labels=b["labels"], modules=model._static_modules()).logits
+                      labels=b["labels"], modules=TaskModules()).logits
     assert torch.equal(hint, plain)
 
 
@@ -97,7 +97,7 @@ def test_tied_encoder_learns_through_the_generator():
     # because the hyper-encoder is that encoder.
     model = tiny("hint_no_fusion")
     b = mixed_batch()
-    modules = model._modules_for(b["hyper_input_ids"][:1], b["hyper_attention_mask"][:1])
+    modules = model.generate_modules(b["hyper_input_ids"][:1], b["hyper_attention_mask"][:1])
     sum(t.sum() for t in modules.peft.values()).backward()
     assert model.t5.encoder.blocks[0].ffn.wo.weight.grad.abs().sum() > 0
     assert model.t5.decoder.blocks[0].ffn.wo.weight.grad is None

@@ -1,0 +1,121 @@
+"""Our T5 (hint_model) against transformers' T5ForConditionalGeneration, same shape, same weights.
+
+Times a training step (forward + backward, no optimizer: it is the same for both) and
+encoder-only inference, alternating the two models step by step so that machine noise hits
+both alike, and reports medians. Device auto-detected; bf16 on GPU, fp32 on CPU.
+
+  python bench/t5_step.py                                  # CPU: small preset, ~1 minute
+  python bench/t5_step.py --preset xl --batch 16 --input-len 512 --target-len 128 [--compile]
+
+Last line: train_speedup_vs_hf=<HF time / our time> infer_speedup_vs_hf=<same for inference>
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from transformers import T5Config, T5ForConditionalGeneration
+
+from hint_model import HintConfig, HintModel, checkpoint
+from hint_model.flops import stack_weights
+
+PEAK_BF16_FLOPS = 989e12  # H100 SXM dense bf16, for the MFU figure on GPU
+
+
+def build(preset: str, device: torch.device, dtype: torch.dtype):
+    shape = HintConfig.preset(preset, variant="no_instruct")
+    hf_cfg = T5Config(vocab_size=shape.vocab_size, d_model=shape.d_model, d_kv=shape.d_kv,
+                      d_ff=shape.d_ff, num_layers=shape.num_layers,
+                      num_decoder_layers=shape.num_decoder_layers, num_heads=shape.num_heads,
+                      feed_forward_proj="gated-gelu", dropout_rate=0.0, decoder_start_token_id=0)
+    torch.manual_seed(0)
+    with device:
+        hf = T5ForConditionalGeneration(hf_cfg)
+        fields, state = checkpoint.t5_fields(hf.config.to_dict(), hf.state_dict())
+        ours = HintModel(HintConfig.preset(preset, variant="no_instruct", **fields))
+    checkpoint.load_t5_weights(ours.t5, state, "transformers model in memory")
+    return hf.to(dtype).train(), ours.to(dtype).train()
+
+
+def timed(fn, device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--preset", default=None, help="size preset (default: small on CPU, xl on GPU)")
+    parser.add_argument("--batch", type=int, default=None)
+    parser.add_argument("--input-len", type=int, default=None)
+    parser.add_argument("--target-len", type=int, default=None)
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--compile", action="store_true", help="torch.compile both models")
+    args = parser.parse_args()
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    gpu = device.type == "cuda"
+    dtype = torch.bfloat16 if gpu else torch.float32
+    preset = args.preset or ("xl" if gpu else "small")
+    batch = args.batch or (16 if gpu else 2)
+    input_len = args.input_len or (512 if gpu else 64)
+    target_len = args.target_len or (128 if gpu else 16)
+    steps = args.steps or (10 if gpu else 3)
+
+    hf, ours = build(preset, device, dtype)
+    cfg = ours.config
+    hf_step, ours_step = hf, ours
+    hf_encoder, ours_encode = hf.get_encoder(), ours.t5.encode
+    if args.compile:
+        hf_step, ours_step = torch.compile(hf), torch.compile(ours)
+        hf_encoder, ours_encode = torch.compile(hf_encoder), torch.compile(ours_encode)
+    ids = torch.randint(2, cfg.vocab_size, (batch, input_len), device=device)
+    mask = torch.ones_like(ids)
+    labels = torch.randint(2, cfg.vocab_size, (batch, target_len), device=device)
+
+    def hf_train():
+        hf_step(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+        hf.zero_grad(set_to_none=True)
+
+    def ours_train():
+        ours_step(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+        ours.zero_grad(set_to_none=True)
+
+    @torch.no_grad()
+    def hf_infer():
+        hf_encoder(input_ids=ids, attention_mask=mask)
+
+    @torch.no_grad()
+    def ours_infer():
+        ours_encode(ids, mask)
+
+    times = {}
+    for name, pair in (("train", (hf_train, ours_train)), ("infer", (hf_infer, ours_infer))):
+        for fn in pair:  # warm-up (and compilation)
+            timed(fn, device)
+        runs = [[timed(fn, device) for fn in pair] for _ in range(steps)]
+        times[name] = tuple(statistics.median(r[i] for r in runs) for i in range(2))
+
+    encoder, decoder = stack_weights(cfg)
+    step_flops = 3 * 2 * batch * (encoder * input_len + decoder * target_len)  # fwd + bwd = 3x fwd
+    print(f"device={device.type} dtype={str(dtype).removeprefix('torch.')} preset={preset} "
+          f"batch={batch} input_len={input_len} target_len={target_len} compile={args.compile}")
+    for name, (hf_s, ours_s) in times.items():
+        print(f"{name}: transformers {hf_s * 1e3:.1f} ms, ours {ours_s * 1e3:.1f} ms")
+    tokens = batch * (input_len + target_len)
+    for label, seconds in (("transformers", times["train"][0]), ("ours", times["train"][1])):
+        mfu = f", MFU {step_flops / seconds / PEAK_BF16_FLOPS:.1%}" if gpu else ""
+        print(f"train {label}: {tokens / seconds:,.0f} tokens/s{mfu}")
+    print(f"train_speedup_vs_hf={times['train'][0] / times['train'][1]:.3f} "
+          f"infer_speedup_vs_hf={times['infer'][0] / times['infer'][1]:.3f}")
+
+
+if __name__ == "__main__":
+    main()
