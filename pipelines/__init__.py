@@ -14,6 +14,8 @@ from pipelines.synthetic import write_suite
 from pipelines.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
 
 __all__ = [
-    "BadRecordError", "BadRecords", "SourceSpec", "c4", "formats", "p3", "p3_templates", "sni", "synthetic", "SpecError", "Tokenizer", "build_dataset",
-    "collate", "iter_records", "length_buckets", "load_tokenizer", "prepare", "stats_table", "train_tokenizer", "write_suite",
+    "BadRecordError", "BadRecords", "SourceSpec", "SpecError", "Tokenizer",
+    "build_dataset", "collate", "iter_records", "length_buckets", "load_tokenizer", "prepare",
+    "stats_table", "train_tokenizer", "write_suite",
+    "c4", "formats", "p3", "p3_templates", "sni", "synthetic",
 ]

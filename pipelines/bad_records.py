@@ -6,7 +6,8 @@ Every reader reports a bad record through `BadRecords.report(source, reason, lin
 warning and counts the record, so nothing is dropped silently.
 
 How the count reaches the manifest and the run's metrics: every row of the stream carries
-`bad_records_skipped`, the number of records skipped before it in the deterministic stream.
+`bad_records_skipped`, the number of records skipped so far in the deterministic stream
+(the running total at the end of the row's block of rows).
 The largest value a consumer has seen is the count so far (trainers log it as a metric);
 `prepare()` writes the final total and the per-file counts into manifest.json.
 """

@@ -8,7 +8,8 @@ tokenise (Ray Data `map_batches`, in parallel) -> rows:
     example_index                        position in the mixed stream (0-based)
     references                           all accepted outputs (SNI; [] otherwise)
     answer_choices, answer_index         rank classification (P3; [] and -1 otherwise)
-    bad_records_skipped                  records skipped (on_bad_record="skip") before this row
+    bad_records_skipped                  records skipped (on_bad_record="skip") so far, counted at
+                                         the end of the row's block of BLOCK_ROWS rows
 
 Mixing: each step draws a source with probability proportional to its weight; within a
 `part: train` source it draws one of its live tasks uniformly (mixed-task batches), within a
@@ -101,7 +102,7 @@ def text_blocks(specs: list[SourceSpec], tokenizer: Tokenizer, *, on_bad_record:
             columns["references"].append(ex.references)
             columns["answer_choices"].append(ex.answer_choices)
             columns["answer_index"].append(ex.answer_index)
-        # Counted after the chunk was read: a lower bound for its rows, exact at its end.
+        # Counted once the chunk is read: the running total at the chunk's end.
         columns["bad_records_skipped"] = [bad.skipped] * len(chunk)
         yield pa.table(columns, schema=TEXT_SCHEMA)
 
