@@ -28,6 +28,7 @@ from rouge_score import rouge_scorer
 
 from hint_platform.errors import UserError
 
+EXPORT_TOKENIZER = "tokenizer"  # an export directory holds its tokenizer here (train.fit writes it)
 _PUNCTUATION = set(string.punctuation)
 _ROUGE = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
 
@@ -251,10 +252,11 @@ def evaluate_export(export_dir: str | Path, cfg, *, batch_size: int = 16, max_ne
     if not specs:
         raise UserError("data.eval lists no evaluation sources (add e.g. {kind: sni, path: ..., part: test})")
     model = HintModel.from_pretrained(str(export_dir))
-    records = iter_records(specs, str(export_dir), max_input_len=cfg.data.max_input_len,
+    tokenizer_dir = str(Path(export_dir) / EXPORT_TOKENIZER)
+    records = iter_records(specs, tokenizer_dir, max_input_len=cfg.data.max_input_len,
                            max_hyper_len=cfg.data.max_hyper_len, max_target_len=cfg.data.max_target_len,
                            on_bad_record=cfg.data.on_bad_record, seed=cfg.data.seed)
-    predictions = predict_records(model, load_tokenizer(str(export_dir)), records, batch_size=batch_size,
+    predictions = predict_records(model, load_tokenizer(tokenizer_dir), records, batch_size=batch_size,
                                   max_new_tokens=max_new_tokens, progress=progress)
     tasks = {p["task"] for p in predictions}
     categories: dict[str, str] = {}

@@ -14,12 +14,17 @@ from typing import Any
 
 import mlflow
 import mlflow.pyfunc
+import pandas as pd
 from mlflow import MlflowClient
+from mlflow.models.signature import ModelSignature
+from mlflow.types.schema import ColSpec, Schema
 
 from hint_platform.errors import UserError
 
 EXPORT_ARTIFACT = "export"  # the artifact key of the export directory inside the logged model
 _MODEL_CODE = Path(__file__).with_name("mlflow_model.py")
+_SIGNATURE = ModelSignature(inputs=Schema([ColSpec("string", "instruction"), ColSpec("string", "input")]),
+                            outputs=Schema([ColSpec("string")]))
 # What a serving environment needs to import the model; explicit so that MLflow does not load
 # the model once more just to infer it.
 _REQUIREMENTS = ["torch==2.13.0", "transformers==5.24.0", "sentencepiece==0.2.3", "safetensors",
@@ -36,10 +41,11 @@ class HintPredictor:
     def __init__(self, export_dir: str | Path, max_new_tokens: int = 64, batch_size: int = 16,
                  max_input_len: int = 1024):
         from hint_model import HintModel
+        from hint_platform.evaluate import EXPORT_TOKENIZER
         from pipelines import load_tokenizer
 
         self.model = HintModel.from_pretrained(str(export_dir)).eval()
-        self.tokenizer = load_tokenizer(str(export_dir))
+        self.tokenizer = load_tokenizer(Path(export_dir) / EXPORT_TOKENIZER)
         self.max_new_tokens = max_new_tokens
         self.batch_size = batch_size
         self.max_input_len = max_input_len
@@ -84,10 +90,12 @@ class HintPyfunc(mlflow.pyfunc.PythonModel):
     def load_context(self, context):
         self.predictor = HintPredictor(context.artifacts[EXPORT_ARTIFACT])
 
-    def predict(self, context, model_input: list[dict[str, str]], params=None) -> list[str]:
-        # The type hints are the signature: MLflow turns a DataFrame with `instruction` and
-        # `input` columns (or a list of such dicts) into this list and checks it.
-        return self.predictor.predict([r["instruction"] for r in model_input], [r["input"] for r in model_input])
+    def predict(self, context, model_input: pd.DataFrame, params=None) -> list[str]:
+        missing = {"instruction", "input"} - set(model_input.columns)
+        if missing:
+            raise ValueError(f"model input: missing column(s) {', '.join(sorted(missing))} "
+                             "(expected instruction, input)")
+        return self.predictor.predict(list(model_input["instruction"]), list(model_input["input"]))
 
 
 def log_and_register(export_dir: str | Path, *, tracking_uri: str, run_id: str | None = None,
@@ -101,7 +109,7 @@ def log_and_register(export_dir: str | Path, *, tracking_uri: str, run_id: str |
     with mlflow.start_run(run_id=run_id) as run:
         info = mlflow.pyfunc.log_model(
             name="model", python_model=str(_MODEL_CODE), artifacts={EXPORT_ARTIFACT: str(export_dir)},
-            pip_requirements=_REQUIREMENTS, registered_model_name=name,
+            signature=_SIGNATURE, pip_requirements=_REQUIREMENTS, registered_model_name=name,
         )
     version = info.registered_model_version
     return {"model_uri": f"models:/{name}/{version}" if name else info.model_uri,
@@ -112,9 +120,11 @@ def list_versions(tracking_uri: str, name: str | None = None) -> list[dict[str, 
     """Registered versions (of `name`, or of every model), newest first, with their aliases."""
     client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
     query = f"name='{name}'" if name else None
-    rows = []
+    rows, aliases_of = [], {}
     for mv in client.search_model_versions(query):
-        aliases = sorted(getattr(mv, "aliases", []) or [])
+        if mv.name not in aliases_of:  # version searches leave aliases out; the model has them
+            aliases_of[mv.name] = client.get_registered_model(mv.name).aliases or {}
+        aliases = sorted(a for a, v in aliases_of[mv.name].items() if int(v) == int(mv.version))
         rows.append({"name": mv.name, "version": int(mv.version), "aliases": aliases,
                      "run_id": mv.run_id, "created": mv.creation_timestamp})
     if name and not rows:

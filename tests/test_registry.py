@@ -51,8 +51,12 @@ def mlflow_server(tmp_path_factory):
                 time.sleep(0.5)
         yield uri
     finally:
-        os.killpg(proc.pid, signal.SIGINT)  # the server and its workers: our own process group
-        proc.wait(timeout=30)
+        os.killpg(proc.pid, signal.SIGTERM)  # the server and its workers: our own process group
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
 
 
 def test_trained_model_registered_aliased_and_loaded_in_a_fresh_process(mlflow_server, ray_local, tmp_path):

@@ -1,0 +1,108 @@
+"""The `hint` CLI: help everywhere, resolved configs, and user mistakes as one clear line."""
+
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from hint_platform.cli import COMMAND_MODULES, main
+
+REPO = Path(__file__).resolve().parent.parent
+CONFIG = str(REPO / "configs" / "paper" / "hint-3b-sni-def.yaml")
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.mark.parametrize("argv", [[], *[[name] for name in COMMAND_MODULES],
+                                  ["registry", "list"], ["registry", "alias"], ["registry", "load"],
+                                  ["data", "prepare"], ["data", "stats"]])
+def test_help_on_every_command(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([*argv, "--help"])
+    assert e.value.code == 0
+    assert "usage: hint" in capsys.readouterr().out
+
+
+def test_train_dry_run_prints_the_resolved_config(capsys):
+    code, out, _ = run(capsys, "train", CONFIG, "train.max_steps=5", "model.variant=concat", "--dry-run")
+    resolved = yaml.safe_load(out)
+    assert code == 0
+    assert resolved["train"]["max_steps"] == 5 and resolved["model"]["variant"] == "concat"
+    assert resolved["train"]["global_batch_size"] == 1024
+
+
+def test_console_script_dry_run():
+    hint = Path(sys.executable).with_name("hint")
+    out = subprocess.run([str(hint), "train", CONFIG, "--dry-run"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert yaml.safe_load(out.stdout)["name"] == "hint-3b-sni-def"
+
+
+@pytest.mark.parametrize("override,expected", [
+    ("train.max_stepz=5", ["train.max_stepz", "max_steps", "micro_batch_size"]),
+    ("trian.max_steps=5", ["trian.max_steps", "train", "model"]),
+    ("train.optimizer=sgd", ["train.optimizer", "'sgd'", "adafactor, adamw"]),
+    ("train.max_steps=many", ["train.max_steps", "expected an integer", "'many'"]),
+    ("train.global_batch_size=1000", ["train.global_batch_size", "multiple"]),
+])
+def test_config_mistakes_name_the_key_and_what_is_valid(override, expected, capsys):
+    code, _, err = run(capsys, "train", CONFIG, override, "--dry-run")
+    assert code == 2
+    assert err.startswith("hint train: error:") and len(err.strip().splitlines()) == 1
+    for fragment in expected:
+        assert fragment in err
+
+
+def test_unknown_key_in_the_config_file_names_file_and_key(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(Path(CONFIG).read_text().replace("max_steps:", "max_step:"))
+    code, _, err = run(capsys, "train", str(bad), "--dry-run")
+    assert code == 2 and "bad.yaml" in err and "train.max_step" in err and "max_steps" in err
+    code, _, err = run(capsys, "train", str(tmp_path / "missing.yaml"), "--dry-run")
+    assert code == 2 and "config file not found" in err and "missing.yaml" in err
+
+
+def test_unreachable_tracking_server_fails_fast_naming_the_uri(capsys):
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    uri = f"http://127.0.0.1:{port}"
+    code, _, err = run(capsys, "registry", "list", "--tracking-uri", uri)
+    assert code == 2 and uri in err and "unreachable" in err
+
+
+def test_eval_of_something_that_is_not_a_model(tmp_path, capsys):
+    code, _, err = run(capsys, "eval", str(tmp_path), CONFIG, "--no-mlflow")
+    assert code == 2 and "not a model export directory" in err and str(tmp_path) in err
+
+
+def test_flops_table(capsys):
+    code, out, _ = run(capsys, "flops", "--preset", "xl", "--instruction-len", "256", "--input-len", "128",
+                       "--output-len", "32", "--num-inputs", "100")
+    assert code == 0
+    assert "hint" in out and "concat" in out
+
+
+def test_data_prepare_then_stats(ray_local, tmp_path, capsys):
+    from pipelines import train_tokenizer, write_suite
+
+    suite = write_suite(tmp_path / "data", num_train_tasks=21, num_test_tasks=2, instances_per_task=4,
+                        num_pretrain_docs=5)
+    train_tokenizer(suite.texts(), tmp_path / "tok", vocab_size=200)
+    demo = str(REPO / "configs" / "demo" / "finetune.yaml")
+    spec = yaml.safe_dump(suite.sni_spec(), default_flow_style=True).strip()
+    code, out, _ = run(capsys, "data", "prepare", demo, f"data.train=[{spec}]",
+                       f"data.tokenizer={tmp_path / 'tok'}", "--out", str(tmp_path / "prepared"))
+    assert code == 0, out
+    assert f"{21 * 4} rows, 21 tasks" in out
+    code, out, _ = run(capsys, "data", "stats", str(tmp_path / "prepared"))
+    assert code == 0 and f"{21 * 4} rows" in out and "input_ids" in out
+    code, _, err = run(capsys, "data", "stats", str(tmp_path))
+    assert code == 2 and "no Parquet files" in err
