@@ -75,15 +75,21 @@ class HintModel(nn.Module):
             raise ValueError(f"generate_modules takes one instruction (hyper_input_ids of shape "
                              f"[1, L]); got {got}")
         mask = _default_mask(hyper_input_ids, hyper_attention_mask)
+        self._check_instructions(mask)
         return self._modules_for(hyper_input_ids, mask)
+
+    def _check_instructions(self, mask: Tensor) -> None:
+        """Per example of the batch: not empty, not longer than max_hyper_len."""
+        lengths = mask.sum(1)
+        if int(lengths.min()) == 0:
+            raise ValueError(f"instruction of example {int(lengths.argmin())} is empty (all padding)")
+        if int(lengths.max()) > self.config.max_hyper_len:
+            row = int(lengths.argmax())
+            raise ValueError(f"instruction of example {row} has {int(lengths[row])} tokens, more "
+                             f"than HintConfig.max_hyper_len={self.config.max_hyper_len}")
 
     def _modules_for(self, ids: Tensor, mask: Tensor) -> TaskModules:
         """Encode instructions [T, L] (one per task) and generate their modules."""
-        lengths = mask.sum(1)
-        if int(lengths.max()) > self.config.max_hyper_len:
-            row = int(lengths.argmax())
-            raise ValueError(f"instruction {row} has {int(lengths[row])} tokens, more than "
-                             f"HintConfig.max_hyper_len={self.config.max_hyper_len}")
         encoder = self.hyper_encoder if self.hyper_encoder is not None else self.t5.encoder
         x = self.t5.shared(ids)
         states = encoder(x, padding_bias(mask, x.dtype))
@@ -109,6 +115,7 @@ class HintModel(nn.Module):
             raise ValueError(f"variant {self.config.variant!r} needs hyper_input_ids (the "
                              "instruction) or cached modules")
         mask = _default_mask(hyper_input_ids, hyper_attention_mask)
+        self._check_instructions(mask)
         # One generator call per UNIQUE instruction; padding is masked out of the comparison.
         keyed = torch.where(mask.bool(), hyper_input_ids, -1)
         unique, index = torch.unique(keyed, dim=0, return_inverse=True)

@@ -143,10 +143,14 @@ def test_baselines_ignore_the_instruction():
     assert torch.equal(with_hyper, without)
 
 
-def test_instruction_longer_than_the_maximum_is_an_error():
+def test_bad_instructions_are_clear_errors():
     model = tiny(max_hyper_len=5)
-    with pytest.raises(ValueError, match="instruction 0 has 6 tokens, more than HintConfig.max_hyper_len=5"):
+    with pytest.raises(ValueError, match="instruction of example 0 has 6 tokens, more than HintConfig.max_hyper_len=5"):
         model(**mixed_batch())
+    empty = mixed_batch()
+    empty["hyper_attention_mask"][1] = 0
+    with pytest.raises(ValueError, match="instruction of example 1 is empty"):
+        tiny()(**empty)
     with pytest.raises(ValueError, match="needs hyper_input_ids"):
         b = mixed_batch()
         model(input_ids=b["input_ids"], labels=b["labels"])
