@@ -121,7 +121,7 @@ def run_demo(out_dir: str | Path = "runs/demo", settings: DemoSettings | None = 
 
     hint_cfg = finetune_cfgs["hint"]
     uri = tracking.resolve_tracking_uri(hint_cfg)
-    gflops = {v: evaluate.gflops_per_task(exports[v], finetune_cfgs[v]) for v in VARIANTS}
+    gflops = {v: reports[v].overall["gflops_per_task"] for v in VARIANTS}
     progress("registering the HINT model")
     logged = registry.log_and_register(exports["hint"], tracking_uri=uri, run_id=run_ids["hint"],
                                        name=hint_cfg.run.register_as)

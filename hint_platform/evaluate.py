@@ -253,9 +253,9 @@ def evaluate_export(export_dir: str | Path, cfg, *, batch_size: int = 16, max_ne
         raise UserError("data.eval lists no evaluation sources (add e.g. {kind: sni, path: ..., part: test})")
     model = HintModel.from_pretrained(str(export_dir))
     tokenizer_dir = str(Path(export_dir) / EXPORT_TOKENIZER)
-    records = iter_records(specs, tokenizer_dir, max_input_len=cfg.data.max_input_len,
-                           max_hyper_len=cfg.data.max_hyper_len, max_target_len=cfg.data.max_target_len,
-                           on_bad_record=cfg.data.on_bad_record, seed=cfg.data.seed)
+    records = list(iter_records(specs, tokenizer_dir, max_input_len=cfg.data.max_input_len,
+                                max_hyper_len=cfg.data.max_hyper_len, max_target_len=cfg.data.max_target_len,
+                                on_bad_record=cfg.data.on_bad_record, seed=cfg.data.seed))
     predictions = predict_records(model, load_tokenizer(tokenizer_dir), records, batch_size=batch_size,
                                   max_new_tokens=max_new_tokens, progress=progress)
     tasks = {p["task"] for p in predictions}
@@ -263,7 +263,27 @@ def evaluate_export(export_dir: str | Path, cfg, *, batch_size: int = 16, max_ne
     for spec in specs:
         if spec.kind == "sni":
             categories.update(sni_categories(Path(spec.path) / "tasks", tasks))
-    return score_predictions(predictions, categories)
+    report = score_predictions(predictions, categories)
+    report.overall["gflops_per_task"] = gflops_per_task(model.config, records)
+    return report
+
+
+def gflops_per_task(model_config, records: list[dict]) -> float:
+    """Mean inference GFLOPs per task (hint_model.flops, the paper's Appendix C) at each task's
+    mean token lengths. A hypernetwork variant encodes the instruction once per task; any other
+    variant pays for its input only (for concatenation that input holds the instruction)."""
+    from hint_model.flops import task_cost
+
+    by_task: dict[str, list[dict]] = defaultdict(list)
+    for r in records:
+        by_task[r["task"]].append(r)
+    costs = []
+    for rows in by_task.values():
+        n = len(rows)
+        t, i, o = (round(sum(len(r[k]) for r in rows) / n) for k in ("hyper_input_ids", "input_ids", "labels"))
+        cost = task_cost(model_config, n, t if model_config.hypernetwork else 0, i, o)
+        costs.append(cost.hint if model_config.hypernetwork else cost.concat)
+    return sum(costs) / len(costs) / 1e9
 
 
 def save_report(report: EvalReport, out_dir: str | Path) -> Path:
