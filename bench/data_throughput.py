@@ -50,13 +50,13 @@ def pipeline_rate(specs: list[dict], tok: str) -> tuple[int, int, float]:
     return examples, tokens, time.perf_counter() - start
 
 
-def train_rate(specs: list[dict], tok: str, steps: int = 30) -> tuple[int, float]:
+def train_rate(specs: list[dict], tok: str, steps: int = 10) -> tuple[int, float]:
     torch.manual_seed(0)
     rows = list(itertools.islice(iter_records(specs, tok, **LENS), steps * BATCH))
     model = HintModel(HintConfig.preset("tiny", variant="hint", vocab_size=32128))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     batches = [collate(rows[i : i + BATCH]) for i in range(0, len(rows), BATCH)]
-    for batch in batches[:2]:  # warm-up
+    for batch in batches[:1]:  # warm-up
         model(**batch).loss.backward()
     start = time.perf_counter()
     for batch in batches:

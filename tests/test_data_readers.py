@@ -131,3 +131,17 @@ def test_synthetic_tasks_compute_what_they_say():
     assert synthetic.Task((ops["keep_colours"], ops["count"])).run(["7", "fox"]) == "0"
     assert synthetic.Task((ops["keep_colours"],)).run(["7", "fox"]) == "none"
     assert synthetic.Task((ops["sort"], ops["upper"])).run(["owl", "cat"]) == "CAT OWL"
+
+
+def test_readers_take_uris_through_pyarrow_filesystems(shared_data, t5):
+    """file:// goes through pyarrow.fs, the same code path as s3:// or gs://."""
+    uri = f"file://{shared_data}"
+    docs = list(c4.documents(f"{uri}/c4/c4-en.*.json.gz", BadRecords()))
+    assert docs == list(c4.documents(str(shared_data / "c4" / "c4-en.*.json.gz"), BadRecords()))
+    assert len(docs) == 40
+    spec = SourceSpec.from_dict({"kind": "sni", "path": f"{uri}/sni", "split": "mini", "part": "test",
+                                 "max_per_task": 3})
+    examples = [ex for _, stream in sni.task_streams(spec, BadRecords(), seed=0) for ex in stream]
+    assert len(examples) == 9 and examples[0].task == "task1393_superglue_copa_text_completion"
+    with pytest.raises(SpecError, match="unknown split 'nope'.*default, mini"):
+        sni.split_tasks(SourceSpec.from_dict({"kind": "sni", "path": f"{uri}/sni", "split": "nope"}))
