@@ -103,6 +103,18 @@ def kv_cache_values(cfg: HintConfig, t: int) -> int:
     return 2 * (cfg.num_layers + cfg.num_decoder_layers) * cfg.inner_dim * t
 
 
+def forward_flops(cfg: HintConfig | dict, hyper_len: int, input_len: int, target_len: int) -> float:
+    """Forward FLOPs of one training example (its own instruction, one input): for MFU.
+    A training step costs about 3x this (forward + backward)."""
+    cfg = cfg if isinstance(cfg, HintConfig) else HintConfig.from_dict(cfg)
+    encoder, decoder = stack_weights(cfg)
+    flops = 2 * encoder * input_len + 2 * decoder * target_len + peft_flops(cfg, input_len, target_len)
+    if cfg.hypernetwork:
+        flops += 2 * encoder * hyper_len + generator_flops(cfg, hyper_len)
+        flops += fusion_flops(cfg, hyper_len, target_len)
+    return float(flops)
+
+
 def task_cost(cfg: HintConfig, n: int, t: int, i: int, o: int, bytes_per_value: int = 2) -> TaskCost:
     encoder, decoder = stack_weights(cfg)
     concat = 2 * encoder * n * (t + i) + 2 * decoder * n * o

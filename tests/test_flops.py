@@ -1,7 +1,7 @@
 """The Appendix C compute / memory model against values worked out by hand."""
 
 from hint_model import HintConfig
-from hint_model.flops import stack_weights, task_cost
+from hint_model.flops import forward_flops, stack_weights, task_cost
 
 # d=4, 2 heads of 2 (inner 4), gated FFN 8 wide, one encoder and one decoder layer, vocab 10,
 # adapters of 2, prefixes of 1, fusion on, component generator.
@@ -48,3 +48,11 @@ def test_hint_pays_off_for_long_instructions_at_3b():
           f"state {many.hint_state_bytes / 2**20:.0f} MiB vs KV cache {many.kv_cache_bytes / 2**20:.0f} MiB")
     assert few.speedup < 1 < 2 < many.speedup  # the generator costs; reuse pays it back
     assert many.hint_state_bytes < many.kv_cache_bytes
+
+
+def test_forward_flops_of_one_training_example():
+    # one task of one input: the HINT cost of test_hand_computed_task_cost with n=1
+    assert forward_flops(CFG.to_dict(), hyper_len=5, input_len=2, target_len=1) == 1600 + 4032 + 1728
+    concat = HintConfig.from_dict({**CFG.to_dict(), "hypernetwork": False, "fusion": False,
+                                   "adapters": False, "prefixes": False})
+    assert forward_flops(concat, hyper_len=5, input_len=2, target_len=1) == 2 * 160 * 2 + 2 * 264
