@@ -15,10 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hint_model import peft
+from hint_model import checkpoint, peft
 from hint_model.config import SIZE_PRESETS, HintConfig
 from hint_model.generator import StaticPeft, build_generator
-from hint_model import checkpoint
 from hint_model.t5 import T5, Stack, padding_bias
 from hint_model.task_modules import TaskModules
 
