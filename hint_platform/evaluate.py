@@ -23,10 +23,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+import mlflow
 import torch
 from rouge_score import rouge_scorer
 
+from hint_model import HintModel
+from hint_model.flops import task_cost
 from hint_platform.errors import UserError
+from pipelines import SourceSpec, iter_records, load_tokenizer
 
 EXPORT_TOKENIZER = "tokenizer"  # an export directory holds its tokenizer here (train.fit writes it)
 _PUNCTUATION = set(string.punctuation)
@@ -245,9 +249,6 @@ def evaluate_export(export_dir: str | Path, cfg, *, batch_size: int = 16, max_ne
                     progress: Callable[[str], None] | None = None) -> EvalReport:
     """The export's model on the evaluation sources of experiment config `cfg` (data.eval, the
     lengths), tokenised with the export's own tokenizer. SNI tasks are grouped by category."""
-    from hint_model import HintModel
-    from pipelines import SourceSpec, iter_records, load_tokenizer
-
     specs = [SourceSpec.from_dict(d, where=f"data.eval[{i}]") for i, d in enumerate(cfg.data.eval)]
     if not specs:
         raise UserError("data.eval lists no evaluation sources (add e.g. {kind: sni, path: ..., part: test})")
@@ -272,8 +273,6 @@ def gflops_per_task(model_config, records: list[dict]) -> float:
     """Mean inference GFLOPs per task (hint_model.flops, the paper's Appendix C) at each task's
     mean token lengths. A hypernetwork variant encodes the instruction once per task; any other
     variant pays for its input only (for concatenation that input holds the instruction)."""
-    from hint_model.flops import task_cost
-
     by_task: dict[str, list[dict]] = defaultdict(list)
     for r in records:
         by_task[r["task"]].append(r)
@@ -301,7 +300,6 @@ def save_report(report: EvalReport, out_dir: str | Path) -> Path:
 def log_report(report: EvalReport, out_dir: str | Path, *, tracking_uri: str, experiment: str,
                run_name: str, artifact_location: str | None = None) -> str:
     """An MLflow run holding the evaluation's metrics and its saved files; returns the run id."""
-    import mlflow
 
     mlflow.set_tracking_uri(tracking_uri)
     if mlflow.get_experiment_by_name(experiment) is None:

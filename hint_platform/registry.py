@@ -19,7 +19,10 @@ from mlflow import MlflowClient
 from mlflow.models.signature import ModelSignature
 from mlflow.types.schema import ColSpec, Schema
 
+from hint_model import HintModel
 from hint_platform.errors import UserError
+from hint_platform.evaluate import EXPORT_TOKENIZER, generate_outputs, task_modules
+from pipelines import formats, load_tokenizer
 
 EXPORT_ARTIFACT = "export"  # the artifact key of the export directory inside the logged model
 _MODEL_CODE = Path(__file__).with_name("mlflow_model.py")
@@ -40,10 +43,6 @@ class HintPredictor:
 
     def __init__(self, export_dir: str | Path, max_new_tokens: int = 64, batch_size: int = 16,
                  max_input_len: int = 1024):
-        from hint_model import HintModel
-        from hint_platform.evaluate import EXPORT_TOKENIZER
-        from pipelines import load_tokenizer
-
         self.model = HintModel.from_pretrained(str(export_dir)).eval()
         self.tokenizer = load_tokenizer(Path(export_dir) / EXPORT_TOKENIZER)
         self.max_new_tokens = max_new_tokens
@@ -51,8 +50,6 @@ class HintPredictor:
         self.max_input_len = max_input_len
 
     def predict(self, instructions: list[str], inputs: list[str]) -> list[str]:
-        from hint_platform.evaluate import generate_outputs, task_modules
-
         if len(instructions) != len(inputs):
             raise ValueError(f"{len(instructions)} instructions for {len(inputs)} inputs")
         rows_by_instruction: dict[str, list[int]] = {}
@@ -74,8 +71,6 @@ class HintPredictor:
 
     def texts(self, instruction: str, input_text: str) -> tuple[str, str]:
         """(hypernetwork text, model text) in the SNI format the model's variant trains on."""
-        from pipelines import formats
-
         cfg = self.model.config
         if cfg.hypernetwork:
             return formats.sni_def(instruction, input_text)
