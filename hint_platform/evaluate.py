@@ -300,7 +300,6 @@ def save_report(report: EvalReport, out_dir: str | Path) -> Path:
 def log_report(report: EvalReport, out_dir: str | Path, *, tracking_uri: str, experiment: str,
                run_name: str, artifact_location: str | None = None) -> str:
     """An MLflow run holding the evaluation's metrics and its saved files; returns the run id."""
-
     mlflow.set_tracking_uri(tracking_uri)
     if mlflow.get_experiment_by_name(experiment) is None:
         mlflow.create_experiment(experiment, artifact_location=artifact_location)

@@ -106,3 +106,27 @@ def test_data_prepare_then_stats(ray_local, tmp_path, capsys):
     assert code == 0 and f"{21 * 4} rows" in out and "input_ids" in out
     code, _, err = run(capsys, "data", "stats", str(tmp_path))
     assert code == 2 and "no Parquet files" in err
+
+
+def test_eval_an_export_on_held_out_tasks(tmp_path, capsys):
+    import json
+    import shutil
+
+    from hint_model import HintConfig, HintModel
+    from pipelines import train_tokenizer, write_suite
+
+    suite = write_suite(tmp_path / "data", num_train_tasks=21, num_test_tasks=2, instances_per_task=3,
+                        num_pretrain_docs=5)
+    tok = train_tokenizer(suite.texts(), tmp_path / "tok", vocab_size=200)
+    export = tmp_path / "export"
+    HintModel(HintConfig.preset("tiny", vocab_size=tok.vocab_size)).save_pretrained(export)
+    shutil.copytree(tmp_path / "tok", export / "tokenizer")
+    spec = yaml.safe_dump(suite.sni_spec(part="test"), default_flow_style=True).strip()
+    code, out, _ = run(capsys, "eval", str(export), str(REPO / "configs" / "demo" / "finetune.yaml"),
+                       f"data.eval=[{spec}]", "--no-mlflow", "--max-new-tokens", "4", "--out", str(tmp_path / "ev"))
+    assert code == 0
+    assert "overall" in out and "rougeL" in out
+    predictions = [json.loads(line) for line in (tmp_path / "ev" / "predictions.jsonl").read_text().splitlines()]
+    assert len(predictions) == 2 * 3 and {p["task"] for p in predictions} == set(suite.test_tasks)
+    metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert set(metrics["per_task"]) == set(suite.test_tasks) and metrics["overall"]["gflops_per_task"] > 0
