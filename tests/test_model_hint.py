@@ -181,3 +181,19 @@ def test_paper_sizes_on_the_meta_device(size, billions):
     generator = sum(p.numel() for p in model.generator.parameters())
     print(f"{size}: T5 {t5 / 1e9:.3f}B, generator {generator / 1e6:.1f}M")
     assert abs(t5 / 1e9 - billions) / billions < 0.02
+
+
+@pytest.mark.parametrize("variant", ["hint", "lora_only"])
+def test_cached_decoding_matches_recomputing_the_whole_prefix(variant):
+    # The decoding cache holds real tokens only; prefixes join at attention time. Greedy
+    # decoding with the cache must pick what a full forward over the tokens so far picks.
+    model = tiny(variant).eval()
+    b = mixed_batch()
+    hyper = dict(hyper_input_ids=b["hyper_input_ids"], hyper_attention_mask=b["hyper_attention_mask"])
+    tokens = model.generate(b["input_ids"], b["attention_mask"], max_new_tokens=6, **hyper)
+    with torch.no_grad():
+        logits = model(b["input_ids"], b["attention_mask"], decoder_input_ids=model.shift_right(tokens),
+                       **hyper).logits
+    eos = (tokens == model.config.eos_token_id).long()
+    live = torch.cumsum(eos, dim=1) - eos == 0  # up to and including the first EOS
+    assert torch.equal(logits.argmax(-1)[live], tokens[live])

@@ -8,6 +8,7 @@ from safetensors.torch import load_file, save_file
 from transformers import T5Config, T5ForConditionalGeneration
 
 from hint_model import CheckpointError, HintModel
+from hint_model.checkpoint import hf_name
 
 SHAPES = {
     # v1.1: gated-GELU, untied lm head, no output rescale; decoder deeper than the encoder
@@ -131,3 +132,18 @@ def test_t5_checkpoint_is_not_taken_for_our_export(tmp_path):
     _, directory = hf_t5(tmp_path, "v1_0")
     with pytest.raises(CheckpointError, match="from_t5_checkpoint"):
         HintModel.from_pretrained(directory)
+
+
+def test_training_gradients_match_transformers(tmp_path):
+    hf, directory = hf_t5(tmp_path, "v1_1")
+    ours = HintModel.from_t5_checkpoint(directory, variant="no_instruct")
+    hf.train()
+    ids, mask, labels = batch()
+    labels[2, 6:] = -100
+    hf(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+    ours(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+    for name in ("t5.encoder.relative_bias.weight", "t5.decoder.relative_bias.weight",
+                 "t5.encoder.blocks.0.attn.q.weight", "t5.decoder.blocks.2.cross_attn.k.weight",
+                 "t5.decoder.blocks.1.ffn.wi_0.weight", "t5.shared.weight", "t5.lm_head.weight"):
+        theirs = hf.get_parameter(hf_name(name.removeprefix("t5."))).grad
+        torch.testing.assert_close(ours.get_parameter(name).grad, theirs, atol=1e-5, rtol=1e-4)
