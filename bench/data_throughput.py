@@ -8,11 +8,13 @@
    batches of the same rows, in this process: examples/s it consumes.
 
 Prints both and, last, `data_to_train_ratio=<x> examples_per_s=<x> tokens_per_s=<x>`
-(the pipeline's rates). Goal: ratio >= 5. Usage: python bench/data_throughput.py
+(the pipeline's rates). Goal: ratio >= 5.
+Usage: python bench/data_throughput.py [--synthetic]   (--synthetic: the demo's data)
 """
 
 from __future__ import annotations
 
+import argparse
 import itertools
 import os
 import tempfile
@@ -23,15 +25,15 @@ import ray
 import torch
 
 from hint_model import HintConfig, HintModel
-from pipelines import build_dataset, collate, iter_records, train_tokenizer, write_suite
+from pipelines import build_dataset, collate, iter_records, load_tokenizer, train_tokenizer, write_suite
 
 SHARED = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 LENS = {"max_input_len": 1024, "max_hyper_len": 1024, "max_target_len": 256}
 BATCH = 8
 
 
-def sources(tmp: str) -> tuple[list[dict], str, str]:
-    if SHARED.is_dir():
+def sources(tmp: str, synthetic: bool) -> tuple[list[dict], str, str]:
+    if SHARED.is_dir() and not synthetic:
         return ([{"kind": "sni", "path": str(SHARED / "sni"), "split": "mini", "format": "def_pos"},
                  {"kind": "c4", "path": str(SHARED / "c4" / "c4-en.*.json.gz"), "weight": 0.2}],
                 str(SHARED / "tokenizer" / "t5"), "SNI mini (Def + 2 Pos) + C4 sample, T5 tokenizer")
@@ -53,7 +55,8 @@ def pipeline_rate(specs: list[dict], tok: str) -> tuple[int, int, float]:
 def train_rate(specs: list[dict], tok: str, steps: int = 10) -> tuple[int, float]:
     torch.manual_seed(0)
     rows = list(itertools.islice(iter_records(specs, tok, **LENS), steps * BATCH))
-    model = HintModel(HintConfig.preset("tiny", variant="hint", vocab_size=32128))
+    vocab = load_tokenizer(tok).vocab_size
+    model = HintModel(HintConfig.preset("tiny", variant="hint", vocab_size=vocab))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     batches = [collate(rows[i : i + BATCH]) for i in range(0, len(rows), BATCH)]
     for batch in batches[:1]:  # warm-up
@@ -67,9 +70,12 @@ def train_rate(specs: list[dict], tok: str, steps: int = 10) -> tuple[int, float
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--synthetic", action="store_true", help="the demo's synthetic suite, not ../shared/data")
+    args = parser.parse_args()
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     with tempfile.TemporaryDirectory() as tmp:
-        specs, tok, what = sources(tmp)
+        specs, tok, what = sources(tmp, args.synthetic)
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
         examples, tokens, seconds = pipeline_rate(specs, tok)
         ray.shutdown()
