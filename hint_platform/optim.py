@@ -11,7 +11,7 @@ import math
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Replicate
 
 from hint_platform.config import TrainSection
 
@@ -55,11 +55,14 @@ class Adafactor(torch.optim.Optimizer):
         if not state:
             state["step"] = torch.zeros(())
             if grad.dim() > 1:
-                state["row_var"] = grad.new_zeros(grad.shape[:-1] + (1,))
-                state["col_var"] = grad.new_zeros(grad.shape[:-2] + (1, grad.shape[-1]))
+                state["row_var"] = _like(p, grad.new_zeros(grad.shape[:-1] + (1,)),
+                                         p.shape[:-1] + (1,))
+                state["col_var"] = _like(p, grad.new_zeros(grad.shape[:-2] + (1, grad.shape[-1])),
+                                         p.shape[:-2] + (1, p.shape[-1]), replicated=grad.dim() == 2)
             else:
-                state["variance"] = torch.zeros_like(grad)
+                state["variance"] = _like(p, torch.zeros_like(grad), p.shape)
         state["step"] += 1
+        row_var, col_var, variance = (_local(state.get(k)) for k in ("row_var", "col_var", "variance"))
         step = float(state["step"])
         eps1 = torch.finfo(param.dtype).eps
         beta = step ** group["beta2_decay"]
@@ -72,18 +75,33 @@ class Adafactor(torch.optim.Optimizer):
             # rows are whole on this rank; a 2-D parameter's columns span the ranks' rows
             rows_whole = not sharded or grad.dim() > 2
             n_rows = p.shape[-2]
-            state["row_var"].lerp_(square.mean(dim=-1, keepdim=True), beta)
+            row_var.lerp_(square.mean(dim=-1, keepdim=True), beta)
             col_sum = square.sum(dim=-2, keepdim=True)
-            state["col_var"].lerp_((col_sum if rows_whole else total(col_sum)) / n_rows, beta)
-            row_var_sum = state["row_var"].sum(dim=-2, keepdim=True)
+            col_var.lerp_((col_sum if rows_whole else total(col_sum)) / n_rows, beta)
+            row_var_sum = row_var.sum(dim=-2, keepdim=True)
             row_mean = (row_var_sum if rows_whole else total(row_var_sum)) / n_rows
-            estimate = state["row_var"] @ state["col_var"] / row_mean.clamp(min=eps1)
+            estimate = row_var @ col_var / row_mean.clamp(min=eps1)
         else:
-            state["variance"].lerp_(grad.square(), beta)
-            estimate = state["variance"].clone()
+            variance.lerp_(grad.square(), beta)
+            estimate = variance.clone()
         update = estimate.clamp_(min=eps1 * eps1).rsqrt_().mul_(grad)
         update_rms = math.sqrt(total(update.square().sum()) / p.numel())
         param.add_(update, alpha=-alpha / max(1.0, update_rms / group["d"]))
+
+
+def _like(p: torch.Tensor, local: torch.Tensor, shape: tuple, replicated: bool = False):
+    """Optimizer state for parameter `p`: for a sharded `p`, a DTensor sharded as `p` (or
+    replicated) so that checkpoints save every rank's part, not one rank's copy."""
+    if not isinstance(p, DTensor):
+        return local
+    shape = torch.Size(shape)
+    placements = [Replicate()] if replicated else p.placements
+    return DTensor.from_local(local, p.device_mesh, placements, run_check=False, shape=shape,
+                              stride=torch.empty(shape, device="meta").stride())
+
+
+def _local(t: torch.Tensor | None) -> torch.Tensor | None:
+    return t.to_local() if isinstance(t, DTensor) else t
 
 
 class _Sums:
