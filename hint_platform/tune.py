@@ -31,9 +31,11 @@ from tune_spaces import Study, load_study
 
 REPO = Path(__file__).resolve().parent.parent
 TIME_ATTR = "step"  # ASHA's clock: every training report carries the optimizer step
-STUDY_TAG = "hint.study"
-TRIAL_TAG = "hint.trial_id"
+STUDY_TAG = "hint.tune.study"
+TRIAL_TAG = "hint.tune.trial_id"
 SETTING_TAG = "hint.tune.setting"  # the trial's point of the space, `key=value ...`
+OUTCOME_TAG = "hint.tune.outcome"  # done | stopped early | failed
+BEST_TAG = "hint.tune.best"  # "true" on the best trial; the parent's `..._trial` names it
 PARENT_TAG = "mlflow.parentRunId"  # MLflow's own tag: the UI nests the child under the parent
 _ENDED = ("TERMINATED", "ERROR")  # Tune trial statuses that will not run again
 
@@ -183,6 +185,7 @@ def parent_run_id(run: StudyRun) -> str | None:
     """The study's MLflow parent run, if the study has started."""
     from mlflow.tracking import MlflowClient
 
+    tracking.check_reachable(run.tracking_uri)
     client = MlflowClient(run.tracking_uri)
     experiment = client.get_experiment_by_name(run.base.run.experiment)
     if experiment is None:
@@ -244,7 +247,7 @@ def _open_parent_run(run: StudyRun, client) -> str:
     run_id = tracking.open_run(run.base.with_overrides({"name": run.name}), run.tracking_uri)
     client.set_tag(run_id, STUDY_TAG, run.study.name)
     client.set_tag(run_id, "mlflow.note.content", run.study.question)
-    client.set_tag(run_id, "hint.tune_dir", str(run.path))
+    client.set_tag(run_id, "hint.tune.dir", str(run.path))
     logged = client.get_run(run_id).data.params
     settings = {"metric": run.study.metric, "mode": run.study.mode, "space": repr(run.study.space)}
     settings.update({key: run.setting(key) for key in
@@ -267,7 +270,7 @@ def _close_child_runs(run: StudyRun, parent_id: str, trials) -> None:
         if child is None or trial.status not in _ENDED:
             continue
         outcome = trial_outcome(trial, run.base.train.max_steps)
-        client.set_tag(child.info.run_id, "hint.tune.outcome", outcome)
+        client.set_tag(child.info.run_id, OUTCOME_TAG, outcome)
         if child.info.status == "RUNNING":
             client.set_terminated(child.info.run_id, "FAILED" if outcome == "failed" else "KILLED")
 

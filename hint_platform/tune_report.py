@@ -62,8 +62,11 @@ def leaderboard(run: "StudyRun") -> list[Row]:
             metric=values[-1] if values else math.nan,
             peft_params=peft_params(cfg), gflops=inference_gflops(cfg), curve=(steps, values)))
     sign = 1 if run.study.mode == "min" else -1
-    return sorted(rows, key=lambda r: (math.isnan(r.metric), sign * r.metric
-                                       if not math.isnan(r.metric) else 0))
+
+    def rank(row: Row) -> tuple[int, float]:
+        return (1, 0.0) if math.isnan(row.metric) else (0, sign * row.metric)
+
+    return sorted(rows, key=rank)
 
 
 def format_table(rows: list[Row], metric: str) -> str:
@@ -84,14 +87,17 @@ def write_report(run: "StudyRun", parent_run_id: str | None) -> Path:
     trial, and logs the report to the study's MLflow parent run. Returns the report directory."""
     from mlflow.tracking import MlflowClient
 
-    from hint_platform.tune import TRIAL_TAG, child_runs
+    from hint_platform.tune import BEST_TAG, TRIAL_TAG, child_runs
 
     rows = leaderboard(run)
     metric = run.study.metric
     out = run.path / "report"
     out.mkdir(parents=True, exist_ok=True)
     table = format_table(rows, metric)
-    (out / "leaderboard.txt").write_text(f"{run.name}: {run.study.question}\n\n{table}\n")
+    better = "lower" if run.study.mode == "min" else "higher"
+    (out / "leaderboard.txt").write_text(
+        f"{run.name}: {run.study.question}\n{metric}: the last value each trial reported, "
+        f"{better} is better\n\n{table}\n")
     plot_learning_curves(rows, metric, out / "learning_curves.png")
     plot_against(rows, "peft_params", "generated PEFT parameters per task", metric,
                  out / f"{metric}_vs_peft_size.png")
@@ -102,9 +108,9 @@ def write_report(run: "StudyRun", parent_run_id: str | None) -> Path:
         best = rows[0] if rows and not math.isnan(rows[0].metric) else None
         for child in child_runs(run, parent_run_id):
             is_best = best is not None and child.data.tags.get(TRIAL_TAG) == best.trial_id
-            client.set_tag(child.info.run_id, "hint.tune.best", str(is_best).lower())
+            client.set_tag(child.info.run_id, BEST_TAG, str(is_best).lower())
         if best:
-            client.set_tag(parent_run_id, "hint.tune.best_trial", best.trial_id)
+            client.set_tag(parent_run_id, f"{BEST_TAG}_trial", best.trial_id)
             client.log_metric(parent_run_id, f"best_{metric}", best.metric)
         client.log_artifacts(parent_run_id, str(out), "report")
     return out

@@ -102,7 +102,7 @@ def test_interrupted_study_resumes_without_rerunning_finished_trials(tmp_path, r
                                                                        "train.lr=0.5"]
     # the resolved model config: the same param names in every trial, for MLflow's compare view
     assert {c.data.params["model.config.adapter_size"] for c in children} == {"8"}
-    assert all(c.info.status == "FINISHED" or c.data.tags["hint.tune.outcome"] == "done"
+    assert all(c.info.status == "FINISHED" or c.data.tags[tune.OUTCOME_TAG] == "done"
                for c in children)
 
     rows = leaderboard(run)
@@ -110,7 +110,7 @@ def test_interrupted_study_resumes_without_rerunning_finished_trials(tmp_path, r
     assert [r.status for r in rows] == ["done", "done"]
     assert rows[0].metric == pytest.approx(1 / (0.5 * 4))
     assert rows[0].curve == ([1, 2, 3, 4], [1 / (0.5 * s) for s in (1, 2, 3, 4)])
-    best = [c for c in children if c.data.tags.get("hint.tune.best") == "true"]
+    best = [c for c in children if c.data.tags.get(tune.BEST_TAG) == "true"]
     assert [b.data.params["train.lr"] for b in best] == ["0.5"]
     report = run.path / "report"
     assert "train.lr=0.5" in (report / "leaderboard.txt").read_text()
