@@ -1,0 +1,60 @@
+"""Tracking: URI resolution, the fail-fast reachability check, and the run a training opens
+(a real SQLite store)."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from hint_platform.config import from_dict
+from hint_platform.tracking import (TrackingError, check_reachable, open_run,
+                                    resolve_tracking_uri)
+
+
+def make_cfg(tmp_path, **run):
+    return from_dict({"name": "t", "train": {"max_steps": 5},
+                      "run": {"storage_path": str(tmp_path), **run}})
+
+
+def test_uri_precedence_config_then_env_then_sqlite(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert resolve_tracking_uri(make_cfg(tmp_path)) == f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5999")
+    assert resolve_tracking_uri(make_cfg(tmp_path)) == "http://127.0.0.1:5999"
+    cfg = make_cfg(tmp_path, tracking_uri="sqlite:///x.db")
+    assert resolve_tracking_uri(cfg) == "sqlite:///x.db"
+
+
+def test_unreachable_server_fails_fast_naming_the_uri():
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    start = time.monotonic()
+    with pytest.raises(TrackingError, match=f"http://127.0.0.1:{port}"):
+        check_reachable(f"http://127.0.0.1:{port}")
+    assert time.monotonic() - start < 10
+    with pytest.raises(TrackingError, match="ftp://host"):
+        check_reachable("ftp://host/x")
+
+
+def test_run_is_reopened_by_name_and_changed_params_become_tags(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg = make_cfg(tmp_path)
+    uri = resolve_tracking_uri(cfg)
+    run_id = open_run(cfg, uri)
+    client = MlflowClient(tracking_uri=uri)
+    run = client.get_run(run_id)
+    assert run.data.params["train.max_steps"] == "5"
+    assert run.data.params["name"] == "t"
+    experiment = client.get_experiment(run.info.experiment_id)
+    assert experiment.artifact_location == (tmp_path / "mlartifacts" / "hint").as_uri()
+    longer = cfg.with_overrides(["train.max_steps=9"])
+    assert open_run(longer, uri) == run_id
+    run = client.get_run(run_id)
+    assert run.data.params["train.max_steps"] == "5"
+    assert run.data.tags["hint.resumed_with.train.max_steps"] == "9"
+    other = cfg.with_overrides(["name=u"])
+    assert open_run(other, uri) != run_id
