@@ -27,10 +27,9 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import pyarrow as pa
+import ray.data
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
-
-import ray.data
 
 from pipelines import c4, p3, sni
 from pipelines.bad_records import BadRecords

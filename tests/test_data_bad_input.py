@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 
-from pipelines import BadRecordError, BadRecords, SourceSpec, SpecError, iter_records
+from pipelines import BadRecordError, BadRecords, SpecError, iter_records
 
 TASK = "task648_answer_generation"
 
