@@ -22,6 +22,7 @@ stream ends when all are exhausted. Same specs and seed, same rows in the same o
 from __future__ import annotations
 
 import itertools
+import logging
 import random
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -37,6 +38,7 @@ from pipelines.example import Example
 from pipelines.spec import SourceSpec
 from pipelines.tokenizer import EOS_ID, Tokenizer, load_tokenizer, tokenizer_from_proto
 
+log = logging.getLogger(__name__)
 BLOCK_ROWS = 256
 
 _ids = pa.list_(pa.int32())
@@ -89,6 +91,9 @@ def text_blocks(specs: list[SourceSpec], tokenizer: Tokenizer, *, on_bad_record:
     while True:
         chunk = list(itertools.islice(stream, BLOCK_ROWS))
         if not chunk:
+            if bad.skipped:
+                log.warning("data: %d bad record(s) skipped: %s", bad.skipped,
+                            ", ".join(f"{source} ({n})" for source, n in bad.by_source.items()))
             return
         columns: dict[str, list[Any]] = {name: [] for name in TEXT_SCHEMA.names}
         for index, ex in chunk:

@@ -147,8 +147,9 @@ def test_template_that_fails_to_render_names_task_and_template(tmp_path, tok, ca
     assert "task toy/no field (template c3): record 0: template failed to render: 'z' is undefined" in caplog.text
 
 
-def test_skip_counts_reach_every_later_row(tmp_path, tok):
-    good = c4_file(tmp_path, [GOOD] * 50, "good.json.gz")
+def test_skips_are_counted_in_the_rows_and_reported_at_the_end(tmp_path, tok, caplog):
+    c4_file(tmp_path, [GOOD] * 50, "good.json.gz")
     worse = c4_file(tmp_path, [b"{bad"] * 3, "worse.json.gz")
     rows = run([c4_spec(str(tmp_path / "*.json.gz"))], tok, "skip")
-    assert rows and rows[-1]["bad_records_skipped"] == 3 and good.exists() and worse.exists()
+    assert rows and rows[-1]["bad_records_skipped"] == 3
+    assert f"data: 3 bad record(s) skipped: {worse} (3)" in caplog.text
