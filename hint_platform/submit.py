@@ -77,7 +77,7 @@ def prepare(
     overrides = list(overrides) + ([f"name={name}"] if name else [])
     cfg = config_lib.load(config_path, overrides)
     if shared_dir:
-        if not _is_shared(shared_dir):
+        if _is_relative(shared_dir):
             raise UserError(f"--shared-dir {shared_dir}: expected an absolute path or a URI")
         overrides += shared_overrides(cfg, shared_dir)
         cfg = config_lib.load(config_path, overrides)
@@ -114,26 +114,26 @@ def unshared_paths(cfg: config_lib.ExperimentConfig) -> list[tuple[str, str]]:
     for split in ("train", "eval"):
         for i, source in enumerate(getattr(cfg.data, split)):
             paths.append((f"data.{split}[{i}].path", source.get("path")))
-    return [(key, p) for key, p in paths if p and not _is_shared(p)]
+    return [(key, p) for key, p in paths if _is_relative(p)]
 
 
 def shared_overrides(cfg: config_lib.ExperimentConfig, shared_dir: str) -> list[str]:
     """`key=value` overrides that move every relative path of `cfg` under `shared_dir`."""
     base = shared_dir.rstrip("/")
     flat = cfg.flat()
-    overrides = [f"{key}={base}/{flat[key]}" for key in _PATH_KEYS
-                 if flat[key] and not _is_shared(flat[key])]
+    overrides = [f"{key}={base}/{flat[key]}" for key in _PATH_KEYS if _is_relative(flat[key])]
     for split in ("train", "eval"):
         sources = getattr(cfg.data, split)
-        if any(s.get("path") and not _is_shared(s["path"]) for s in sources):
-            moved = [s | {"path": f"{base}/{s['path']}"} if s.get("path") and not _is_shared(s["path"])
-                     else s for s in sources]
+        if any(_is_relative(s.get("path")) for s in sources):
+            moved = [s | {"path": f"{base}/{s['path']}"} if _is_relative(s.get("path")) else s
+                     for s in sources]
             overrides.append(f"data.{split}={json.dumps(moved)}")  # JSON is YAML: one value
     return overrides
 
 
-def _is_shared(path: str) -> bool:
-    return "://" in path or Path(path).is_absolute()
+def _is_relative(path: str | None) -> bool:
+    """A local relative path: not a URI (s3://...) and not absolute (a shared mount)."""
+    return bool(path) and "://" not in path and not Path(path).is_absolute()
 
 
 def auth_headers() -> dict[str, str]:

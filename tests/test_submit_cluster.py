@@ -8,6 +8,8 @@ leads its own session, so a node's processes (raylet, GCS, workers) are exactly 
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import re
 import secrets
@@ -27,6 +29,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
+from hint_platform import cli
 from hint_platform.checkpoint import TRAIN_STATE
 
 REPO = Path(__file__).resolve().parent.parent
@@ -143,10 +146,6 @@ class Setup:
     suite: object
     tokenizer: str
 
-    def hint(self, *args: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
-        return subprocess.run([str(BIN / "hint"), *args], env=env or self.env, cwd=self.root,
-                              capture_output=True, text=True, timeout=timeout)
-
     def nodes(self) -> list[dict]:
         reply = get_json(f"{self.cluster.address}/api/v0/nodes?limit=100", AUTH) or {}
         found = reply.get("data", {}).get("result", {}).get("result", [])
@@ -184,7 +183,8 @@ def setup():
     env.update(PATH=f"{BIN}{os.pathsep}{env['PATH']}", HOME=str(root / "home"),
                RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=TOKEN, RAY_DATA_DISABLE_PROGRESS_BARS="1",
                RAY_TRAIN_ENABLE_PRINT_PATCH="0",
-               RAY_agent_register_timeout_ms="120000")  # slow starts on a busy 2-core machine
+               RAY_agent_register_timeout_ms="120000",  # slow starts on a busy 2-core machine
+               RAY_health_check_period_ms="1000")  # a killed node is noticed sooner
     (root / "home").mkdir()
     mlflow_port = free_ports(1)[0]
     mlflow = subprocess.Popen(
@@ -207,6 +207,30 @@ def setup():
         kill_session(mlflow.pid)
         mlflow.wait()
         shutil.rmtree(root, ignore_errors=True)
+
+
+@dataclass
+class Result:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+@pytest.fixture
+def hint(setup, monkeypatch):
+    """The `hint` CLI in this process, holding the cluster's token (`hint jobs` and the refused
+    submissions make HTTP calls only; the submission that runs is a subprocess, see above)."""
+    monkeypatch.setenv("HOME", setup.env["HOME"])  # no ~/.ray/auth_token of this machine's
+    monkeypatch.delenv("RAY_AUTH_TOKEN_PATH", raising=False)
+
+    def run(*args: str, token: str = TOKEN) -> Result:
+        monkeypatch.setenv("RAY_AUTH_TOKEN", token)
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = cli.main(list(args))
+        return Result(code, out.getvalue(), err.getvalue())
+
+    return run
 
 
 def job_id_of(output: str) -> str:
@@ -272,56 +296,54 @@ def test_submitted_run_survives_losing_a_node(setup, finished_job):
     assert int(final["consumed"].sum()) == 48
 
 
-def test_hint_jobs_on_that_job(setup, finished_job):
+def test_hint_jobs_on_that_job(setup, finished_job, hint):
     s = setup
     job_id = job_id_of(finished_job["output"])
     address = ["--address", s.cluster.address]
-    listed = s.hint("jobs", "list", *address)
+    listed = hint("jobs", "list", *address)
     assert listed.returncode == 0, listed.stderr
     (row,) = [line for line in listed.stdout.splitlines() if line.startswith(job_id)]
     assert "SUCCEEDED" in row and "hint train survivor.yaml" in row
-    status = s.hint("jobs", "status", job_id, *address)
+    status = hint("jobs", "status", job_id, *address)
     assert status.stdout.startswith(f"{job_id} SUCCEEDED"), status.stderr
-    logs = s.hint("jobs", "logs", job_id, *address)
+    logs = hint("jobs", "logs", job_id, *address)
     assert "steps: 6" in logs.stdout, logs.stdout[-2000:]
-    stop = s.hint("jobs", "stop", job_id, *address)
+    stop = hint("jobs", "stop", job_id, *address)
     assert stop.returncode == 0 and "not running" in stop.stdout
-    unknown = s.hint("jobs", "status", "hint-nope", *address)
+    unknown = hint("jobs", "status", "hint-nope", *address)
     assert unknown.returncode == 2 and "no job 'hint-nope'" in unknown.stderr
 
 
-def test_hint_jobs_stop_a_running_job(setup):
+def test_hint_jobs_stop_a_running_job(setup, hint):
     s = setup
     config = s.write_config("stopped", max_steps=10_000, checkpoint_every=0)
     address = ["--address", s.cluster.address]
-    submitted = s.hint("submit", str(config), *address, "--working-dir", str(config.parent),
+    submitted = hint("submit", str(config), *address, "--working-dir", str(config.parent),
                        "--tracking-uri", s.tracking_uri)
     assert submitted.returncode == 0, submitted.stderr
     job_id = job_id_of(submitted.stdout)
-    wait_for("the job to run", lambda: "RUNNING" in s.hint("jobs", "status", job_id, *address).stdout, 120)
-    assert "stop requested" in s.hint("jobs", "stop", job_id, *address).stdout
-    wait_for("the job to stop", lambda: "STOPPED" in s.hint("jobs", "status", job_id, *address).stdout, 120)
+    wait_for("the job to run", lambda: "RUNNING" in hint("jobs", "status", job_id, *address).stdout, 120)
+    assert "stop requested" in hint("jobs", "stop", job_id, *address).stdout
+    wait_for("the job to stop", lambda: "STOPPED" in hint("jobs", "status", job_id, *address).stdout, 120)
 
 
-def test_bad_input_is_refused_before_anything_is_submitted(setup):
+def test_bad_input_is_refused_before_anything_is_submitted(setup, hint):
     s = setup
     config = s.write_config("refused", max_steps=2)
     address = ["--address", s.cluster.address, "--working-dir", str(config.parent)]
-    before = s.hint("jobs", "list", "--address", s.cluster.address).stdout
+    before = hint("jobs", "list", "--address", s.cluster.address).stdout
 
     cases = {
-        "cannot reach a Ray cluster": s.hint("submit", str(config), "--address",
-                                             f"http://127.0.0.1:{free_ports(1)[0]}"),
-        "requires a token": s.hint("submit", str(config), *address,
-                                   env={**s.env, "RAY_AUTH_TOKEN": ""}),
-        "refused our token": s.hint("submit", str(config), *address,
-                                    env={**s.env, "RAY_AUTH_TOKEN": "wrong"}),
-        "train.global_batch_size (8) must be a multiple": s.hint(
+        "cannot reach a Ray cluster": hint("submit", str(config), "--working-dir", str(config.parent),
+                                           "--address", f"http://127.0.0.1:{free_ports(1)[0]}"),
+        "requires a token": hint("submit", str(config), *address, token=""),
+        "refused our token": hint("submit", str(config), *address, token="wrong"),
+        "train.global_batch_size (8) must be a multiple": hint(
             "submit", str(config), "train.micro_batch_size=3", *address),
-        "run.storage_path='runs'": s.hint("submit", str(config), "run.storage_path=runs", *address),
+        "run.storage_path='runs'": hint("submit", str(config), "run.storage_path=runs", *address),
     }
     for reason, result in cases.items():
         assert result.returncode == 2, (reason, result.stdout, result.stderr)
         assert reason in result.stderr, (reason, result.stderr)
         assert "submitted" not in result.stdout
-    assert s.hint("jobs", "list", "--address", s.cluster.address).stdout == before
+    assert hint("jobs", "list", "--address", s.cluster.address).stdout == before
