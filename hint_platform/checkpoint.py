@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
@@ -119,7 +120,7 @@ def load_checkpoint(directory: str | Path, model: nn.Module, optimizer: torch.op
     state_dict = {"model": model_sd, "optim": optim_sd}
     try:
         dcp.load(state_dict, checkpoint_id=str(directory))
-    except Exception as e:  # DCP raises many types for damaged files
+    except (Exception, CheckpointException) as e:  # DCP's is a BaseException
         raise CheckpointError(f"checkpoint {directory} cannot be loaded: "
                               f"{type(e).__name__}: {e}") from e
     set_state_dict(model, optimizer, model_state_dict=state_dict["model"],

@@ -1,0 +1,54 @@
+"""Checkpoints in one process (no Ray): a round trip restores model, optimizer and data
+position; another model's checkpoint and a damaged one are refused with the directory named."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hint_model import HintConfig, HintModel
+from hint_platform.checkpoint import CheckpointError, TrainState, load_checkpoint, save_checkpoint
+from hint_platform.config import TrainSection
+from hint_platform.optim import build_optimizer
+
+
+def trained(seed: int = 0, **overrides):
+    torch.manual_seed(seed)
+    model = HintModel(HintConfig.preset("tiny", vocab_size=50, **overrides))
+    optimizer = build_optimizer(model, TrainSection(lr=1e-2))
+    ids = torch.randint(2, 50, (2, 6))
+    model(input_ids=ids, hyper_input_ids=ids, labels=ids).loss.backward()
+    optimizer.step()
+    return model, optimizer
+
+
+def test_round_trip_restores_everything(tmp_path):
+    model, optimizer = trained()
+    state = TrainState(step=3, epoch=1)
+    state.mark([0, 5, 9])
+    save_checkpoint(tmp_path, model, optimizer, state, model.config.to_dict())
+    fresh, fresh_optimizer = trained(seed=1)
+    restored = load_checkpoint(tmp_path, fresh, fresh_optimizer, fresh.config.to_dict())
+    assert (restored.step, restored.epoch, restored.num_consumed()) == (3, 1, 3)
+    assert restored.is_consumed(5) and not restored.is_consumed(4)
+    for a, b in zip(model.state_dict().values(), fresh.state_dict().values()):
+        torch.testing.assert_close(a, b)
+    saved = optimizer.state_dict()["state"]
+    for key, value in fresh_optimizer.state_dict()["state"].items():
+        for name in value:
+            torch.testing.assert_close(value[name], saved[key][name])
+
+
+def test_other_shape_and_damaged_checkpoints_are_refused(tmp_path):
+    model, optimizer = trained()
+    save_checkpoint(tmp_path, model, optimizer, TrainState(step=1), model.config.to_dict())
+    wider, wider_optimizer = trained(d_model=96)
+    with pytest.raises(CheckpointError, match=rf"{tmp_path}.*d_model: checkpoint 64 vs run 96"):
+        load_checkpoint(tmp_path, wider, wider_optimizer, wider.config.to_dict())
+    shard = next(tmp_path.glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match=f"checkpoint {tmp_path} cannot be loaded"):
+        load_checkpoint(tmp_path, model, optimizer, model.config.to_dict())
+    (tmp_path / ".metadata").unlink()
+    with pytest.raises(CheckpointError, match=r"\.metadata is missing"):
+        load_checkpoint(tmp_path, model, optimizer, model.config.to_dict())
