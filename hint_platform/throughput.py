@@ -24,29 +24,29 @@ class Throughput:
     """Accumulates steps between two log points; `summary()` reports and starts afresh.
 
     Counts are one worker's; every worker trains the same number of examples per step, so
-    rates over the run are `world_size` times the worker's. `flops_per_example` is the training
-    FLOPs of one example (forward + backward), for MFU; tokens are every non-padding token the
-    model reads or predicts (instruction, input and target).
+    rates over the run are `world_size` times the worker's. Tokens are every non-padding token
+    the model reads or predicts (instruction, input and target); `flops` is the model FLOPs of
+    the worker's examples (forward + backward, padding not counted), for MFU.
     """
 
-    def __init__(self, device: torch.device, world_size: int = 1,
-                 flops_per_example: float = math.nan):
+    def __init__(self, device: torch.device, world_size: int = 1):
         self.peak = peak_flops(device)
         self.world_size = world_size
-        self.flops_per_example = flops_per_example
         self._reset()
 
     def _reset(self) -> None:
         self.steps = 0
         self.examples = 0
         self.tokens = 0
+        self.flops = 0.0
         self.wait_s = 0.0
         self.start = time.perf_counter()
 
-    def add(self, examples: int, tokens: int, wait_s: float) -> None:
+    def add(self, examples: int, tokens: int, flops: float, wait_s: float) -> None:
         self.steps += 1
         self.examples += examples
         self.tokens += tokens
+        self.flops += flops
         self.wait_s += wait_s
 
     def summary(self) -> dict[str, float]:
@@ -56,7 +56,7 @@ class Throughput:
             "examples_per_s": self.world_size * self.examples / elapsed,
             "tokens_per_s": self.world_size * self.tokens / elapsed,
             "data_wait_fraction": self.wait_s / elapsed,
-            "mfu": self.flops_per_example * self.examples / elapsed / self.peak,
+            "mfu": self.flops / elapsed / self.peak,
         }
         self._reset()
         return out

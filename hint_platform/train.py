@@ -311,8 +311,16 @@ def _to_device(rows: list[dict], device: torch.device) -> dict[str, torch.Tensor
     return {k: batch[k].to(device, non_blocking=True) for k in keys}
 
 
-def _tokens(rows: list[dict]) -> int:
-    return sum(len(r["hyper_input_ids"]) + len(r["input_ids"]) + len(r["labels"]) for r in rows)
+def _tokens(row: dict) -> int:
+    return len(row["hyper_input_ids"]) + len(row["input_ids"]) + len(row["labels"])
+
+
+def training_flops(model_config, rows: list[dict]) -> float:
+    """Model FLOPs of training on `rows` (forward + backward = 3x forward), padding excluded."""
+    from hint_model.flops import forward_flops
+
+    return 3 * sum(forward_flops(model_config, len(r["hyper_input_ids"]), len(r["input_ids"]),
+                                 len(r["labels"])) for r in rows)
 
 
 def _out_of_memory(error: BaseException) -> bool:
@@ -343,8 +351,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     logger = tracking.RunLogger(loop_config["tracking_uri"], loop_config["run_id"], rank == 0)
     micro = t.micro_batch_size
     accum = t.global_batch_size // (world * micro)
-    flops = _flops_per_example(cfg, model_config) if device.type == "cuda" else math.nan
-    meter = Throughput(device, world, flops)
+    meter = Throughput(device, world)
     model.train()
     metrics: dict[str, float] = {}
     epochs = itertools.chain([ray.train.get_dataset_shard("train_remainder")],
@@ -366,8 +373,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
             raise TrainingError(f"loss is {out['loss']} at step {state.step + 1}; "
                                 "lower train.lr or check the data")
         state.step += 1
-        state.mark([r["example_index"] for rows in micro_rows for r in rows])
-        meter.add(micro * accum, sum(_tokens(rows) for rows in micro_rows), waited)
+        rows = [r for micro_batch in micro_rows for r in micro_batch]
+        state.mark([r["example_index"] for r in rows])
+        meter.add(len(rows), sum(map(_tokens, rows)), training_flops(model.config, rows), waited)
         last = state.step == t.max_steps
         save = last or (t.checkpoint_every and state.step % t.checkpoint_every == 0)
         if not (save or state.step % t.log_every == 0):
@@ -385,14 +393,3 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     logger.log_artifacts(export_dir, "export")
     logger.close()
     return {"export_dir": export_dir, "steps_done": state.step} if rank == 0 else None
-
-
-def _flops_per_example(cfg: ExperimentConfig, model_config: dict) -> float:
-    """Training FLOPs of one example at the configured maximum lengths (3x the forward)."""
-    from hint_model import flops
-
-    try:
-        return 3 * flops.forward_flops(model_config, cfg.data.max_hyper_len,
-                                       cfg.data.max_input_len, cfg.data.max_target_len)
-    except AttributeError:
-        return math.nan

@@ -1,0 +1,127 @@
+"""A HINT training step against the concatenation baseline's step on the same examples.
+
+Both read the same SNI instances with two positive examples (the paper's Def + 2 Pos): HINT's
+hypernetwork reads the definition and the examples once and the model reads the instance;
+the baseline reads everything concatenated (Tk-Instruct). Same underlying preset, the same
+step function as `hint train` (hint_platform.train.train_step), both in one run. Examples come
+from the real SNI sample in ../shared/data when it is there, else from the synthetic suite.
+
+CPU: the `small` preset in fp32. GPU: `xl` in bf16 under FSDP (world size 1), with MFU from
+hint_model.flops. Last line: `hint_over_concat_step=<HINT / concat step time> mfu=<x|nan>`.
+
+    python bench/train_step.py [--preset small] [--batch 4] [--steps 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import socket
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from hint_model import HintConfig, HintModel
+from hint_platform.config import TrainSection
+from hint_platform.optim import build_optimizer
+from hint_platform.parallel import parallelize
+from hint_platform.throughput import peak_flops
+from hint_platform.train import train_step, training_flops
+from pipelines import collate, iter_records, load_tokenizer, train_tokenizer, write_suite
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+LENGTHS = dict(max_input_len=1024, max_hyper_len=1024, max_target_len=256)  # the paper's SNI
+KEYS = ("hyper_input_ids", "hyper_attention_mask", "input_ids", "attention_mask", "labels")
+
+
+def sources(workdir: Path) -> tuple[dict, str, str]:
+    """(SNI spec without format, tokenizer dir, where they come from)."""
+    if (SHARED / "sni").is_dir():
+        spec = {"kind": "sni", "path": str(SHARED / "sni"), "split": "mini"}
+        return spec, str(SHARED / "tokenizer" / "t5"), "real SNI sample"
+    suite = write_suite(workdir / "suite", num_train_tasks=24, num_test_tasks=2,
+                        instances_per_task=8, num_pretrain_docs=4)
+    train_tokenizer(suite.texts(), workdir / "tok", vocab_size=1000)
+    spec = {k: v for k, v in suite.sni_spec().items() if k != "format"}
+    return spec, str(workdir / "tok"), "synthetic suite"
+
+
+def examples(spec: dict, tokenizer: str, batch: int) -> dict[str, list[dict]]:
+    """The first `batch` examples, formatted for HINT (Def + 2 Pos) and for concatenation."""
+    out = {}
+    for variant, fmt in (("hint", "def_pos"), ("concat", "concat")):
+        rows = iter_records([{**spec, "format": fmt, "num_pos": 2}], tokenizer, **LENGTHS)
+        out[variant] = [row for _, row in zip(range(batch), rows)]
+    same = [(r["task"], r["labels"]) for r in out["hint"]] == \
+           [(r["task"], r["labels"]) for r in out["concat"]]
+    assert same, "the HINT and concat streams must hold the same examples"
+    return out
+
+
+def time_steps(variant: str, preset: str, vocab: int, rows: list[dict], device, steps: int):
+    """Seconds per training step (after one warm-up step) and the model config."""
+    torch.manual_seed(0)
+    model = HintModel(HintConfig.preset(preset, variant=variant, vocab_size=vocab))
+    model = parallelize(model, device=device, fsdp=dist.is_initialized(),
+                        activation_checkpointing=False)
+    optimizer = build_optimizer(model, TrainSection(optimizer="adafactor", lr=1e-3))
+    batch = collate(rows)
+    micro = [{k: batch[k].to(device) for k in KEYS}]
+    train_step(model, optimizer, micro, grad_clip=1.0)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    for _ in range(steps):
+        loss = train_step(model, optimizer, micro, grad_clip=1.0)["loss"]
+    sync()
+    seconds = (time.perf_counter() - start) / steps
+    config = model.config
+    del model, optimizer
+    return seconds, config, loss
+
+
+def main() -> None:
+    gpu = torch.cuda.is_available()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="xl" if gpu else "small")
+    parser.add_argument("--batch", type=int, default=8 if gpu else 2)
+    parser.add_argument("--steps", type=int, default=5 if gpu else 2)
+    args = parser.parse_args()
+    device = torch.device("cuda", 0) if gpu else torch.device("cpu")
+    if gpu:  # FSDP world size 1: bf16 compute through the same sharding code as training
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", rank=0, world_size=1)
+    with tempfile.TemporaryDirectory() as tmp:
+        spec, tokenizer, origin = sources(Path(tmp))
+        rows = examples(spec, tokenizer, args.batch)
+        vocab = load_tokenizer(tokenizer).vocab_size
+    name = torch.cuda.get_device_name(device) if gpu else f"CPU ({os.cpu_count()} cores)"
+    print(f"device: {name}; preset {args.preset}; batch {args.batch}; {origin}")
+    times = {}
+    for variant in ("hint", "concat"):
+        r = rows[variant]
+        mean = lambda key: sum(len(x[key]) for x in r) / len(r)  # noqa: E731
+        seconds, config, loss = time_steps(variant, args.preset, vocab, r, device, args.steps)
+        times[variant] = seconds
+        mfu = training_flops(config, r) / seconds / peak_flops(device)
+        print(f"{variant:6s} step {seconds:.3f} s  loss {loss:.3f}  mean lengths: instruction "
+              f"{mean('hyper_input_ids'):.0f}, input {mean('input_ids'):.0f}, "
+              f"target {mean('labels'):.0f}  mfu {mfu:.3f}")
+        if variant == "hint":
+            hint_mfu = mfu
+    if gpu:
+        dist.destroy_process_group()
+    print(f"hint_over_concat_step={times['hint'] / times['concat']:.3f} "
+          f"mfu={'nan' if math.isnan(hint_mfu) else f'{hint_mfu:.3f}'}")
+
+
+if __name__ == "__main__":
+    main()
