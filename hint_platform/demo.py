@@ -62,9 +62,18 @@ class Progress:
         print(f"[{self.minutes:5.2f} min] {message}", flush=True)
 
 
-def run_demo(out_dir: str | Path = "runs/demo", settings: DemoSettings | None = None,
-             fresh: bool = True) -> dict[str, float]:
-    """Runs the demo; returns the figures of its last line."""
+@dataclass
+class Trained:
+    """One variant after fine-tuning and zero-shot evaluation."""
+
+    cfg: config.ExperimentConfig  # the fine-tuning config (its data.eval: the held-out tasks)
+    export_dir: str
+    mlflow_run_id: str | None
+    report: evaluate.EvalReport
+
+
+def run_demo(out_dir: str | Path = "runs/demo", settings: DemoSettings | None = None) -> dict[str, float]:
+    """Runs the demo in a fresh `out_dir`; returns the figures of its last line."""
     import ray
 
     from pipelines import synthetic, train_tokenizer
@@ -72,7 +81,7 @@ def run_demo(out_dir: str | Path = "runs/demo", settings: DemoSettings | None = 
     settings = settings or DemoSettings()
     out = Path(out_dir).resolve()
     progress = Progress()
-    if fresh and out.exists():
+    if out.exists():
         shutil.rmtree(out)  # a demo is a fresh run; Ray Train would otherwise resume old runs
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
@@ -85,67 +94,70 @@ def run_demo(out_dir: str | Path = "runs/demo", settings: DemoSettings | None = 
     tokenizer = train_tokenizer(suite.texts(), out / "tokenizer", vocab_size=settings.vocab_size)
     progress(f"{len(suite.train_tasks)} train tasks, {len(suite.test_tasks)} held-out tasks; "
              f"tokenizer of {tokenizer.vocab_size} pieces")
-
     if not ray.is_initialized():
         # More logical CPUs than cores: the two workers take half a CPU each, Ray Data the rest.
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
-                 _temp_dir=str(out / "ray"))
-    (pretrain_file,) = glob.glob(suite.c4_path)  # one file; train.fit checks that paths exist
-    common = [f"run.storage_path={out}", f"data.tokenizer={out / 'tokenizer'}"]
-    reports, exports, finetune_cfgs, run_ids = {}, {}, {}, {}
-    for variant, fmt in VARIANTS.items():
-        pre = config.load(CONFIGS / "pretrain.yaml", [*common, *settings.pretrain_overrides])
-        pre = pre.with_overrides({"name": f"demo-pretrain-{variant}", "model.variant": variant,
-                                  "data.train": [{**pre.data.train[0], "path": pretrain_file}]})
-        progress(f"{variant}: pretraining ({pre.train.max_steps} steps, {pre.train.num_workers} workers)")
-        pre_result = _fit(pre)
-        cfg = config.load(CONFIGS / "finetune.yaml", [*common, *settings.finetune_overrides])
-        sni = {"path": suite.sni_path, "format": fmt}
-        cfg = cfg.with_overrides({
-            "name": f"demo-finetune-{variant}", "model.variant": variant,
-            "model.init_from": pre_result.export_dir,
-            "data.train": [{**cfg.data.train[0], **sni}],
-            "data.eval": [{**cfg.data.eval[0], **sni, "max_per_task": settings.eval_per_task}],
-        })
-        progress(f"{variant}: fine-tuning on the train tasks ({cfg.train.max_steps} steps)")
-        result = _fit(cfg)
-        progress(f"{variant}: evaluating zero-shot on the held-out tasks")
-        report = evaluate.evaluate_export(result.export_dir, cfg)
-        evaluate.save_report(report, out / "eval" / variant)
-        evaluate.log_report(report, out / "eval" / variant, tracking_uri=tracking.resolve_tracking_uri(cfg),
-                            experiment=cfg.run.experiment, run_name=f"eval-{variant}",
-                            artifact_location=tracking.artifact_location(cfg, tracking.resolve_tracking_uri(cfg)))
-        reports[variant], exports[variant], finetune_cfgs[variant] = report, result.export_dir, cfg
-        run_ids[variant] = result.mlflow_run_id
-        progress(f"{variant}: ROUGE-L {report.overall['rougeL']:.1f}, exact match {report.overall['exact_match']:.1f}")
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, _temp_dir=str(out / "ray"))
 
-    hint_cfg = finetune_cfgs["hint"]
-    uri = tracking.resolve_tracking_uri(hint_cfg)
-    gflops = {v: reports[v].overall["gflops_per_task"] for v in VARIANTS}
-    progress("registering the HINT model")
-    logged = registry.log_and_register(exports["hint"], tracking_uri=uri, run_id=run_ids["hint"],
-                                       name=hint_cfg.run.register_as)
-    registry.set_alias(uri, hint_cfg.run.register_as, "champion", logged["version"])
+    runs = {variant: train_and_evaluate(variant, suite, out, settings, progress) for variant in VARIANTS}
 
-    print()
-    print(f"{'held-out tasks':<16}{'ROUGE-L':>10}{'exact match':>14}{'GFLOPs/task':>14}")
-    for variant in VARIANTS:
-        o = reports[variant].overall
-        print(f"{variant:<16}{o['rougeL']:>10.2f}{o['exact_match']:>14.2f}{gflops[variant]:>14.3f}")
-    print()
-    print(f"registered {logged['model_uri']} (alias: models:/{hint_cfg.run.register_as}@champion)")
+    hint = runs["hint"]
+    uri = tracking.resolve_tracking_uri(hint.cfg)
+    name = hint.cfg.run.register_as
+    progress(f"registering the HINT model as {name}")
+    logged = registry.log_and_register(hint.export_dir, tracking_uri=uri, run_id=hint.mlflow_run_id, name=name)
+    registry.set_alias(uri, name, "champion", logged["version"])
+
+    print(f"\n{'held-out tasks':<16}{'ROUGE-L':>10}{'exact match':>14}{'GFLOPs/task':>14}")
+    for variant, run in runs.items():
+        o = run.report.overall
+        print(f"{variant:<16}{o['rougeL']:>10.2f}{o['exact_match']:>14.2f}{o['gflops_per_task']:>14.4f}")
+    print(f"\nregistered {logged['model_uri']} (alias: models:/{name}@champion)")
     print(f"MLflow UI: mlflow ui --backend-store-uri {uri}   (then open http://127.0.0.1:5000)")
-    print(f"try it:    hint registry load models:/{hint_cfg.run.register_as}@champion --tracking-uri {uri} "
+    print(f"try it:    hint registry load models:/{name}@champion --tracking-uri {uri} "
           f"--instruction 'Reverse the order of the items.' --input 'fox 3 red owl'")
-    r = {v: reports[v].overall["rougeL"] for v in VARIANTS}
+    rouge = {v: run.report.overall["rougeL"] for v, run in runs.items()}
     figures = {
-        "demo_minutes": progress.minutes, "hint_rougeL": r["hint"], "no_instruct_rougeL": r["no_instruct"],
-        "concat_rougeL": r["concat"], "hint_minus_no_instruct_rougeL": r["hint"] - r["no_instruct"],
-        "hint_minus_concat_rougeL": r["hint"] - r["concat"],
-        "hint_gflops_per_task": gflops["hint"], "concat_gflops_per_task": gflops["concat"],
+        "demo_minutes": progress.minutes, "hint_rougeL": rouge["hint"],
+        "no_instruct_rougeL": rouge["no_instruct"], "concat_rougeL": rouge["concat"],
+        "hint_minus_no_instruct_rougeL": rouge["hint"] - rouge["no_instruct"],
+        "hint_minus_concat_rougeL": rouge["hint"] - rouge["concat"],
+        "hint_gflops_per_task": runs["hint"].report.overall["gflops_per_task"],
+        "concat_gflops_per_task": runs["concat"].report.overall["gflops_per_task"],
     }
     print(" ".join(f"{k}={v:.4g}" if "gflops" in k else f"{k}={v:.2f}" for k, v in figures.items()))
     return figures
+
+
+def train_and_evaluate(variant: str, suite, out: Path, settings: DemoSettings, progress: Progress) -> Trained:
+    """Pretrain and fine-tune one variant on the suite, then evaluate it on the held-out tasks."""
+    (pretrain_file,) = glob.glob(suite.c4_path)  # one file; train.fit checks that paths exist
+    common = [f"run.storage_path={out}", f"data.tokenizer={out / 'tokenizer'}"]
+    pre = config.load(CONFIGS / "pretrain.yaml", [*common, *settings.pretrain_overrides])
+    pre = pre.with_overrides({"name": f"demo-pretrain-{variant}", "model.variant": variant,
+                              "data.train": [{**pre.data.train[0], "path": pretrain_file}]})
+    progress(f"{variant}: pretraining ({pre.train.max_steps} steps, {pre.train.num_workers} workers)")
+    pretrained = _fit(pre)
+
+    cfg = config.load(CONFIGS / "finetune.yaml", [*common, *settings.finetune_overrides])
+    sni = {"path": suite.sni_path, "format": VARIANTS[variant]}
+    cfg = cfg.with_overrides({
+        "name": f"demo-finetune-{variant}", "model.variant": variant,
+        "model.init_from": pretrained.export_dir,
+        "data.train": [{**cfg.data.train[0], **sni}],
+        "data.eval": [{**cfg.data.eval[0], **sni, "max_per_task": settings.eval_per_task}],
+    })
+    progress(f"{variant}: fine-tuning on the train tasks ({cfg.train.max_steps} steps)")
+    result = _fit(cfg)
+
+    progress(f"{variant}: evaluating zero-shot on the held-out tasks")
+    report = evaluate.evaluate_export(result.export_dir, cfg)
+    eval_dir = out / "eval" / variant
+    evaluate.save_report(report, eval_dir)
+    uri = tracking.resolve_tracking_uri(cfg)
+    evaluate.log_report(report, eval_dir, tracking_uri=uri, experiment=cfg.run.experiment,
+                        run_name=f"eval-{variant}", artifact_location=tracking.artifact_location(cfg, uri))
+    progress(f"{variant}: ROUGE-L {report.overall['rougeL']:.1f}, exact match {report.overall['exact_match']:.1f}")
+    return Trained(cfg, result.export_dir, result.mlflow_run_id, report)
 
 
 def _fit(cfg: config.ExperimentConfig):
