@@ -146,9 +146,9 @@ def run_study(run: StudyRun, trial_fn: Callable[[ExperimentConfig], None] = fit_
     # and Tune must not reject them.
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     if not ray.is_initialized():
-        ray.init(log_to_driver=False)
+        _start_ray(run)
     trainable = tune.with_parameters(
-        _trial, trial_fn=trial_fn, base=run.base.to_dict(), study_run=run.name,
+        trial, trial_fn=trial_fn, base=run.base.to_dict(), study_run=run.name,
         train_dir=str(run.path / "train"), tracking_uri=uri, parent_run_id=parent_id)
     # The trial itself only drives a TorchTrainer; its workers ask for their own CPUs/GPUs
     # (train.cpus_per_worker, train.use_gpu), so a trial needs next to nothing ({"CPU": 0} is
@@ -209,7 +209,7 @@ def child_runs(run: StudyRun, parent_id: str) -> list:
                               order_by=["attributes.start_time ASC"])
 
 
-def _trial(point: dict[str, Any], *, trial_fn, base: dict[str, Any], study_run: str,
+def trial(point: dict[str, Any], *, trial_fn, base: dict[str, Any], study_run: str,
            train_dir: str, tracking_uri: str, parent_run_id: str) -> None:
     """One Tune trial: its config, its MLflow child run (reopened on a restart), its training.
 
@@ -241,6 +241,21 @@ def _trial(point: dict[str, Any], *, trial_fn, base: dict[str, Any], study_run: 
     trial_fn(cfg)
 
 
+def _start_ray(run: StudyRun) -> None:
+    """Joins the cluster in RAY_ADDRESS, else starts a local Ray with CPUs enough for
+    `max_concurrent` trials at once: each needs its workers' CPUs plus one whole CPU for its Ray
+    Data tasks, which otherwise wait forever (STACK.md). On a laptop these are logical CPUs."""
+    import ray
+
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(log_to_driver=False)
+        return
+    t = run.base.train
+    per_trial = t.num_workers * t.cpus_per_worker + 1
+    needed = math.ceil(run.setting("max_concurrent") * per_trial)
+    ray.init(num_cpus=max(os.cpu_count() or 1, needed), log_to_driver=False)
+
+
 def _open_parent_run(run: StudyRun, client) -> str:
     """Creates the study's parent run, or reopens it when the study resumes. The study's
     settings are logged once, when it starts: a resumed study keeps them (so does Tune)."""
@@ -265,21 +280,22 @@ def _close_child_runs(run: StudyRun, parent_id: str, trials) -> None:
 
     client = MlflowClient(run.tracking_uri)
     by_trial = {r.data.tags.get(TRIAL_TAG): r for r in child_runs(run, parent_id)}
-    for trial in trials:
-        child = by_trial.get(trial.trial_id)
-        if child is None or trial.status not in _ENDED:
+    for t in trials:
+        child = by_trial.get(t.trial_id)
+        if child is None or t.status not in _ENDED:
             continue
-        outcome = trial_outcome(trial, run.base.train.max_steps)
+        outcome = trial_outcome(t, run.base.train.max_steps)
         client.set_tag(child.info.run_id, OUTCOME_TAG, outcome)
         if child.info.status == "RUNNING":
             client.set_terminated(child.info.run_id, "FAILED" if outcome == "failed" else "KILLED")
 
 
-def trial_outcome(trial, max_steps: int) -> str:
-    """done | stopped early (by ASHA) | failed | pending | running | paused."""
-    if trial.status == "TERMINATED":
-        return "done" if trial.last_result.get(TIME_ATTR, 0) >= max_steps else "stopped early"
-    return "failed" if trial.status == "ERROR" else trial.status.lower()
+def trial_outcome(t, max_steps: int) -> str:
+    """How Tune trial `t` ended: done | stopped early (by ASHA) | failed; else its status
+    (pending | running | paused)."""
+    if t.status == "TERMINATED":
+        return "done" if t.last_result.get(TIME_ATTR, 0) >= max_steps else "stopped early"
+    return "failed" if t.status == "ERROR" else t.status.lower()
 
 
 def _scheduler(run: StudyRun):

@@ -123,7 +123,8 @@ def plot_learning_curves(rows: list[Row], metric: str, path: Path) -> None:
         if r.curve[0]:
             ax.plot(*r.curve, marker=".", label=f"{r.setting} ({r.status})")
     ax.set(xlabel="step", ylabel=metric, title=f"{metric} during training")
-    ax.legend(fontsize="small")
+    if any(r.curve[0] for r in rows):
+        ax.legend(fontsize="small")
     _save(fig, path)
 
 
