@@ -74,3 +74,21 @@ def test_sni_categories_from_real_task_files(shared_data):
     assert set(cats) == set(names)
     for name in names:
         assert cats[name] == json.loads((tasks_dir / f"{name}.json").read_text())["Categories"][0]
+
+
+def test_gflops_per_task_hint_reads_the_instruction_once(suite):
+    from hint_model.flops import task_cost
+    from hint_platform.evaluate import gflops_per_task
+
+    s, tok_dir = suite
+    lengths = dict(max_input_len=128, max_hyper_len=64, max_target_len=16)
+    spec = dict(part="test", max_per_task=5)
+    hint_rows = list(iter_records([s.sni_spec(format="def", **spec)], tok_dir, **lengths))
+    concat_rows = list(iter_records([s.sni_spec(format="concat", **spec)], tok_dir, **lengths))
+    hint_cfg = HintConfig.preset("tiny", vocab_size=200)
+    concat_cfg = HintConfig.preset("tiny", variant="concat", vocab_size=200)
+    one_task = [r for r in hint_rows if r["task"] == hint_rows[0]["task"]]
+    n = len(one_task)
+    t, i, o = (round(sum(len(r[k]) for r in one_task) / n) for k in ("hyper_input_ids", "input_ids", "labels"))
+    assert gflops_per_task(hint_cfg, one_task) == pytest.approx(task_cost(hint_cfg, n, t, i, o).hint / 1e9)
+    assert gflops_per_task(hint_cfg, hint_rows) < gflops_per_task(concat_cfg, concat_rows)
