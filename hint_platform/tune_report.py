@@ -95,9 +95,12 @@ def write_report(run: "StudyRun", parent_run_id: str | None) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     table = format_table(rows, metric)
     better = "lower" if run.study.mode == "min" else "higher"
+    note = "" if any(r.curve[0] for r in rows) else (
+        f"\nno trial reported {metric}: is it among the training's metrics (for eval_loss: "
+        "data.eval sources and train.eval_every)?\n")
     (out / "leaderboard.txt").write_text(
         f"{run.name}: {run.study.question}\n{metric}: the last value each trial reported, "
-        f"{better} is better\n\n{table}\n")
+        f"{better} is better\n\n{table}\n{note}")
     plot_learning_curves(rows, metric, out / "learning_curves.png")
     plot_against(rows, "peft_params", "generated PEFT parameters per task", metric,
                  out / f"{metric}_vs_peft_size.png")
