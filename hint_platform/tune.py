@@ -172,6 +172,7 @@ def run_study(run: StudyRun, trial_fn: Callable[[ExperimentConfig], None] = fit_
     trials = ExperimentAnalysis(str(run.path)).trials
     _close_child_runs(run, parent_id, trials)
     write_report(run, parent_id)
+    # Tune creates trials as slots free up: an interrupted study may lack some, so count them.
     expected = int(client.get_run(parent_id).data.params["tune.num_samples"]) * math.prod(
         len(d["grid_search"]) for d in run.study.space.values() if _is_grid(d))
     finished = len(trials) == expected and all(t.status in _ENDED for t in trials)
@@ -210,7 +211,7 @@ def child_runs(run: StudyRun, parent_id: str) -> list:
 
 
 def trial(point: dict[str, Any], *, trial_fn, base: dict[str, Any], study_run: str,
-           train_dir: str, tracking_uri: str, parent_run_id: str) -> None:
+          train_dir: str, tracking_uri: str, parent_run_id: str) -> None:
     """One Tune trial: its config, its MLflow child run (reopened on a restart), its training.
 
     The training run is named after the trial, so a restarted trial resumes its checkpoint and
