@@ -73,6 +73,7 @@ class LocalRayCluster:
     def __init__(self, root: Path, env: dict[str, str]):
         self.root, self.env = root, env
         self.nodes: list[subprocess.Popen] = []
+        self.logs: list[Path] = []
         self.gcs_port, self.dashboard_port = free_ports(2)
         self.address = f"http://127.0.0.1:{self.dashboard_port}"
 
@@ -91,11 +92,17 @@ class LocalRayCluster:
                      f"--dashboard-port={self.dashboard_port}", f"--ray-client-server-port={ports[6]}"]
         else:
             args += [f"--address=127.0.0.1:{self.gcs_port}"]
-        log = open(self.root.parent / f"node{len(self.nodes)}.log", "w")
-        node = subprocess.Popen(args, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+        log = self.root.parent / f"node{len(self.nodes)}.log"
+        node = subprocess.Popen(args, env=self.env, stdout=open(log, "w"), stderr=subprocess.STDOUT,
                                 start_new_session=True, cwd=self.root.parent)
         self.nodes.append(node)
+        self.logs.append(log)
         return node
+
+    def check_running(self) -> None:
+        """Fail with its log if a `ray start --block` has exited (a node that did not come up)."""
+        for node, log in zip(self.nodes, self.logs):
+            assert node.poll() is None, f"ray start exited {node.returncode}:\n{log.read_text()[-3000:]}"
 
     def stop(self) -> None:
         """SIGKILL every process of every node (Ray keeps no state here worth a clean exit)."""
@@ -197,9 +204,10 @@ def setup():
     s = Setup(cluster, env, f"http://127.0.0.1:{mlflow_port}", root, suite, str(root / "tok"))
     try:
         cluster.add_node(num_cpus=2)
-        wait_for("the dashboard", lambda: get_json(f"{cluster.address}/api/version", AUTH), 120)
+        wait_for("the dashboard", lambda: cluster.check_running() or
+                 get_json(f"{cluster.address}/api/version", AUTH), 300)
         cluster.add_node(num_cpus=4)
-        wait_for("two nodes", lambda: len(s.nodes()) == 2, 120)
+        wait_for("two nodes", lambda: cluster.check_running() or len(s.nodes()) == 2, 300)
         wait_for("mlflow", lambda: answers(f"{s.tracking_uri}/health"), 120)
         yield s
     finally:
