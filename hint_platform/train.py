@@ -100,7 +100,10 @@ def fit(cfg: ExperimentConfig, *, run_config_callbacks: list | None = None) -> T
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
                              callbacks=run_config_callbacks),
         datasets={"train": training_dataset(cfg), "train_remainder": RemainingEpoch(cfg, run_dir)},
-        dataset_config=DataConfig(datasets_to_split=["train", "train_remainder"]),
+        # Ray Train replaces the datasets' execution options: keep their deterministic order
+        # (what makes a resumed run see the rows an uninterrupted one would).
+        dataset_config=DataConfig(datasets_to_split=["train", "train_remainder"],
+                                  execution_options=_ordered()),
     )
     try:
         result = trainer.fit()
@@ -117,6 +120,14 @@ def fit(cfg: ExperimentConfig, *, run_config_callbacks: list | None = None) -> T
         mlflow_run_id=run_id,
         steps_done=int(final.get("steps_done", 0)),
     )
+
+
+def _ordered():
+    from ray.train import DataConfig
+
+    options = DataConfig.default_ingest_options()
+    options.preserve_order = True
+    return options
 
 
 def _resolved(cfg: ExperimentConfig) -> ExperimentConfig:
