@@ -38,6 +38,7 @@ OUTCOME_TAG = "hint.tune.outcome"  # done | stopped early | failed
 BEST_TAG = "hint.tune.best"  # "true" on the best trial; the parent's `..._trial` names it
 PARENT_TAG = "mlflow.parentRunId"  # MLflow's own tag: the UI nests the child under the parent
 _ENDED = ("TERMINATED", "ERROR")  # Tune trial statuses that will not run again
+_RUN_STATUS = {"done": "FINISHED", "stopped early": "KILLED", "failed": "FAILED"}  # MLflow's
 
 
 @dataclass
@@ -275,8 +276,9 @@ def _open_parent_run(run: StudyRun, client) -> str:
 
 
 def _close_child_runs(run: StudyRun, parent_id: str, trials) -> None:
-    """Trials that ASHA stopped or that failed never closed their MLflow run: close them, and
-    tag how each trial ended."""
+    """Closes each ended trial's MLflow run with how the trial ended, and tags it. A trial that
+    ASHA stopped was killed mid-training: its run may be left running, or marked failed by the
+    interrupted training."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(run.tracking_uri)
@@ -287,8 +289,7 @@ def _close_child_runs(run: StudyRun, parent_id: str, trials) -> None:
             continue
         outcome = trial_outcome(t, run.base.train.max_steps)
         client.set_tag(child.info.run_id, OUTCOME_TAG, outcome)
-        if child.info.status == "RUNNING":
-            client.set_terminated(child.info.run_id, "FAILED" if outcome == "failed" else "KILLED")
+        client.set_terminated(child.info.run_id, _RUN_STATUS[outcome])
 
 
 def trial_outcome(t, max_steps: int) -> str:
@@ -305,9 +306,10 @@ def _scheduler(run: StudyRun):
     if run.setting("scheduler") == "fifo":
         return FIFOScheduler()
     max_steps = run.base.train.max_steps  # a short base run (a laptop's) shortens the grace
+    # stop_last_trials=False: a trial at max_steps finishes on its own (its export, its run).
     return ASHAScheduler(time_attr=TIME_ATTR, max_t=max_steps,
                          grace_period=min(run.setting("grace_period"), max_steps),
-                         reduction_factor=run.study.reduction_factor)
+                         reduction_factor=run.study.reduction_factor, stop_last_trials=False)
 
 
 def _candidates(domain: Any) -> list[Any]:
