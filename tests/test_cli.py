@@ -90,7 +90,7 @@ def test_flops_table(capsys):
     assert "hint" in out and "concat" in out
 
 
-def test_data_prepare_then_stats(ray_local, tmp_path, capsys):
+def test_data_prepare_then_stats(tmp_path, capsys):
     from pipelines import train_tokenizer, write_suite
 
     suite = write_suite(tmp_path / "data", num_train_tasks=21, num_test_tasks=2, instances_per_task=4,
@@ -101,11 +101,12 @@ def test_data_prepare_then_stats(ray_local, tmp_path, capsys):
     code, out, _ = run(capsys, "data", "prepare", demo, f"data.train=[{spec}]",
                        f"data.tokenizer={tmp_path / 'tok'}", "--out", str(tmp_path / "prepared"))
     assert code == 0, out
-    assert f"{21 * 4} rows, 21 tasks" in out
+    assert f"{21 * 4} examples in 1 shard(s), 21 task(s)" in out
+    assert sorted(p.name for p in (tmp_path / "prepared").iterdir()) == ["manifest.json", "shard-00000.parquet"]
     code, out, _ = run(capsys, "data", "stats", str(tmp_path / "prepared"))
-    assert code == 0 and f"{21 * 4} rows" in out and "input_ids" in out
+    assert code == 0 and f"{21 * 4} examples" in out and "instruction" in out
     code, _, err = run(capsys, "data", "stats", str(tmp_path))
-    assert code == 2 and "no Parquet files" in err
+    assert code == 2 and "no manifest.json" in err
 
 
 def test_eval_an_export_on_held_out_tasks(tmp_path, capsys):
