@@ -9,7 +9,6 @@ here, where it is read, rather than in the pipeline's tokenisation stage.
 
 from __future__ import annotations
 
-import json
 import random
 from collections.abc import Iterator
 
@@ -28,13 +27,8 @@ def documents(pattern: str, bad: BadRecords) -> Iterator[str]:
     if not paths:
         raise SpecError(f"c4: no files match {pattern}")
     for path in paths:
-        for lineno, line in files.read_lines(path, bad):
-            try:
-                doc = json.loads(line)
-            except json.JSONDecodeError as e:
-                bad.report(path, f"invalid JSON: {e.msg} (column {e.colno})", lineno)
-                continue
-            text = doc.get("text") if isinstance(doc, dict) else None
+        for lineno, doc in files.read_json_objects(path, bad):
+            text = doc.get("text")
             if not isinstance(text, str) or not text.strip():
                 bad.report(path, "missing or empty 'text'", lineno)
                 continue

@@ -10,6 +10,7 @@ import fnmatch
 import glob
 import gzip
 import io
+import json
 import os
 import zlib
 from collections.abc import Iterator
@@ -108,6 +109,20 @@ def read_lines(path: str, bad: BadRecords) -> Iterator[tuple[int, str]]:
                 yield lineno, raw.decode("utf-8")
             except UnicodeDecodeError as e:
                 bad.report(path, _not_utf8(raw, e), lineno)
+
+
+def read_json_objects(path: str, bad: BadRecords) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for every JSON-object line; any other line is a bad record."""
+    for lineno, line in read_lines(path, bad):
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            bad.report(path, f"invalid JSON: {e.msg} (column {e.colno})", lineno)
+            continue
+        if not isinstance(obj, dict):
+            bad.report(path, "a line is a JSON object", lineno)
+            continue
+        yield lineno, obj
 
 
 def _not_utf8(data: bytes, e: UnicodeDecodeError) -> str:

@@ -19,7 +19,6 @@ Records are held in memory per dataset (each template renders all of them).
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from collections.abc import Iterable, Iterator
@@ -73,14 +72,9 @@ def read_records(spec: SourceSpec, bad: BadRecords) -> list[dict]:
         raise SpecError(f"p3: no files match {spec.path}")
     records = []
     for path in paths:
-        for lineno, line in files.read_lines(path, bad):
+        for lineno, record in files.read_json_objects(path, bad):
             try:
-                record = json.loads(line)
-                if not isinstance(record, dict):
-                    raise ValueError("a record is a JSON object")
                 records.append(to_hf_fields(spec.dataset, record))
-            except json.JSONDecodeError as e:
-                bad.report(path, f"invalid JSON: {e.msg} (column {e.colno})", lineno)
             except (KeyError, ValueError) as e:
                 bad.report(path, str(e).strip('"'), lineno)
     return records
@@ -138,13 +132,8 @@ def template_index(templates_dir: str, bad: BadRecords) -> dict[str, tuple[Templ
 
 def rendered_examples(spec: SourceSpec, path: str, hyper: str, bad: BadRecords) -> Iterator[Example]:
     task = path.rsplit("/", 1)[-1].split(".jsonl")[0]
-    for lineno, line in files.read_lines(path, bad):
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            bad.report(path, f"invalid JSON: {e.msg} (column {e.colno})", lineno)
-            continue
-        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not isinstance(row.get("completion"), str):
+    for lineno, row in files.read_json_objects(path, bad):
+        if not isinstance(row.get("prompt"), str) or not isinstance(row.get("completion"), str):
             bad.report(path, "needs string 'prompt' and 'completion'", lineno)
             continue
         target = row["completion"].removesuffix(END_OF_TEXT).strip()
