@@ -9,6 +9,7 @@ the overrides, and validates the result.
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,6 +46,12 @@ class HintConfig:
     hypernetwork: bool = True  # read the instruction at all (False: concat / static / no-instruct)
     generator: str = "component"  # component | decoder (HyperTune-like) | pooled (Hypter-like)
     generator_layers: int = 2  # depth of the "decoder" generator's T5 decoder stack
+    # The generator's own shape, free so that a study can size it apart from the T5. Hidden
+    # width of its 2-layer MLPs (one per parameter kind; "pooled": one per layer); None keeps
+    # the paper's d_model ("pooled": Hypter's adapter_size).
+    generator_mlp_dim: int | None = None
+    # Heads of the "component" generator's cross-attention; None keeps d_model // d_kv.
+    generator_heads: int | None = None
     tied_hyper_encoder: bool = True  # the hyper-encoder IS the T5 encoder; False: a copy
     adapters: bool = True
     adapter_size: int = 64
@@ -67,6 +74,13 @@ class HintConfig:
     @property
     def uses_peft(self) -> bool:
         return self.adapters or self.prefixes or self.lora
+
+    @property
+    def generator_hidden(self) -> int:
+        """The generator MLPs' hidden width, generator_mlp_dim or its default."""
+        if self.generator_mlp_dim is not None:
+            return self.generator_mlp_dim
+        return self.adapter_size if self.generator == "pooled" else self.d_model
 
     @property
     def num_slots(self) -> int:
@@ -98,23 +112,22 @@ class HintConfig:
         return dataclasses.asdict(self)
 
     def validate(self) -> None:
-        defaults = HintConfig.__dataclass_fields__
-        for name, f in defaults.items():
+        for name, expected in typing.get_type_hints(HintConfig).items():
             value = getattr(self, name)
-            expected = type(f.default)
-            ok = isinstance(value, expected) and not (expected is int and isinstance(value, bool))
+            ok = isinstance(value, expected) and (expected is bool or not isinstance(value, bool))
             if expected is float and isinstance(value, int) and not isinstance(value, bool):
                 ok = True
             if not ok:
-                raise HintConfigError(
-                    f"HintConfig.{name}: expected {expected.__name__}, got {value!r}")
+                raise HintConfigError(f"HintConfig.{name}: expected "
+                                      f"{getattr(expected, '__name__', expected)}, got {value!r}")
         positive = ("vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_decoder_layers",
                     "num_heads", "relative_attention_num_buckets",
                     "relative_attention_max_distance", "generator_layers", "adapter_size",
                     "prefix_length", "lora_rank", "max_hyper_len")
-        for name in positive:
-            if getattr(self, name) <= 0:
-                raise HintConfigError(f"HintConfig.{name}: must be positive, got {getattr(self, name)}")
+        for name in positive + ("generator_mlp_dim", "generator_heads"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise HintConfigError(f"HintConfig.{name}: must be positive, got {value}")
         if self.feed_forward_proj not in ("gated-gelu", "relu"):
             raise HintConfigError(
                 f"HintConfig.feed_forward_proj: {self.feed_forward_proj!r} is not one of "
@@ -126,10 +139,20 @@ class HintConfig:
             raise HintConfigError(f"HintConfig.dropout_rate: must be in [0, 1), got {self.dropout_rate}")
         if self.fusion and not self.hypernetwork:
             raise HintConfigError("HintConfig.fusion needs hypernetwork=True (it fuses the instruction)")
-        if self.hypernetwork and self.generator == "component" and self.d_model % self.d_kv:
+        if self.generator_heads is not None and self.generator != "component":
             raise HintConfigError(
-                f"HintConfig: the component generator's attention uses heads of d_kv={self.d_kv}, "
-                f"which must divide d_model={self.d_model}")
+                f"HintConfig.generator_heads: only the component generator has its own heads; "
+                f"generator={self.generator!r} would ignore it (set it to None)")
+        if self.hypernetwork and self.generator == "component":
+            if self.generator_heads is None and self.d_model % self.d_kv:
+                raise HintConfigError(
+                    f"HintConfig: the component generator's attention uses heads of "
+                    f"d_kv={self.d_kv}, which must divide d_model={self.d_model} "
+                    "(or set generator_heads)")
+            if self.generator_heads is not None and self.d_model % self.generator_heads:
+                raise HintConfigError(
+                    f"HintConfig.generator_heads={self.generator_heads} must divide "
+                    f"d_model={self.d_model}")
         if self.generator == "pooled" and (self.prefixes or self.lora) and self.hypernetwork:
             raise HintConfigError(
                 "HintConfig.generator='pooled' (Hypter-like) generates adapters only; "

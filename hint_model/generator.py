@@ -2,7 +2,9 @@
 
 "component" (the paper's): one learned embedding per (slot, component); one multi-head
 cross-attention layer from those embeddings to the encoded instruction (no residual, no norm);
-one 2-layer MLP per parameter kind, shared across slots; outputs divided by sqrt(d).
+one 2-layer MLP per parameter kind, shared across slots; outputs divided by sqrt(d). The
+attention's heads and the MLPs' hidden width are HintConfig.generator_heads / generator_mlp_dim
+(the paper's d_model // d_kv and d_model by default).
 "decoder" (HyperTune-like): a T5 decoder stack over the same embeddings instead of the single
 cross-attention layer. "pooled" (Hypter-like): a mean-pooled instruction through one small MLP
 per layer that writes that layer's whole adapter.
@@ -46,10 +48,10 @@ def component_layout(cfg: HintConfig) -> dict[str, tuple[int, int, int]]:
 
 
 class MLP(nn.Module):
-    def __init__(self, d: int, out: int):
+    def __init__(self, d: int, hidden: int, out: int):
         super().__init__()
-        self.fc1 = nn.Linear(d, d, bias=False)
-        self.fc2 = nn.Linear(d, out, bias=False)  # the "output layer"
+        self.fc1 = nn.Linear(d, hidden, bias=False)
+        self.fc2 = nn.Linear(hidden, out, bias=False)  # the "output layer"
 
     def forward(self, x: Tensor) -> Tensor:
         return self.fc2(F.gelu(self.fc1(x)))
@@ -87,8 +89,9 @@ class ComponentGenerator(nn.Module):
         if cfg.generator == "decoder":
             self.decoder = Stack(cfg, is_decoder=True, num_layers=cfg.generator_layers)
         else:
-            self.cross_attn = CrossAttention(d, num_heads=d // cfg.d_kv)
-        self.mlps = nn.ModuleDict({kind: MLP(d, width) for kind, (_, _, width) in self.layout.items()})
+            self.cross_attn = CrossAttention(d, num_heads=cfg.generator_heads or d // cfg.d_kv)
+        self.mlps = nn.ModuleDict({kind: MLP(d, cfg.generator_hidden, width)
+                                   for kind, (_, _, width) in self.layout.items()})
 
     def forward(self, states: Tensor, mask: Tensor) -> dict[str, Tensor]:
         """states [T, L, d] encoded instructions, mask [T, L] -> kind -> [T, *peft.shapes]."""
@@ -119,17 +122,17 @@ class PooledGenerator(nn.Module):
     def __init__(self, cfg: HintConfig):
         super().__init__()
         self.cfg = cfg
-        d, a = cfg.d_model, cfg.adapter_size
+        d, a, h = cfg.d_model, cfg.adapter_size, cfg.generator_hidden
         layers = cfg.num_layers + cfg.num_decoder_layers
         self.sizes = [d * a, a, a * d, d]
-        self.w1 = nn.Parameter(torch.randn(layers, d, a) / math.sqrt(d))
-        self.w2 = nn.Parameter(torch.randn(layers, a, sum(self.sizes)) / math.sqrt(a))
+        self.w1 = nn.Parameter(torch.randn(layers, d, h) / math.sqrt(d))
+        self.w2 = nn.Parameter(torch.randn(layers, h, sum(self.sizes)) / math.sqrt(h))
 
     def forward(self, states: Tensor, mask: Tensor) -> dict[str, Tensor]:
         m = mask.to(states.dtype).unsqueeze(-1)
         pooled = (states * m).sum(1) / m.sum(1).clamp(min=1)  # [T, d]
-        hidden = F.gelu(torch.einsum("td,lda->tla", pooled, self.w1.to(states.dtype)))
-        flat = torch.einsum("tla,lao->tlo", hidden, self.w2.to(states.dtype)) / math.sqrt(self.cfg.d_model)
+        hidden = F.gelu(torch.einsum("td,ldh->tlh", pooled, self.w1.to(states.dtype)))
+        flat = torch.einsum("tlh,lho->tlo", hidden, self.w2.to(states.dtype)) / math.sqrt(self.cfg.d_model)
         shapes = peft.shapes(self.cfg)
         names = ("adapter_down", "adapter_down_bias", "adapter_up", "adapter_up_bias")
         tasks = states.shape[0]

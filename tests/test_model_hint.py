@@ -40,6 +40,19 @@ def test_unknown_names_list_the_valid_ones():
         HintConfig.preset("tiny", adapter_size="8")
 
 
+@pytest.mark.parametrize("overrides, message", [
+    (dict(generator_heads=3), "HintConfig.generator_heads=3 must divide d_model=64"),
+    (dict(generator_heads=0), "HintConfig.generator_heads: must be positive, got 0"),
+    (dict(generator_mlp_dim=-8), "HintConfig.generator_mlp_dim: must be positive, got -8"),
+    (dict(generator_mlp_dim=True), "HintConfig.generator_mlp_dim: expected int | None, got True"),
+    (dict(generator="decoder", generator_heads=4),
+     "HintConfig.generator_heads: only the component generator has its own heads"),
+])
+def test_bad_generator_shape_is_a_clear_error(overrides, message):
+    with pytest.raises(HintConfigError, match=message):
+        HintConfig.preset("tiny", **overrides)
+
+
 def test_config_round_trips_through_a_dict():
     cfg = HintConfig.preset("small", variant="lora_only", vocab_size=1000)
     assert HintConfig.from_dict(cfg.to_dict()) == cfg
@@ -124,6 +137,46 @@ def test_every_preset_trains_on_a_fixed_batch(variant):
         optimizer.zero_grad()
         losses.append(loss.item())
     assert losses[-1] < losses[0]
+
+
+def generator_size(model):
+    return sum(p.numel() for p in model.generator.parameters())
+
+
+# tiny: d=64, 4 layers, 6 attention slots, adapters of 8, prefixes of 4. Component generator:
+# rows (slot x component) adapter down/up 4*8 each, their biases 4 each, prefix key/value 6*4 each
+# = 120; six MLPs d -> h -> width, widths 64+64+8+64+64+64 = 328; cross-attention 4*d*d at any
+# number of heads. Pooled, per layer: d -> h -> one whole adapter (64*8 + 8 + 8*64 + 64 = 1096).
+COMPONENT_MLPS = 6 * 64 + 328
+
+
+def test_default_generator_sizes_are_the_papers():
+    assert generator_size(tiny()) == 120 * 64 + 4 * 64 * 64 + 64 * COMPONENT_MLPS  # h = d
+    assert generator_size(tiny("hypter")) == 4 * 8 * (64 + 1096)  # h = adapter_size
+
+
+@pytest.mark.parametrize("variant, overrides, hand_change", [
+    ("hint", dict(generator_mlp_dim=32, generator_heads=2), (32 - 64) * COMPONENT_MLPS),
+    ("generator_decoder", dict(generator_mlp_dim=128), (128 - 64) * COMPONENT_MLPS),
+    ("hypter", dict(generator_mlp_dim=16), 4 * (16 - 8) * (64 + 1096)),
+])
+def test_generator_shape_sets_its_size_and_trains(variant, overrides, hand_change):
+    model = tiny(variant, **overrides)
+    assert generator_size(model) - generator_size(tiny(variant)) == hand_change
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    loss = model(**mixed_batch()).loss
+    assert torch.isfinite(loss)
+    loss.backward()
+    optimizer.step()
+    assert torch.isfinite(model(**mixed_batch()).loss)
+
+
+def test_generator_heads_change_the_attention():
+    default, two_heads = tiny().eval(), tiny(generator_heads=2).eval()
+    assert (default.generator.cross_attn.num_heads, two_heads.generator.cross_attn.num_heads) == (4, 2)
+    two_heads.load_state_dict(default.state_dict())  # same weights, split into other heads
+    with torch.no_grad():
+        assert not torch.allclose(default(**mixed_batch()).logits, two_heads(**mixed_batch()).logits)
 
 
 def test_frozen_underlying_trains_the_generator_only():
