@@ -50,14 +50,14 @@ def generator_flops(cfg: HintConfig, t: int) -> int:
     """One generator run on an instruction of t tokens (0 without a hypernetwork)."""
     if not (cfg.hypernetwork and cfg.uses_peft):
         return 0
-    d, inner = cfg.d_model, cfg.inner_dim
+    d, inner, h = cfg.d_model, cfg.inner_dim, cfg.generator_hidden
     if cfg.generator == "pooled":
         a = cfg.adapter_size
         layers = cfg.num_layers + cfg.num_decoder_layers
-        return 2 * layers * (d * a + a * (2 * d * a + a + d))
+        return 2 * layers * (d * h + h * (2 * d * a + a + d))
     layout = component_layout(cfg)  # kind -> (slots, components per slot, output width)
     rows = sum(slots * count for slots, count, _ in layout.values())
-    mlps = sum(slots * count * 2 * (d * d + d * width) for slots, count, width in layout.values())
+    mlps = sum(slots * count * 2 * (d * h + h * width) for slots, count, width in layout.values())
     if cfg.generator == "component":
         # K/V of the instruction, Q/O of the rows, scores and weighted sum.
         mixing = 2 * 2 * d * d * t + 2 * 2 * d * d * rows + 2 * 2 * rows * t * d

@@ -56,3 +56,15 @@ def test_forward_flops_of_one_training_example():
     concat = HintConfig.from_dict({**CFG.to_dict(), "hypernetwork": False, "fusion": False,
                                    "adapters": False, "prefixes": False})
     assert forward_flops(concat, hyper_len=5, input_len=2, target_len=1) == 2 * 160 * 2 + 2 * 264
+
+
+def test_generator_flops_follow_the_mlp_width():
+    """Only the MLPs depend on generator_mlp_dim: doubling it adds rows x 2 x (d*h + h*width)."""
+    from hint_model import HintConfig
+    from hint_model.flops import component_layout, generator_flops
+
+    base = HintConfig.preset("tiny", variant="hint")
+    wide = HintConfig.preset("tiny", variant="hint", generator_mlp_dim=2 * base.d_model)
+    d, h = base.d_model, base.d_model
+    extra = sum(slots * count * 2 * (d * h + h * width) for slots, count, width in component_layout(base).values())
+    assert generator_flops(wide, 10) - generator_flops(base, 10) == extra
