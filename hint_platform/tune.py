@@ -19,6 +19,7 @@ resumes from its last checkpoint.
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 from dataclasses import dataclass
@@ -98,6 +99,14 @@ def prepare(study: str | Study, config_path: str | Path | None = None,
                 check_model(apply_point(base, {key: value}))
             except ConfigError as e:
                 raise ConfigError(f"study {study.name}, search-space key {key}: {e}") from None
+    # Keys valid one by one can still clash together (a decoder generator with generator_heads).
+    keys = list(study.space)
+    for values in itertools.product(*(_candidates(study.space[k]) for k in keys)):
+        point = dict(zip(keys, values))
+        try:
+            check_model(apply_point(base, point))
+        except ConfigError as e:
+            raise ConfigError(f"study {study.name}, search-space point {point}: {e}") from None
     return run
 
 

@@ -54,6 +54,10 @@ def test_every_study_validates_against_its_base_config(name):
      "study s, search-space key train.optimiser: unknown key train.optimiser"),
     (Study("s", "q", {"model.variant": ray_tune.grid_search(["hint", "hint_big"])}), [],
      "study s, search-space key model.variant: model: unknown variant 'hint_big'"),
+    (Study("s", "q", {"model.overrides.generator": ray_tune.grid_search(["component", "decoder"]),
+                      "model.overrides.generator_heads": ray_tune.choice([2])}), [],
+     "study s, search-space point {'model.overrides.generator': 'decoder', "
+     "'model.overrides.generator_heads': 2}: model:"),
 ])
 def test_bad_study_or_key_fails_before_any_trial(tmp_path, study, overrides, message):
     base = write_base(tmp_path)
