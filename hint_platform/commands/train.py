@@ -15,7 +15,7 @@ def register(subparsers) -> None:
         description="Run one training stage (Ray Train + FSDP) from an experiment config. A run "
                     "with the same name and storage path resumes from its latest checkpoint.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("config", help="experiment config YAML, e.g. configs/demo/hint.yaml")
+    p.add_argument("config", help="experiment config YAML, e.g. configs/paper/hint-3b-sni-def.yaml")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="dotted overrides, e.g. train.max_steps=20 model.variant=concat")
     p.add_argument("--dry-run", action="store_true",
