@@ -61,7 +61,10 @@ class TrainSection:
     fsdp: bool = True
     checkpoint_every: int = 100  # steps; 0 = only at the end
     log_every: int = 10
-    eval_every: int = 0  # steps; 0 = only at the end
+    eval_every: int = 0  # steps; 0 = only at the end (data.eval's mean token loss, `eval_loss`)
+    # The first N examples of the data.eval stream, the same N every time (a test part goes task
+    # by task: lower the sources' max_per_task to cover more tasks).
+    eval_examples: int = 256
     max_failures: int = 1
     seed: int = 0
 

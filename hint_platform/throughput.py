@@ -32,9 +32,10 @@ class Throughput:
     def __init__(self, device: torch.device, world_size: int = 1):
         self.peak = peak_flops(device)
         self.world_size = world_size
-        self._reset()
+        self.restart()
 
-    def _reset(self) -> None:
+    def restart(self) -> None:
+        """Starts a new interval, e.g. after work that is not training (evaluation)."""
         self.steps = 0
         self.examples = 0
         self.tokens = 0
@@ -58,5 +59,5 @@ class Throughput:
             "data_wait_fraction": self.wait_s / elapsed,
             "mfu": self.flops / elapsed / self.peak,
         }
-        self._reset()
+        self.restart()
         return out

@@ -20,6 +20,7 @@ from hint_platform.errors import UserError
 RUN_NAME_TAG = "hint.run_name"
 STORAGE_TAG = "hint.storage_path"
 MAX_PARAM_CHARS = 6000  # MLflow's limit on a param value
+STEP_METRIC = "step"
 
 
 class TrackingError(UserError):
@@ -127,7 +128,12 @@ def _param_values(cfg: ExperimentConfig) -> dict[str, str]:
 
 class RunLogger:
     """Rank 0's handle on the MLflow run: metrics, system metrics, artifacts. On other ranks
-    (`active=False`) every method does nothing, so the train loop calls it unconditionally."""
+    (`active=False`) every method does nothing, so the train loop calls it unconditionally.
+
+    A worker group restarted after a failure redoes the steps after the last checkpoint; their
+    metrics are logged once, by the first attempt (MLflow would keep both points of a step). The
+    last step logged is the latest value of the `step` metric, which every log call writes.
+    """
 
     def __init__(self, uri: str | None, run_id: str | None, active: bool):
         self.active = bool(active and uri and run_id)
@@ -140,10 +146,14 @@ class RunLogger:
         mlflow.set_system_metrics_samples_before_logging(1)
         self._mlflow = mlflow
         self._run = mlflow.start_run(run_id=run_id, log_system_metrics=True)
+        self.last_step = int(self._run.data.metrics.get(STEP_METRIC, 0))
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        if self.active:
-            self._mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+        """Logs `metrics` at `step`, unless a step this far was logged already."""
+        if self.active and step > self.last_step:
+            values = {k: float(v) for k, v in metrics.items()} | {STEP_METRIC: float(step)}
+            self._mlflow.log_metrics(values, step=step)
+            self.last_step = step
 
     def log_artifacts(self, local_dir: str | Path, artifact_path: str) -> None:
         if self.active:

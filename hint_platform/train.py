@@ -19,6 +19,13 @@ Granularity: the checkpoint. Steps after the last checkpoint are redone on examp
 bitmap, none is trained twice in an epoch's accounting, none skipped. An epoch ends when a
 worker cannot fill one more step: the last (fewer than global_batch_size) rows of each epoch
 are not trained (drop-last). Every epoch streams the rows in the same seeded order.
+
+Metrics. Every `train.log_every` steps (and at checkpoints) rank 0 logs to MLflow and every
+rank reports to Ray Train: the step's loss and gradient norm, throughput, the epoch, and
+`data_bad_records_skipped` (records the training stream skipped so far, the largest count any
+rank has seen). Every `train.eval_every` steps and at the end, with `data.eval` sources, the
+same report carries `eval_loss`: the mean token loss of the first `train.eval_examples`
+examples of data.eval (read once, on the driver), what Tune's schedulers rank trials on.
 """
 
 from __future__ import annotations
@@ -49,12 +56,16 @@ from hint_platform.optim import build_optimizer, clip_gradients
 from hint_platform.parallel import parallelize
 from hint_platform.throughput import Throughput
 
-ROW_KEYS = ("hyper_input_ids", "input_ids", "labels", "example_index")
+ROW_KEYS = ("hyper_input_ids", "input_ids", "labels", "example_index", "bad_records_skipped")
 PAD_ID = 0
 
 
 class TrainingError(UserError):
     """A run that cannot go on for a reason the user can fix (memory, data size)."""
+
+
+class DataError(UserError):
+    """A training record that cannot be used: the message names the file and line."""
 
 
 @dataclass
@@ -79,6 +90,7 @@ def fit(cfg: ExperimentConfig, *, run_config_callbacks: list | None = None) -> T
     from ray.train.torch import TorchTrainer
 
     cfg = _resolved(cfg)
+    evaluation = eval_rows(cfg)
     storage = tracking.storage_dir(cfg)
     uri = tracking.resolve_tracking_uri(cfg)
     run_id = tracking.open_run(cfg, uri)
@@ -91,7 +103,7 @@ def fit(cfg: ExperimentConfig, *, run_config_callbacks: list | None = None) -> T
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": cfg.to_dict(), "tracking_uri": uri, "run_id": run_id,
-                           "export_dir": str(run_dir / "export")},
+                           "export_dir": str(run_dir / "export"), "eval_rows": evaluation},
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers,
                                      use_gpu=cfg.train.use_gpu,
                                      resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
@@ -150,6 +162,8 @@ def _resolved(cfg: ExperimentConfig) -> ExperimentConfig:
             raise ConfigError(f"model.init_from: {cfg.model.init_from} has no config.json; "
                               "expected a Hugging Face T5 checkpoint or the export of a run")
         absolute["model.init_from"] = str(Path(cfg.model.init_from).resolve())
+    if cfg.data.eval and cfg.train.eval_examples <= 0:
+        raise ConfigError(f"train.eval_examples: must be positive, got {cfg.train.eval_examples}")
     if not cfg.train.fsdp and cfg.train.num_workers > 1:
         raise ConfigError("train.fsdp=false trains in one process: set train.num_workers=1")
     absolute["run.storage_path"] = str(tracking.storage_dir(cfg))
@@ -157,12 +171,17 @@ def _resolved(cfg: ExperimentConfig) -> ExperimentConfig:
 
 
 def _user_error_in(error: BaseException) -> UserError | None:
-    """The first UserError a worker raised, out of Ray Train's wrappers."""
+    """The first UserError a worker raised, out of Ray Train's wrappers; a bad data record
+    (data.on_bad_record: error) becomes one, its message naming the file and line."""
+    from pipelines import BadRecordError
+
     seen = [error, *getattr(error, "worker_failures", {}).values()]
     for e in seen:
         while e is not None:
             if isinstance(e, UserError):
                 return e
+            if type(e) is BadRecordError:  # not Ray's RayTaskError(BadRecordError): a traceback
+                return DataError(f"training data: {e}")
             e = e.__cause__ or getattr(e, "cause", None)
     return None
 
@@ -190,6 +209,25 @@ def build_model(cfg: ExperimentConfig) -> nn.Module:
     overrides = dict(section.overrides)
     overrides.setdefault("vocab_size", load_tokenizer(cfg.data.tokenizer).vocab_size)
     return HintModel(HintConfig.preset(section.preset, variant=section.variant, **overrides))
+
+
+def eval_rows(cfg: ExperimentConfig) -> list[dict]:
+    """The first `train.eval_examples` rows of `data.eval` (none without eval sources), read on
+    the driver: a bad eval source fails before any worker starts, and every rank evaluates
+    the same rows however often the workers restart."""
+    from pipelines import iter_records
+
+    data = cfg.data
+    if not data.eval:
+        return []
+    rows = iter_records(data.eval, data.tokenizer, max_input_len=data.max_input_len,
+                        max_hyper_len=data.max_hyper_len, max_target_len=data.max_target_len,
+                        on_bad_record=data.on_bad_record, seed=data.seed)
+    keys = ("hyper_input_ids", "input_ids", "labels")
+    kept = [{k: row[k] for k in keys} for row in itertools.islice(rows, cfg.train.eval_examples)]
+    if not kept:
+        raise ConfigError("data.eval: the sources hold no examples")
+    return kept
 
 
 def training_dataset(cfg: ExperimentConfig):
@@ -283,6 +321,22 @@ def _all_ranks(flag: bool) -> bool:
     return bool(t.item())
 
 
+def _max_over_ranks(value: int) -> int:
+    if not dist.is_initialized():
+        return value
+    t = torch.tensor([value])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
+def _loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The summed token loss of a collated batch."""
+    # decoder inputs without labels: the model would also compute a mean loss we don't use
+    logits = model(**batch, decoder_input_ids=model.shift_right(batch["labels"])).logits
+    return F.cross_entropy(logits.float().flatten(0, 1), batch["labels"].flatten(),
+                           ignore_index=-100, reduction="sum")
+
+
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer,
                micro_batches: list[dict[str, torch.Tensor]], grad_clip: float) -> dict[str, float]:
     """One optimizer step over this worker's micro-batches (already collated, on device).
@@ -300,10 +354,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer,
     for i, batch in enumerate(micro_batches):
         if isinstance(model, FSDPModule):  # reduce gradients once, after the last micro-batch
             model.set_requires_gradient_sync(i == len(micro_batches) - 1)
-        # decoder inputs without labels: the model would also compute a mean loss we don't use
-        logits = model(**batch, decoder_input_ids=model.shift_right(batch["labels"])).logits
-        loss = F.cross_entropy(logits.float().flatten(0, 1), batch["labels"].flatten(),
-                               ignore_index=-100, reduction="sum")
+        loss = _loss_sum(model, batch)
         (loss * (world / total_tokens)).backward()
         loss_sum += loss.detach().cpu()
     grad_norm = clip_gradients(model, grad_clip)
@@ -312,6 +363,26 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer,
     if dist.is_initialized():
         dist.all_reduce(loss_sum)
     return {"loss": loss_sum.item() / total_tokens, "grad_norm": grad_norm}
+
+
+def eval_loss(model: nn.Module, rows: list[dict], micro: int, device: torch.device) -> float:
+    """The mean token loss of `rows`, without dropout or gradients. The ranks take turns at the
+    micro-batches and sum their losses and tokens. FSDP's forward is collective, so every rank
+    runs as many: one past the last batch runs the first again and discards the result."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    batches = [rows[i:i + micro] for i in range(0, len(rows), micro)]
+    sums = torch.zeros(2)  # summed loss, target tokens
+    model.eval()
+    with torch.no_grad():
+        for i in range(rank, world * math.ceil(len(batches) / world), world):
+            batch = _to_device(batches[i % len(batches)], device)
+            loss = _loss_sum(model, batch)
+            if i < len(batches):
+                sums += torch.stack([loss.cpu(), (batch["labels"] != -100).sum().cpu().float()])
+    model.train()
+    if dist.is_initialized():
+        dist.all_reduce(sums)
+    return (sums[0] / sums[1]).item()
 
 
 def _to_device(rows: list[dict], device: torch.device) -> dict[str, torch.Tensor]:
@@ -364,6 +435,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     accum = t.global_batch_size // (world * micro)
     meter = Throughput(device, world)
     model.train()
+    evaluation = loop_config["eval_rows"]
+    skipped = 0  # bad records the training stream skipped, as far as this rank has read
     metrics: dict[str, float] = {}
     epochs = itertools.chain([ray.train.get_dataset_shard("train_remainder")],
                              itertools.repeat(ray.train.get_dataset_shard("train")))
@@ -386,12 +459,18 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
         state.step += 1
         rows = [r for micro_batch in micro_rows for r in micro_batch]
         state.mark([r["example_index"] for r in rows])
+        skipped = max(skipped, *(r["bad_records_skipped"] for r in rows))
         meter.add(len(rows), sum(map(_tokens, rows)), training_flops(model.config, rows), waited)
         last = state.step == t.max_steps
         save = last or (t.checkpoint_every and state.step % t.checkpoint_every == 0)
-        if not (save or state.step % t.log_every == 0):
+        evaluate = bool(evaluation) and (last or (t.eval_every and state.step % t.eval_every == 0))
+        if not (save or evaluate or state.step % t.log_every == 0):
             continue
-        metrics = {**out, **meter.summary(), "epoch": float(state.epoch), "step": state.step}
+        metrics = {**out, **meter.summary(), "epoch": float(state.epoch), "step": state.step,
+                   "data_bad_records_skipped": _max_over_ranks(skipped)}
+        if evaluate:
+            metrics["eval_loss"] = eval_loss(model, evaluation, micro, device)
+            meter.restart()  # evaluation time is not training throughput
         logger.log_metrics(metrics, step=state.step)
         if save:
             with tempfile.TemporaryDirectory() as directory:

@@ -1,10 +1,12 @@
 """Training on real Ray workers: 2-worker FSDP against a plain single-process loop, a run
-restarted and a worker killed mid-run against an uninterrupted reference, MLflow contents,
-the export, and the errors a user meets first. Tiny model, synthetic suite, few steps."""
+restarted and a worker killed mid-run against an uninterrupted reference, evaluation loss,
+skipped bad records, MLflow contents, the export, and the errors a user meets first. Tiny
+model, synthetic suite, few steps."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import sys
 from pathlib import Path
@@ -21,7 +23,7 @@ from hint_platform.checkpoint import TRAIN_STATE
 from hint_platform.config import ConfigError, from_dict
 from hint_platform.optim import build_optimizer
 from hint_platform.tracking import TrackingError
-from hint_platform.train import build_model, fit, train_step
+from hint_platform.train import DataError, build_model, fit, train_step
 from pipelines import collate, iter_records, train_tokenizer, write_suite
 
 # The kill callback runs in the Train controller, which cannot import this test module.
@@ -39,40 +41,69 @@ def suite(tmp_path_factory):
     return s, str(root / "tok")
 
 
-def make_cfg(suite, storage, name, *, per_task, **train):
+@pytest.fixture(scope="module")
+def corrupt_sni(suite, tmp_path_factory):
+    """The suite's SNI checkout plus one training task whose file is not valid JSON."""
+    s, _ = suite
+    root = tmp_path_factory.mktemp("corrupt") / "sni"
+    shutil.copytree(s.sni_path, root)
+    (root / "tasks" / "broken.json").write_text('{"Definition": ["Reverse the items."],\n"Inst')
+    with open(root / "splits" / "synthetic" / "train_tasks.txt", "a") as f:
+        f.write("broken\n")
+    return str(root)
+
+
+def make_cfg(suite, storage, name, *, per_task, data=(), **train):
     s, tok = suite
     return from_dict({
         "name": name,
-        "data": {"tokenizer": tok, "train": [s.sni_spec("def", max_per_task=per_task)], **LENGTHS},
+        "data": {"tokenizer": tok, "train": [s.sni_spec("def", max_per_task=per_task)], **LENGTHS,
+                 **dict(data)},
         "train": {"micro_batch_size": 4, "log_every": 1, "lr": 1e-2, **train},
         "run": {"storage_path": str(storage)},
     })
 
 
-def reference_losses(cfg, steps: int) -> tuple[list[float], torch.nn.Module]:
-    """The same training as a plain loop in this process: rows in stream order, epoch after
-    epoch, `global_batch_size` rows a step, one micro-batch at a time."""
+def records(cfg, specs) -> list[dict]:
     d = cfg.data
-    rows = list(iter_records(d.train, d.tokenizer, max_input_len=d.max_input_len,
-                             max_hyper_len=d.max_hyper_len, max_target_len=d.max_target_len))
+    return list(iter_records(specs, d.tokenizer, max_input_len=d.max_input_len,
+                             max_hyper_len=d.max_hyper_len, max_target_len=d.max_target_len,
+                             on_bad_record=d.on_bad_record))
+
+
+def reference_losses(cfg, steps: int) -> tuple[list[float], dict[int, float], torch.nn.Module]:
+    """The same training as a plain loop in this process: rows in stream order, epoch after
+    epoch, `global_batch_size` rows a step, one micro-batch at a time. Also the evaluation
+    losses by step (every eval_every steps and at the end): the model's own mean loss over the
+    first eval_examples rows of data.eval."""
+    rows = records(cfg, cfg.data.train)
+    evaluation = records(cfg, cfg.data.eval)[:cfg.train.eval_examples] if cfg.data.eval else []
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg)
     optimizer = build_optimizer(model, cfg.train)
-    g, m = cfg.train.global_batch_size, cfg.train.micro_batch_size
+    g, m, every = cfg.train.global_batch_size, cfg.train.micro_batch_size, cfg.train.eval_every
     per_epoch = len(rows) // g
-    losses = []
-    for step in range(steps):
-        batch = rows[(step % per_epoch) * g:(step % per_epoch + 1) * g]
-        micro = [collate(batch[i:i + m]) for i in range(0, g, m)]
-        micro = [{k: b[k] for k in ("hyper_input_ids", "hyper_attention_mask", "input_ids",
-                                   "attention_mask", "labels")} for b in micro]
+    losses, evals = [], {}
+    for step in range(1, steps + 1):
+        batch = rows[((step - 1) % per_epoch) * g:((step - 1) % per_epoch + 1) * g]
+        micro = [inputs(batch[i:i + m]) for i in range(0, g, m)]
         losses.append(train_step(model, optimizer, micro, cfg.train.grad_clip)["loss"])
-    return losses, model
+        if evaluation and (step == steps or (every and step % every == 0)):
+            with torch.no_grad():
+                evals[step] = model.eval()(**inputs(evaluation)).loss.item()
+            model.train()
+    return losses, evals, model
 
 
-def loss_history(result) -> list[tuple[int, float]]:
+def inputs(rows: list[dict]) -> dict[str, torch.Tensor]:
+    batch = collate(rows)
+    return {k: batch[k] for k in ("hyper_input_ids", "hyper_attention_mask", "input_ids",
+                                  "attention_mask", "labels")}
+
+
+def metric_history(result, key: str = "loss") -> list[tuple[int, float]]:
     uri = f"sqlite:///{Path(result.run_dir).parent / 'mlflow.db'}"
-    history = MlflowClient(tracking_uri=uri).get_metric_history(result.mlflow_run_id, "loss")
+    history = MlflowClient(tracking_uri=uri).get_metric_history(result.mlflow_run_id, key)
     return sorted((m.step, m.value) for m in history)
 
 
@@ -82,10 +113,12 @@ def final_train_state(result) -> dict:
 
 class KillWorkerAfter(UserCallback):
     """On the Train controller: SIGKILLs the last Train worker process once, after the report
-    of `step` (the controller and the workers are children of the same raylet)."""
+    of `step` (the controller and the workers are children of the same raylet), and writes the
+    killed pid to `record`."""
 
-    def __init__(self, step: int):
+    def __init__(self, step: int, record: Path):
         self.step = step
+        self.record = record
         self.done = False
 
     def after_report(self, run_context, metrics, checkpoint):
@@ -94,35 +127,65 @@ class KillWorkerAfter(UserCallback):
         workers = [p for p in psutil.Process(os.getppid()).children()
                    if "RayTrainWorker" in " ".join(p.cmdline())]
         os.kill(workers[-1].pid, signal.SIGKILL)
+        self.record.write_text(str(workers[-1].pid))
         self.done = True
 
 
 @pytest.fixture(scope="module")
-def fsdp_run(suite, ray_local, tmp_path_factory):
-    """2 workers, FSDP; the dataset (24 examples) is exactly one global batch, so every step
-    trains on the same examples however the workers split them. Rank 1 is SIGKILLed after
-    step 3 and the run resumes from the step-2 checkpoint."""
-    cfg = make_cfg(suite, tmp_path_factory.mktemp("runs"), "fsdp", per_task=1, num_workers=2,
-                   global_batch_size=24, max_steps=4, checkpoint_every=2, max_failures=1)
-    return cfg, fit(cfg, run_config_callbacks=[KillWorkerAfter(step=3)])
+def fsdp_run(suite, corrupt_sni, ray_local, tmp_path_factory):
+    """2 workers, FSDP; the training data (24 examples, one corrupt task file skipped) is
+    exactly one global batch, so every step trains on the same examples however the workers
+    split them. Rank 1 is SIGKILLed after step 3 and the run resumes from the step-2
+    checkpoint. Evaluation every 2 steps on 4 examples: one micro-batch for two ranks."""
+    s, _ = suite
+    runs = tmp_path_factory.mktemp("runs")
+    data = {"train": [s.sni_spec("def", max_per_task=1) | {"path": corrupt_sni}],
+            "on_bad_record": "skip", "eval": [s.sni_spec("def", part="test")]}
+    cfg = make_cfg(suite, runs, "fsdp", per_task=1, data=data, num_workers=2,
+                   global_batch_size=24, max_steps=4, checkpoint_every=2, max_failures=1,
+                   eval_every=2, eval_examples=4)
+    killed = runs / "killed"
+    return cfg, fit(cfg, run_config_callbacks=[KillWorkerAfter(step=3, record=killed)]), killed
 
 
 def test_fsdp_matches_one_process_through_a_killed_worker(fsdp_run):
-    cfg, result = fsdp_run
-    history = loss_history(result)
-    expected, model = reference_losses(cfg, 4)
+    cfg, result, killed = fsdp_run
+    history = metric_history(result)
+    expected, expected_evals, model = reference_losses(cfg, 4)
     assert result.steps_done == 4
-    assert [s for s, _ in history].count(3) == 2  # step 3 ran, the worker died, step 3 again
+    assert killed.exists()  # step 3 ran, the worker died, step 3 ran again ...
+    assert [s for s, _ in history] == [1, 2, 3, 4]  # ... and MLflow holds it once
     for step, value in history:
         assert value == pytest.approx(expected[step - 1], rel=1e-4), step
     assert expected[-1] < expected[0] - 1.0  # and the loss falls
+    evals = metric_history(result, "eval_loss")
+    assert [s for s, _ in evals] == [2, 4]
+    for step, value in evals:
+        assert value == pytest.approx(expected_evals[step], rel=1e-4), step
+    assert result.metrics["step"] == 4  # reported with the step (what Tune's ASHA reads)
+    assert result.metrics["eval_loss"] == pytest.approx(expected_evals[4], rel=1e-4)
     exported = load_file(str(Path(result.export_dir) / "model.safetensors"))
     for name, value in model.state_dict().items():
         torch.testing.assert_close(exported[name], value, rtol=1e-3, atol=1e-5)
 
 
+def test_skipped_bad_records_are_in_the_run_metrics(fsdp_run):
+    _, result, _ = fsdp_run
+    assert result.metrics["data_bad_records_skipped"] == 1
+    assert [v for _, v in metric_history(result, "data_bad_records_skipped")] == [1] * 4
+
+
+def test_bad_record_fails_the_run_naming_the_file(suite, corrupt_sni, ray_local, tmp_path):
+    s, _ = suite
+    data = {"train": [s.sni_spec("def", max_per_task=1) | {"path": corrupt_sni}]}
+    cfg = make_cfg(suite, tmp_path, "bad-record", per_task=1, data=data, fsdp=False,
+                   global_batch_size=4, max_steps=1, max_failures=0)
+    with pytest.raises(DataError, match=r"broken\.json.*on_bad_record: skip"):
+        fit(cfg)
+
+
 def test_mlflow_run_holds_params_metrics_artifacts(fsdp_run):
-    cfg, result = fsdp_run
+    cfg, result, _ = fsdp_run
     client = MlflowClient(tracking_uri=f"sqlite:///{Path(result.run_dir).parent / 'mlflow.db'}")
     run = client.get_run(result.mlflow_run_id)
     assert run.info.status == "FINISHED"
@@ -140,16 +203,19 @@ def test_restarted_run_resumes_model_optimizer_and_data(suite, ray_local, tmp_pa
     """1 worker (a deterministic row order): a run stopped after 4 steps, then restarted under
     the same name with 8. Every step's loss equals an uninterrupted plain loop's, and the 48
     examples are trained once per epoch (6 steps an epoch; the run ends 2 steps into the
-    second, having resumed mid-epoch)."""
+    second, having resumed mid-epoch). Evaluated only at the end of each (eval_every=0)."""
+    s, _ = suite
     first = make_cfg(suite, tmp_path, "resume", per_task=2, num_workers=1,
-                     global_batch_size=8, max_steps=4, checkpoint_every=2)
+                     global_batch_size=8, max_steps=4, checkpoint_every=2,
+                     data={"eval": [s.sni_spec("def", part="test")]}, eval_examples=4)
     fit(first)
     result = fit(first.with_overrides(["train.max_steps=8"]))
     assert result.steps_done == 8
-    expected, _ = reference_losses(first, 8)
-    history = loss_history(result)
+    expected, _, _ = reference_losses(first, 8)
+    history = metric_history(result)
     assert [s for s, _ in history] == list(range(1, 9))
     assert [v for _, v in history] == pytest.approx(expected, rel=1e-4)
+    assert [s for s, _ in metric_history(result, "eval_loss")] == [4, 8]
     state = final_train_state(result)
     assert int(state["step"]) == 8 and int(state["epoch"]) == 1
     assert int(state["consumed"].sum()) == 16
