@@ -26,10 +26,12 @@ def base_config(tmp_path_factory):
     cfg = ExperimentConfig(name="tiny").with_overrides({
         "model.preset": "tiny", "model.overrides.vocab_size": tokenizer.vocab_size,
         "data.tokenizer": str(tmp / "tokenizer"), "data.train": [suite.sni_spec()],
+        "data.eval": [suite.sni_spec(part="test")],
         "data.max_input_len": 32, "data.max_hyper_len": 32, "data.max_target_len": 16,
         "train.num_workers": 1, "train.fsdp": False, "train.optimizer": "adamw",
         "train.global_batch_size": 32, "train.micro_batch_size": 32,
         "train.max_steps": MAX_STEPS, "train.log_every": 1, "train.checkpoint_every": 0,
+        "train.eval_every": 3,
         "run.storage_path": str(tmp / "runs"), "run.experiment": "tune-test",
         "run.tracking_uri": f"sqlite:///{tmp / 'mlflow.db'}"})
     path = tmp / "base.yaml"
@@ -39,9 +41,9 @@ def base_config(tmp_path_factory):
 
 def test_study_of_real_training_runs_asha_stops_the_hopeless_trial(base_config, ray_local):
     # Trials run one after the other, the good one first: at ASHA's first rung (step 3) the
-    # hopeless one has the good one's result to lose against. Batches of 32 keep the training
-    # loss's noise well below the gap (about 13 against 19 at step 3).
-    study = Study(name="lr", question="Which learning rate?", metric="loss",
+    # hopeless one has the good one's result to lose against. Both are evaluated (eval_loss,
+    # the study's metric) at ASHA's rungs, steps 3 and 6, on the same 10 held-out examples.
+    study = Study(name="lr", question="Which learning rate?", metric="eval_loss",
                   space={"train.lr": ray_tune.grid_search([GOOD_LR, HOPELESS_LR])},
                   base_overrides={}, grace_period=3, max_concurrent=1)
     run = tune.prepare(study, base_config)
