@@ -30,6 +30,7 @@ examples of data.eval (read once, on the driver), what Tune's schedulers rank tr
 
 from __future__ import annotations
 
+import glob
 import itertools
 import math
 import os
@@ -151,9 +152,9 @@ def _resolved(cfg: ExperimentConfig) -> ExperimentConfig:
     for i, spec in enumerate(cfg.data.train):
         path = spec.get("path")
         if path and "://" not in str(path):
-            if not Path(path).exists():
-                raise ConfigError(f"data.train[{i}].path: {path} does not exist")
-            absolute.setdefault("data.train", [dict(s) for s in cfg.data.train])[i]["path"] = str(Path(path).resolve())
+            if not (glob.glob(path) if glob.has_magic(path) else Path(path).exists()):
+                raise ConfigError(f"data.train[{i}].path: {path} does not exist (or matches no file)")
+            absolute.setdefault("data.train", [dict(s) for s in cfg.data.train])[i]["path"] = os.path.abspath(path)
     if not cfg.data.tokenizer or not Path(cfg.data.tokenizer).is_dir():
         raise ConfigError(f"data.tokenizer: {cfg.data.tokenizer!r} is not a directory")
     absolute["data.tokenizer"] = str(Path(cfg.data.tokenizer).resolve())

@@ -228,6 +228,21 @@ def test_bad_inputs_fail_before_workers_start(suite, tmp_path):
     missing = cfg.to_dict()["data"]["train"][0] | {"path": str(tmp_path / "nowhere")}
     with pytest.raises(ConfigError, match=r"data.train\[0\].path: .*nowhere"):
         fit(cfg.with_overrides({"data.train": [missing]}))
+    no_match = missing | {"path": str(tmp_path / "c4-*.json.gz")}
+    with pytest.raises(ConfigError, match=r"data.train\[0\].path: .*c4-\*.json.gz .*matches no file"):
+        fit(cfg.with_overrides({"data.train": [no_match]}))
     with pytest.raises(ConfigError, match="model.init_from"):
         fit(cfg.with_overrides([f"model.init_from={tmp_path}"]))
     assert not (tmp_path / "bad").exists()
+
+
+def test_a_glob_that_matches_is_a_valid_data_path(suite, tmp_path, monkeypatch):
+    """The paper's C4 configs name shards by glob: it is checked by what it matches, and made
+    absolute for the workers without being expanded."""
+    from hint_platform.train import _resolved
+
+    c4 = Path(suite[0].c4_path)
+    monkeypatch.chdir(c4.parent)
+    spec = suite[0].c4_spec() | {"path": "*" + c4.name[1:]}
+    cfg = make_cfg(suite, tmp_path, "glob", per_task=1, max_steps=1, data={"train": [spec]})
+    assert _resolved(cfg).data.train[0]["path"] == str(c4.parent / spec["path"])
