@@ -187,8 +187,10 @@ def predict_records(model, tokenizer, records: Iterable[dict], *, batch_size: in
     return predictions
 
 
-def score_predictions(predictions: list[dict[str, Any]], categories: dict[str, str] | None = None) -> EvalReport:
-    """Metrics from saved predictions: SNI metrics for generations, accuracy for choices."""
+def score_predictions(predictions: list[dict[str, Any]], categories: dict[str, str] | None = None,
+                      p3_datasets: dict[str, str] | None = None) -> EvalReport:
+    """Metrics from saved predictions: SNI metrics for generations, accuracy for choices.
+    `p3_datasets` maps a P3 task to its dataset (see split_p3_task)."""
     by_task: dict[str, list[dict]] = defaultdict(list)
     for p in predictions:
         by_task[p["task"]].append(p)
@@ -206,12 +208,17 @@ def score_predictions(predictions: list[dict[str, Any]], categories: dict[str, s
         overall.update(sni_metrics([p["prediction"] for p in generated], [p["references"] for p in generated]))
     if chosen:
         overall["accuracy"] = rank_classification_accuracy(
-            (*split_p3_task(p["task"]), p["choice"] == p["answer_index"]) for p in chosen)["accuracy"]
+            (*split_p3_task(p["task"], p3_datasets), p["choice"] == p["answer_index"]) for p in chosen)["accuracy"]
     return EvalReport(overall, per_task, per_category, predictions)
 
 
-def split_p3_task(task: str) -> tuple[str, str]:
-    """P3 task names are `<dataset>/<template>`; the dataset is what accuracy averages over."""
+def split_p3_task(task: str, datasets: dict[str, str] | None = None) -> tuple[str, str]:
+    """P3 task names are `<dataset>/<template>`; the dataset is what accuracy averages over.
+    Dataset names (`super_glue/cb`) and template names (`claim true/false/inconclusive`) both
+    may hold slashes, so the dataset comes from `datasets` (task -> dataset, known from the
+    source specs) where given; else everything before the last slash."""
+    if datasets and task in datasets:
+        return datasets[task], task[len(datasets[task]) + 1:]
     dataset, _, template = task.rpartition("/")
     return (dataset or task), template
 
@@ -261,10 +268,13 @@ def evaluate_export(export_dir: str | Path, cfg, *, batch_size: int = 16, max_ne
                                   max_new_tokens=max_new_tokens, progress=progress)
     tasks = {p["task"] for p in predictions}
     categories: dict[str, str] = {}
+    p3_datasets: dict[str, str] = {}
     for spec in specs:
         if spec.kind == "sni":
             categories.update(sni_categories(Path(spec.path) / "tasks", tasks))
-    report = score_predictions(predictions, categories)
+        if spec.kind == "p3":
+            p3_datasets.update({t: spec.dataset for t in tasks if t.startswith(f"{spec.dataset}/")})
+    report = score_predictions(predictions, categories, p3_datasets)
     report.overall["gflops_per_task"] = gflops_per_task(model.config, records)
     return report
 

@@ -42,3 +42,11 @@ def test_rank_classification_averages_per_template_then_dataset():
     assert acc["per_template"]["rte/t1"] == pytest.approx(50)
     assert acc["per_dataset"] == pytest.approx({"rte": 75.0, "cb": 100 / 3})
     assert acc["accuracy"] == pytest.approx((75 + 100 / 3) / 2)
+
+
+def test_p3_task_names_split_at_the_dataset_even_with_slashes_in_the_template():
+    from hint_platform.evaluate import split_p3_task
+
+    task = "super_glue/cb/claim true/false/inconclusive"  # a real promptsource template name
+    assert split_p3_task(task, {task: "super_glue/cb"}) == ("super_glue/cb", "claim true/false/inconclusive")
+    assert split_p3_task("anli/GPT-3 style") == ("anli", "GPT-3 style")
