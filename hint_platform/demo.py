@@ -150,7 +150,8 @@ def train_and_evaluate(variant: str, suite, out: Path, settings: DemoSettings, p
     result = _fit(cfg)
 
     progress(f"{variant}: evaluating zero-shot on the held-out tasks")
-    report = evaluate.evaluate_export(result.export_dir, cfg)
+    report = evaluate.evaluate_export(result.export_dir, cfg, batch_size=64,
+                                     max_new_tokens=cfg.data.max_target_len)
     eval_dir = out / "eval" / variant
     evaluate.save_report(report, eval_dir)
     uri = tracking.resolve_tracking_uri(cfg)
