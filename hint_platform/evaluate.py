@@ -30,6 +30,7 @@ from rouge_score import rouge_scorer
 from hint_model import HintModel
 from hint_model.flops import task_cost
 from hint_platform.errors import UserError
+from hint_platform.tracking import tracking_uri_scope
 from pipelines import SourceSpec, iter_records, load_tokenizer
 
 EXPORT_TOKENIZER = "tokenizer"  # an export directory holds its tokenizer here (train.fit writes it)
@@ -310,11 +311,11 @@ def save_report(report: EvalReport, out_dir: str | Path) -> Path:
 def log_report(report: EvalReport, out_dir: str | Path, *, tracking_uri: str, experiment: str,
                run_name: str, artifact_location: str | None = None) -> str:
     """An MLflow run holding the evaluation's metrics and its saved files; returns the run id."""
-    mlflow.set_tracking_uri(tracking_uri)
-    if mlflow.get_experiment_by_name(experiment) is None:
-        mlflow.create_experiment(experiment, artifact_location=artifact_location)
-    mlflow.set_experiment(experiment)
-    with mlflow.start_run(run_name=run_name) as run:
-        mlflow.log_metrics(report.flat_metrics())
-        mlflow.log_artifacts(str(out_dir), artifact_path="eval")
+    with tracking_uri_scope(tracking_uri):
+        if mlflow.get_experiment_by_name(experiment) is None:
+            mlflow.create_experiment(experiment, artifact_location=artifact_location)
+        mlflow.set_experiment(experiment)
+        with mlflow.start_run(run_name=run_name) as run:
+            mlflow.log_metrics(report.flat_metrics())
+            mlflow.log_artifacts(str(out_dir), artifact_path="eval")
     return run.info.run_id

@@ -22,6 +22,7 @@ from mlflow.types.schema import ColSpec, Schema
 from hint_model import HintModel
 from hint_platform.errors import UserError
 from hint_platform.evaluate import EXPORT_TOKENIZER, generate_outputs, task_modules
+from hint_platform.tracking import tracking_uri_scope
 from pipelines import formats, load_tokenizer
 
 EXPORT_ARTIFACT = "export"  # the artifact key of the export directory inside the logged model
@@ -100,8 +101,7 @@ def log_and_register(export_dir: str | Path, *, tracking_uri: str, run_id: str |
     export_dir = Path(export_dir)
     if not (export_dir / "config.json").is_file():
         raise RegistryError(f"{export_dir}: not a model export (no config.json)")
-    mlflow.set_tracking_uri(tracking_uri)
-    with mlflow.start_run(run_id=run_id) as run:
+    with tracking_uri_scope(tracking_uri), mlflow.start_run(run_id=run_id) as run:
         info = mlflow.pyfunc.log_model(
             name="model", python_model=str(_MODEL_CODE), artifacts={EXPORT_ARTIFACT: str(export_dir)},
             signature=_SIGNATURE, pip_requirements=_REQUIREMENTS, registered_model_name=name,
@@ -144,12 +144,11 @@ def resolve_export(model: str, tracking_uri: str | None = None) -> Path:
         if not (path / "config.json").is_file():
             raise RegistryError(f"{model}: not a model export directory nor a models:/ URI")
         return path
-    if tracking_uri:
-        mlflow.set_tracking_uri(tracking_uri)
-    try:
-        local = mlflow.artifacts.download_artifacts(artifact_uri=model)
-    except mlflow.exceptions.MlflowException as e:
-        raise RegistryError(f"cannot load {model} from {mlflow.get_tracking_uri()}: {e.message}") from None
+    with tracking_uri_scope(tracking_uri):
+        try:
+            local = mlflow.artifacts.download_artifacts(artifact_uri=model)
+        except mlflow.exceptions.MlflowException as e:
+            raise RegistryError(f"cannot load {model} from {mlflow.get_tracking_uri()}: {e.message}") from None
     export = Path(local) / "artifacts" / EXPORT_ARTIFACT
     if not export.is_dir():
         raise RegistryError(f"{model}: not a hint model (no {EXPORT_ARTIFACT} artifact)")
@@ -158,9 +157,8 @@ def resolve_export(model: str, tracking_uri: str | None = None) -> Path:
 
 def load_pyfunc(model_uri: str, tracking_uri: str | None = None):
     """The registered pyfunc model (`.predict(DataFrame[instruction, input]) -> list[str]`)."""
-    if tracking_uri:
-        mlflow.set_tracking_uri(tracking_uri)
-    try:
-        return mlflow.pyfunc.load_model(model_uri)
-    except mlflow.exceptions.MlflowException as e:
-        raise RegistryError(f"cannot load {model_uri} from {mlflow.get_tracking_uri()}: {e.message}") from None
+    with tracking_uri_scope(tracking_uri):
+        try:
+            return mlflow.pyfunc.load_model(model_uri)
+        except mlflow.exceptions.MlflowException as e:
+            raise RegistryError(f"cannot load {model_uri} from {mlflow.get_tracking_uri()}: {e.message}") from None

@@ -12,6 +12,8 @@ import json
 import os
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from hint_platform.config import ExperimentConfig
@@ -21,6 +23,7 @@ RUN_NAME_TAG = "hint.run_name"
 STORAGE_TAG = "hint.storage_path"
 MAX_PARAM_CHARS = 6000  # MLflow's limit on a param value
 STEP_METRIC = "step"
+TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
 
 
 class TrackingError(UserError):
@@ -36,8 +39,8 @@ def resolve_tracking_uri(cfg: ExperimentConfig) -> str:
     """cfg.run.tracking_uri, else $MLFLOW_TRACKING_URI, else SQLite under the run directory."""
     if cfg.run.tracking_uri:
         return cfg.run.tracking_uri
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
+    if os.environ.get(TRACKING_URI_ENV):
+        return os.environ[TRACKING_URI_ENV]
     return f"sqlite:///{storage_dir(cfg) / 'mlflow.db'}"
 
 
@@ -110,6 +113,24 @@ def open_run(cfg: ExperimentConfig, uri: str) -> str:
             client.set_tag(run.info.run_id, f"hint.resumed_with.{key}", value)
     client.log_text(run.info.run_id, json.dumps(cfg.to_dict(), indent=2), "config.json")
     return run.info.run_id
+
+
+@contextmanager
+def tracking_uri_scope(uri: str | None) -> Iterator[None]:
+    """`mlflow.set_tracking_uri(uri)` for one block (nothing when uri is None). MLflow's setter
+    also writes $MLFLOW_TRACKING_URI, which resolve_tracking_uri reads: unscoped, one call would
+    send every later run of this process to that store."""
+    if uri is None:
+        yield
+        return
+    import mlflow
+
+    saved = os.environ.get(TRACKING_URI_ENV)
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(saved)  # None unsets the variable again
 
 
 def close_run(uri: str, run_id: str, ok: bool) -> None:

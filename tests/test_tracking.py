@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import time
 
@@ -58,3 +59,21 @@ def test_run_is_reopened_by_name_and_changed_params_become_tags(tmp_path, monkey
     assert run.data.tags["hint.resumed_with.train.max_steps"] == "9"
     other = cfg.with_overrides(["name=u"])
     assert open_run(other, uri) != run_id
+
+
+def test_a_scoped_tracking_uri_leaves_the_environment_as_it_was(tmp_path, monkeypatch):
+    """mlflow.set_tracking_uri writes $MLFLOW_TRACKING_URI; inside the platform that would send
+    every later run of the process to the last store used."""
+    import mlflow
+
+    from hint_platform.tracking import tracking_uri_scope
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    uri = f"sqlite:///{tmp_path / 'a.db'}"
+    with tracking_uri_scope(uri):
+        assert os.environ["MLFLOW_TRACKING_URI"] == uri and mlflow.get_tracking_uri() == uri
+    assert "MLFLOW_TRACKING_URI" not in os.environ
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5999")
+    with tracking_uri_scope(uri):
+        pass
+    assert os.environ["MLFLOW_TRACKING_URI"] == "http://127.0.0.1:5999"
