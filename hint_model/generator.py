@@ -29,21 +29,16 @@ _COLUMNS = {"adapter_down", "lora_q_a", "lora_v_a"}
 
 
 def component_layout(cfg: HintConfig) -> dict[str, tuple[int, int, int]]:
-    """kind -> (slots, components per slot, output width of its MLP)."""
-    d, inner = cfg.d_model, cfg.inner_dim
-    layers, slots = cfg.num_layers + cfg.num_decoder_layers, cfg.num_slots
+    """kind -> (slots, components per slot, output width of its MLP), from peft.shapes: a
+    matrix in _COLUMNS is generated column by column, a bias as one component."""
     out = {}
-    if cfg.adapters:
-        a = cfg.adapter_size
-        out.update(adapter_down=(layers, a, d), adapter_up=(layers, a, d),
-                   adapter_down_bias=(layers, 1, a), adapter_up_bias=(layers, 1, d))
-    if cfg.prefixes:
-        out.update(prefix_key=(slots, cfg.prefix_length, inner),
-                   prefix_value=(slots, cfg.prefix_length, inner))
-    if cfg.lora:
-        r = cfg.lora_rank
-        out.update(lora_q_a=(slots, r, d), lora_q_b=(slots, r, inner),
-                   lora_v_a=(slots, r, d), lora_v_b=(slots, r, inner))
+    for kind, shape in peft.shapes(cfg).items():
+        if len(shape) == 2:
+            out[kind] = (shape[0], 1, shape[1])
+        elif kind in _COLUMNS:
+            out[kind] = (shape[0], shape[2], shape[1])
+        else:
+            out[kind] = shape
     return out
 
 
