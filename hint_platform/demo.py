@@ -32,7 +32,7 @@ VARIANTS = {"hint": "def", "no_instruct": "no_instruct", "concat": "concat"}
 class DemoSettings:
     """The synthetic suite's size and the steps; `quick()` is the smoke-test version."""
 
-    num_train_tasks: int = 60
+    num_train_tasks: int = 30
     num_test_tasks: int = 12
     instances_per_task: int = 100
     num_pretrain_docs: int = 400
@@ -43,7 +43,7 @@ class DemoSettings:
 
     @classmethod
     def quick(cls) -> "DemoSettings":
-        return cls(num_train_tasks=21, num_test_tasks=4, instances_per_task=20, num_pretrain_docs=40,
+        return cls(num_train_tasks=15, num_test_tasks=4, instances_per_task=20, num_pretrain_docs=40,
                    vocab_size=300, eval_per_task=4, pretrain_overrides=("train.max_steps=2",),
                    finetune_overrides=("train.max_steps=2",))
 
@@ -114,7 +114,7 @@ def run_demo(out_dir: str | Path = "runs/demo", settings: DemoSettings | None = 
     print(f"\nregistered {logged['model_uri']} (alias: models:/{name}@champion)")
     print(f"MLflow UI: mlflow ui --backend-store-uri {uri}   (then open http://127.0.0.1:5000)")
     print(f"try it:    hint registry load models:/{name}@champion --tracking-uri {uri} "
-          f"--instruction 'Reverse the order of the items.' --input 'fox 3 red owl'")
+          f"--instruction 'Which animal comes last?' --input 'fox 3 red owl 7'")
     rouge = {v: run.report.overall["rougeL"] for v, run in runs.items()}
     figures = {
         "demo_minutes": progress.minutes, "hint_rougeL": rouge["hint"],

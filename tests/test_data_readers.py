@@ -5,7 +5,7 @@ import random
 
 import pytest
 
-from pipelines import BadRecords, SourceSpec, SpecError, c4, load_tokenizer, sni, synthetic
+from pipelines import BadRecords, SourceSpec, SpecError, c4, load_tokenizer, sni, synthetic, train_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -91,46 +91,62 @@ def test_c4_no_files_is_an_error(tmp_path):
 
 
 def test_synthetic_suite_is_deterministic_and_split_by_task(tmp_path):
-    a = synthetic.write_suite(tmp_path / "a", num_train_tasks=30, num_test_tasks=6, instances_per_task=5,
+    a = synthetic.write_suite(tmp_path / "a", num_train_tasks=20, num_test_tasks=6, instances_per_task=5,
                               num_pretrain_docs=4, seed=7)
-    b = synthetic.write_suite(tmp_path / "b", num_train_tasks=30, num_test_tasks=6, instances_per_task=5,
+    b = synthetic.write_suite(tmp_path / "b", num_train_tasks=20, num_test_tasks=6, instances_per_task=5,
                               num_pretrain_docs=4, seed=7)
     files_a = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file())
     assert files_a == sorted(p.relative_to(tmp_path / "b") for p in (tmp_path / "b").rglob("*") if p.is_file())
     for rel in files_a:
         assert (tmp_path / "a" / rel).read_bytes() == (tmp_path / "b" / rel).read_bytes()
-    assert len(a.train_tasks) == 30 and len(a.test_tasks) == 6
+    assert len(a.train_tasks) == 20 and len(a.test_tasks) == 6
     assert not set(a.train_tasks) & set(a.test_tasks)
     definitions = {n: json.loads((tmp_path / "a" / "sni" / "tasks" / f"{n}.json").read_text())["Definition"][0]
                    for n in a.train_tasks + a.test_tasks}
     assert not {definitions[n] for n in a.train_tasks} & {definitions[n] for n in a.test_tasks}
-    other = synthetic.write_suite(tmp_path / "c", num_train_tasks=30, num_test_tasks=6, instances_per_task=5,
+    other = synthetic.write_suite(tmp_path / "c", num_train_tasks=20, num_test_tasks=6, instances_per_task=5,
                                   num_pretrain_docs=4, seed=8)
     assert other.train_tasks != a.train_tasks
 
 
-def test_synthetic_held_out_tasks_use_only_seen_primitives():
-    train, test = synthetic.split_tasks(60, 12, seed=0)
-    seen_ops = {op.name for t in train for op in t.ops}
-    seen_pairs = {frozenset(op.kind for op in t.ops) for t in train if len(t.ops) == 2}
+def test_synthetic_held_out_questions_are_unseen_cells_of_seen_kinds_and_categories():
+    train, test = synthetic.split_tasks(30, 12, seed=0)
+    cells = {(t.kind.name, t.category) for t in train}
+    assert len(test) == 12 and {(t.kind.name, t.category) for t in test} == synthetic.HELD_OUT
     for task in test:
-        assert task.held_out
-        if task.held_out_pair:
-            assert frozenset(op.kind for op in task.ops) not in seen_pairs
-            assert {op.name for op in task.ops} <= seen_ops
-        else:
-            assert {op.kind for op in task.ops} <= {op.kind for t in train for op in t.ops}
+        assert (task.kind.name, task.category) not in cells
+        assert any(kind == task.kind.name for kind, _ in cells)
+        assert any(category == task.category for _, category in cells)
+    assert {t.definition for t in train}.isdisjoint(t.definition for t in test)
+    with pytest.raises(ValueError, match="num_train_tasks must be in"):
+        synthetic.split_tasks(31, 2, seed=0)
 
 
 def test_synthetic_tasks_compute_what_they_say():
-    ops = {op.name: op for op in synthetic.primitives()}
-    task = synthetic.Task((ops["reverse"], ops["first2"]))
-    assert task.definition == "Reverse the order of the items, then keep the first two items."
-    assert task.run(["cat", "3", "red", "owl"]) == "owl red"
-    assert synthetic.Task((ops["add4"], ops["remove_numbers"])).run(["7", "fox"]) == "fox"
-    assert synthetic.Task((ops["keep_colours"], ops["count"])).run(["7", "fox"]) == "0"
-    assert synthetic.Task((ops["keep_colours"],)).run(["7", "fox"]) == "none"
-    assert synthetic.Task((ops["sort"], ops["upper"])).run(["owl", "cat"]) == "CAT OWL"
+    tasks = {t.name: t for t in synthetic.catalogue()}
+    items = ["cat", "3", "red", "owl", "7"]
+    expected = {
+        "synthetic_count_animals_1": ("Count the animals in the list.", "2"),
+        "synthetic_count_items_2": ("How many items does the list hold?", "5"),
+        "synthetic_first_numbers_1": ("Write the first number of the list.", "3"),
+        "synthetic_last_animals_2": ("Which animal comes last?", "owl"),
+        "synthetic_exists_colours_2": ("Does the list contain a colour?", "yes"),
+        "synthetic_keep_numbers_1": ("Keep only the numbers.", "3 7"),
+        "synthetic_remove_colours_2": ("Delete every colour from the list.", "cat 3 owl 7"),
+    }
+    for name, (definition, answer) in expected.items():
+        assert (tasks[name].definition, tasks[name].run(items)) == (definition, answer)
+    assert tasks["synthetic_exists_animals_1"].run(["3", "red"]) == "no"
+    assert tasks["synthetic_first_colours_1"].run(["3", "cat"]) == "none"
+    assert tasks["synthetic_keep_colours_1"].run(["3", "cat"]) == "none"
+
+
+def test_synthetic_tokenizer_keeps_the_format_words_whole(tmp_path):
+    suite = synthetic.write_suite(tmp_path, num_train_tasks=15, num_test_tasks=2, instances_per_task=5,
+                                  num_pretrain_docs=4)
+    tok = train_tokenizer(suite.texts(), tmp_path / "tok", vocab_size=600)
+    for word in ("Definition", "Count", "animals", "Now", "complete", "following", "Input", "Output", "fox"):
+        assert len(tok.encode(word, eos=False)) == 1, word
 
 
 def test_readers_take_uris_through_pyarrow_filesystems(shared_data, t5):
