@@ -22,8 +22,8 @@ from safetensors.torch import load_file
 from hint_platform.checkpoint import TRAIN_STATE
 from hint_platform.config import ConfigError, from_dict
 from hint_platform.optim import build_optimizer
-from hint_platform.tracking import TrackingError
-from hint_platform.train import DataError, build_model, fit, train_step
+from hint_platform.tracking import TrackingError, resolve_tracking_uri
+from hint_platform.train import DataError, TrainingError, build_model, fit, train_step
 from pipelines import collate, iter_records, train_tokenizer, write_suite
 
 # The kill callback runs in the Train controller, which cannot import this test module.
@@ -246,3 +246,36 @@ def test_a_glob_that_matches_is_a_valid_data_path(suite, tmp_path, monkeypatch):
     spec = suite[0].c4_spec() | {"path": "*" + c4.name[1:]}
     cfg = make_cfg(suite, tmp_path, "glob", per_task=1, max_steps=1, data={"train": [spec]})
     assert _resolved(cfg).data.train[0]["path"] == str(c4.parent / spec["path"])
+
+
+def test_a_micro_batch_too_big_for_memory_is_a_clear_error(ray_local, tmp_path):
+    """A real allocation failure, not a simulated one: 8192 concatenation-format examples
+    (~40 tokens each) through a 65536-wide embedding ask the allocator for ~80 GiB at the first
+    step, which the kernel refuses outright (nothing is touched). The run fails naming the
+    setting to lower, and its MLflow run is marked FAILED."""
+    would_need = 8192 * 40 * 65536 * 4
+    try:
+        torch.empty(would_need, dtype=torch.uint8)
+        pytest.skip(f"this machine grants {would_need / 2**30:.0f} GiB of address space at once: "
+                    "the batch would really fill memory instead of failing to allocate")
+    except RuntimeError:
+        pass
+    s = write_suite(tmp_path / "suite", num_train_tasks=15, num_test_tasks=2, instances_per_task=550,
+                    num_pretrain_docs=4)
+    train_tokenizer(s.texts(), tmp_path / "tok", vocab_size=200)
+    cfg = from_dict({
+        "name": "oom",
+        "model": {"variant": "concat", "overrides": {"d_model": 65536, "d_kv": 4, "num_heads": 1, "d_ff": 4,
+                                                      "num_layers": 1, "num_decoder_layers": 1}},
+        "data": {"tokenizer": str(tmp_path / "tok"), "train": [s.sni_spec("concat", max_per_task=550)], **LENGTHS,
+                 "max_input_len": 64},
+        "train": {"num_workers": 1, "micro_batch_size": 8192, "global_batch_size": 8192, "max_steps": 1,
+                  "max_failures": 0},
+        "run": {"storage_path": str(tmp_path)},
+    })
+    with pytest.raises(TrainingError, match=r"out of memory at train.micro_batch_size=8192 on cpu: "
+                                            r"lower train.micro_batch_size"):
+        fit(cfg)
+    client = MlflowClient(resolve_tracking_uri(cfg))
+    (run,) = client.search_runs([client.get_experiment_by_name(cfg.run.experiment).experiment_id])
+    assert run.info.status == "FAILED"
