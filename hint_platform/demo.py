@@ -32,18 +32,18 @@ VARIANTS = {"hint": "def", "no_instruct": "no_instruct", "concat": "concat"}
 class DemoSettings:
     """The synthetic suite's size and the steps; `quick()` is the smoke-test version."""
 
-    num_train_tasks: int = 30
-    num_test_tasks: int = 12
-    instances_per_task: int = 100
+    num_train_tasks: int = 180
+    num_test_tasks: int = 24
+    instances_per_task: int = 20
     num_pretrain_docs: int = 400
     vocab_size: int = 600
-    eval_per_task: int = 50
+    eval_per_task: int = 20
     pretrain_overrides: tuple[str, ...] = ()
     finetune_overrides: tuple[str, ...] = ()
 
     @classmethod
     def quick(cls) -> "DemoSettings":
-        return cls(num_train_tasks=15, num_test_tasks=4, instances_per_task=20, num_pretrain_docs=40,
+        return cls(num_train_tasks=20, num_test_tasks=4, instances_per_task=20, num_pretrain_docs=40,
                    vocab_size=300, eval_per_task=4, pretrain_overrides=("train.max_steps=2",),
                    finetune_overrides=("train.max_steps=2",))
 
@@ -114,7 +114,7 @@ def run_demo(out_dir: str | Path = "runs/demo", settings: DemoSettings | None = 
     print(f"\nregistered {logged['model_uri']} (alias: models:/{name}@champion)")
     print(f"MLflow UI: mlflow ui --backend-store-uri {uri}   (then open http://127.0.0.1:5000)")
     print(f"try it:    hint registry load models:/{name}@champion --tracking-uri {uri} "
-          f"--instruction 'Which animal comes last?' --input 'fox 3 red owl 7'")
+          f"--instruction 'Is owl in the list?' --input 'fox owl 3'")
     rouge = {v: run.report.overall["rougeL"] for v, run in runs.items()}
     figures = {
         "demo_minutes": progress.minutes, "hint_rougeL": rouge["hint"],

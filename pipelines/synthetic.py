@@ -1,32 +1,32 @@
 """A synthetic instruction suite the demo trains on offline, in the SNI and C4 file formats.
 
 Every input looks alike: 3 to 6 items drawn from animals, colours and digits ("fox 3 red owl").
-The instruction alone decides the output. A task asks one kind of question about one
-category of items:
+The instruction alone decides the output. A task asks one kind of question about one item x:
 
-    count   how many of them there are             "2"
-    first   the first one ("none" if there is none) "fox"
-    last    the last one                            "owl"
-    exists  whether there is one                    "yes" / "no"
-    keep    the list with only them, in order       "fox owl"
-    remove  the list without them, in order         "3 red"
+    exists    is x in the list                          "yes" / "no"
+    count     how many times x appears                  "2"
+    remove    the list without x, in order              "fox red owl"
+    position  where x first is (1-based)                "2"
+    after     the item right after the first x          "red"
 
-over the categories animals, colours, numbers (and "items", all of them, for count, first and
-last), each in two phrasings ("Count the colours in the list." / "How many colours does the
-list hold?"). Every task is one (kind, category, phrasing).
+each in two phrasings ("Is fox in the list?" / "Does the list contain fox?"): a task is one
+(kind, item, phrasing). Half of a task's inputs hold x (once or twice), so no answer is a
+safe guess. The input alone cannot tell which question is asked: No-Instruct is left to guess.
 
-Why questions and not, say, list reversal: answers are found by looking items up, not by
-moving them around, which the demo's 128-wide T5 learns in a few hundred steps on 2 cores
-(an earlier suite of list rearrangements left it at a training loss of 1.6 after 1,500 steps).
+The split is by ITEM: a held-out task asks a seen kind of question about one of
+HELD_OUT_ITEMS, items that appear in training inputs and answers but that no training
+instruction ever names, so every held-out instruction is new and answering it means finding
+the item the instruction names in the input. Train and test tasks are seeded draws from the
+two pools.
 
-The split is by (kind, category) CELL and fixed, so a held-out task is a question never seen
-in training, built from a seen kind and a seen category: HELD_OUT holds one cell per kind,
-each category twice ("How many numbers ..." is held out while "How many animals ..." and
-"Is there a number ..." are trained on). Train tasks are drawn from the other cells (every
-cell in its first phrasing, then the rest), test tasks from the held-out ones.
+Why these questions: they are answered by looking items up, which the demo's 128-wide T5
+learns in a few hundred steps on 2 cores. Two earlier suites did not work as a demo: list
+rearrangements (reverse, sort, first k, ...) left it at a training loss of 1.6 after 1,500
+steps; questions about categories with a held-out (kind, category) cell generalised or not
+depending on the seed (held-out ROUGE-L 21 to 41).
 
 The pretraining text (C4 json.gz lines) is demonstrations of TRAIN tasks only, written as
-prose, so pretraining never shows a held-out question. Everything is deterministic for a
+prose, so pretraining never shows a held-out instruction. Everything is deterministic for a
 seed (gzip written with mtime 0: same seed, same bytes).
 """
 
@@ -45,81 +45,62 @@ SPLIT = "synthetic"
 ANIMALS = ("cat", "dog", "fox", "owl", "bee", "cow", "pig", "hen")
 COLOURS = ("red", "blue", "green", "pink", "gold", "gray")
 DIGITS = tuple(str(d) for d in range(10))
-# category -> (singular with its article, plural, membership test)
-CATEGORIES: dict[str, tuple[str, str, Callable[[str], bool]]] = {
-    "animals": ("an animal", "animals", ANIMALS.__contains__),
-    "colours": ("a colour", "colours", COLOURS.__contains__),
-    "numbers": ("a number", "numbers", str.isdigit),
-    "items": ("an item", "items", lambda item: True),
-}
+ITEMS = ANIMALS + COLOURS + DIGITS
+# Never the subject of a training instruction (they do appear in training inputs and answers).
+HELD_OUT_ITEMS = ("owl", "hen", "pink", "gray", "3", "8")
 
 
-def _first(items: list[str]) -> str:
-    return items[0] if items else "none"
-
-
-def _last(items: list[str]) -> str:
-    return items[-1] if items else "none"
+def _after(items: list[str], x: str) -> str:
+    i = items.index(x) if x in items else len(items)
+    return items[i + 1] if i + 1 < len(items) else "none"
 
 
 @dataclass(frozen=True)
 class Kind:
-    """A kind of question: its phrasings ({a}: "an animal", {one}: "animal", {all}: "animals"),
-    the categories it is asked about, and its answer from the items of that category and the rest."""
+    """A kind of question about one item x: two phrasings and the answer."""
 
     name: str
     phrasings: tuple[str, str]
-    categories: tuple[str, ...]
-    answer: Callable[[list[str], list[str]], str]
+    answer: Callable[[list[str], str], str]
 
 
-THREE = ("animals", "colours", "numbers")
 KINDS = (
-    Kind("count", ("Count the {all} in the list.", "How many {all} does the list hold?"),
-         (*THREE, "items"), lambda hits, rest: str(len(hits))),
-    Kind("first", ("Write the first {one} of the list.", "Which {one} comes first?"),
-         (*THREE, "items"), lambda hits, rest: _first(hits)),
-    Kind("last", ("Write the last {one} of the list.", "Which {one} comes last?"),
-         (*THREE, "items"), lambda hits, rest: _last(hits)),
-    Kind("exists", ("Is there {a} in the list?", "Does the list contain {a}?"),
-         THREE, lambda hits, rest: "yes" if hits else "no"),
-    Kind("keep", ("Keep only the {all}.", "List the {all} and nothing else."),
-         THREE, lambda hits, rest: " ".join(hits) or "none"),
-    Kind("remove", ("Remove the {all}.", "Delete every {one} from the list."),
-         THREE, lambda hits, rest: " ".join(rest) or "none"),
+    Kind("exists", ("Is {x} in the list?", "Does the list contain {x}?"),
+         lambda items, x: "yes" if x in items else "no"),
+    Kind("count", ("How many times does {x} appear?", "Count each {x} in the list."),
+         lambda items, x: str(items.count(x))),
+    Kind("remove", ("Remove every {x} from the list.", "Write the list without {x}."),
+         lambda items, x: " ".join(i for i in items if i != x) or "none"),
+    Kind("position", ("Where is the first {x}?", "At which position is {x} first?"),
+         lambda items, x: str(items.index(x) + 1) if x in items else "none"),
+    Kind("after", ("Which item comes right after {x}?", "What follows the first {x}?"), _after),
 )
-# One held-out (kind, category) cell per kind, each category twice.
-HELD_OUT = {("count", "numbers"), ("first", "colours"), ("last", "animals"),
-            ("exists", "colours"), ("keep", "numbers"), ("remove", "animals")}
 
 
 @dataclass(frozen=True)
 class Task:
     kind: Kind
-    category: str
+    item: str
     phrasing: int  # index into kind.phrasings
 
     @property
     def name(self) -> str:
-        return f"synthetic_{self.kind.name}_{self.category}_{self.phrasing + 1}"
+        return f"synthetic_{self.kind.name}_{self.item}_{self.phrasing + 1}"
 
     @property
     def definition(self) -> str:
-        a, plural, _ = CATEGORIES[self.category]
-        return self.kind.phrasings[self.phrasing].format(a=a, one=a.split()[1], all=plural)
+        return self.kind.phrasings[self.phrasing].format(x=self.item)
 
     def run(self, items: list[str]) -> str:
-        member = CATEGORIES[self.category][2]
-        return self.kind.answer([x for x in items if member(x)], [x for x in items if not member(x)])
+        return self.kind.answer(items, self.item)
 
     @property
     def held_out(self) -> bool:
-        return (self.kind.name, self.category) in HELD_OUT
+        return self.item in HELD_OUT_ITEMS
 
 
 def catalogue() -> list[Task]:
-    """Every task, first phrasings first."""
-    return [Task(kind, category, p) for p in range(2) for kind in KINDS for category in kind.categories]
+    return [Task(kind, item, p) for kind in KINDS for item in ITEMS for p in range(2)]
 
 
 def split_tasks(num_train_tasks: int, num_test_tasks: int, seed: int) -> tuple[list[Task], list[Task]]:
@@ -127,25 +108,26 @@ def split_tasks(num_train_tasks: int, num_test_tasks: int, seed: int) -> tuple[l
     tasks = catalogue()
     held_out = [t for t in tasks if t.held_out]
     seen = [t for t in tasks if not t.held_out]
-    firsts = [t for t in seen if t.phrasing == 0]
-    if not len(firsts) <= num_train_tasks <= len(seen):
-        raise ValueError(f"synthetic: num_train_tasks must be in [{len(firsts)}, {len(seen)}] "
-                         "(every seen question in its first phrasing, plus second phrasings)")
+    if not 1 <= num_train_tasks <= len(seen):
+        raise ValueError(f"synthetic: num_train_tasks must be in [1, {len(seen)}]")
     if not 2 <= num_test_tasks <= len(held_out):
         raise ValueError(f"synthetic: num_test_tasks must be in [2, {len(held_out)}]")
-    train = firsts + rng.sample([t for t in seen if t.phrasing > 0], num_train_tasks - len(firsts))
-    return train, rng.sample(held_out, num_test_tasks)
+    return rng.sample(seen, num_train_tasks), rng.sample(held_out, num_test_tasks)
 
 
-def random_items(rng: random.Random) -> list[str]:
-    pool = ANIMALS + COLOURS + DIGITS
-    return [rng.choice(pool) for _ in range(rng.randint(3, 6))]
+def random_items(rng: random.Random, subject: str | None = None) -> list[str]:
+    """3 to 6 items; half the time one or two of them are `subject` (so answers are balanced)."""
+    items = [rng.choice(ITEMS) for _ in range(rng.randint(3, 6))]
+    if subject is not None and rng.random() < 0.5:
+        for i in rng.sample(range(len(items)), rng.randint(1, 2)):
+            items[i] = subject
+    return items
 
 
 def task_json(task: Task, rng: random.Random, num_instances: int) -> dict:
     """The task in the SNI task-file format (two positive examples, then the instances)."""
     def example(i: int) -> dict:
-        items = random_items(rng)
+        items = random_items(rng, task.item)
         return {"id": f"{task.name}-{i}", "input": " ".join(items), "output": [task.run(items)]}
 
     positives = [example(-1 - i) for i in range(2)]
@@ -162,7 +144,8 @@ def task_json(task: Task, rng: random.Random, num_instances: int) -> dict:
 def pretraining_doc(tasks: list[Task], rng: random.Random, sentences: int = 8) -> str:
     lines = []
     for _ in range(sentences):
-        task, items = rng.choice(tasks), random_items(rng)
+        task = rng.choice(tasks)
+        items = random_items(rng, task.item)
         lines.append(f"{task.definition} For {' '.join(items)} the answer is {task.run(items)}.")
     return " ".join(lines)
 
@@ -204,8 +187,8 @@ class Suite:
                 yield json.loads(line)["text"]
 
 
-def write_suite(out_dir: str | Path, *, num_train_tasks: int = 30, num_test_tasks: int = 12,
-                instances_per_task: int = 100, num_pretrain_docs: int = 500, seed: int = 0) -> Suite:
+def write_suite(out_dir: str | Path, *, num_train_tasks: int = 180, num_test_tasks: int = 24,
+                instances_per_task: int = 20, num_pretrain_docs: int = 500, seed: int = 0) -> Suite:
     """Write the suite: sni/tasks/*.json, sni/splits/synthetic/{train,test}_tasks.txt and
     c4/synthetic-pretrain.json.gz under out_dir."""
     out = Path(out_dir)

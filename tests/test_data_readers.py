@@ -109,43 +109,44 @@ def test_synthetic_suite_is_deterministic_and_split_by_task(tmp_path):
     assert other.train_tasks != a.train_tasks
 
 
-def test_synthetic_held_out_questions_are_unseen_cells_of_seen_kinds_and_categories():
-    train, test = synthetic.split_tasks(30, 12, seed=0)
-    cells = {(t.kind.name, t.category) for t in train}
-    assert len(test) == 12 and {(t.kind.name, t.category) for t in test} == synthetic.HELD_OUT
-    for task in test:
-        assert (task.kind.name, task.category) not in cells
-        assert any(kind == task.kind.name for kind, _ in cells)
-        assert any(category == task.category for _, category in cells)
-    assert {t.definition for t in train}.isdisjoint(t.definition for t in test)
+def test_synthetic_held_out_instructions_name_items_no_training_instruction_names(tmp_path):
+    suite = synthetic.write_suite(tmp_path, num_train_tasks=180, num_test_tasks=24, instances_per_task=5,
+                                  num_pretrain_docs=4)
+    train, test = synthetic.split_tasks(180, 24, seed=0)
+    assert [t.name for t in train] == suite.train_tasks and [t.name for t in test] == suite.test_tasks
+    assert {t.item for t in test} == set(synthetic.HELD_OUT_ITEMS)
+    assert not {t.item for t in train} & set(synthetic.HELD_OUT_ITEMS)
+    assert {t.kind.name for t in test} == {t.kind.name for t in train} == {k.name for k in synthetic.KINDS}
+    training_inputs = " ".join(json.loads((tmp_path / "sni" / "tasks" / f"{n}.json").read_text())["Instances"][0]
+                               ["input"] for n in suite.train_tasks).split()
+    assert set(synthetic.HELD_OUT_ITEMS) <= set(training_inputs)  # seen as items, never as a subject
     with pytest.raises(ValueError, match="num_train_tasks must be in"):
-        synthetic.split_tasks(31, 2, seed=0)
+        synthetic.split_tasks(181, 2, seed=0)
 
 
 def test_synthetic_tasks_compute_what_they_say():
     tasks = {t.name: t for t in synthetic.catalogue()}
-    items = ["cat", "3", "red", "owl", "7"]
+    items = ["cat", "3", "red", "cat", "7"]
     expected = {
-        "synthetic_count_animals_1": ("Count the animals in the list.", "2"),
-        "synthetic_count_items_2": ("How many items does the list hold?", "5"),
-        "synthetic_first_numbers_1": ("Write the first number of the list.", "3"),
-        "synthetic_last_animals_2": ("Which animal comes last?", "owl"),
-        "synthetic_exists_colours_2": ("Does the list contain a colour?", "yes"),
-        "synthetic_keep_numbers_1": ("Keep only the numbers.", "3 7"),
-        "synthetic_remove_colours_2": ("Delete every colour from the list.", "cat 3 owl 7"),
+        "synthetic_exists_cat_1": ("Is cat in the list?", "yes"),
+        "synthetic_exists_dog_2": ("Does the list contain dog?", "no"),
+        "synthetic_count_cat_1": ("How many times does cat appear?", "2"),
+        "synthetic_count_fox_2": ("Count each fox in the list.", "0"),
+        "synthetic_remove_cat_1": ("Remove every cat from the list.", "3 red 7"),
+        "synthetic_position_red_2": ("At which position is red first?", "3"),
+        "synthetic_position_owl_1": ("Where is the first owl?", "none"),
+        "synthetic_after_cat_1": ("Which item comes right after cat?", "3"),
+        "synthetic_after_7_2": ("What follows the first 7?", "none"),
     }
     for name, (definition, answer) in expected.items():
         assert (tasks[name].definition, tasks[name].run(items)) == (definition, answer)
-    assert tasks["synthetic_exists_animals_1"].run(["3", "red"]) == "no"
-    assert tasks["synthetic_first_colours_1"].run(["3", "cat"]) == "none"
-    assert tasks["synthetic_keep_colours_1"].run(["3", "cat"]) == "none"
+    assert tasks["synthetic_remove_cat_2"].run(["cat"]) == "none"
 
 
 def test_synthetic_tokenizer_keeps_the_format_words_whole(tmp_path):
-    suite = synthetic.write_suite(tmp_path, num_train_tasks=15, num_test_tasks=2, instances_per_task=5,
-                                  num_pretrain_docs=4)
+    suite = synthetic.write_suite(tmp_path, instances_per_task=5, num_pretrain_docs=4)
     tok = train_tokenizer(suite.texts(), tmp_path / "tok", vocab_size=600)
-    for word in ("Definition", "Count", "animals", "Now", "complete", "following", "Input", "Output", "fox"):
+    for word in ("Definition", "Remove", "every", "Now", "complete", "following", "Input", "Output", "fox"):
         assert len(tok.encode(word, eos=False)) == 1, word
 
 

@@ -250,10 +250,10 @@ def test_a_glob_that_matches_is_a_valid_data_path(suite, tmp_path, monkeypatch):
 
 def test_a_micro_batch_too_big_for_memory_is_a_clear_error(ray_local, tmp_path):
     """A real allocation failure, not a simulated one: 8192 concatenation-format examples
-    (~40 tokens each) through a 65536-wide embedding ask the allocator for ~80 GiB at the first
-    step, which the kernel refuses outright (nothing is touched). The run fails naming the
-    setting to lower, and its MLflow run is marked FAILED."""
-    would_need = 8192 * 40 * 65536 * 4
+    (padded to 27 tokens) through a 65536-wide embedding ask the allocator for 54 GiB at the
+    first step, which the kernel refuses outright (nothing is touched). The run fails naming
+    the setting to lower, and its MLflow run is marked FAILED."""
+    would_need = 8192 * 27 * 65536 * 4
     try:
         torch.empty(would_need, dtype=torch.uint8)
         pytest.skip(f"this machine grants {would_need / 2**30:.0f} GiB of address space at once: "
