@@ -76,11 +76,24 @@ class LocalRayCluster:
         self.logs: list[Path] = []
         self.gcs_port, self.dashboard_port = free_ports(2)
         self.address = f"http://127.0.0.1:{self.dashboard_port}"
+        self.taken = {self.gcs_port, self.dashboard_port}  # every port a node of this cluster uses
+
+    def take(self, n: int, span: int = 1) -> list[int]:
+        """n free ports, each the first of `span` ports, none of which this cluster already
+        uses: `ray start` refuses a worker port range that holds another component's port."""
+        firsts: list[int] = []
+        while len(firsts) < n:
+            first = free_ports(1)[0]
+            block = set(range(first, first + span))
+            if not self.taken & block:
+                self.taken |= block
+                firsts.append(first)
+        return firsts
 
     def add_node(self, num_cpus: int) -> subprocess.Popen:
         head = not self.nodes
-        ports = free_ports(7)
-        worker_ports = free_ports(1)[0]
+        ports = self.take(7)
+        (worker_ports,) = self.take(1, span=201)
         args = [str(BIN / "ray"), "start", "--block", "--node-ip-address=127.0.0.1",
                 f"--num-cpus={num_cpus}", f"--temp-dir={self.root}",
                 f"--dashboard-agent-listen-port={ports[0]}", f"--dashboard-agent-grpc-port={ports[1]}",
