@@ -32,7 +32,8 @@ def register(subparsers) -> None:
 
 
 def prepare_cmd(args: argparse.Namespace) -> int:
-    from hint_platform import config, tracking
+    from hint_platform import config
+    from hint_platform.tracking import runs
     from hint_platform.errors import UserError
     from pipelines import SourceSpec, prepare, stats_table
 
@@ -41,7 +42,7 @@ def prepare_cmd(args: argparse.Namespace) -> int:
     if not sources:
         raise UserError(f"{args.config}: data.{args.part} lists no sources")
     specs = [SourceSpec.from_dict(s, where=f"data.{args.part}[{i}]") for i, s in enumerate(sources)]
-    out = Path(args.out) if args.out else tracking.storage_dir(cfg) / "data" / f"{cfg.name}-{args.part}"
+    out = Path(args.out) if args.out else runs.storage_dir(cfg) / "data" / f"{cfg.name}-{args.part}"
     d = cfg.data
     print(f"writing {args.part} examples of {len(specs)} source(s) to {out}", flush=True)
     prepare(specs, d.tokenizer, str(out), max_input_len=d.max_input_len, max_hyper_len=d.max_hyper_len,

@@ -21,7 +21,7 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from hint_platform.demo import DemoSettings, run_demo
+    from hint_platform.recipes.demo import DemoSettings, run_demo
 
     run_demo(args.out, DemoSettings.quick() if args.quick else DemoSettings())
     return 0

@@ -26,24 +26,26 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from hint_platform import config, evaluate, registry, tracking
+    from hint_platform import config
+    from hint_platform.evaluation import evaluate
+    from hint_platform.tracking import registry, runs
 
     cfg = config.load(args.config, args.overrides)
-    uri = None if args.no_mlflow else tracking.resolve_tracking_uri(cfg)
+    uri = None if args.no_mlflow else runs.resolve_tracking_uri(cfg)
     if uri:
-        tracking.check_reachable(uri)
+        runs.check_reachable(uri)
     export = registry.resolve_export(args.model, uri)
     report = evaluate.evaluate_export(export, cfg, batch_size=args.batch_size,
                                       max_new_tokens=args.max_new_tokens,
                                       progress=lambda line: print(line, file=sys.stderr, flush=True))
-    out = Path(args.out) if args.out else tracking.storage_dir(cfg) / "eval" / cfg.name
+    out = Path(args.out) if args.out else runs.storage_dir(cfg) / "eval" / cfg.name
     evaluate.save_report(report, out)
     print(format_report(report))
     print(f"predictions and metrics: {out}")
     if uri:
         run_id = evaluate.log_report(report, out, tracking_uri=uri, experiment=cfg.run.experiment,
                                      run_name=f"eval-{cfg.name}",
-                                     artifact_location=tracking.artifact_location(cfg, uri))
+                                     artifact_location=runs.artifact_location(cfg, uri))
         print(f"MLflow run {run_id} at {uri}")
     return 0
 

@@ -41,7 +41,7 @@ def register(subparsers) -> None:
 
 def _uri(args) -> str:
     from hint_platform.config import ExperimentConfig
-    from hint_platform.tracking import check_reachable, resolve_tracking_uri
+    from hint_platform.tracking.runs import check_reachable, resolve_tracking_uri
 
     uri = args.tracking_uri or resolve_tracking_uri(ExperimentConfig())
     check_reachable(uri)
@@ -49,7 +49,7 @@ def _uri(args) -> str:
 
 
 def list_cmd(args) -> int:
-    from hint_platform.registry import list_versions
+    from hint_platform.tracking.registry import list_versions
 
     rows = list_versions(_uri(args), args.name)
     print(f"{'name':<24} {'version':>7}  {'aliases':<20} run_id")
@@ -59,7 +59,7 @@ def list_cmd(args) -> int:
 
 
 def alias_cmd(args) -> int:
-    from hint_platform.registry import set_alias
+    from hint_platform.tracking.registry import set_alias
 
     set_alias(_uri(args), args.name, args.alias, args.version)
     print(f"models:/{args.name}@{args.alias} -> version {args.version}")
@@ -67,7 +67,8 @@ def alias_cmd(args) -> int:
 
 
 def load_cmd(args) -> int:
-    from hint_platform.registry import HintPredictor, resolve_export
+    from hint_platform.tracking.pyfunc import HintPredictor
+    from hint_platform.tracking.registry import resolve_export
 
     uri = _uri(args) if args.model.startswith("models:/") else None
     inputs = args.inputs or [line.rstrip("\n") for line in sys.stdin if line.strip()]

@@ -7,7 +7,6 @@ import datetime
 import os
 import sys
 
-from hint_platform import submit as submit_lib
 from hint_platform.errors import UserError
 
 
@@ -59,13 +58,15 @@ def _address_option(parser: argparse.ArgumentParser) -> None:
 
 
 def run_submit(args) -> int:
+    from hint_platform.jobs import submit as submit_lib
+
     env_vars = {}
     for item in args.env:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise UserError(f"--env {item!r}: expected KEY=VALUE")
         env_vars[key] = value
-    request = submit_lib.prepare(
+    request = submit_lib.build_request(
         args.config, args.overrides, working_dir=args.working_dir, name=args.name,
         tracking_uri=args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"), env_vars=env_vars,
         shared_dir=args.shared_dir,
@@ -80,6 +81,8 @@ def run_submit(args) -> int:
 
 
 def _follow_and_report(client, job_id: str) -> int:
+    from hint_platform.jobs import submit as submit_lib
+
     try:
         status = submit_lib.follow(client, job_id)
     except KeyboardInterrupt:
@@ -91,6 +94,8 @@ def _follow_and_report(client, job_id: str) -> int:
 
 
 def run_list(args) -> int:
+    from hint_platform.jobs import submit as submit_lib
+
     client = submit_lib.connect(args.address)
     jobs = sorted(client.list_jobs(), key=lambda j: j.start_time or 0)
     print(f"{'ID':<36} {'STATUS':<10} {'STARTED':<19} ENTRYPOINT")
@@ -102,12 +107,16 @@ def run_list(args) -> int:
 
 
 def run_status(args) -> int:
+    from hint_platform.jobs import submit as submit_lib
+
     info = submit_lib.job_info(submit_lib.connect(args.address), args.job_id)
     print(f"{args.job_id} {info.status}" + (f": {info.message}" if info.message else ""))
     return 0
 
 
 def run_logs(args) -> int:
+    from hint_platform.jobs import submit as submit_lib
+
     client = submit_lib.connect(args.address)
     submit_lib.job_info(client, args.job_id)  # a clear error for an unknown id
     if args.follow:
@@ -117,6 +126,8 @@ def run_logs(args) -> int:
 
 
 def run_stop(args) -> int:
+    from hint_platform.jobs import submit as submit_lib
+
     client = submit_lib.connect(args.address)
     submit_lib.job_info(client, args.job_id)
     stopped = client.stop_job(args.job_id)

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import TextIO
 
 import requests
+from ray.job_submission import JobSubmissionClient
 
 from hint_platform import config as config_lib
 from hint_platform.errors import UserError
@@ -52,7 +53,7 @@ class JobRequest:
     metadata: dict[str, str]
 
 
-def prepare(
+def build_request(
     config_path: str | Path,
     overrides: list[str],
     *,
@@ -68,7 +69,7 @@ def prepare(
     relative paths go: `runs` becomes `<shared_dir>/runs`, as overrides in the entrypoint.
     """
     working_dir = Path(working_dir).resolve()
-    config_path = Path(config_path).resolve()
+    config_path = config_lib.find(config_path).resolve()
     if not config_path.is_relative_to(working_dir):
         raise UserError(
             f"config {config_path} is outside the working directory {working_dir} that is "
@@ -159,8 +160,6 @@ def resolve_address(address: str | None) -> str:
 
 def connect(address: str | None, timeout_s: float = 10.0):
     """A JobSubmissionClient for a dashboard that answered, with our token; else UserError."""
-    from ray.job_submission import JobSubmissionClient
-
     address = resolve_address(address)
     headers = auth_headers()
     try:

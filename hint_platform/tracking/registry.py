@@ -1,9 +1,9 @@
 """The model registry: log a training export as an MLflow `pyfunc` model, register it, alias it,
 and load `models:/NAME@ALIAS` back for evaluation or inference.
 
-The logged model is "model from code" (hint_platform/mlflow_model.py): MLflow stores a reference
-to `HintPyfunc` and the export directory (safetensors weights, config.json, tokenizer) as an
-artifact, so nothing is pickled. `predict` takes a table with `instruction` and `input` columns
+The logged model is "model from code" (tracking/pyfunc_model.py): MLflow stores a reference
+to `HintPyfunc` (tracking/pyfunc.py) and the export directory (safetensors weights,
+config.json, tokenizer) as an artifact, so nothing is pickled. `predict` takes a table with `instruction` and `input` columns
 and returns one output string per row; rows sharing an instruction share one module generation.
 """
 
@@ -14,19 +14,15 @@ from typing import Any
 
 import mlflow
 import mlflow.pyfunc
-import pandas as pd
 from mlflow import MlflowClient
 from mlflow.models.signature import ModelSignature
 from mlflow.types.schema import ColSpec, Schema
 
-from hint_model import HintModel
 from hint_platform.errors import UserError
-from hint_platform.evaluate import EXPORT_TOKENIZER, generate_outputs, task_modules
-from hint_platform.tracking import tracking_uri_scope
-from pipelines import formats, load_tokenizer
+from hint_platform.tracking.pyfunc import EXPORT_ARTIFACT
+from hint_platform.tracking.runs import tracking_uri_scope
 
-EXPORT_ARTIFACT = "export"  # the artifact key of the export directory inside the logged model
-_MODEL_CODE = Path(__file__).with_name("mlflow_model.py")
+_MODEL_CODE = Path(__file__).with_name("pyfunc_model.py")
 _SIGNATURE = ModelSignature(inputs=Schema([ColSpec("string", "instruction"), ColSpec("string", "input")]),
                             outputs=Schema([ColSpec("string")]))
 # What a serving environment needs to import the model; explicit so that MLflow does not load
@@ -37,61 +33,6 @@ _REQUIREMENTS = ["torch==2.13.0", "transformers==5.24.0", "sentencepiece==0.2.3"
 
 class RegistryError(UserError):
     """A registry name, version, alias or URI that does not resolve: the message names it."""
-
-
-class HintPredictor:
-    """An export directory loaded for inference: (instruction, input) pairs -> outputs."""
-
-    def __init__(self, export_dir: str | Path, max_new_tokens: int = 64, batch_size: int = 16,
-                 max_input_len: int = 1024):
-        self.model = HintModel.from_pretrained(str(export_dir)).eval()
-        self.tokenizer = load_tokenizer(Path(export_dir) / EXPORT_TOKENIZER)
-        self.max_new_tokens = max_new_tokens
-        self.batch_size = batch_size
-        self.max_input_len = max_input_len
-
-    def predict(self, instructions: list[str], inputs: list[str]) -> list[str]:
-        if len(instructions) != len(inputs):
-            raise ValueError(f"{len(instructions)} instructions for {len(inputs)} inputs")
-        rows_by_instruction: dict[str, list[int]] = {}
-        for i, instruction in enumerate(instructions):
-            rows_by_instruction.setdefault(instruction, []).append(i)
-        outputs: list[str] = [""] * len(inputs)
-        for instruction, rows in rows_by_instruction.items():
-            texts = [self.texts(instruction, inputs[i]) for i in rows]
-            max_hyper = self.model.config.max_hyper_len
-            hyper = tuple(self.tokenizer.encode(texts[0][0], max_hyper)) if texts[0][0] else ()
-            modules = task_modules(self.model, hyper)
-            ids = [self.tokenizer.encode(model_input, self.max_input_len) for _, model_input in texts]
-            outs = generate_outputs(self.model, self.tokenizer, modules, ids,
-                                    batch_size=self.batch_size, max_new_tokens=self.max_new_tokens)
-            for i, out in zip(rows, outs):
-                outputs[i] = out
-        return outputs
-
-
-    def texts(self, instruction: str, input_text: str) -> tuple[str, str]:
-        """(hypernetwork text, model text) in the SNI format the model's variant trains on."""
-        cfg = self.model.config
-        if cfg.hypernetwork:
-            return formats.sni_def(instruction, input_text)
-        if cfg.variant == "no_instruct":
-            return formats.no_instruct(input_text)
-        return formats.sni_concat(instruction, [], 0, input_text)
-
-
-class HintPyfunc(mlflow.pyfunc.PythonModel):
-    """The MLflow face of `HintPredictor`."""
-
-    def load_context(self, context):
-        self.predictor = HintPredictor(context.artifacts[EXPORT_ARTIFACT])
-
-    def predict(self, context, model_input: pd.DataFrame, params=None) -> list[str]:
-        missing = {"instruction", "input"} - set(model_input.columns)
-        if missing:
-            raise ValueError(f"model input: missing column(s) {', '.join(sorted(missing))} "
-                             "(expected instruction, input)")
-        return self.predictor.predict(list(model_input["instruction"]), list(model_input["input"]))
 
 
 def log_and_register(export_dir: str | Path, *, tracking_uri: str, run_id: str | None = None,

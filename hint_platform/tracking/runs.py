@@ -16,6 +16,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import mlflow
+from mlflow.tracking import MlflowClient
+
 from hint_platform.config import ExperimentConfig
 from hint_platform.errors import UserError
 
@@ -83,8 +86,6 @@ def artifact_location(cfg: ExperimentConfig, uri: str) -> str | None:
 def open_run(cfg: ExperimentConfig, uri: str) -> str:
     """Creates the MLflow run of `cfg` (or reopens the one a run of the same name and storage
     path started) and logs the whole resolved config as params. Returns the run id."""
-    from mlflow.tracking import MlflowClient
-
     check_reachable(uri)
     client = MlflowClient(tracking_uri=uri)
     experiment = client.get_experiment_by_name(cfg.run.experiment)
@@ -123,8 +124,6 @@ def tracking_uri_scope(uri: str | None) -> Iterator[None]:
     if uri is None:
         yield
         return
-    import mlflow
-
     saved = os.environ.get(TRACKING_URI_ENV)
     mlflow.set_tracking_uri(uri)
     try:
@@ -134,8 +133,6 @@ def tracking_uri_scope(uri: str | None) -> Iterator[None]:
 
 
 def close_run(uri: str, run_id: str, ok: bool) -> None:
-    from mlflow.tracking import MlflowClient
-
     MlflowClient(tracking_uri=uri).set_terminated(run_id, "FINISHED" if ok else "FAILED")
 
 
@@ -160,8 +157,6 @@ class RunLogger:
         self.active = bool(active and uri and run_id)
         if not self.active:
             return
-        import mlflow
-
         mlflow.set_tracking_uri(uri)
         mlflow.set_system_metrics_sampling_interval(1)
         mlflow.set_system_metrics_samples_before_logging(1)

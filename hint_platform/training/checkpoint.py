@@ -10,16 +10,12 @@ A checkpoint directory holds
     checkpoint of another model shape is refused with a clear error.
 No pickle: tensors go through DCP and safetensors, the rest is JSON.
 
-The export (`export_model`) is what later stages, evaluation and the registry load:
-`HintModel.save_pretrained` (config.json + model.safetensors) and a copy of the tokenizer
-directory under `tokenizer/`.
+`export_model` gathers the trained weights for the export (its layout: hint_platform/export.py).
 """
 
 from __future__ import annotations
 
 import json
-import shutil
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -35,52 +31,16 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
+from hint_platform import export
 from hint_platform.errors import UserError
+from hint_platform.training.state import TrainState
 
 TRAIN_STATE = "train_state.safetensors"
 MODEL_CONFIG = "model_config.json"
 
 
-class CheckpointError(UserError):
+class ResumeError(UserError):
     """A checkpoint that cannot be resumed from: the message names the directory and why."""
-
-
-@dataclass
-class TrainState:
-    """Where training is: optimizer steps done, the epoch, and the examples consumed in it."""
-
-    step: int = 0
-    epoch: int = 0
-    consumed: torch.Tensor = None  # bool [max example_index + 1] of the current epoch
-
-    def __post_init__(self):
-        if self.consumed is None:
-            self.consumed = torch.zeros(0, dtype=torch.bool)
-
-    def mark(self, example_indices: list[int]) -> None:
-        top = max(example_indices, default=-1) + 1
-        if top > len(self.consumed):
-            grown = torch.zeros(max(top, 2 * len(self.consumed)), dtype=torch.bool)
-            grown[: len(self.consumed)] = self.consumed
-            self.consumed = grown
-        self.consumed[torch.tensor(example_indices, dtype=torch.long)] = True
-
-    def is_consumed(self, example_index: int) -> bool:
-        return example_index < len(self.consumed) and bool(self.consumed[example_index])
-
-    def num_consumed(self) -> int:
-        return int(self.consumed.sum())
-
-    def gather(self) -> None:
-        """Makes `consumed` the union over all ranks (each rank marks only what it trained)."""
-        if not dist.is_initialized():
-            return
-        size = torch.tensor([len(self.consumed)])
-        dist.all_reduce(size, op=dist.ReduceOp.MAX)
-        bitmap = torch.zeros(int(size), dtype=torch.uint8)
-        bitmap[: len(self.consumed)] = self.consumed.to(torch.uint8)
-        dist.all_reduce(bitmap, op=dist.ReduceOp.MAX)
-        self.consumed = bitmap.bool()
 
 
 def save_checkpoint(directory: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -103,25 +63,25 @@ def load_checkpoint(directory: str | Path, model: nn.Module, optimizer: torch.op
     directory = Path(directory)
     for name in (TRAIN_STATE, MODEL_CONFIG, ".metadata"):
         if not (directory / name).is_file():
-            raise CheckpointError(f"checkpoint {directory}: {name} is missing; "
+            raise ResumeError(f"checkpoint {directory}: {name} is missing; "
                                   "not a checkpoint of `hint train`, or an incomplete one")
     try:
         saved_config = json.loads((directory / MODEL_CONFIG).read_text())
     except json.JSONDecodeError as e:
-        raise CheckpointError(f"checkpoint {directory}/{MODEL_CONFIG}: corrupt JSON: {e}") from None
+        raise ResumeError(f"checkpoint {directory}/{MODEL_CONFIG}: corrupt JSON: {e}") from None
     differs = sorted(k for k in set(saved_config) | set(model_config)
                      if saved_config.get(k) != model_config.get(k))
     if differs:
         detail = ", ".join(f"{k}: checkpoint {saved_config.get(k)!r} vs run "
                            f"{model_config.get(k)!r}" for k in differs[:5])
-        raise CheckpointError(f"checkpoint {directory} is of another model ({detail}); "
+        raise ResumeError(f"checkpoint {directory} is of another model ({detail}); "
                               "use another run name or storage path to start afresh")
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state_dict = {"model": model_sd, "optim": optim_sd}
     try:
         dcp.load(state_dict, checkpoint_id=str(directory))
     except (Exception, CheckpointException) as e:  # DCP's is a BaseException
-        raise CheckpointError(f"checkpoint {directory} cannot be loaded: "
+        raise ResumeError(f"checkpoint {directory} cannot be loaded: "
                               f"{type(e).__name__}: {e}") from e
     set_state_dict(model, optimizer, model_state_dict=state_dict["model"],
                    optim_state_dict=state_dict["optim"])
@@ -134,7 +94,7 @@ def _read_train_state(directory: Path) -> TrainState:
         return TrainState(step=int(saved["step"]), epoch=int(saved["epoch"]),
                           consumed=saved["consumed"].bool())
     except Exception as e:
-        raise CheckpointError(f"checkpoint {directory}: {TRAIN_STATE} cannot be read: "
+        raise ResumeError(f"checkpoint {directory}: {TRAIN_STATE} cannot be read: "
                               f"{type(e).__name__}: {e}") from e
 
 
@@ -152,12 +112,9 @@ def latest_train_state(run_dir: str | Path) -> TrainState | None:
 
 
 def export_model(model: nn.Module, directory: str | Path, tokenizer_dir: str | Path) -> None:
-    """Collective: gathers the full state dict to rank 0 (on CPU), which writes the model with
-    `save_pretrained` and copies the tokenizer beside it."""
+    """Collective: gathers the full state dict to rank 0 (on CPU), which writes the export."""
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
                                                                  cpu_offload=True))
     if dist.is_initialized() and dist.get_rank() != 0:
         return
-    directory = Path(directory)
-    model.save_pretrained(directory, state_dict=full)
-    shutil.copytree(tokenizer_dir, directory / "tokenizer", dirs_exist_ok=True)
+    export.write(model, directory, tokenizer_dir, state_dict=full)

@@ -1,5 +1,8 @@
 """How a model is spread over the workers: FSDP2 sharding, mixed precision, activation
-checkpointing. The model knows nothing of this (torchtitan style); it only lists its blocks.
+checkpointing. The model knows nothing of sharding or precision (torchtitan style): it lists its
+blocks, and offers per-block activation checkpointing as a switch that this step turns on (kept
+in the model because wrapping the blocks would rename their state-dict keys, which the DCP
+checkpoints and the Hugging Face-compatible export share).
 
 One FSDP unit per T5 block, then the root (embeddings, final norms, lm_head, the parameter
 generator): each block's parameters are all-gathered just before it runs and freed after, so

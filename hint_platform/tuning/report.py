@@ -1,7 +1,7 @@
 """The report of a study: a leaderboard a person reads, and plots, logged to its parent run.
 
 Read from Tune's results directory (so `hint tune report` works after the study, and on a
-partial one): one row per trial with its setting, how it ended, its last value of the study's
+partial one): one row per trial with its point of the space, how it ended, its last value of the study's
 metric, the size of the PEFT modules it generates per task and its inference GFLOPs per task.
 Plots: learning curves, metric vs PEFT size, metric vs inference GFLOPs per task.
 """
@@ -11,10 +11,19 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from hint_platform.tune import StudyRun
+import matplotlib
+from mlflow.tracking import MlflowClient
+from ray.tune import ExperimentAnalysis
+
+from hint_model import flops
+from hint_platform.config import model_config
+from hint_platform.errors import UserError
+from hint_platform.tuning import study_runs
+from hint_platform.tuning.plan import StudyRun, apply_point, point_label
+
+matplotlib.use("Agg")  # files only: no display on a cluster or in CI
+import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 
 # Inference cost of one task in the plots: the paper's SNI evaluation (Appendix C):
 # 100 inputs of a task, instruction and input lengths as configured, 128 output tokens.
@@ -25,7 +34,7 @@ OUTPUT_LEN = 128
 @dataclass
 class Row:
     trial_id: str
-    setting: str  # the trial's point of the space, `key=value ...`
+    point: str  # the trial's point of the space, `key=value ...`
     status: str  # done | stopped early | failed | pending | running
     steps: int  # last step reported
     metric: float  # last reported value of the study's metric (nan: never reported)
@@ -34,13 +43,8 @@ class Row:
     curve: tuple[list[int], list[float]]  # (steps, metric values)
 
 
-def leaderboard(run: "StudyRun") -> list[Row]:
+def leaderboard(run: StudyRun) -> list[Row]:
     """The study's trials, best first (trials without the metric last)."""
-    from ray.tune import ExperimentAnalysis
-
-    from hint_platform.errors import UserError
-    from hint_platform.tune import apply_point, setting, trial_outcome
-
     if not (run.path / "tuner.pkl").exists():
         raise UserError(f"no results for study {run.name} under {run.path}: "
                         f"run `hint tune {run.study.name}` first")
@@ -57,8 +61,8 @@ def leaderboard(run: "StudyRun") -> list[Row]:
         last_step = int(trial.last_result.get("step", 0) or 0)
         cfg = apply_point(run.base, trial.config)
         rows.append(Row(
-            trial_id=trial.trial_id, setting=setting(trial.config),
-            status=trial_outcome(trial, max_steps), steps=last_step,
+            trial_id=trial.trial_id, point=point_label(trial.config),
+            status=study_runs.trial_outcome(trial, max_steps), steps=last_step,
             metric=values[-1] if values else math.nan,
             peft_params=peft_params(cfg), gflops=inference_gflops(cfg), curve=(steps, values)))
     sign = 1 if run.study.mode == "min" else -1
@@ -70,9 +74,9 @@ def leaderboard(run: "StudyRun") -> list[Row]:
 
 
 def format_table(rows: list[Row], metric: str) -> str:
-    header = ["#", "trial", "setting", "status", "steps", metric, "PEFT params/task",
+    header = ["#", "trial", "point", "status", "steps", metric, "PEFT params/task",
               "GFLOPs/task"]
-    body = [[str(i), r.trial_id, r.setting, r.status, str(r.steps),
+    body = [[str(i), r.trial_id, r.point, r.status, str(r.steps),
              "-" if math.isnan(r.metric) else f"{r.metric:.4f}", f"{r.peft_params:,}",
              f"{r.gflops:,.1f}"] for i, r in enumerate(rows, 1)]
     widths = [max(len(line[i]) for line in [header, *body]) for i in range(len(header))]
@@ -82,13 +86,9 @@ def format_table(rows: list[Row], metric: str) -> str:
     return "\n".join(lines)
 
 
-def write_report(run: "StudyRun", parent_run_id: str | None) -> Path:
+def write_report(run: StudyRun, parent_run_id: str | None) -> Path:
     """Writes report/ (leaderboard.txt + PNG plots) into the study directory, tags the best
     trial, and logs the report to the study's MLflow parent run. Returns the report directory."""
-    from mlflow.tracking import MlflowClient
-
-    from hint_platform.tune import BEST_TAG, TRIAL_TAG, child_runs
-
     rows = leaderboard(run)
     metric = run.study.metric
     out = run.path / "report"
@@ -107,24 +107,18 @@ def write_report(run: "StudyRun", parent_run_id: str | None) -> Path:
     plot_against(rows, "gflops", f"inference GFLOPs per task ({TASK_INPUTS} inputs)", metric,
                  out / f"{metric}_vs_gflops.png")
     if parent_run_id:
-        client = MlflowClient(run.tracking_uri)
         best = rows[0] if rows and not math.isnan(rows[0].metric) else None
-        for child in child_runs(run, parent_run_id):
-            is_best = best is not None and child.data.tags.get(TRIAL_TAG) == best.trial_id
-            client.set_tag(child.info.run_id, BEST_TAG, str(is_best).lower())
-        if best:
-            client.set_tag(parent_run_id, f"{BEST_TAG}_trial", best.trial_id)
-            client.log_metric(parent_run_id, f"best_{metric}", best.metric)
-        client.log_artifacts(parent_run_id, str(out), "report")
+        study_runs.mark_best(run, parent_run_id, best and best.trial_id, metric,
+                             best and best.metric)
+        MlflowClient(run.tracking_uri).log_artifacts(parent_run_id, str(out), "report")
     return out
 
 
 def plot_learning_curves(rows: list[Row], metric: str, path: Path) -> None:
-    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for r in rows:
         if r.curve[0]:
-            ax.plot(*r.curve, marker=".", label=f"{r.setting} ({r.status})")
+            ax.plot(*r.curve, marker=".", label=f"{r.point} ({r.status})")
     ax.set(xlabel="step", ylabel=metric, title=f"{metric} during training")
     if any(r.curve[0] for r in rows):
         ax.legend(fontsize="small")
@@ -132,21 +126,18 @@ def plot_learning_curves(rows: list[Row], metric: str, path: Path) -> None:
 
 
 def plot_against(rows: list[Row], attr: str, xlabel: str, metric: str, path: Path) -> None:
-    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for r in rows:
         if not math.isnan(r.metric):
             ax.scatter(getattr(r, attr), r.metric)
-            ax.annotate(r.setting, (getattr(r, attr), r.metric), fontsize="x-small")
+            ax.annotate(r.point, (getattr(r, attr), r.metric), fontsize="x-small")
     ax.set(xlabel=xlabel, ylabel=metric, title=f"{metric} vs {xlabel}")
     _save(fig, path)
 
 
 def peft_params(cfg) -> int:
     """Parameters the hypernetwork generates for one task (adapters, prefixes, LoRA)."""
-    from hint_model import flops
-
-    m = _model_config(cfg)
+    m = model_config(cfg)
     return flops.task_state_values(m, t=0) if m.hypernetwork else 0
 
 
@@ -154,30 +145,13 @@ def inference_gflops(cfg) -> float:
     """Inference GFLOPs of one task of TASK_INPUTS inputs (hint_model.flops, Appendix C):
     HINT reads the instruction once; a model without a hypernetwork reads it with every input,
     or not at all (No-Instruct)."""
-    from hint_model import flops
-
-    m, d = _model_config(cfg), cfg.data
+    m, d = model_config(cfg), cfg.data
     t = 0 if cfg.model.variant == "no_instruct" else d.max_hyper_len
     cost = flops.task_cost(m, n=TASK_INPUTS, t=t, i=d.max_input_len, o=OUTPUT_LEN)
     return (cost.hint if m.hypernetwork else cost.concat) / 1e9
 
 
-def _model_config(cfg):
-    from hint_model import HintConfig
-
-    return HintConfig.preset(cfg.model.preset, variant=cfg.model.variant, **cfg.model.overrides)
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only: no display on a cluster or in CI
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _save(fig, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    _pyplot().close(fig)
+    plt.close(fig)
