@@ -77,13 +77,14 @@ def save_report(report: EvalReport, out_dir: str | Path) -> Path:
 
 
 def log_report(report: EvalReport, out_dir: str | Path, *, tracking_uri: str, experiment: str,
-               run_name: str, artifact_location: str | None = None) -> str:
+               run_name: str, artifact_location: str | None = None,
+               tags: dict[str, str] | None = None) -> str:
     """An MLflow run holding the evaluation's metrics and its saved files; returns the run id."""
     with tracking_uri_scope(tracking_uri):
         if mlflow.get_experiment_by_name(experiment) is None:
             mlflow.create_experiment(experiment, artifact_location=artifact_location)
         mlflow.set_experiment(experiment)
-        with mlflow.start_run(run_name=run_name) as run:
+        with mlflow.start_run(run_name=run_name, tags=tags) as run:
             mlflow.log_metrics(report.flat_metrics())
             mlflow.log_artifacts(str(out_dir), artifact_path="eval")
     return run.info.run_id
