@@ -30,6 +30,8 @@ def register(subparsers) -> None:
         a.add_argument("--size", choices=("xl", "xxl"), default="xl", help="3B (xl) or 11B (xxl)")
         a.add_argument("--checkpoint", help="the LM-adapted T5 checkpoint chains start from "
                                             "(default: the one the pretraining config names)")
+        a.add_argument("--row", action="append", default=[], metavar="LABEL",
+                       help="only this row (repeatable; `hint paper list` names them)")
         a.set_defaults(func=func)
         if action == "run":
             a.add_argument("--address", help="run the chain as a Ray job on this cluster "
@@ -41,12 +43,13 @@ def register(subparsers) -> None:
             a.add_argument("--no-wait", action="store_true", help="submit and return")
 
 
-def _table(key: str):
+def _table(key: str, rows: list[str] = ()):
+    """The table `key`, restricted to `rows` when given."""
     from hint_platform.errors import UserError
     from hint_platform.paper import plan
 
     try:
-        return plan.table(key)
+        return plan.table(key).only(list(rows))
     except KeyError as e:
         raise UserError(e.args[0]) from None
 
@@ -73,7 +76,7 @@ def run_list(args: argparse.Namespace) -> int:
 def run_run(args: argparse.Namespace) -> int:
     from hint_platform.paper import runner
 
-    table = _table(args.table)
+    table = _table(args.table, args.row)
     if args.address:
         return runner.submit_table(
             table, args.size, args.overrides, address=args.address, shared_dir=args.shared_dir,
@@ -91,7 +94,7 @@ def run_run(args: argparse.Namespace) -> int:
 def run_table(args: argparse.Namespace) -> int:
     from hint_platform.paper import tables
 
-    assembled = tables.assemble(_table(args.table), args.size, args.overrides, args.checkpoint)
+    assembled = tables.assemble(_table(args.table, args.row), args.size, args.overrides, args.checkpoint)
     print(assembled.markdown())
     out, run_id = tables.save_and_log(assembled, args.overrides, args.checkpoint)
     print(f"Markdown and CSV: {out}; MLflow run {run_id}")

@@ -15,7 +15,7 @@ paper is silent the reference repository (allenai/hyper-task-descriptions) decid
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 SIZES = {"xl": "3b", "xxl": "11b"}  # size preset -> the tag in config and run names
@@ -69,6 +69,14 @@ class Table:
                 for s in stage.chain():
                     ordered.setdefault(s.name, s)
         return list(ordered.values())
+
+    def only(self, labels: list[str]) -> "Table":
+        """The table restricted to the rows `labels` names (all of them when empty)."""
+        unknown = [label for label in labels if label not in {r.label for r in self.rows}]
+        if unknown:
+            raise KeyError(f"{self.key} has no row {unknown[0]!r}; its rows: "
+                           + ", ".join(r.label for r in self.rows))
+        return replace(self, rows=tuple(r for r in self.rows if r.label in labels)) if labels else self
 
     def evaluated(self) -> list[Stage]:
         return list({s.name: s for row in self.rows for _, s in row.cells}.values())

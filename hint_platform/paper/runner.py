@@ -25,7 +25,7 @@ from hint_platform.errors import UserError
 from hint_platform.evaluation import evaluate
 from hint_platform.jobs import submit
 from hint_platform.paper.plan import Table
-from hint_platform.paper.stages import Resolved, resolve
+from hint_platform.paper.stages import Resolved, lm_adapted, resolve
 from hint_platform.tracking import runs
 from hint_platform.training.driver import fit
 from pipelines import SourceSpec, prepare
@@ -64,8 +64,9 @@ def run_local(table: Table, size: str, overrides: list[str], *, checkpoint: str 
     outcomes = []
     for stage in plan_for(table, size, overrides, checkpoint, shared_dir):
         if table.kind == "lengths":
-            if stage.stage.name in evaluated:
-                outcomes.append(measure_lengths(stage, progress))
+            if stage.stage.name in evaluated:  # the chain's vocabulary: the LM-adapted T5's
+                tokenizer = lm_adapted(size, overrides, checkpoint)
+                outcomes.append(measure_lengths(stage, tokenizer, progress))
             continue
         outcomes.append(train(stage, progress))
         if stage.stage.name in evaluated:
@@ -107,7 +108,7 @@ def evaluate_stage(stage: Resolved, progress: Callable[[str], None]) -> StageOut
     return StageOutcome(cfg.name, "evaluated", str(export_dir), run_id)
 
 
-def measure_lengths(stage: Resolved, progress: Callable[[str], None]) -> StageOutcome:
+def measure_lengths(stage: Resolved, tokenizer: str, progress: Callable[[str], None]) -> StageOutcome:
     """Table 7: the stage's training data through `pipelines.prepare`; its manifest's medians
     logged as metrics (`median_instruction`, `median_input`, `median_output`)."""
     cfg = stage.cfg
@@ -119,7 +120,6 @@ def measure_lengths(stage: Resolved, progress: Callable[[str], None]) -> StageOu
     out = runs.storage_dir(cfg) / "data" / f"{cfg.name}-train"
     d = cfg.data
     specs = [SourceSpec.from_dict(s, where=f"data.train[{i}]") for i, s in enumerate(d.train)]
-    tokenizer = d.tokenizer or cfg.model.init_from
     manifest = prepare(specs, str(export.tokenizer_dir(tokenizer)), str(out),
                        max_input_len=d.max_input_len, max_hyper_len=d.max_hyper_len,
                        max_target_len=d.max_target_len, on_bad_record=d.on_bad_record,
@@ -171,6 +171,7 @@ def submit_table(table: Table, size: str, overrides: list[str], *, address: str 
                         + "; ".join(f"{name}: {key}={path!r}" for name, key, path in unshared[:5])
                         + ". Pass --shared-dir DIR, or override them")
     argv = ["paper", "run", table.key, "--size", size, *overrides]
+    argv += [f"--row={row.label}" for row in table.rows]
     argv += [f"--shared-dir={shared_dir}"] if shared_dir else []
     argv += [f"--checkpoint={checkpoint}"] if checkpoint else []
     request = submit.command_request(argv, working_dir=working_dir, tracking_uri=tracking_uri,

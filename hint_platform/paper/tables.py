@@ -115,30 +115,29 @@ def _flops(table: Table, size: str, overrides: list[str], checkpoint: str | None
     for row in table.rows:
         cells = dict(row.cells)
         hint, concat = (resolve(cells[c], size, overrides, checkpoint=checkpoint) for c in ("", "concat"))
-        lengths = [_medians(cells[c], overrides, checkpoint) for c in ("", "concat")]
-        if None in lengths:
-            missing += [s.name for s, m in zip((cells[""], cells["concat"]), lengths) if m is None]
+        lengths = {c: _medians(cells[c], overrides, checkpoint) for c in ("", "concat")}
+        absent = [name for name, medians in lengths.values() if medians is None]
+        if absent:
+            missing += [f"{name} (run `hint paper run {LENGTHS.key}` first)" for name in absent]
             rows.append([row.label] + [None] * len(table.metrics))
             continue
-        (t, i, o), (_, i_concat, _) = lengths
+        (t, i, o), (_, i_concat, _) = lengths[""][1], lengths["concat"][1]
         hint_cost = task_cost(model_config(hint.cfg), FLOPS_INPUTS, t, i, o)
         concat_cost = task_cost(model_config(concat.cfg), FLOPS_INPUTS, 0, i_concat, o)
         rows.append([row.label, hint_cost.hint / 1e9, concat_cost.concat / 1e9,
                      concat_cost.concat / hint_cost.hint, hint_cost.hint_state_bytes / 2**20,
                      hint_cost.kv_cache_bytes / 2**20])
-    if missing:
-        missing = [f"{n} (run `hint paper run {LENGTHS.key}` first)" for n in dict.fromkeys(missing)]
-    return Assembled(table, size, header, rows, missing=missing)
+    return Assembled(table, size, header, rows, missing=list(dict.fromkeys(missing)))
 
 
-def _medians(stage, overrides: list[str], checkpoint: str | None) -> tuple[int, int, int] | None:
-    """(instruction, input, output) medians Table 7 measured for `stage` (at its size, xl)."""
+def _medians(stage, overrides: list[str], checkpoint: str | None):
+    """(run name, (instruction, input, output) medians Table 7 measured for `stage`, or None)."""
     resolved: Resolved = resolve(stage, LENGTHS.sizes[0], overrides, checkpoint=checkpoint)
     run = tagged_run(resolved.cfg, paper_tags(resolved, "lengths"))
     if run is None or run.info.status != "FINISHED":
-        return None
+        return resolved.name, None
     m = run.data.metrics
-    return tuple(round(m[f"median_{k}"]) for k in ("instruction", "input", "output"))
+    return resolved.name, tuple(round(m[f"median_{k}"]) for k in ("instruction", "input", "output"))
 
 
 def save_and_log(assembled: Assembled, overrides: list[str], checkpoint: str | None = None) -> tuple[Path, str]:
@@ -171,8 +170,8 @@ def save_and_log(assembled: Assembled, overrides: list[str], checkpoint: str | N
 
 def require_complete(assembled: Assembled) -> None:
     if assembled.missing:
-        raise UserError(f"{assembled.table.key}: {len(assembled.missing)} cell(s) have no finished "
-                        f"run: {', '.join(assembled.missing)} (`hint paper run {assembled.table.key}`)")
+        how = "" if assembled.table.kind == "flops" else f" (`hint paper run {assembled.table.key}`)"
+        raise UserError(f"{assembled.table.key}: no finished run for {', '.join(assembled.missing)}{how}")
 
 
 def _column(column: str, metric: str, columns: int) -> str:

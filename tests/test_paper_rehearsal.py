@@ -1,0 +1,105 @@
+"""The paper's chains end to end at toy size on the real samples, through the `hint` CLI with only
+sizes, steps and paths overridden: a tiny Hugging Face T5 (written here, with the real T5
+spiece.model) as the "LM-adapted checkpoint" -> C4 pretraining -> SNI Def and Def + 2 Pos.
+fine-tuning and evaluation on the real test tasks -> P3 joint and split on the rendered / raw
+files, rank classification on SuperGLUE -> `hint paper table`. Each stage must have consumed the
+previous stage's export; a second `hint paper run` must skip everything."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+from safetensors.torch import load_file
+
+from hint_platform import cli
+from hint_platform.paper import plan
+from hint_platform.paper.stages import resolve
+from hint_platform.tracking import runs
+
+pytestmark = pytest.mark.usefixtures("ray_local")
+D_MODEL = 64  # the tiny preset's width: T5's 32k vocabulary makes the embedding the model
+
+
+@pytest.fixture(scope="module")
+def t5_dir(shared_data, tmp_path_factory) -> Path:
+    """A tiny T5 v1.1 (gated GELU, untied head) as Hugging Face saves it, with the real T5
+    vocabulary: what `checkpoints/t5-xl-lm-adapt` is at full size."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    out = tmp_path_factory.mktemp("t5-tiny-lm-adapt")
+    torch.manual_seed(0)
+    config = T5Config(vocab_size=32128, d_model=D_MODEL, d_kv=16, num_heads=4, d_ff=128,
+                      num_layers=2, num_decoder_layers=2, feed_forward_proj="gated-gelu",
+                      tie_word_embeddings=False, decoder_start_token_id=0)
+    T5ForConditionalGeneration(config).save_pretrained(out, safe_serialization=True)
+    shutil.copy(shared_data / "tokenizer" / "t5" / "spiece.model", out / "spiece.model")
+    return out
+
+
+def overrides(data: Path, storage: Path) -> list[str]:
+    sni = {"kind": "sni", "path": str(data / "sni"), "split": "mini"}
+    p3 = str(data / "p3")
+    templates = {"templates": f"{p3}/promptsource_templates"}
+    superglue = [{"kind": "p3", "path": f"{p3}/raw/super_glue/{d}/val.jsonl", "dataset": f"super_glue/{d}",
+                  "part": "test", "example_cap": 24, **templates} for d in ("cb", "rte")]
+    rendered = [f"{p3}/t0_train_rendered/{f}.jsonl.gz" for f in ("glue_mrpc_equivalent", "imdb_Reviewer_Enjoyment")]
+    scoped = {
+        "pretrain-c4": {"train": [{"kind": "c4", "path": str(data / "c4" / "c4-en.olmo-test-fixtures.json.gz"),
+                                   "format": "pretrain", "segment_len": 48}]},
+        "sni-def": {"train": [{**sni, "format": "def", "max_per_task": 2}],
+                    "eval": [{**sni, "format": "def", "part": "test", "max_per_task": 4}]},
+        "sni-def-2pos": {"train": [{**sni, "format": "def_pos", "max_per_task": 2}],
+                         "eval": [{**sni, "format": "def_pos", "part": "test", "max_per_task": 4}]},
+        "p3-joint": {"train": [{"kind": "p3_rendered", "path": p, "format": "joint", **templates} for p in rendered],
+                     "eval": [{**s, "format": "joint"} for s in superglue]},
+        "p3-split": {"train": [{"kind": "p3", "path": f"{p3}/raw/super_glue/rte/train.jsonl",
+                                "dataset": "super_glue/rte", "format": "split", **templates}],
+                     "eval": [{**s, "format": "split"} for s in superglue]},
+    }
+    out = ["model.preset=tiny", "train.num_workers=1", "train.cpus_per_worker=0.5", "train.use_gpu=false",
+           "train.global_batch_size=4", "train.micro_batch_size=4", "train.max_steps=2",
+           "train.activation_checkpointing=false", "train.checkpoint_every=0", "train.log_every=1",
+           "train.eval_examples=4", "data.max_input_len=256", "data.max_hyper_len=256",
+           "data.max_target_len=8", f"run.storage_path={storage}"]
+    for setup, parts in scoped.items():
+        out += [f"{setup}:data.{part}={json.dumps(sources)}" for part, sources in parts.items()]
+    return out
+
+
+def params(storage: Path, name: str, experiment: str = "hint-3b") -> dict:
+    client = MlflowClient(tracking_uri=f"sqlite:///{storage / 'mlflow.db'}")
+    exp = client.get_experiment_by_name(experiment)
+    (run,) = client.search_runs([exp.experiment_id], f"tags.`{runs.RUN_NAME_TAG}` = '{name}'")
+    assert run.info.status == "FINISHED", name
+    return run.data.params
+
+
+def table_csv(storage: Path, key: str) -> list[dict]:
+    with open(storage / "paper" / f"{key}-xl.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def test_rehearsal(shared_data, t5_dir, tmp_path, capsys):
+    storage = tmp_path / "runs"
+    args = [*overrides(shared_data, storage), f"--checkpoint={t5_dir}"]
+    start = time.monotonic()
+    rows = {"table1": ("HINT",), "table2": ("HINT (joint)", "HINT (split)")}
+    for key, labels in rows.items():
+        assert cli.main(["paper", "run", key, *args, *[f"--row={r}" for r in labels]]) == 0
+    print(f"rehearsal wall time: {time.monotonic() - start:.0f}s")
+
+    # Each stage started from the export of the one before it, and training moved the weights.
+    pretrain, fresh = "hint-3b-pretrain-c4", load_file(t5_dir / "model.safetensors")
+    assert params(storage, pretrain)["model.init_from"] == str(t5_dir)
+    exported = load_file(storage / pretrain / "export" / "model.safetensors")
+    assert not torch.equal(exported["t5.shared.weight"], fresh["shared.weight"])
+    for name in ("hint-3b-sni-def", "hint-3b-sni-def-2pos", "hint-3b-p3-joint", "hint-3b-p3-split"):
+        assert params(storage, name)["model.init_from"] == str(storage / pretrain / "export")
+        assert (storage / name / "export" / "tokenizer" / "spiece.model").is_file()
