@@ -16,7 +16,7 @@ import yaml
 
 from hint_model import VARIANT_PRESETS
 from hint_platform import cli, config
-from hint_platform.paper import plan
+from hint_platform.paper import plan, runner
 from hint_platform.paper.stages import chain_commands, resolve, split_overrides
 from pipelines.spec import FORMATS, SourceSpec, SpecError
 from test_infra import INFRA, train_commands
@@ -130,3 +130,25 @@ def test_unknown_tables_rows_and_sizes_are_user_errors(capsys):
     assert "at xl only" in capsys.readouterr().err
     with pytest.raises(SpecError):
         SourceSpec.from_dict({"kind": "sni", "path": "x", "format": "nope"})
+
+
+def test_a_paper_run_on_a_cluster_is_one_checked_job(capsys):
+    """`--address`: every stage must be on shared storage before anything is sent; the job runs
+    the same `hint paper run` there, rows and all, and parses as this CLI's command."""
+    assert cli.main(["paper", "run", "table1", "--address", "http://127.0.0.1:9"]) == 2
+    err = capsys.readouterr().err
+    assert "only shared storage" in err and "run.storage_path='runs'" in err
+    table = plan.TABLE2.only(["HINT (split)"])
+    request = runner.paper_job(table, "xxl", ["train.max_steps=5"], shared_dir="/mnt/shared",
+                               checkpoint=None, tracking_uri="http://mlflow:5000")
+    argv = shlex.split(request.entrypoint)
+    assert argv[:6] == ["hint", "paper", "run", "table2", "--size", "xxl"]
+    assert "--row=HINT (split)" in argv and "--shared-dir=/mnt/shared" in argv
+    args, extra = cli.build_parser().parse_known_args(argv[1:])
+    assert (args.table, args.size, args.row) == ("table2", "xxl", ["HINT (split)"])
+    assert args.overrides + extra == ["train.max_steps=5"]  # as cli.main joins them
+    assert request.runtime_env["env_vars"]["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
+    # the address is checked only after the plan: an unreachable one is a clear error
+    assert cli.main(["paper", "run", "table2", "--size", "xxl", "--row", "HINT (split)",
+                     "--shared-dir", "/mnt/shared", "--address", "http://127.0.0.1:9"]) == 2
+    assert "cannot reach a Ray cluster at http://127.0.0.1:9" in capsys.readouterr().err

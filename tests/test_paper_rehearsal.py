@@ -86,14 +86,20 @@ def table_csv(storage: Path, key: str) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+def number(value: str) -> float:
+    assert value != "", "an empty cell"
+    return float(value)
+
+
 def test_rehearsal(shared_data, t5_dir, tmp_path, capsys):
     storage = tmp_path / "runs"
     args = [*overrides(shared_data, storage), f"--checkpoint={t5_dir}"]
+    rows = {"table1": ("HINT",), "table2": ("T0", "HINT (split)", "HINT (joint)")}
     start = time.monotonic()
-    rows = {"table1": ("HINT",), "table2": ("HINT (joint)", "HINT (split)")}
     for key, labels in rows.items():
         assert cli.main(["paper", "run", key, *args, *[f"--row={r}" for r in labels]]) == 0
-    print(f"rehearsal wall time: {time.monotonic() - start:.0f}s")
+    assert cli.main(["paper", "run", "table7", *args]) == 0
+    wall = time.monotonic() - start
 
     # Each stage started from the export of the one before it, and training moved the weights.
     pretrain, fresh = "hint-3b-pretrain-c4", load_file(t5_dir / "model.safetensors")
@@ -102,4 +108,51 @@ def test_rehearsal(shared_data, t5_dir, tmp_path, capsys):
     assert not torch.equal(exported["t5.shared.weight"], fresh["shared.weight"])
     for name in ("hint-3b-sni-def", "hint-3b-sni-def-2pos", "hint-3b-p3-joint", "hint-3b-p3-split"):
         assert params(storage, name)["model.init_from"] == str(storage / pretrain / "export")
-        assert (storage / name / "export" / "tokenizer" / "spiece.model").is_file()
+        tuned = load_file(storage / name / "export" / "model.safetensors")
+        assert not torch.equal(tuned["t5.shared.weight"], exported["t5.shared.weight"]), name
+    t0 = params(storage, "t0-3b-p3")
+    assert (t0["model.init_from"], t0["model.variant"]) == (str(t5_dir), "concat")
+    assert {s["format"] for s in json.loads(t0["data.train"])} == {"concat"}
+
+    # A second run finds every stage finished and trains nothing.
+    capsys.readouterr()
+    assert cli.main(["paper", "run", "table1", *args, "--row=HINT"]) == 0
+    assert "table1 (xl): 5 skipped" in capsys.readouterr().out
+
+    printed = {}
+    for key, labels in [*rows.items(), ("table7", ()), ("flops", ())]:
+        assert cli.main(["paper", "table", key, *args, *[f"--row={r}" for r in labels]]) == 0
+        printed[key] = capsys.readouterr().out.split("\nMarkdown and CSV")[0]
+        print(printed[key])
+    print(f"rehearsal wall time (runs): {wall:.0f}s")
+
+    (hint,) = table_csv(storage, "table1")
+    assert hint["model"] == "HINT"
+    for column in ("Def", "Def + 2 Pos."):
+        assert 0 <= number(hint[f"{column} ROUGE-L"]) <= 100 and number(hint[f"{column} GFLOPs"]) > 0
+    p3 = {r["model"]: r for r in table_csv(storage, "table2")}
+    assert list(p3) == ["T0", "HINT (split)", "HINT (joint)"]
+    assert all(0 <= number(r["Acc."]) <= 100 and number(r["GFLOPs"]) > 0 for r in p3.values())
+    with open(storage / "paper" / "table2-xl-categories.csv") as f:
+        categories = {r[0] for r in csv.reader(f)}
+    assert {"super_glue/cb", "super_glue/rte"} <= categories
+    lengths = {r["data"]: r for r in table_csv(storage, "table7")}
+    assert len(lengths) == len(plan.LENGTHS.rows)
+    # Tk-Instruct reads the definition in its input, HINT in its hypernetwork
+    assert number(lengths["SNI Def (Tk-Instruct)"]["input"]) > number(lengths["SNI Def (HINT)"]["input"])
+    assert number(lengths["SNI Def + 2 Pos. (HINT)"]["instruction"]) > number(lengths["SNI Def (HINT)"]["instruction"])
+    flops = {r["setting"]: r for r in table_csv(storage, "flops")}
+    assert number(flops["SNI Def + 2 Pos."]["concat/HINT"]) > number(flops["SNI Def"]["concat/HINT"]) > 1
+
+    # `hint eval` of the export with the stage's own config gives the table's figure
+    stage = resolve(plan.HINT_DEF, "xl", overrides(shared_data, storage), checkpoint=str(t5_dir))
+    assert cli.main(["eval", str(storage / stage.name / "export"), stage.config, *stage.overrides,
+                     "--no-mlflow", "--max-new-tokens=8", f"--out={tmp_path / 'eval'}"]) == 0
+    evaluated = json.loads((tmp_path / "eval" / "metrics.json").read_text())["overall"]
+    assert evaluated["rougeL"] == pytest.approx(number(hint["Def ROUGE-L"]), abs=0.01)
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{storage / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("hint-3b")
+    (logged,) = client.search_runs([exp.experiment_id], "attributes.run_name = 'paper-table2-xl'")
+    names = {a.path for a in client.list_artifacts(logged.info.run_id, "paper")}
+    assert names == {"paper/table2-xl.md", "paper/table2-xl.csv", "paper/table2-xl-categories.csv"}

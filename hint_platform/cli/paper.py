@@ -78,10 +78,10 @@ def run_run(args: argparse.Namespace) -> int:
 
     table = _table(args.table, args.row)
     if args.address:
-        return runner.submit_table(
-            table, args.size, args.overrides, address=args.address, shared_dir=args.shared_dir,
-            checkpoint=args.checkpoint, wait=not args.no_wait,
-            tracking_uri=args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"))
+        request = runner.paper_job(table, args.size, args.overrides, shared_dir=args.shared_dir,
+                                   checkpoint=args.checkpoint,
+                                   tracking_uri=args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"))
+        return runner.submit_table(request, args.address, wait=not args.no_wait)
     outcomes = runner.run_local(table, args.size, args.overrides, checkpoint=args.checkpoint,
                                 shared_dir=args.shared_dir, progress=lambda line: print(line, flush=True))
     done = {}

@@ -159,11 +159,10 @@ def tagged_run(cfg, tags: dict[str, str]):
     return found[0] if found else None
 
 
-def submit_table(table: Table, size: str, overrides: list[str], *, address: str | None,
-                 shared_dir: str | None, checkpoint: str | None, tracking_uri: str | None,
-                 working_dir: str = ".", wait: bool = True, out=None) -> int:
-    """The same `hint paper run` as one Ray job on the cluster at `address`: checked here first
-    (every stage's config validates and touches only shared storage), then submitted."""
+def paper_job(table: Table, size: str, overrides: list[str], *, shared_dir: str | None,
+              checkpoint: str | None, tracking_uri: str | None, working_dir: str = ".") -> submit.JobRequest:
+    """The Ray job that runs this `hint paper run` on a cluster, checked here first: every
+    stage's config validates and reads and writes only shared storage."""
     unshared = [(s.name, key, path) for s in plan_for(table, size, overrides, checkpoint, shared_dir)
                 for key, path in submit.unshared_paths(s.cfg)]
     if unshared:
@@ -174,13 +173,19 @@ def submit_table(table: Table, size: str, overrides: list[str], *, address: str 
     argv += [f"--row={row.label}" for row in table.rows]
     argv += [f"--shared-dir={shared_dir}"] if shared_dir else []
     argv += [f"--checkpoint={checkpoint}"] if checkpoint else []
-    request = submit.command_request(argv, working_dir=working_dir, tracking_uri=tracking_uri,
-                                     run_name=f"paper-{table.key}-{size}")
+    return submit.command_request(argv, working_dir=working_dir, tracking_uri=tracking_uri,
+                                  run_name=f"paper-{table.key}-{size}")
+
+
+def submit_table(request: submit.JobRequest, address: str | None, wait: bool = True) -> int:
+    """Submits `paper_job`'s request; with `wait`, streams its logs and returns 0 only if it
+    SUCCEEDED."""
     client = submit.connect(address)
     job_id = submit.submit(client, request)
-    print(f"submitted {job_id}: {request.entrypoint}", file=out)
+    print(f"submitted {job_id}: {request.entrypoint}")
     if not wait:
+        print(f"follow it with: hint jobs logs --follow {job_id} --address {client.get_address()}")
         return 0
-    status = submit.follow(client, job_id, **({"out": out} if out else {}))
-    print(f"job {job_id} {status}", file=out)
+    status = submit.follow(client, job_id)
+    print(f"job {job_id} {status}")
     return 0 if status == "SUCCEEDED" else 1

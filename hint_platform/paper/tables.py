@@ -67,7 +67,8 @@ def assemble(table: Table, size: str, overrides: list[str], checkpoint: str | No
     by_name = {s.stage.name: s for s in plan_for(table, size, overrides, checkpoint)}
     kind = "lengths" if table.kind == "lengths" else "eval"
     columns = table.columns
-    header = ["model"] + [_column(c, m, len(columns)) for c in columns for m in table.metrics]
+    first = "data" if kind == "lengths" else "model"
+    header = [first] + [_column(c, m, len(columns)) for c in columns for m in table.metrics]
     rows, found, missing = [], {}, []
     for row in table.rows:
         values: list = [row.label]
