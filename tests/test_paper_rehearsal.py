@@ -7,7 +7,9 @@ previous stage's export; a second `hint paper run` must skip everything."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
 import json
 import shutil
 import time
@@ -23,7 +25,6 @@ from hint_platform.paper import plan
 from hint_platform.paper.stages import resolve
 from hint_platform.tracking import runs
 
-pytestmark = pytest.mark.usefixtures("ray_local")
 D_MODEL = 64  # the tiny preset's width: T5's 32k vocabulary makes the embedding the model
 
 
@@ -86,22 +87,43 @@ def table_csv(storage: Path, key: str) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+@contextlib.contextmanager
+def capture():
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        yield out
+
+
 def number(value: str) -> float:
     assert value != "", "an empty cell"
     return float(value)
 
 
-def test_rehearsal(shared_data, t5_dir, tmp_path, capsys):
-    storage = tmp_path / "runs"
-    args = [*overrides(shared_data, storage), f"--checkpoint={t5_dir}"]
-    rows = {"table1": ("HINT",), "table2": ("T0", "HINT (split)", "HINT (joint)")}
-    start = time.monotonic()
-    for key, labels in rows.items():
-        assert cli.main(["paper", "run", key, *args, *[f"--row={r}" for r in labels]]) == 0
-    assert cli.main(["paper", "run", "table7", *args]) == 0
-    wall = time.monotonic() - start
+ROWS = {"table1": ("HINT",), "table2": ("T0", "HINT (split)", "HINT (joint)"), "table7": (), "flops": ()}
 
-    # Each stage started from the export of the one before it, and training moved the weights.
+
+@pytest.fixture(scope="module")
+def rehearsal(ray_local, shared_data, t5_dir, tmp_path_factory):
+    """Every chain run once through `hint paper run`, then every table through `hint paper
+    table`; the Markdown each printed, by table."""
+    storage = tmp_path_factory.mktemp("paper") / "runs"
+    args = [*overrides(shared_data, storage), f"--checkpoint={t5_dir}"]
+    start = time.monotonic()
+    for key, labels in ROWS.items():
+        if key != "flops":  # Appendix C is computed, nothing to run
+            assert cli.main(["paper", "run", key, *args, *[f"--row={r}" for r in labels]]) == 0
+    wall = time.monotonic() - start
+    printed = {}
+    for key, labels in ROWS.items():
+        with capture() as out:
+            assert cli.main(["paper", "table", key, *args, *[f"--row={r}" for r in labels]]) == 0
+        printed[key] = out.getvalue().split("\nMarkdown and CSV")[0]
+    print(f"\nrehearsal: runs {wall:.0f}s\n" + "\n".join(printed.values()))
+    return storage, args, printed
+
+
+def test_each_stage_starts_from_the_export_before_it(rehearsal, t5_dir):
+    storage, _, _ = rehearsal
     pretrain, fresh = "hint-3b-pretrain-c4", load_file(t5_dir / "model.safetensors")
     assert params(storage, pretrain)["model.init_from"] == str(t5_dir)
     exported = load_file(storage / pretrain / "export" / "model.safetensors")
@@ -110,49 +132,54 @@ def test_rehearsal(shared_data, t5_dir, tmp_path, capsys):
         assert params(storage, name)["model.init_from"] == str(storage / pretrain / "export")
         tuned = load_file(storage / name / "export" / "model.safetensors")
         assert not torch.equal(tuned["t5.shared.weight"], exported["t5.shared.weight"]), name
-    t0 = params(storage, "t0-3b-p3")
+    t0 = params(storage, "t0-3b-p3")  # a baseline: from the LM-adapted T5, its inputs concatenated
     assert (t0["model.init_from"], t0["model.variant"]) == (str(t5_dir), "concat")
     assert {s["format"] for s in json.loads(t0["data.train"])} == {"concat"}
 
-    # A second run finds every stage finished and trains nothing.
+
+def test_a_second_run_skips_what_finished(rehearsal, capsys):
+    _, args, _ = rehearsal
     capsys.readouterr()
     assert cli.main(["paper", "run", "table1", *args, "--row=HINT"]) == 0
-    assert "table1 (xl): 5 skipped" in capsys.readouterr().out
+    assert "table1 (xl): 5 skipped\n" in capsys.readouterr().out
 
-    printed = {}
-    for key, labels in [*rows.items(), ("table7", ()), ("flops", ())]:
-        assert cli.main(["paper", "table", key, *args, *[f"--row={r}" for r in labels]]) == 0
-        printed[key] = capsys.readouterr().out.split("\nMarkdown and CSV")[0]
-        print(printed[key])
-    print(f"rehearsal wall time (runs): {wall:.0f}s")
 
+def test_the_tables_have_every_row(rehearsal):
+    storage, _, printed = rehearsal
     (hint,) = table_csv(storage, "table1")
-    assert hint["model"] == "HINT"
+    assert hint["model"] == "HINT" and "| HINT |" in printed["table1"]
     for column in ("Def", "Def + 2 Pos."):
         assert 0 <= number(hint[f"{column} ROUGE-L"]) <= 100 and number(hint[f"{column} GFLOPs"]) > 0
     p3 = {r["model"]: r for r in table_csv(storage, "table2")}
-    assert list(p3) == ["T0", "HINT (split)", "HINT (joint)"]
+    assert list(p3) == list(ROWS["table2"])
     assert all(0 <= number(r["Acc."]) <= 100 and number(r["GFLOPs"]) > 0 for r in p3.values())
     with open(storage / "paper" / "table2-xl-categories.csv") as f:
-        categories = {r[0] for r in csv.reader(f)}
-    assert {"super_glue/cb", "super_glue/rte"} <= categories
+        categories = {r[0]: r[1:] for r in csv.reader(f)}
+    assert {"super_glue/cb", "super_glue/rte"} <= set(categories)
+    assert all(0 <= number(v) <= 100 for v in categories["super_glue/cb"])
     lengths = {r["data"]: r for r in table_csv(storage, "table7")}
-    assert len(lengths) == len(plan.LENGTHS.rows)
+    assert list(lengths) == [r.label for r in plan.LENGTHS.rows]
     # Tk-Instruct reads the definition in its input, HINT in its hypernetwork
     assert number(lengths["SNI Def (Tk-Instruct)"]["input"]) > number(lengths["SNI Def (HINT)"]["input"])
-    assert number(lengths["SNI Def + 2 Pos. (HINT)"]["instruction"]) > number(lengths["SNI Def (HINT)"]["instruction"])
+    assert (number(lengths["SNI Def + 2 Pos. (HINT)"]["instruction"])
+            > number(lengths["SNI Def (HINT)"]["instruction"]))
     flops = {r["setting"]: r for r in table_csv(storage, "flops")}
+    assert list(flops) == [r.label for r in plan.FLOPS.rows]
     assert number(flops["SNI Def + 2 Pos."]["concat/HINT"]) > number(flops["SNI Def"]["concat/HINT"]) > 1
-
-    # `hint eval` of the export with the stage's own config gives the table's figure
-    stage = resolve(plan.HINT_DEF, "xl", overrides(shared_data, storage), checkpoint=str(t5_dir))
-    assert cli.main(["eval", str(storage / stage.name / "export"), stage.config, *stage.overrides,
-                     "--no-mlflow", "--max-new-tokens=8", f"--out={tmp_path / 'eval'}"]) == 0
-    evaluated = json.loads((tmp_path / "eval" / "metrics.json").read_text())["overall"]
-    assert evaluated["rougeL"] == pytest.approx(number(hint["Def ROUGE-L"]), abs=0.01)
 
     client = MlflowClient(tracking_uri=f"sqlite:///{storage / 'mlflow.db'}")
     exp = client.get_experiment_by_name("hint-3b")
     (logged,) = client.search_runs([exp.experiment_id], "attributes.run_name = 'paper-table2-xl'")
     names = {a.path for a in client.list_artifacts(logged.info.run_id, "paper")}
     assert names == {"paper/table2-xl.md", "paper/table2-xl.csv", "paper/table2-xl-categories.csv"}
+
+
+def test_hint_eval_of_an_export_gives_the_tables_figure(rehearsal, shared_data, t5_dir, tmp_path):
+    """`hint eval` with the stage's own config and overrides (what `hint paper run` printed)."""
+    storage, _, _ = rehearsal
+    (hint,) = table_csv(storage, "table1")
+    stage = resolve(plan.HINT_DEF, "xl", overrides(shared_data, storage), checkpoint=str(t5_dir))
+    assert cli.main(["eval", str(storage / stage.name / "export"), stage.config, *stage.overrides,
+                     "--no-mlflow", "--max-new-tokens=8", f"--out={tmp_path}"]) == 0
+    overall = json.loads((tmp_path / "metrics.json").read_text())["overall"]
+    assert overall["rougeL"] == pytest.approx(number(hint["Def ROUGE-L"]), abs=0.01)

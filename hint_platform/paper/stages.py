@@ -75,6 +75,7 @@ def resolve(stage: Stage, size: str, overrides: list[str] = (), *, checkpoint: s
         mine.append(f"name={stage.run_name(size)}")
     if stage.variant != shipped.model.variant:
         mine.append(f"model.variant={stage.variant}")
+    mine += stage.overrides
     if stage.sources:
         for part in ("train", "eval"):
             sources = getattr(shipped.data, part)

@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import csv
 import io
+import json
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlflow
+from mlflow.tracking import MlflowClient
 
 from hint_model.flops import task_cost
 from hint_platform.config import model_config
@@ -87,24 +90,28 @@ def assemble(table: Table, size: str, overrides: list[str], checkpoint: str | No
             values += [run.data.metrics.get(prefix + m) if run else None for m in table.metrics]
         rows.append(values)
     assembled = Assembled(table, size, header, rows, missing=missing)
-    if kind == "eval":
-        _breakdown(assembled, found)
+    if kind == "eval" and found:
+        _breakdown(assembled, found, runs.resolve_tracking_uri(next(iter(by_name.values())).cfg))
     return assembled
 
 
-def _breakdown(assembled: Assembled, found: dict) -> None:
-    """Rows: categories; columns: each cell; values: the headline metric."""
+def _breakdown(assembled: Assembled, found: dict, uri: str) -> None:
+    """Rows: categories; columns: each cell; values: the headline metric, read from each
+    evaluation's saved metrics.json (MLflow metric keys lose a category's slashes)."""
     metric = assembled.table.metrics[0]
-    prefix, suffix = "eval/category/", f"/{metric}"
-    cells = [(label, column) for label, column in found]
-    categories = sorted({k[len(prefix):-len(suffix)] for run in found.values() for k in run.data.metrics
-                         if k.startswith(prefix) and k.endswith(suffix)})
+    client = MlflowClient(tracking_uri=uri)
+    per_cell = {}
+    for cell, run in found.items():
+        with tempfile.TemporaryDirectory() as tmp:
+            path = client.download_artifacts(run.info.run_id, "eval/metrics.json", tmp)
+            per_cell[cell] = json.loads(Path(path).read_text())["per_category"]
+    categories = sorted({c for table in per_cell.values() for c in table})
     if not categories:
         return
     multi = len(assembled.table.columns) > 1
     assembled.breakdown_header = [f"category ({LABELS.get(metric, metric)})"] + [
-        f"{label} {column}" if multi else label for label, column in cells]
-    assembled.breakdown = [[c] + [found[cell].data.metrics.get(f"{prefix}{c}{suffix}") for cell in cells]
+        f"{label} {column}" if multi else label for label, column in per_cell]
+    assembled.breakdown = [[c] + [table.get(c, {}).get(metric) for table in per_cell.values()]
                            for c in categories]
 
 
