@@ -48,8 +48,7 @@ class Assembled:
     def markdown(self) -> str:
         lines = [f"### {self.table.title} ({self.size})", "", *_markdown(self.header, self.rows)]
         if self.breakdown:
-            lines += ["", f"Per category ({self.breakdown_header[1] if len(self.breakdown_header) > 1 else ''}):",
-                      "", *_markdown(self.breakdown_header, self.breakdown)]
+            lines += ["", "Per category:", "", *_markdown(self.breakdown_header, self.breakdown)]
         if self.table.note:
             lines += ["", self.table.note]
         if self.missing:
