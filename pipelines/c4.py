@@ -6,7 +6,7 @@ drawn as the reference draws them (`tf.random.stateless_uniform`, maxval exclusi
 
 - `pretrain` (c4/c4_registry.py): nested draws s1 ~ U[1, L-2), then s2 ~ U[s1, L-2), so the
   parts average about L/2, L/4, L/4 tokens: x1 = seg[:s1] -> hypernetwork, x2 = seg[s1:s2] ->
-  model input (may be empty), x3 = seg[s2:] -> target (at least 2 tokens).
+  model input (may be empty), x3 = seg[s2:] -> target (at least 3 tokens).
 - `caclm` (c4/c4_registry_4part.py, the paper's Table 4 'CACLM', after Phang et al.): s1 ~
   U[1, L-4), s2 ~ U[s1, L-3), s3 ~ U[s2, L-2); hypernetwork = seg[:s1] + EOS + seg[s3:], model
   input = seg[s1:s2], target = seg[s2:s3].

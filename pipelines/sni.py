@@ -125,10 +125,10 @@ def model_input(spec: SourceSpec, task: dict, input_text: str, budget: TokenBudg
 
 
 def tk_instruct_input(task: dict, k: int, input_text: str, budget: TokenBudget) -> str | list[int]:
-    """The Tk-Instruct string with the examples that fit. When the definition and the instance
-    alone are too long, token ids: the reference (ni_collator.py) keeps the head there and can
-    cut the instance and `Output:` away; we cut the definition first, then the instance's end,
-    and always keep the output cue, so the model sees what it must answer."""
+    """The Tk-Instruct string with the examples that fit (ni_collator.py). When the definition and
+    the instance alone are too long, token ids: the reference keeps the first max_input_len
+    tokens there, which can cut the instance and `Output:` away; we keep its head too, but the
+    output cue always stays and the instance keeps at least half the room (or all of itself)."""
     parts = formats.sni_concat_parts(task["Definition"], task.get("Positive Examples") or [], k,
                                      input_text, budget.fits_input)
     text = "".join(parts).strip()
@@ -137,8 +137,8 @@ def tk_instruct_input(task: dict, k: int, input_text: str, budget: TokenBudget) 
     # The parts join at whitespace, where SentencePiece splits anyway: their ids concatenate.
     head, instance, cue = (budget.tokenizer.encode(p, eos=False) for p in parts)
     room = budget.max_input_len - 1 - len(cue)
-    instance = instance[:room]
-    return head[:room - len(instance)] + instance + cue + [EOS_ID]
+    head = head[:max(room // 2, room - len(instance))]
+    return head + instance[:room - len(head)] + cue + [EOS_ID]
 
 
 def task_streams(spec: SourceSpec, budget: TokenBudget, bad: BadRecords,
