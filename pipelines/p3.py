@@ -23,7 +23,8 @@ shuffle, reshuffled each pass, cut into consecutive groups of k; an example can 
 own shots there too). Shots are pruned from the end until their prompt and target tokens fit
 in `max_input_len - 64` minus the example's input (the reference's 960 of 1024, "saving 64 for
 separators, like FLAN"), measured against the model input even when the shots go to the
-hypernetwork, as there.
+hypernetwork, as there; a hypernetwork input still longer than max_hyper_len loses its end in
+the tokenisation stage, as seqio's trimming does.
 """
 
 from __future__ import annotations
