@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 from collections.abc import Iterable, Iterator
 
@@ -146,7 +147,7 @@ def task_streams(spec: SourceSpec, budget: TokenBudget, bad: BadRecords,
     return [(name, task_examples(spec, name, budget, bad, seed)) for name in split_tasks(spec)]
 
 
-def sni_categories(tasks_dir: str, tasks: Iterable[str]) -> dict[str, str]:
+def sni_categories(tasks_dir: str | os.PathLike, tasks: Iterable[str]) -> dict[str, str]:
     """Task name -> its first `Categories` entry, from `<tasks_dir>/<task>.json` (a task without a
     file or a category is left out; a broken file is an error naming it)."""
     out = {}

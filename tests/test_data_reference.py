@@ -88,14 +88,6 @@ def test_tk_instruct_rows_all_end_in_the_output_cue_on_the_real_test_tasks(share
     assert len(rows) == 90 and all(r["input_ids"][-len(cue):] == cue for r in rows)
 
 
-def test_sni_categories_from_real_task_files(shared_data):
-    tasks_dir = shared_data / "sni" / "tasks"
-    names = (shared_data / "sni" / "splits" / "mini" / "test_tasks.txt").read_text().split()
-    cats = sni.sni_categories(str(tasks_dir), names + ["task0_not_here"])
-    assert cats == {name: json.loads((tasks_dir / f"{name}.json").read_text())["Categories"][0] for name in names}
-    assert cats["task648_answer_generation"] == "Coreference Resolution"
-
-
 DRAWS = 20_000
 L = 512
 
