@@ -1,13 +1,15 @@
 """The input formats: what the hypernetwork reads and what the underlying model reads.
 
-Every function returns `(hyper_text, input_text)`; the target is the instance's output,
-unchanged. An empty hyper_text means the variant has no instruction for the hypernetwork.
+The `sni_def`, `sni_concat`, `no_instruct` and `p3_*` functions return `(hyper_text,
+input_text)`; the target is the instance's output, unchanged. An empty hyper_text means the
+variant has no instruction for the hypernetwork. The readers use the pieces (`*_hyper`,
+`sni_concat_parts`) with a `fits` test, to leave out what does not fit the lengths.
 
 SNI, as the reference builds it (allenai/hyper-task-descriptions, ni_tasks/):
 - HINT 'Def' (ni_registry.py `convert_format`): the hypernetwork reads `Definition[0].strip()`,
   nothing added; the model the instance input.
 - HINT 'Def + k Pos' (ni_registry.py `convert_format_pack_positive_examples`, the
-  `..._hyper_2` tasks): `Definition: ` + the raw definition, with each positive example that fits
+  `natural_instruction_positive_example_hyper_2` task): `Definition: ` + the raw definition, with each positive example that fits
   the hypernetwork's length PREPENDED, so example 2 comes before example 1; one that does not
   fit is left out (the others are still tried).
 - Tk-Instruct, the concatenation baseline (ni_collator.py): `Definition: ...\n\n`, the positive
@@ -48,9 +50,14 @@ def positive_example(number: int, example: dict) -> str:
             + _period(f" Output: {example['output'].strip()}") + "\n")
 
 
+def sni_def_hyper(definition: str) -> str:
+    """HINT 'Def': the hypernetwork's text, the definition alone."""
+    return definition.strip()
+
+
 def sni_def(definition: str, input_text: str) -> tuple[str, str]:
     """HINT 'Def': the hypernetwork reads the definition, the model the raw input."""
-    return definition.strip(), input_text.strip()
+    return sni_def_hyper(definition), input_text.strip()
 
 
 def sni_def_pos_hyper(definition: str, positives: list[dict], k: int, fits_hyper: Fits) -> str:

@@ -112,7 +112,7 @@ def task_examples(spec: SourceSpec, name: str, budget: TokenBudget, bad: BadReco
 def task_hyper(spec: SourceSpec, task: dict, budget: TokenBudget) -> str:
     """The hypernetwork's text, one per task."""
     if spec.format == "def":
-        return formats.sni_def(task["Definition"], "")[0]
+        return formats.sni_def_hyper(task["Definition"])
     if spec.format == "def_pos":
         return formats.sni_def_pos_hyper(task["Definition"], task.get("Positive Examples") or [],
                                          spec.num_pos, budget.fits_hyper)
