@@ -174,3 +174,19 @@ def test_z_loss_against_a_hand_computation():
     log_z2 = math.log(1 + math.exp(-1.0) + math.exp(3.0))
     expected = ce + (log_z2 - 3.0) + 1e-4 * (log_z ** 2 + log_z2 ** 2)
     assert token_loss_sum(logits, both, z_loss=1e-4) == pytest.approx(expected, rel=1e-6)
+
+
+def test_paper_configs_set_the_references_dropout_and_no_global_clipping():
+    """gins/pretrain.gin DROPOUT_RATE 0.0, gins/t0.gin (fine-tuning, also via ni_train.gin) 0.1;
+    gins/hyper_base.gin: Adafactor's update clipping only, no global gradient clipping."""
+    from pathlib import Path
+
+    from hint_platform.config import load
+
+    paths = sorted(Path(__file__).parent.parent.joinpath("configs", "paper").glob("*.yaml"))
+    assert len(paths) >= 10
+    for path in paths:
+        cfg = load(path)
+        expected = 0.0 if cfg.stage == "pretrain" else 0.1
+        assert cfg.model.overrides.get("dropout_rate") == expected, path.name
+        assert cfg.train.grad_clip == 0.0 and cfg.train.optimizer == "adafactor", path.name
