@@ -2,8 +2,10 @@
 
 t5x `cross_entropy_with_logits(logits, targets, z_loss)` adds `z_loss * log(Z)**2` per token,
 Z the softmax normaliser, which keeps the logits from drifting (gins/hyper_base.gin: Z_LOSS =
-0.0001). Both terms are summed over the target tokens (labels != -100); the caller divides by
-the tokens of its global batch.
+0.0001). Both terms are summed over the target tokens (labels != -100), as the reference
+(LOSS_NORMALIZING_FACTOR = None there: a plain sum). The training loop then divides by the
+target tokens of its global batch: a constant factor, which Adafactor's update ignores, that
+keeps the reported loss per token.
 """
 
 from __future__ import annotations
