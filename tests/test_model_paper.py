@@ -11,6 +11,7 @@ from transformers import T5Config, T5ForConditionalGeneration
 from hint_model import HintConfig, HintModel
 from hint_model.generator import ComponentGenerator, SlotDecoderLayer
 from hint_model.loss import token_loss_sum
+from hint_platform.config import load, shipped_configs
 
 
 def preset(variant, size="xl", **overrides):
@@ -179,14 +180,11 @@ def test_z_loss_against_a_hand_computation():
 def test_paper_configs_set_the_references_dropout_and_no_global_clipping():
     """gins/pretrain.gin DROPOUT_RATE 0.0, gins/t0.gin (fine-tuning, also via ni_train.gin) 0.1;
     gins/hyper_base.gin: Adafactor's update clipping only, no global gradient clipping."""
-    from pathlib import Path
-
-    from hint_platform.config import load
-
-    paths = sorted(Path(__file__).parent.parent.joinpath("configs", "paper").glob("*.yaml"))
-    assert len(paths) >= 10
-    for path in paths:
-        cfg = load(path)
-        expected = 0.0 if cfg.stage == "pretrain" else 0.1
-        assert cfg.model.overrides.get("dropout_rate") == expected, path.name
-        assert cfg.train.grad_clip == 0.0 and cfg.train.optimizer == "adafactor", path.name
+    names = [n for n in shipped_configs() if n.startswith("paper/")]
+    assert len(names) >= 10
+    for name in names:
+        cfg = load(name)
+        expected = 0.0 if "pretrain" in name else 0.1
+        assert cfg.model.overrides.get("dropout_rate") == expected, name
+        assert cfg.train.grad_clip == 0.0 and cfg.train.optimizer == "adafactor", name
+        assert cfg.train.z_loss == 1e-4, name  # gins/hyper_base.gin Z_LOSS

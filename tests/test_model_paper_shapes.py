@@ -86,3 +86,19 @@ def test_xl_sizes_and_memory_per_gpu():
     frozen = training_memory(HintConfig.preset("xl", variant="hypertune"), workers=8, micro_batch=8,
                              hyper_len=HYPER, input_len=INPUT, target_len=TARGET)
     assert frozen.gradients < frozen.weights / 3  # HyperTune trains its generator only
+
+
+def test_train_dry_run_prints_parameters_and_memory_per_gpu(capsys):
+    import yaml
+
+    from hint_platform.cli import main
+
+    assert main(["train", "paper/hint-3b-sni-def", "train.num_workers=16", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert yaml.safe_load(out)["train"]["z_loss"] == 1e-4  # the figures are YAML comments
+    cfg = HintConfig.preset("xl", variant="hint")
+    counts = parameter_counts(cfg)
+    mem = training_memory(cfg, workers=16, micro_batch=8, hyper_len=HYPER, input_len=INPUT,
+                          target_len=TARGET)
+    assert f"{counts.total / 1e9:.3f}B parameters" in out
+    assert f"memory per GPU (16 workers" in out and f"{mem.total / 2 ** 30:.1f} GiB" in out
