@@ -32,14 +32,14 @@ class HintConfig:
     relative_attention_max_distance: int = 128
     feed_forward_proj: str = "gated-gelu"  # T5 v1.1; "relu" for T5 v1.0
     layer_norm_epsilon: float = 1e-6
-    # Dropout of the T5 stacks and of the generator's attention: the reference's DROPOUT_RATE,
-    # 0.1 for fine-tuning (gins/t0.gin) and 0.0 for pretraining (gins/pretrain.gin); the
-    # experiment configs set it per stage.
-    dropout_rate: float = 0.0
-    # Dropout between the two layers of each generator MLP. The reference never ties it to
-    # DROPOUT_RATE: MlpBlock's intermediate_dropout_rate default, 0.1 in every stage
+    # Dropout is off unless a config asks (tests and the demo stay deterministic); the paper's
+    # configs set the reference's. dropout_rate: the T5 stacks and the generator's attention,
+    # the reference's DROPOUT_RATE, 0.1 fine-tuning (gins/t0.gin), 0.0 pretraining
+    # (gins/pretrain.gin). generator_dropout_rate: between the two layers of each generator
+    # MLP, which the reference never ties to DROPOUT_RATE: MlpBlock's default 0.1 in every stage
     # (modeling/layers.py MlpBlock; modeling/hyper_network.py `hypernetwork()` passes none).
-    generator_dropout_rate: float = 0.1
+    dropout_rate: float = 0.0
+    generator_dropout_rate: float = 0.0
     # T5 v1.0 shares the embedding with the lm head and scales the decoder output by
     # d_model**-0.5 before it; v1.1 does neither. Two switches: checkpoints written by recent
     # `transformers` can be tied without the rescale.
