@@ -1,6 +1,7 @@
 """Every shipped experiment config loads, validates, and its data sources are valid SourceSpecs."""
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -42,8 +43,15 @@ def test_a_wheel_ships_the_configs(tmp_path):
     """A non-editable install (a wheel, an image built another way) finds the shipped configs
     through the package, not through a source tree."""
     repo = Path(__file__).resolve().parent.parent
+    source = tmp_path / "source"  # a copy: building in place would leave build/ in the checkout
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md", "hint_model", "pipelines", "hint_platform",
+                 "tune_spaces"):
+        copy = shutil.copytree if (repo / name).is_dir() else shutil.copy
+        copy(repo / name, source / name, **({"ignore": shutil.ignore_patterns("__pycache__")}
+                                          if (repo / name).is_dir() else {}))
     pip = [sys.executable, "-m", "pip"]
-    subprocess.run([*pip, "wheel", "-q", "--no-deps", "--no-build-isolation", str(repo),
+    subprocess.run([*pip, "wheel", "-q", "--no-deps", "--no-build-isolation", str(source),
                     "-w", str(tmp_path / "wheel")], check=True, timeout=300, capture_output=True)
     (wheel,) = (tmp_path / "wheel").glob("hint-*.whl")
     subprocess.run([*pip, "install", "-q", "--no-deps", "--target", str(tmp_path / "site"),
