@@ -1,7 +1,8 @@
 """The Appendix C compute / memory model against values worked out by hand."""
 
 from hint_model import VARIANT_PRESETS, HintConfig
-from hint_model.flops import forward_flops, gflops_per_task, stack_weights, task_cost
+from hint_model.flops import (component_layout, forward_flops, generator_flops, gflops_per_task,
+                              stack_weights, task_cost)
 
 # d=4, 2 heads of 2 (inner 4), gated FFN 8 wide, one encoder and one decoder layer, vocab 10,
 # adapters of 2, prefixes of 1, fusion on, component generator.
@@ -82,8 +83,6 @@ def test_gflops_per_task_of_the_baselines():
 def test_decoder_generator_cost_is_linear_in_its_queries():
     """No self-attention among the slot queries: doubling the rows (adapter size) adds at most
     about twice the cost, never the square."""
-    from hint_model.flops import generator_flops
-
     small = HintConfig.preset("xl", variant="generator_decoder")
     big = HintConfig.preset("xl", variant="generator_decoder", adapter_size=1024)
     assert generator_flops(big, 1024) < 2.1 * generator_flops(small, 1024)
@@ -99,9 +98,6 @@ def test_forward_flops_of_one_training_example():
 
 def test_generator_flops_follow_the_mlp_width():
     """Only the MLPs depend on generator_mlp_dim: doubling it adds rows x 2 x (d*h + h*width)."""
-    from hint_model import HintConfig
-    from hint_model.flops import component_layout, generator_flops
-
     base = HintConfig.preset("tiny", variant="hint")
     wide = HintConfig.preset("tiny", variant="hint", generator_mlp_dim=2 * base.d_model)
     d, h = base.d_model, base.d_model

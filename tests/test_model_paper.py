@@ -56,7 +56,8 @@ def test_hypter_is_the_reference_gin():
     # use_fusion_in_decoder=False, layer_embedding_method="none", per_layer_hnet=True,
     # share_hnet_encoder=False. hyper_network.py hypernetwork(): MlpBlock(intermediate_dim=emb_dim).
     cfg = preset("hypter", size="base")
-    assert (cfg.adapters, cfg.adapter_size, cfg.prefixes, cfg.lora, cfg.fusion) == (True, 8, False, False, False)
+    assert (cfg.adapters, cfg.adapter_size, cfg.prefixes, cfg.lora, cfg.fusion) == (
+        True, 8, False, False, False)
     assert cfg.generator == "pooled" and not cfg.tied_hyper_encoder
     model = HintModel(HintConfig.preset("tiny", variant="hypter", vocab_size=50))
     d, layers = 64, 4  # one MLP per kind, hidden d, output spanning every layer
@@ -148,7 +149,8 @@ def test_dropout_settings():
     cfg = HintConfig.preset("tiny", variant="hint", vocab_size=50, dropout_rate=0.1,
                             generator_dropout_rate=0.1)
     model = HintModel(cfg)
-    rates = {type(m).__name__ + "." + n: m.p for n, m in model.named_modules() if isinstance(m, torch.nn.Dropout)}
+    rates = {type(m).__name__ + "." + n: m.p for n, m in model.named_modules()
+             if isinstance(m, torch.nn.Dropout)}
     assert {p for n, p in rates.items() if n.startswith("Dropout.generator.mlps")} == {0.1}
     assert {p for n, p in rates.items() if n.startswith("Dropout.t5")} == {0.1}
     assert model.generator.cross_attn.dropout == 0.1  # on the attention weights, as t5x
