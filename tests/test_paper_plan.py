@@ -18,26 +18,12 @@ from hint_model import VARIANT_PRESETS
 from hint_platform import cli, config
 from hint_platform.paper import plan, runner
 from hint_platform.paper.stages import chain_commands, resolve, split_overrides
-from pipelines.spec import FORMATS, SourceSpec, SpecError
+from pipelines.spec import SourceSpec, SpecError
 from test_infra import INFRA, train_commands
 
 PAPER_CONFIGS = [c for c in config.shipped_configs() if c.startswith("paper/")]
 AT_SIZES = [(s, size) for t in plan.TABLES.values() for size in t.sizes for s in t.stages()]
 AT_SIZES = list({(s.name, size): (s, size) for s, size in AT_SIZES}.values())
-# Presets, formats and fields of branches still in flight (model, data): their stages xfail
-# until the feature exists, and must pass from then on.
-def pending(stage: plan.Stage) -> str | None:
-    for s in stage.chain():
-        if s.variant not in VARIANT_PRESETS:
-            return f"variant {s.variant} (model branch)"
-        if s.setup == "pretrain-caclm" and "caclm" not in FORMATS["c4"]:
-            return "format caclm (data branch)"
-        missing = [k for k, _ in s.sources if k not in SourceSpec.__dataclass_fields__]
-        if missing:
-            return f"source field {missing[0]} (data branch)"
-    return None
-
-
 def test_every_paper_config_is_a_stage_of_the_description():
     used = {s.config_name(size) for s, size in AT_SIZES}
     assert set(PAPER_CONFIGS) <= used, sorted(set(PAPER_CONFIGS) - used)
@@ -62,9 +48,6 @@ def test_each_config_is_its_stage_as_shipped(name):
 
 @pytest.mark.parametrize("stage,size", AT_SIZES, ids=[f"{s.run_name(z)}" for s, z in AT_SIZES])
 def test_every_stage_resolves_into_a_valid_run(stage, size):
-    missing = pending(stage)
-    if missing:
-        pytest.xfail(f"{missing} not here yet")
     resolved = resolve(stage, size)
     cfg = resolved.cfg
     assert cfg.name == stage.run_name(size) and cfg.model.variant == stage.variant in VARIANT_PRESETS
