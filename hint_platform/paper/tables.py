@@ -20,7 +20,7 @@ from pathlib import Path
 import mlflow
 from mlflow.tracking import MlflowClient
 
-from hint_model.flops import task_cost
+from hint_model.flops import gflops_per_task, task_cost
 from hint_platform.config import model_config
 from hint_platform.errors import UserError
 from hint_platform.paper.plan import LENGTHS, Table
@@ -129,11 +129,13 @@ def _flops(table: Table, size: str, overrides: list[str], checkpoint: str | None
             rows.append([row.label] + [None] * len(table.metrics))
             continue
         (t, i, o), (_, i_concat, _) = lengths[""][1], lengths["concat"][1]
-        hint_cost = task_cost(model_config(hint.cfg), FLOPS_INPUTS, t, i, o)
-        concat_cost = task_cost(model_config(concat.cfg), FLOPS_INPUTS, 0, i_concat, o)
-        rows.append([row.label, hint_cost.hint / 1e9, concat_cost.concat / 1e9,
-                     concat_cost.concat / hint_cost.hint, hint_cost.hint_state_bytes / 2**20,
-                     hint_cost.kv_cache_bytes / 2**20])
+        hint_cfg = model_config(hint.cfg)
+        hint_gflops = gflops_per_task(hint_cfg, FLOPS_INPUTS, i=i, t=t, target_len=o)
+        # the baseline's measured input holds the instruction already
+        concat_gflops = gflops_per_task(model_config(concat.cfg), FLOPS_INPUTS, i=i_concat, t=0, target_len=o)
+        memory = task_cost(hint_cfg, FLOPS_INPUTS, t, i, o)
+        rows.append([row.label, hint_gflops, concat_gflops, concat_gflops / hint_gflops,
+                     memory.hint_state_bytes / 2**20, memory.kv_cache_bytes / 2**20])
     return Assembled(table, size, header, rows, missing=list(dict.fromkeys(missing)))
 
 
