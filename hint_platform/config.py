@@ -58,6 +58,7 @@ class TrainSection:
     weight_decay: float = 0.0
     grad_clip: float = 1.0  # 0 disables clipping
     activation_checkpointing: bool = False
+    compile: bool = False  # torch.compile each T5 block and the generator's parts (regional)
     fsdp: bool = True
     checkpoint_every: int = 100  # steps; 0 = only at the end
     log_every: int = 10
