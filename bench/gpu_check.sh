@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Every GPU figure of the project in one call on one NVIDIA GPU (H100 80 GB or H200), from a
-# bare machine without network, in at most GPU_CHECK_BUDGET_S seconds (default 450) of wall
-# time. Each step prints as it goes and has its own time limit; a step that fails or runs out
-# of time gives `nan` for its figures and the next step starts. Steps:
+# bare machine without network, in at most GPU_CHECK_BUDGET_S seconds (default 430) of wall
+# time for the steps (give the device call ~60 s more). Each step prints as it goes and has
+# its own time limit; a step that fails or runs out of time gives `nan` for its figures and
+# the next step starts. Steps:
 #   1. bench/t5_step.py: our T5-XL training step against transformers', bf16, eager and
 #      compiled (regionally, both), and which attention kernel ours runs (sdpa_backend=...)
 #   2. bench/train_step.py: HINT-xl's training step against the concatenation baseline's, MFU
@@ -33,7 +34,7 @@ PY=${PYTHON:-python3}
 if [ "$SMOKE" = 1 ]; then  # a loaded 2-core CPU compiles and trains slowly: larger limits
   BUDGET=${GPU_CHECK_BUDGET_S:-3600} SCALE=6
 else
-  BUDGET=${GPU_CHECK_BUDGET_S:-450} SCALE=1
+  BUDGET=${GPU_CHECK_BUDGET_S:-430} SCALE=1
 fi
 LOGS=${OUT:-/tmp}/gpu_check
 START=$SECONDS
@@ -121,17 +122,17 @@ else
   T5_ARGS=(--batch 16 --input-len 512 --target-len 128 --steps 5)
   STEP_ARGS=(--batch 8 --steps 3)
   PEAK_ARGS=(--batch 4)
-  RESUME_ARGS=(--steps 30 --checkpoint-every 15 --kill-after 20 --log-every 5)
+  RESUME_ARGS=(--steps 24 --checkpoint-every 12 --kill-after 16 --log-every 4)
   INFER_ARGS=(--dtype bf16 --repeats 1)
 fi
 
-step t5_step 110 "$PY" bench/t5_step.py --preset "$XL" --compile "${T5_ARGS[@]}"
-step train_step 75 "$PY" bench/train_step.py --preset "$XL" --data "$DATA" "${STEP_ARGS[@]}"
-step peak_memory 50 "$PY" bench/peak_memory.py --preset "$XXL" "${PEAK_ARGS[@]}"
-step train_resume 170 "$PY" bench/train_resume.py --preset "$XL" --compile --data "$DATA" \
+step t5_step 95 "$PY" bench/t5_step.py --preset "$XL" --compile "${T5_ARGS[@]}"
+step train_step 55 "$PY" bench/train_step.py --preset "$XL" --data "$DATA" "${STEP_ARGS[@]}"
+step peak_memory 40 "$PY" bench/peak_memory.py --preset "$XXL" "${PEAK_ARGS[@]}"
+step train_resume 190 "$PY" bench/train_resume.py --preset "$XL" --compile --data "$DATA" \
   "${RESUME_ARGS[@]}"
 if [ -f bench/inference.py ]; then
-  step inference 60 "$PY" bench/inference.py --preset "$XL" --out "$LOGS/inference" "${INFER_ARGS[@]}"
+  step inference 50 "$PY" bench/inference.py --preset "$XL" --out "$LOGS/inference" "${INFER_ARGS[@]}"
 else
   echo "== inference: no bench/inference.py in this checkout"
 fi

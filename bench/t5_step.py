@@ -117,7 +117,7 @@ def main() -> None:
     labels = torch.randint(2, cfg.vocab_size, (batch, target_len), device=device)
 
     def hf_train():
-        hf(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+        hf(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False).loss.backward()
         hf.zero_grad(set_to_none=True)
 
     def ours_train():

@@ -1,8 +1,8 @@
 """HINT trained through the platform (`fit`, what `hint train` runs: Ray Train, FSDP2, Adafactor,
 a DCP checkpoint) with its worker SIGKILLed after a checkpoint, and the run resumed.
 
-One worker (world size 1); on a GPU: bf16 compute with fp32 master weights, activation
-checkpointing, `--compile` for regional compilation. Data: the real SNI sample (HINT 'Def',
+One worker (world size 1), activation checkpointing, `--compile` for regional compilation;
+on a GPU bf16 compute with fp32 master weights. Data: the real SNI sample (HINT 'Def',
 the paper's lengths 1024 / 1024 / 256) from --data (laid out as ../shared/data), else the
 synthetic suite. A checkpoint every --checkpoint-every steps; after the report of --kill-after
 the Train controller kills the worker; Ray Train restarts it from the last checkpoint
@@ -10,7 +10,7 @@ the Train controller kills the worker; Ray Train restarts it from the last check
 steps); `clean` intervals leave out the first of each worker start (warm-up, compilation) and
 those that held a checkpoint save.
 
-The run writes ~5 model copies (two checkpoints, the export, its MLflow copy): the run folder
+The run keeps 4 model copies (two checkpoints, the export, its MLflow copy): the run folder
 goes where the most space is free (/dev/shm or the temp dir), and a preset that does not fit
 there is replaced by the next smaller one, which the output says.
 
@@ -48,7 +48,7 @@ ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 PRESETS = ("xxl", "xl", "large", "base", "small", "tiny")
-COPIES = 5  # model-sized files at the peak: 2 checkpoints, a save in progress, export, MLflow copy
+COPIES = 4.5  # model-sized files at the peak: 2 checkpoints, the export, its MLflow copy; margin
 
 
 class KillAfter(UserCallback):
@@ -139,7 +139,7 @@ def main() -> None:
         free = shutil.disk_usage(root).free
         preset = args.preset
         while COPIES * model_bytes(preset, vocab) > free and preset != PRESETS[-1]:
-            print(f"{preset}: {COPIES} copies of {model_bytes(preset, vocab) / 2**30:.1f} GiB do "
+            print(f"{preset}: {COPIES:g} copies of {model_bytes(preset, vocab) / 2**30:.1f} GiB do "
                   f"not fit in {free / 2**30:.0f} GiB free under {root.parent}")
             preset = PRESETS[PRESETS.index(preset) + 1]
         print(f"training HINT-{preset} on {'GPU' if gpu else 'CPU'}, {origin}, run folder {root}")
@@ -153,14 +153,15 @@ def main() -> None:
                       "global_batch_size": args.global_batch, "micro_batch_size": args.micro_batch,
                       "max_steps": args.steps, "checkpoint_every": args.checkpoint_every,
                       "log_every": args.log_every, "optimizer": "adafactor",
-                      "activation_checkpointing": gpu, "compile": args.compile,
+                      "activation_checkpointing": True, "compile": args.compile,
                       "max_failures": 1},
             "run": {"storage_path": str(root / "runs"),
                     "tracking_uri": (root / "mlruns").as_uri()},
         })
         log = root / "reports.jsonl"
         if not ray.is_initialized():
-            ray.init(num_cpus=max(4, os.cpu_count() or 1), log_to_driver=False)
+            ray.init(num_cpus=max(4, os.cpu_count() or 1), object_store_memory=2 * 2**30,
+                     log_to_driver=False)
         result = fit(cfg, run_config_callbacks=[KillAfter(args.kill_after, log)])
         reports = [json.loads(line) for line in log.read_text().splitlines()]
     finally:

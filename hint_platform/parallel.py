@@ -49,5 +49,8 @@ def compile_blocks(model: nn.Module, backend: str = "inductor") -> None:
     units = list(model.blocks())
     if getattr(model, "generator", None) is not None:
         units += [m for m in model.generator.modules() if isinstance(m, (MLP, CrossAttention))]
+    # Dynamo keeps one graph per variant of a block's code (encoder, decoder, instruction
+    # pass, with or without PEFT, static then dynamic lengths): more than its default 8.
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     for unit in units:
         unit.compile(backend=backend)

@@ -56,6 +56,7 @@ from hint_platform.errors import UserError
 from hint_platform.optim import build_optimizer, clip_gradients
 from hint_platform.parallel import parallelize
 from hint_platform.throughput import Throughput
+from pipelines import step_micro_batches
 
 ROW_KEYS = ("hyper_input_ids", "input_ids", "labels", "example_index", "bad_records_skipped")
 PAD_ID = 0
@@ -307,7 +308,7 @@ def global_batches(epochs: Iterator, state: TrainState, micro: int, accum: int
             if not _all_ranks(len(taken) == micro * accum):
                 break
             stepped = True
-            yield [taken[i:i + micro] for i in range(0, len(taken), micro)], waited
+            yield step_micro_batches(taken, micro), waited
         empty_epochs = 0 if stepped else empty_epochs + 1
         if empty_epochs == 2:  # a whole fresh epoch without one step: too little data
             raise TrainingError(

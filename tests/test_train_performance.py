@@ -17,6 +17,7 @@ from hint_platform.config import TrainSection
 from hint_platform.optim import Adafactor, build_optimizer
 from hint_platform.parallel import compile_blocks, parallelize
 from hint_platform.train import train_step
+from pipelines import step_micro_batches
 
 SHAPE = dict(vocab_size=64, num_layers=1, num_decoder_layers=1)
 
@@ -139,3 +140,22 @@ def test_compiled_blocks_give_the_eager_loss_and_gradients():
     torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
     for (name, a), b in zip(eager.named_parameters(), compiled.parameters()):
         torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_step_micro_batches_group_instructions_and_lengths():
+    """A step's rows, interleaved across three tasks, come back as micro-batches that each
+    hold one instruction and inputs of similar length: every row once, less padding."""
+    instructions = {"a": [5, 6], "b": [7, 8, 9], "c": [4]}
+    rows = [{"hyper_input_ids": instructions[task], "input_ids": [3] * n, "labels": [2],
+             "example_index": i}
+            for i, (task, n) in enumerate([("a", 9), ("b", 2), ("c", 5), ("a", 1), ("b", 8),
+                                           ("c", 6), ("b", 9), ("b", 3)])]
+    micro = step_micro_batches(rows, 2)
+    assert sorted(r["example_index"] for m in micro for r in m) == list(range(8))
+    assert [len({tuple(r["hyper_input_ids"]) for r in m}) for m in micro] == [1, 1, 1, 1]
+
+    def padding(batches):
+        return sum(max(len(r["input_ids"]) for r in m) * len(m) - sum(len(r["input_ids"]) for r in m)
+                   for m in batches)
+
+    assert padding(micro) < padding([rows[i:i + 2] for i in range(0, 8, 2)])
