@@ -9,9 +9,9 @@
 #   2. bench/train_step.py: HINT-xl's training step against the concatenation baseline's, MFU
 #   3. bench/peak_memory.py: one HINT-xxl training step with activation checkpointing: peak
 #   4. bench/train_resume.py: HINT-xl through the platform's fit (Ray Train, FSDP2 world size
-#      1, bf16, activation checkpointing, compiled, Adafactor) on the real SNI sample at the
-#      paper's lengths, a DCP checkpoint, the worker killed, the run resumed; tokens/s and MFU
-#      from the platform's own reports
+#      1, bf16, activation checkpointing, Adafactor; compiled with GPU_CHECK_COMPILE_TRAIN=1) on
+#      the real SNI sample at the paper's lengths, a DCP checkpoint, the worker killed, the run
+#      resumed; tokens/s and MFU from the platform's own reports
 #   5. bench/inference.py at xl, where it exists
 # Last line: t5_xl_train_speedup_vs_hf_compiled=<x> hint_xl_mfu=<x> hint_over_concat_step=<x>
 #            xxl_peak_gib=<x> resume_ok=<0|1>
@@ -26,7 +26,8 @@
 #   bash bench/gpu_check.sh                            # on the GPU machine
 #   GPU_CHECK_SMOKE=1 bash bench/gpu_check.sh          # every step at a tiny size, on the CPU
 #
-# Logs of each step go to $OUT (the device machine's return folder) or /tmp/gpu_check.
+# Each step's log goes to $OUT/gpu_check/ (the device machine's return folder: six files) or
+# /tmp/gpu_check.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 SMOKE=${GPU_CHECK_SMOKE:-0}
@@ -96,17 +97,20 @@ step() {  # step NAME BUDGET_S COMMAND...: runs COMMAND in its own session, with
   fi
   echo "== $name (limit ${limit} s, at $((SECONDS - START)) s): $*"
   local begin=$SECONDS
-  setsid -w bash -c 'echo $$ > "$0.sid"; exec timeout -s INT -k 15 "$@"' "$LOGS/$name" "$limit" "$@" \
+  local sid_file
+  sid_file=$(mktemp)
+  setsid -w bash -c 'echo $$ > "$0"; exec timeout -s INT -k 15 "$@"' "$sid_file" "$limit" "$@" \
     2>&1 | tee "$LOGS/$name.log"
   local rc=${PIPESTATUS[0]}
-  pkill -KILL -s "$(cat "$LOGS/$name.sid")" 2>/dev/null  # what the step left running (Ray)
+  pkill -KILL -s "$(cat "$sid_file")" 2>/dev/null  # what the step left running (Ray)
+  rm -f "$sid_file"
   echo "== $name: exit $rc after $((SECONDS - begin)) s"
   return "$rc"
 }
 
-figure() {  # figure NAME KEY: KEY's value on the last line of step NAME's log, else nan
+figure() {  # figure NAME KEY: KEY's last value in step NAME's log, else nan
   local value
-  value=$(tail -n 1 "$LOGS/$1.log" 2>/dev/null | tr ' ' '\n' | sed -n "s/^$2=//p")
+  value=$(cat "$LOGS/$1.log" 2>/dev/null | tr ' ' '\n' | sed -n "s/^$2=//p" | tail -n 1)
   echo "${value:-nan}"
 }
 
@@ -122,17 +126,20 @@ else
   T5_ARGS=(--batch 16 --input-len 512 --target-len 128 --steps 5)
   STEP_ARGS=(--batch 8 --steps 3)
   PEAK_ARGS=(--batch 4)
-  RESUME_ARGS=(--steps 24 --checkpoint-every 12 --kill-after 16 --log-every 4)
+  RESUME_ARGS=(--steps 16 --checkpoint-every 8 --kill-after 10 --log-every 2)
   INFER_ARGS=(--dtype bf16 --repeats 1)
 fi
 
-step t5_step 95 "$PY" bench/t5_step.py --preset "$XL" --compile "${T5_ARGS[@]}"
+step t5_step 150 "$PY" bench/t5_step.py --preset "$XL" --compile "${T5_ARGS[@]}"
 step train_step 55 "$PY" bench/train_step.py --preset "$XL" --data "$DATA" "${STEP_ARGS[@]}"
 step peak_memory 40 "$PY" bench/peak_memory.py --preset "$XXL" "${PEAK_ARGS[@]}"
-step train_resume 190 "$PY" bench/train_resume.py --preset "$XL" --compile --data "$DATA" \
-  "${RESUME_ARGS[@]}"
+# Compiling HINT's block variants (twice: the restarted worker compiles again) could take this
+# step's whole limit on the GPU: eager unless GPU_CHECK_COMPILE_TRAIN=1 (the smoke compiles).
+[ "${GPU_CHECK_COMPILE_TRAIN:-$SMOKE}" = 1 ] && RESUME_ARGS+=(--compile)
+step train_resume 150 "$PY" bench/train_resume.py --preset "$XL" --data "$DATA" "${RESUME_ARGS[@]}"
 if [ -f bench/inference.py ]; then
-  step inference 50 "$PY" bench/inference.py --preset "$XL" --out "$LOGS/inference" "${INFER_ARGS[@]}"
+  step inference 35 "$PY" bench/inference.py --preset "$XL" --out /tmp/gpu_check_inference \
+    "${INFER_ARGS[@]}"
 else
   echo "== inference: no bench/inference.py in this checkout"
 fi
