@@ -20,9 +20,9 @@ import torch
 
 from hint_model import HintConfig, HintModel
 from hint_platform.config import TrainSection
-from hint_platform.optim import build_optimizer
-from hint_platform.parallel import parallelize
-from hint_platform.train import train_step
+from hint_platform.training.optim import build_optimizer
+from hint_platform.training.parallel import parallelize
+from hint_platform.training.worker import train_step
 
 
 def main() -> None:

@@ -26,7 +26,7 @@ from transformers import T5Config, T5ForConditionalGeneration
 
 from hint_model import HintConfig, HintModel, checkpoint
 from hint_model.flops import stack_weights
-from hint_platform.parallel import compile_blocks
+from hint_platform.training.parallel import compile_blocks
 
 PEAK_BF16_FLOPS = 989e12  # H100 SXM dense bf16, for the MFU figure on GPU
 

@@ -40,7 +40,7 @@ from ray.train import UserCallback
 
 from hint_model import HintConfig, HintModel
 from hint_platform.config import from_dict
-from hint_platform.train import fit
+from hint_platform.training.driver import fit
 from pipelines import load_tokenizer, train_tokenizer, write_suite
 
 # The callback runs in the Train controller, which cannot import this script as a module.

@@ -27,10 +27,10 @@ import torch.distributed as dist
 
 from hint_model import HintConfig, HintModel
 from hint_platform.config import TrainSection
-from hint_platform.optim import build_optimizer
-from hint_platform.parallel import parallelize
-from hint_platform.throughput import peak_flops
-from hint_platform.train import train_step, training_flops
+from hint_platform.training.optim import build_optimizer
+from hint_platform.training.parallel import parallelize
+from hint_platform.training.throughput import peak_flops
+from hint_platform.training.worker import train_step, training_flops
 from pipelines import collate, iter_records, load_tokenizer, train_tokenizer, write_suite
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"

@@ -14,9 +14,9 @@ from torch.distributed.fsdp import FSDPModule
 
 from hint_model import HintConfig, HintModel
 from hint_platform.config import TrainSection
-from hint_platform.optim import Adafactor, build_optimizer
-from hint_platform.parallel import compile_blocks, parallelize
-from hint_platform.train import train_step
+from hint_platform.training.optim import Adafactor, build_optimizer
+from hint_platform.training.parallel import compile_blocks, parallelize
+from hint_platform.training.worker import train_step
 from pipelines import step_micro_batches
 
 SHAPE = dict(vocab_size=64, num_layers=1, num_decoder_layers=1)
