@@ -97,12 +97,17 @@ step() {  # step NAME BUDGET_S COMMAND...: runs COMMAND in its own session, with
   fi
   echo "== $name (limit ${limit} s, at $((SECONDS - START)) s): $*"
   local begin=$SECONDS
-  local sid_file
+  local sid_file rc
   sid_file=$(mktemp)
-  setsid -w bash -c 'echo $$ > "$0"; exec timeout -s INT -k 15 "$@"' "$sid_file" "$limit" "$@" \
-    2>&1 | tee "$LOGS/$name.log"
-  local rc=${PIPESTATUS[0]}
-  pkill -KILL -s "$(cat "$sid_file")" 2>/dev/null  # what the step left running (Ray)
+  if command -v setsid >/dev/null; then
+    setsid -w bash -c 'echo $$ > "$0"; exec timeout -s INT -k 15 "$@"' "$sid_file" "$limit" "$@" \
+      2>&1 | tee "$LOGS/$name.log"
+    rc=${PIPESTATUS[0]}
+    pkill -KILL -s "$(cat "$sid_file")" 2>/dev/null  # what the step left running (Ray)
+  else
+    timeout -s INT -k 15 "$limit" "$@" 2>&1 | tee "$LOGS/$name.log"
+    rc=${PIPESTATUS[0]}
+  fi
   rm -f "$sid_file"
   echo "== $name: exit $rc after $((SECONDS - begin)) s"
   return "$rc"
