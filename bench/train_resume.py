@@ -132,12 +132,13 @@ def main() -> None:
     args = parser.parse_args()
 
     root = Path(tempfile.mkdtemp(prefix="hint-train-resume-", dir=roomiest()))
+    log = root / "reports.jsonl"
     os.environ["MLFLOW_ALLOW_FILE_STORE"] = "true"  # mlflow-skinny on the GPU image: no SQLite
+    preset, result = args.preset, None
     try:
         spec, tokenizer, origin = sources(args.data, root)
         vocab = load_tokenizer(tokenizer).vocab_size
         free = shutil.disk_usage(root).free
-        preset = args.preset
         while COPIES * model_bytes(preset, vocab) > free and preset != PRESETS[-1]:
             print(f"{preset}: {COPIES:g} copies of {model_bytes(preset, vocab) / 2**30:.1f} GiB do "
                   f"not fit in {free / 2**30:.0f} GiB free under {root.parent}")
@@ -146,7 +147,7 @@ def main() -> None:
         lengths = (dict(max_input_len=1024, max_hyper_len=1024, max_target_len=256) if gpu else
                    dict(max_input_len=64, max_hyper_len=64, max_target_len=16))
         cfg = from_dict({
-            "name": "train-resume", "stage": "finetune",
+            "name": "train-resume",
             "model": {"preset": preset, "variant": "hint", "overrides": {"vocab_size": vocab}},
             "data": {"tokenizer": tokenizer, "train": [spec], **lengths},
             "train": {"num_workers": 1, "use_gpu": gpu, "cpus_per_worker": 1 if gpu else 0.5,
@@ -158,27 +159,29 @@ def main() -> None:
             "run": {"storage_path": str(root / "runs"),
                     "tracking_uri": (root / "mlruns").as_uri()},
         })
-        log = root / "reports.jsonl"
         if not ray.is_initialized():
             ray.init(num_cpus=max(4, os.cpu_count() or 1), object_store_memory=2 * 2**30,
                      log_to_driver=False)
         result = fit(cfg, run_config_callbacks=[KillAfter(args.kill_after, log)])
-        reports = [json.loads(line) for line in log.read_text().splitlines()]
-    finally:
+    finally:  # also when the run fails or is interrupted: what it reported so far
+        reports = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
         ray.shutdown()
         shutil.rmtree(root, ignore_errors=True)
-
-    for r in reports:
-        print(f"step {r['step']:3d}  loss {r['loss']:.3f}  step {r['step_time_s']:.2f} s  "
-              f"{r['tokens_per_s']:,.0f} tokens/s  mfu {r['mfu']:.3f}"
-              f"{'  checkpoint' if r['checkpoint'] else ''}{'  -> worker killed' if r['killed'] else ''}")
-    ok = resumed(reports, args.checkpoint_every) and result.steps_done == args.steps
-    steady = clean(reports) or reports
-    tokens = statistics.median(r["tokens_per_s"] for r in steady)
-    mfu = statistics.median(r["mfu"] for r in steady)
-    print(f"steps done {result.steps_done}; clean intervals at steps {[r['step'] for r in steady]}")
-    print(f"resume_ok={int(ok)} tokens_per_s={tokens:.0f} "
-          f"mfu={'nan' if math.isnan(mfu) else f'{mfu:.3f}'} preset={preset}")
+        for r in reports:
+            print(f"step {r['step']:3d}  loss {r['loss']:.3f}  step {r['step_time_s']:.2f} s  "
+                  f"{r['tokens_per_s']:,.0f} tokens/s  mfu {r['mfu']:.3f}"
+                  f"{'  checkpoint' if r['checkpoint'] else ''}"
+                  f"{'  -> worker killed' if r['killed'] else ''}")
+        if reports:
+            ok = (result is not None and result.steps_done == args.steps
+                  and resumed(reports, args.checkpoint_every))
+            steady = clean(reports) or reports
+            tokens = statistics.median(r["tokens_per_s"] for r in steady)
+            mfu = statistics.median(r["mfu"] for r in steady)
+            print(f"steps done {result.steps_done if result else 'none (the run failed)'}; "
+                  f"clean intervals at steps {[r['step'] for r in steady]}")
+            print(f"resume_ok={int(ok)} tokens_per_s={tokens:.0f} "
+                  f"mfu={'nan' if math.isnan(mfu) else f'{mfu:.3f}'} preset={preset}")
 
 
 if __name__ == "__main__":
