@@ -73,8 +73,8 @@ class Adafactor(torch.optim.Optimizer):
         steps = [float(s["step"]) for s in states]  # CPU scalars: no device sync
         betas = [step ** group["beta2_decay"] for step in steps]
         device = local[0].device
-        numel = torch.tensor([float(p.numel()) for p in params], device=device)
-        rho = torch.tensor([min(group["lr"], step ** -0.5) for step in steps], device=device)
+        numel = _on(device, [float(p.numel()) for p in params])
+        rho = _on(device, [min(group["lr"], step ** -0.5) for step in steps])
         eps1 = torch.finfo(local[0].dtype).eps
 
         param_rms = (_summed(torch.stack(torch._foreach_norm(local)).square(), sharded) / numel).sqrt()
@@ -123,6 +123,13 @@ def _like(p: torch.Tensor, local: torch.Tensor, shape: tuple, replicated: bool =
 
 def _local(t: torch.Tensor | None) -> torch.Tensor | None:
     return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _on(device: torch.device, values: list[float]) -> torch.Tensor:
+    """`values` on `device` without waiting for it: a plain copy to a GPU from pageable memory
+    would wait for every kernel queued before it."""
+    t = torch.tensor(values)
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
 
 
 def _summed(t: torch.Tensor, sharded: bool) -> torch.Tensor:

@@ -6,8 +6,9 @@ blocks would rename their state-dict keys, which the DCP checkpoints and the Hug
 Face-compatible export share).
 
 One FSDP unit per T5 block, then the root (embeddings, final norms, lm_head, the parameter
-generator): each block's parameters are all-gathered just before it runs and freed after, so
-peak memory holds one block's full weights plus the shards.
+generator): each block's parameters are all-gathered as the previous block starts (explicit
+forward prefetch) and freed after it runs, so peak memory holds two blocks' full weights plus
+the shards.
 """
 
 from __future__ import annotations
@@ -41,7 +42,19 @@ def parallelize(model: nn.Module, *, device: torch.device, fsdp: bool,
     for block in model.blocks():
         fully_shard(block, mesh=mesh, mp_policy=mp)
     fully_shard(model, mesh=mesh, mp_policy=mp)
+    _prefetch_next_blocks(model)
     return model
+
+
+def _prefetch_next_blocks(model: nn.Module) -> None:
+    """Each block, as its forward starts, starts gathering the next block of its stack, so the
+    all-gather overlaps compute instead of preceding it. (FSDP2 prefetches in backward by
+    itself, and skips this during activation checkpointing's recomputation.)"""
+    for stack in model.modules():
+        blocks = getattr(stack, "blocks", None)
+        if isinstance(blocks, nn.ModuleList):
+            for block, following in zip(blocks, blocks[1:]):
+                block.set_modules_to_forward_prefetch([following])
 
 
 def compile_blocks(model: nn.Module, backend: str = "inductor") -> None:
