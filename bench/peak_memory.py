@@ -47,7 +47,8 @@ def main() -> None:
     finally:
         torch.set_default_dtype(default)
     model = parallelize(model, device=device, fsdp=False, activation_checkpointing=True)
-    optimizer = build_optimizer(model, TrainSection(optimizer="adafactor", lr=1e-3))
+    train = TrainSection(optimizer="adafactor", lr=1e-3)
+    optimizer = build_optimizer(model, train)
     params = sum(p.numel() for p in model.parameters())
     print(f"HINT-{args.preset}: {params / 1e9:.2f}B parameters in {str(dtype).removeprefix('torch.')}, "
           f"built in {time.perf_counter() - start:.0f} s; batch {args.batch}, lengths "
@@ -62,7 +63,7 @@ def main() -> None:
     if gpu:
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
-    out = train_step(model, optimizer, [batch], grad_clip=1.0)
+    out = train_step(model, optimizer, [batch], train.grad_clip, train.z_loss)
     if gpu:
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start

@@ -70,15 +70,16 @@ def time_steps(variant: str, preset: str, vocab: int, rows: list[dict], device, 
         model = HintModel(HintConfig.preset(preset, variant=variant, vocab_size=vocab))
     model = parallelize(model, device=device, fsdp=dist.is_initialized(),
                         activation_checkpointing=False, compile=compile_model)
-    optimizer = build_optimizer(model, TrainSection(optimizer="adafactor", lr=1e-3))
+    train = TrainSection(optimizer="adafactor", lr=1e-3)
+    optimizer = build_optimizer(model, train)
     batch = collate(rows)
     micro = [{k: batch[k].to(device) for k in KEYS}]
-    train_step(model, optimizer, micro, grad_clip=1.0)
+    train_step(model, optimizer, micro, train.grad_clip, train.z_loss)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     sync()
     start = time.perf_counter()
     for _ in range(steps):
-        loss = train_step(model, optimizer, micro, grad_clip=1.0)["loss"]
+        loss = train_step(model, optimizer, micro, train.grad_clip, train.z_loss)["loss"]
     sync()
     seconds = (time.perf_counter() - start) / steps
     config = model.config

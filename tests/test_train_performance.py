@@ -87,10 +87,10 @@ def test_train_step_reads_nothing_back_from_the_device():
     model = HintModel(HintConfig.preset("tiny", variant="concat", **SHAPE))
     optimizer = build_optimizer(model, TrainSection(optimizer="adafactor"))
     micro = [batch(i) for i in range(4)]
-    train_step(model, optimizer, micro, grad_clip=1.0)  # creates the optimizer state
+    train_step(model, optimizer, micro, grad_clip=1.0, z_loss=1e-4)  # creates the state
     counters = {id(s["step"]) for s in optimizer.state.values()}
     with host_reads(ignore=counters) as calls:
-        out = train_step(model, optimizer, micro, grad_clip=1.0)
+        out = train_step(model, optimizer, micro, grad_clip=1.0, z_loss=1e-4)
     assert calls == []
     assert all(isinstance(v, torch.Tensor) and v.dim() == 0 for v in out.values())
     assert torch.isfinite(out["loss"]) and out["grad_norm"] > 0
@@ -116,11 +116,11 @@ def test_gradients_reduced_once_per_step_under_accumulation(one_rank_group, monk
     monkeypatch.setattr(FSDPModule, "set_requires_gradient_sync",
                         lambda self, on, **kw: (calls.append(on), original(self, on, **kw))[1])
     micro = [batch(i) for i in range(3)]
-    loss = train_step(sharded, build_optimizer(sharded, TrainSection()), micro, grad_clip=1.0)["loss"]
+    loss = train_step(sharded, build_optimizer(sharded, TrainSection()), micro, 1.0, 1e-4)["loss"]
     assert calls == [False, False, True]
     whole = {k: torch.cat([m[k] for m in micro]) for k in micro[0]}
     plain = tiny()
-    expected = train_step(plain, build_optimizer(plain, TrainSection()), [whole], grad_clip=1.0)["loss"]
+    expected = train_step(plain, build_optimizer(plain, TrainSection()), [whole], 1.0, 1e-4)["loss"]
     assert float(loss) == pytest.approx(float(expected), rel=1e-5)
 
 
