@@ -66,6 +66,7 @@ class TrainSection:
     # gins/hyper_base.gin Z_LOSS); 0 turns it off. The reported eval_loss leaves it out.
     z_loss: float = 1e-4
     activation_checkpointing: bool = False
+    compile: bool = False  # torch.compile each T5 block and the generator's parts (regional)
     fsdp: bool = True
     checkpoint_every: int = 100  # steps; 0 = only at the end
     log_every: int = 10
