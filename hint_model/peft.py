@@ -33,6 +33,11 @@ class AttnPeft:
     prefix_value: Tensor | None = None
     lora_q: tuple[Tensor, Tensor] | None = None  # A [T, d, r], B [T, r, inner]
     lora_v: tuple[Tensor, Tensor] | None = None
+    # Instruction fusion (decoder cross-attention only): the task's instruction projected to
+    # this layer's keys / values once per task, [T, M, inner], and its padding mask [T, M].
+    memory_key: Tensor | None = None
+    memory_value: Tensor | None = None
+    memory_mask: Tensor | None = None
 
 
 @dataclass
@@ -91,6 +96,28 @@ def prepend_prefix(k: Tensor, v: Tensor, bias: Tensor, p: AttnPeft) -> tuple[Ten
     return k, v, F.pad(bias, (p.prefix_key.shape[1], 0))
 
 
+def prepend_memory(k: Tensor, v: Tensor, p: AttnPeft) -> tuple[Tensor, Tensor]:
+    """Put the task's instruction keys/values in front of the input's k, v [B, H, Lk, dk]:
+    the same attention as over concat([instruction, input]) memory, without re-projecting
+    the instruction for every input."""
+    batch, heads, _, dk = k.shape
+
+    def split_heads(t: Tensor) -> Tensor:
+        t = per_example(t, p.index, k).expand(batch, -1, -1)
+        return t.view(batch, t.shape[1], heads, dk).transpose(1, 2)
+
+    return torch.cat([split_heads(p.memory_key), k], dim=2), torch.cat([split_heads(p.memory_value), v], dim=2)
+
+
+def memory_bias(bias: Tensor, p: AttnPeft) -> Tensor:
+    """The input's cross-attention bias [B, 1, Lq, Lk] with the instruction's padding mask in
+    front (0 visible, most negative hidden), matching prepend_memory."""
+    mask = per_example(p.memory_mask, p.index, bias)
+    hidden = (1.0 - mask[:, None, None, :]) * torch.finfo(bias.dtype).min
+    hidden = hidden.expand(bias.shape[0], *bias.shape[1:-1], -1)
+    return torch.cat([hidden, bias.expand(hidden.shape[0], *bias.shape[1:])], dim=-1)
+
+
 def split_by_block(params: dict[str, Tensor], index: Tensor, num_layers: int,
                    num_decoder_layers: int) -> tuple[list[BlockPeft], list[BlockPeft]]:
     """Cut the per-kind tensors into what each encoder / decoder block uses.
@@ -120,6 +147,16 @@ def split_by_block(params: dict[str, Tensor], index: Tensor, num_layers: int,
     decoder = [BlockPeft(adapt(num_layers + i), attn(num_layers + 2 * i), attn(num_layers + 2 * i + 1))
                for i in range(num_decoder_layers)]
     return encoder, decoder
+
+
+def attach_memory(decoder: list[BlockPeft], key: Tensor, value: Tensor, mask: Tensor,
+                  index: Tensor) -> None:
+    """Give every decoder block's cross-attention its layer of the fused instruction's
+    keys / values ([T, layers, M, inner]) and the mask [T, M]."""
+    for i, block in enumerate(decoder):
+        block.cross_attn = block.cross_attn or AttnPeft(index=index)
+        block.cross_attn.memory_key, block.cross_attn.memory_value = key[:, i], value[:, i]
+        block.cross_attn.memory_mask = mask
 
 
 def shapes(cfg) -> dict[str, tuple[int, ...]]:

@@ -73,7 +73,8 @@ class Attention(nn.Module):
                 p: AttnPeft | None = None, cache: dict | None = None) -> Tensor:
         """x [B, Lq, d]; memory [B, Lk, d] for cross-attention (None: self-attention);
         bias broadcastable to [B, H, Lq, Lk]; cache: this attention's decoding state
-        (self: keys/values of the tokens so far; cross: the projected memory, made once)."""
+        (self: keys/values of the tokens so far; cross: the projected memory, made once,
+        behind the task's fused instruction keys/values when `p` carries them)."""
         batch, q_len, _ = x.shape
         q = self.q(x)
         if p is not None and p.lora_q is not None:
@@ -86,10 +87,14 @@ class Attention(nn.Module):
             if p is not None and p.lora_v is not None:
                 v = v + peft.lora(source, p.lora_v, p.index)
             v = self._split(v)
+            if p is not None and p.memory_key is not None:
+                k, v = peft.prepend_memory(k, v, p)
             if cache is not None:
                 if memory is None and "k" in cache:  # self-attention: append the new tokens
                     k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
                 cache["k"], cache["v"] = k, v
+        if p is not None and p.memory_key is not None:
+            bias = peft.memory_bias(bias, p)
         if p is not None and p.prefix_key is not None:
             k, v, bias = peft.prepend_prefix(k, v, bias, p)
         out = F.scaled_dot_product_attention(

@@ -197,17 +197,18 @@ def build_model(cfg: ExperimentConfig) -> nn.Module:
     from pipelines import load_tokenizer
 
     section = cfg.model
+    # The model remembers the output length it trains for: generation's default length.
+    overrides = {"max_target_len": cfg.data.max_target_len, **section.overrides}
     if section.init_from:
         hf = json.loads((Path(section.init_from) / "config.json").read_text())
         if hf.get("model_type") == "t5":
             return HintModel.from_t5_checkpoint(section.init_from, variant=section.variant,
-                                                **section.overrides)
+                                                **overrides)
         model = HintModel.from_pretrained(section.init_from)
         if model.config.variant != section.variant:
             raise ConfigError(f"model.variant: {section.variant!r}, but model.init_from "
                               f"{section.init_from} holds a {model.config.variant!r} model")
         return model
-    overrides = dict(section.overrides)
     overrides.setdefault("vocab_size", load_tokenizer(cfg.data.tokenizer).vocab_size)
     return HintModel(HintConfig.preset(section.preset, variant=section.variant, **overrides))
 
