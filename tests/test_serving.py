@@ -184,3 +184,49 @@ def test_bad_requests_get_their_4xx_and_the_replica_keeps_serving(served, route,
     assert got == status and reason in answer["error"], answer
     ok, result = _call(f"{base}/v1/predict", {"instruction": tasks[0][0], "inputs": tasks[0][1][:1]})
     assert ok == 200 and len(result["outputs"]) == 1
+
+
+def test_hint_predict_equals_model_generate_row_for_row(export, ray_local, tmp_path):
+    import mlflow
+    import pandas as pd
+
+    from hint_platform.serving.batch import PredictOptions, predict
+
+    out, suite, tasks = export
+    rows = [{"instruction": tasks[t][0], "input": tasks[t][1][i], "references": [f"ref {i}"]}
+            for t in range(3) for i in range(4)]
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    spec = f"{{kind: sni, path: {suite.root}/sni, split: synthetic, max_per_task: 2}}"
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    summary = predict(PredictOptions(model=str(out), sources=[str(tmp_path / "rows.jsonl"), spec],
+                                     output=str(tmp_path / "pred"), tracking_uri=uri, batch_size=3),
+                      progress=lambda line: None)
+    got = pd.read_parquet(tmp_path / "pred" / "predictions.parquet")
+    assert list(got.columns) == ["id", "task", "input", "prediction", "references"]
+    assert summary["rows"] == len(got) == 12 + 2 * len(suite.test_tasks)
+    # One state per distinct instruction: the file's three instructions are the spec's
+    # Definitions (same tokens), so the spec's rows of those tasks hit the actor's cache.
+    assert summary["tasks"] == 3 + len(suite.test_tasks)
+    assert summary["task_states_generated"] == len(suite.test_tasks)
+
+    predictor = CachedPredictor(out)
+    by_id = got.set_index("id")
+    for i, row in enumerate(rows):  # the file's rows: their instruction in the model's format
+        hyper, model_input = predictor.texts(row["instruction"], row["input"])
+        tokens = predictor.model.generate(torch.tensor([predictor.tokenizer.encode(model_input)]),
+                                          hyper_input_ids=torch.tensor([predictor.tokenizer.encode(hyper)]))
+        assert by_id.loc[f"rows.jsonl:{i}", "prediction"] == predictor.tokenizer.decode(tokens[0].tolist()).strip()
+    from pipelines import SourceSpec, iter_records
+    records = iter_records([SourceSpec(kind="sni", path=f"{suite.root}/sni", split="synthetic", part="test",
+                                       max_per_task=2)], str(out / "tokenizer"), max_hyper_len=MAX_HYPER)
+    for r in records:  # the spec's rows: tokenised by the pipeline
+        tokens = predictor.model.generate(torch.tensor([r["input_ids"]]), hyper_input_ids=torch.tensor([r["hyper_input_ids"]]))
+        assert by_id.loc[f"{r['task']}#{r['example_index']}", "prediction"] == \
+            predictor.tokenizer.decode(tokens[0].tolist()).strip()
+
+    metrics = json.loads((tmp_path / "pred" / "metrics.json").read_text())
+    assert set(metrics["per_task"]) == set(got["task"])
+    assert 0 <= metrics["overall"]["rougeL"] <= 100
+    run = mlflow.MlflowClient(tracking_uri=uri).get_run(summary["mlflow_run_id"])
+    assert run.data.params["num_beams"] == "1" and run.data.metrics["rows"] == len(got)
+    assert run.data.metrics["predict/rougeL"] == metrics["overall"]["rougeL"]
