@@ -13,8 +13,9 @@ import pytest
 import torch
 
 from hint_model import HintConfig, HintModel
-from hint_platform import registry
 from hint_platform.serving.predictor import BadRequest, CachedPredictor
+from hint_platform.tracking import registry
+from hint_platform.tracking.runs import tracking_uri_scope
 from pipelines import train_tokenizer, write_suite
 
 MAX_HYPER = 48
@@ -120,13 +121,13 @@ def served(export, ray_local, tmp_path_factory):
     port = _free_port()
     try:
         base = app.run(opts, port=port)
-        yield base, probe, tasks
+        yield base, probe, tasks, uri
     finally:
         serve.shutdown()
 
 
 def test_served_model_from_registry_alias_answers_and_caches(served):
-    base, probe, tasks = served
+    base, probe, tasks, _ = served
     assert _call(f"{base}/v1/health") == (200, {"status": "ok"})
     instruction, inputs = tasks[0]
     status, created = _call(f"{base}/v1/tasks", {"instruction": instruction})
@@ -141,8 +142,23 @@ def test_served_model_from_registry_alias_answers_and_caches(served):
     assert second["task_id"] == again["task_id"]
 
 
+def test_registered_pyfunc_generates_each_task_state_once(served):
+    """What `mlflow models serve` runs: the logged pyfunc, over the same cached predictor."""
+    import mlflow.pyfunc
+    import pandas as pd
+
+    _, probe, tasks, uri = served
+    with tracking_uri_scope(uri):
+        model = mlflow.pyfunc.load_model("models:/hint-serve-test@champion")
+    frame = pd.DataFrame({"instruction": [tasks[0][0]] * 2, "input": tasks[0][1][:2]})
+    first, second = list(model.predict(frame)), list(model.predict(frame))
+    assert first == second == probe.predict([tasks[0][0]] * 2, tasks[0][1][:2])
+    stats = model.unwrap_python_model().predictor.cache.stats
+    assert (stats.misses, stats.hits) == (1, 1)
+
+
 def test_served_cache_evicts_at_its_bound(served):
-    base, _, tasks = served
+    base, _, tasks, _ = served
     before = _call(f"{base}/v1/stats")[1]
     for instruction, inputs in tasks:  # four tasks through a cache that holds two
         assert _call(f"{base}/v1/predict", {"instruction": instruction, "inputs": inputs[:1]})[0] == 200
@@ -152,7 +168,7 @@ def test_served_cache_evicts_at_its_bound(served):
 
 
 def test_concurrent_requests_of_different_tasks_share_a_mixed_batch(served):
-    base, probe, tasks = served
+    base, probe, tasks, _ = served
     before = _call(f"{base}/v1/stats")[1]
     bodies = [{"instruction": tasks[i][0], "inputs": tasks[i][1][2:4]} for i in range(3)]
 
@@ -179,7 +195,7 @@ def test_concurrent_requests_of_different_tasks_share_a_mixed_batch(served):
     ("/v1/nothing", None, None, 404, "no route"),
 ])
 def test_bad_requests_get_their_4xx_and_the_replica_keeps_serving(served, route, body, raw, status, reason):
-    base, _, tasks = served
+    base, _, tasks, _ = served
     got, answer = _call(f"{base}{route}", body, raw=raw, method="POST" if route != "/v1/nothing" else "GET")
     assert got == status and reason in answer["error"], answer
     ok, result = _call(f"{base}/v1/predict", {"instruction": tasks[0][0], "inputs": tasks[0][1][:1]})

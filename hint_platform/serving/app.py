@@ -33,6 +33,7 @@ from starlette.responses import JSONResponse
 
 from hint_model import TaskModules
 from hint_platform.serving.predictor import BadRequest, CachedPredictor
+from hint_platform.tracking.registry import resolve_export
 
 
 @dataclass
@@ -62,9 +63,10 @@ class HttpError(Exception):
 class HintReplica:
     def __init__(self, options: dict):
         opts = ServeOptions(**options)
-        self.predictor = CachedPredictor.load(opts.model, opts.tracking_uri, cache_mib=opts.cache_mib,
-                                              max_new_tokens=opts.max_new_tokens, num_beams=opts.num_beams,
-                                              batch_size=opts.max_batch_size)
+        # models:/NAME@ALIAS: the logged export's weights and config only, never its code.
+        self.predictor = CachedPredictor(resolve_export(opts.model, opts.tracking_uri), cache_mib=opts.cache_mib,
+                                         max_new_tokens=opts.max_new_tokens, num_beams=opts.num_beams,
+                                         batch_size=opts.max_batch_size)
         # One thread runs the model, so the event loop keeps taking requests into the batch.
         self._pool = ThreadPoolExecutor(max_workers=1)
         self._batched.set_max_batch_size(opts.max_batch_size)

@@ -28,11 +28,12 @@ import ray
 import yaml
 
 from hint_model.checkpoint import read_config
+from hint_platform import export
 from hint_platform.errors import UserError
-from hint_platform.evaluate import EXPORT_TOKENIZER, score_predictions
-from hint_platform.registry import resolve_export
+from hint_platform.evaluation.metrics import score_predictions
 from hint_platform.serving.predictor import CachedPredictor
-from hint_platform.tracking import tracking_uri_scope
+from hint_platform.tracking.registry import resolve_export
+from hint_platform.tracking.runs import tracking_uri_scope
 from pipelines import SourceSpec, SpecError, iter_records, load_tokenizer
 
 FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
@@ -47,7 +48,7 @@ class PredictOptions:
     model: str
     sources: list[str]
     output: str
-    tracking_uri: str | None = None  # where models:/ resolves and the job is logged (None: not logged)
+    tracking_uri: str | None = None  # where models:/ resolves and the job is logged
     experiment: str = "hint-predict"
     max_new_tokens: int | None = None  # None: the model's target length
     num_beams: int = 1
@@ -63,7 +64,7 @@ class PredictActor:
     """One model per actor; `__call__` fills in `prediction` for a batch of rows."""
 
     def __init__(self, model: str, tracking_uri: str | None, kwargs: dict):
-        self.predictor = CachedPredictor.load(model, tracking_uri, **kwargs)
+        self.predictor = CachedPredictor(resolve_export(model, tracking_uri), **kwargs)
 
     def __call__(self, batch: dict) -> dict:
         keys, input_ids = [], []
@@ -109,15 +110,16 @@ def read_rows(sources: list[str], export_dir: Path, max_input_len: int) -> pa.Ta
     """Every source's rows in the ROWS schema, on the driver (ids are the file's line numbers
     or the spec's example index, so they are stable across runs)."""
     cfg = read_config(export_dir)
+    tokenizer_dir = export.tokenizer_dir(export_dir)
     tables = []
     for text in sources:
         source = parse_source(text)
         if isinstance(source, Path):
             tables.append(_file_rows(source))
         else:
-            records = iter_records([source], str(export_dir / EXPORT_TOKENIZER), max_input_len=max_input_len,
+            records = iter_records([source], str(tokenizer_dir), max_input_len=max_input_len,
                                    max_hyper_len=cfg.max_hyper_len, max_target_len=cfg.max_target_len)
-            tok = load_tokenizer(export_dir / EXPORT_TOKENIZER)
+            tok = load_tokenizer(tokenizer_dir)
             rows = [{"id": f"{r['task']}#{r['example_index']}", "task": r["task"], "instruction": "",
                      "input": tok.decode(r["input_ids"]), "hyper_input_ids": r["hyper_input_ids"],
                      "input_ids": r["input_ids"], "references": r["references"]} for r in records]
@@ -152,8 +154,10 @@ def _file_rows(path: Path) -> pa.Table:
         "references": [[r] if isinstance(r, str) else list(r or []) for r in references]}, schema=ROWS)
 
 
-def predict(opts: PredictOptions, progress: Callable[[str], None] = print) -> dict[str, Any]:
-    """Runs the job on the current Ray; returns a summary (paths, metrics, run id)."""
+def predict(opts: PredictOptions, *, log_run: bool = True,
+            progress: Callable[[str], None] = print) -> dict[str, Any]:
+    """Runs the job on the current Ray; returns a summary (paths, metrics, run id). With
+    `log_run` and a tracking URI, the job is an MLflow run (parameters, metrics, files)."""
     start = time.perf_counter()
     export = resolve_export(opts.model, opts.tracking_uri)
     table = read_rows(opts.sources, export, opts.max_input_len)
@@ -188,7 +192,7 @@ def predict(opts: PredictOptions, progress: Callable[[str], None] = print) -> di
         metrics = {"overall": report.overall, "per_task": report.per_task}
         (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
         summary["metrics"] = metrics
-    if opts.tracking_uri:
+    if log_run and opts.tracking_uri:
         summary["mlflow_run_id"] = _log(opts, summary, out)
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary

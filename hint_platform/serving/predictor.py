@@ -15,13 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch.nn.utils.rnn import pad_sequence
 
-from hint_model import HintModel, TaskModules
+from hint_model import TaskModules
+from hint_platform import export
 from hint_platform.errors import UserError
-from hint_platform.evaluate import EXPORT_TOKENIZER, task_modules
-from hint_platform.registry import resolve_export
-from pipelines import formats, load_tokenizer
+from hint_platform.evaluation.inference import task_modules
+from pipelines import formats
+from pipelines.collate import pad_sequences
 
 TaskKey = tuple[int, ...]  # the instruction's token ids (empty for variants that read none)
 
@@ -95,18 +95,11 @@ class CachedPredictor:
 
     def __init__(self, export_dir: str | Path, *, cache_mib: float = 256.0, max_new_tokens: int | None = None,
                  num_beams: int = 1, batch_size: int = 16, max_input_len: int = 1024):
-        self.model = HintModel.from_pretrained(str(export_dir)).eval()
-        self.tokenizer = load_tokenizer(Path(export_dir) / EXPORT_TOKENIZER)
+        self.model, self.tokenizer = export.load(export_dir)
         self.cache = TaskStateCache(int(cache_mib * 2**20))
         self.max_new_tokens = max_new_tokens or self.model.config.max_target_len
         self.num_beams, self.batch_size, self.max_input_len = num_beams, batch_size, max_input_len
         self.batches = self.mixed_batches = 0  # forwards run, and how many mixed several tasks
-
-    @classmethod
-    def load(cls, model: str, tracking_uri: str | None = None, **kwargs) -> "CachedPredictor":
-        """`model` is an export directory or models:/NAME@ALIAS (weights and config only: the
-        logged model's code is never run)."""
-        return cls(resolve_export(model, tracking_uri), **kwargs)
 
     # ---- text -> tokens ----
 
@@ -164,9 +157,7 @@ class CachedPredictor:
                     rows[id(state)] = len(unique)
                     unique.append(state)
             index = torch.tensor([rows[id(s)] for s, _ in chunk])
-            ids = [torch.tensor(i, dtype=torch.long) for _, i in chunk]
-            input_ids = pad_sequence(ids, batch_first=True, padding_value=self.tokenizer.pad_id)
-            mask = pad_sequence([torch.ones_like(i) for i in ids], batch_first=True)
+            input_ids, mask = pad_sequences([ids for _, ids in chunk], self.tokenizer.pad_id)
             modules = unique[0] if len(unique) == 1 else TaskModules.stack(unique)
             self.batches += 1
             self.mixed_batches += len(unique) > 1

@@ -1,0 +1,10 @@
+"""The HINT model in plain PyTorch: T5 v1.1 / v1.0 plus a hypernetwork that turns an
+instruction into adapters, prefixes or LoRA. No Ray, no MLflow, no corpus formats here."""
+
+from hint_model.checkpoint import CheckpointError
+from hint_model.config import SIZE_PRESETS, VARIANT_PRESETS, HintConfig, HintConfigError
+from hint_model.hint import HintModel, HintOutput
+from hint_model.task_modules import TaskModules
+
+__all__ = ["CheckpointError", "HintConfig", "HintConfigError", "HintModel", "HintOutput",
+           "SIZE_PRESETS", "TaskModules", "VARIANT_PRESETS"]

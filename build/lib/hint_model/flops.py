@@ -1,0 +1,126 @@
+"""The compute and memory model of the paper's Appendix C, per task.
+
+A task has n inputs of length i, an instruction of length t, and outputs of length o.
+A token through a stack of N weights costs 2N FLOPs (multiply + add). Concatenation baselines
+(T0 / Tk-Instruct) re-encode the instruction with every input; HINT encodes it once, runs the
+generator once, and pays for its PEFT modules and the fused instruction per input:
+
+  concat = 2 N_enc n (t + i) + 2 N_dec n o
+  hint   = 2 N_enc t + generator(t) + n (2 N_enc i + 2 N_dec o + peft(i, o) + fusion(t, o))
+
+N_enc / N_dec count the matmul weights of each stack (attention + FFN; the decoder adds its
+cross-attention and the lm head); norms and the position bias are negligible and left out.
+Memory: the state a task keeps between inputs (HINT: generated modules + encoded instruction)
+against a decoder-only model's KV cache of the instruction, 2 L d t values.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from hint_model import peft
+from hint_model.config import HintConfig
+from hint_model.generator import component_layout
+
+
+@dataclass
+class TaskCost:
+    hint: float  # FLOPs
+    concat: float
+    generator: float  # part of `hint`
+    hint_state_bytes: int  # saved task state: generated modules (+ instruction with fusion)
+    kv_cache_bytes: int  # a decoder-only model's cache of the instruction
+
+    @property
+    def speedup(self) -> float:
+        return self.concat / self.hint
+
+
+def stack_weights(cfg: HintConfig) -> tuple[int, int]:
+    """(N_enc, N_dec): matmul weights per token through the encoder and the decoder."""
+    d, inner = cfg.d_model, cfg.inner_dim
+    ffn = (3 if cfg.is_gated else 2) * d * cfg.d_ff
+    encoder = cfg.num_layers * (4 * d * inner + ffn)
+    decoder = cfg.num_decoder_layers * (8 * d * inner + ffn) + d * cfg.vocab_size
+    return encoder, decoder
+
+
+def generator_flops(cfg: HintConfig, t: int) -> int:
+    """One generator run on an instruction of t tokens (0 without a hypernetwork)."""
+    if not (cfg.hypernetwork and cfg.uses_peft):
+        return 0
+    d, inner, h = cfg.d_model, cfg.inner_dim, cfg.generator_hidden
+    if cfg.generator == "pooled":
+        a = cfg.adapter_size
+        layers = cfg.num_layers + cfg.num_decoder_layers
+        return 2 * layers * (d * h + h * (2 * d * a + a + d))
+    layout = component_layout(cfg)  # kind -> (slots, components per slot, output width)
+    rows = sum(slots * count for slots, count, _ in layout.values())
+    mlps = sum(slots * count * 2 * (d * h + h * width) for slots, count, width in layout.values())
+    if cfg.generator == "component":
+        # K/V of the instruction, Q/O of the rows, scores and weighted sum.
+        mixing = 2 * 2 * d * d * t + 2 * 2 * d * d * rows + 2 * 2 * rows * t * d
+    else:  # a T5 decoder stack over the rows, cross-attending to the instruction
+        ffn = (3 if cfg.is_gated else 2) * d * cfg.d_ff
+        per_row = 8 * d * inner + ffn
+        mixing = cfg.generator_layers * (2 * per_row * rows + 2 * 2 * d * inner * t
+                                         + 2 * 2 * rows * (rows + t) * inner)
+    return mixing + mlps
+
+
+def peft_flops(cfg: HintConfig, i: int, o: int) -> int:
+    """Extra FLOPs of the PEFT modules for one input of i tokens and o output tokens."""
+    d, inner = cfg.d_model, cfg.inner_dim
+    enc, dec = cfg.num_layers, cfg.num_decoder_layers
+    total = 0
+    if cfg.adapters:  # down + up per token per layer
+        total += 2 * 2 * d * cfg.adapter_size * (enc * i + dec * o)
+    attention_tokens = enc * i + 2 * dec * o  # encoder self; decoder self + cross
+    if cfg.prefixes:  # scores and weighted values over P more keys, per query token
+        total += 2 * 2 * cfg.prefix_length * inner * attention_tokens
+    if cfg.lora:  # q and v: x A then (x A) B
+        total += 2 * 2 * cfg.lora_rank * (d + inner) * attention_tokens
+    return total
+
+
+def fusion_flops(cfg: HintConfig, t: int, o: int) -> int:
+    """Decoder cross-attention over t more memory tokens, for one input."""
+    if not cfg.fusion:
+        return 0
+    d, inner = cfg.d_model, cfg.inner_dim
+    return cfg.num_decoder_layers * (2 * 2 * d * inner * t + 2 * 2 * t * inner * o)
+
+
+def task_state_values(cfg: HintConfig, t: int) -> int:
+    """Values HINT keeps per task: every generated tensor, plus t x d instruction states."""
+    modules = sum(math.prod(shape) for shape in peft.shapes(cfg).values())
+    return modules + (t * cfg.d_model if cfg.fusion else 0)
+
+
+def kv_cache_values(cfg: HintConfig, t: int) -> int:
+    """A decoder-only model of the same depth caching the instruction: 2 L d t."""
+    return 2 * (cfg.num_layers + cfg.num_decoder_layers) * cfg.inner_dim * t
+
+
+def forward_flops(cfg: HintConfig | dict, hyper_len: int, input_len: int, target_len: int) -> float:
+    """Forward FLOPs of one training example (its own instruction, one input): for MFU.
+    A training step costs about 3x this (forward + backward)."""
+    cfg = cfg if isinstance(cfg, HintConfig) else HintConfig.from_dict(cfg)
+    encoder, decoder = stack_weights(cfg)
+    flops = 2 * encoder * input_len + 2 * decoder * target_len + peft_flops(cfg, input_len, target_len)
+    if cfg.hypernetwork:
+        flops += 2 * encoder * hyper_len + generator_flops(cfg, hyper_len)
+        flops += fusion_flops(cfg, hyper_len, target_len)
+    return float(flops)
+
+
+def task_cost(cfg: HintConfig, n: int, t: int, i: int, o: int, bytes_per_value: int = 2) -> TaskCost:
+    encoder, decoder = stack_weights(cfg)
+    concat = 2 * encoder * n * (t + i) + 2 * decoder * n * o
+    generator = generator_flops(cfg, t)
+    per_input = 2 * encoder * i + 2 * decoder * o + peft_flops(cfg, i, o) + fusion_flops(cfg, t, o)
+    hint = 2 * encoder * t + generator + n * per_input
+    return TaskCost(hint=float(hint), concat=float(concat), generator=float(generator),
+                    hint_state_bytes=task_state_values(cfg, t) * bytes_per_value,
+                    kv_cache_bytes=kv_cache_values(cfg, t) * bytes_per_value)

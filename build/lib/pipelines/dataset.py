@@ -1,0 +1,185 @@
+"""The deterministic mixed stream of examples, as plain Python rows or a Ray Dataset.
+
+Stages: read -> parse -> format (one sequential stream: it is what fixes the order) ->
+tokenise (Ray Data `map_batches`, in parallel) -> rows:
+
+    hyper_input_ids, input_ids, labels   int lists, EOS-terminated, truncated on tokens
+    task                                 task name
+    example_index                        position in the mixed stream (0-based)
+    references                           all accepted outputs (SNI; [] otherwise)
+    answer_choices, answer_index         rank classification (P3; [] and -1 otherwise)
+    bad_records_skipped                  records skipped (on_bad_record="skip") so far, counted at
+                                         the end of the row's block of BLOCK_ROWS rows
+
+Mixing: each step draws a source with probability proportional to its weight; within a
+`part: train` source it draws one of its live tasks uniformly (mixed-task batches), within a
+`part: test` source it goes task by task in file order (a task's rows are contiguous, so
+evaluation generates each task's modules once). An exhausted task or source drops out; the
+stream ends when all are exhausted. Same specs and seed, same rows in the same order (what lets
+training resume by a bitmap of consumed example_index values, hint_platform/training/state.py).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import random
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import pyarrow as pa
+import ray.data
+from ray.data.block import BlockMetadata
+from ray.data.datasource import Datasource, ReadTask
+
+from pipelines import c4, p3, sni
+from pipelines.bad_records import BadRecords
+from pipelines.example import Example
+from pipelines.spec import SourceSpec
+from pipelines.tokenizer import EOS_ID, Tokenizer, load_tokenizer, tokenizer_from_proto
+
+log = logging.getLogger(__name__)
+BLOCK_ROWS = 256
+
+_ids = pa.list_(pa.int32())
+_strs = pa.list_(pa.string())
+_common = [("task", pa.string()), ("example_index", pa.int64()), ("references", _strs),
+           ("answer_choices", _strs), ("answer_index", pa.int32()), ("bad_records_skipped", pa.int64())]
+# Before tokenisation a part is text, or token ids when the reader tokenised it (C4).
+TEXT_SCHEMA = pa.schema([("hyper", pa.string()), ("input", pa.string()), ("target", pa.string()),
+                         ("hyper_tokens", _ids), ("input_tokens", _ids), ("target_tokens", _ids), *_common])
+ROW_SCHEMA = pa.schema([("hyper_input_ids", _ids), ("input_ids", _ids), ("labels", _ids), *_common])
+
+
+def as_specs(specs: Sequence[SourceSpec | dict]) -> list[SourceSpec]:
+    if not specs:
+        raise ValueError("data: no sources given")
+    return [s if isinstance(s, SourceSpec) else SourceSpec.from_dict(s, where=f"data source {i}")
+            for i, s in enumerate(specs)]
+
+
+def _task_streams(spec: SourceSpec, tokenizer: Tokenizer, bad: BadRecords, seed: int) -> list[Iterator[Example]]:
+    if spec.kind == "sni":
+        return [stream for _, stream in sni.task_streams(spec, bad, seed)]
+    if spec.kind == "c4":
+        return [c4.examples(spec, tokenizer, bad, seed)]
+    return [stream for _, stream in p3.task_streams(spec, bad, seed)]
+
+
+def mixed_examples(specs: list[SourceSpec], tokenizer: Tokenizer, bad: BadRecords, seed: int) -> Iterator[Example]:
+    """The mixed stream (see the module docstring)."""
+    rng = random.Random(seed)
+    sources = [(spec, _task_streams(spec, tokenizer, bad, seed + i)) for i, spec in enumerate(specs)]
+    sources = [(spec, streams) for spec, streams in sources if streams]
+    while sources:
+        i = rng.choices(range(len(sources)), weights=[s.weight for s, _ in sources])[0]
+        spec, streams = sources[i]
+        j = rng.randrange(len(streams)) if spec.is_train else 0
+        try:
+            yield next(streams[j])
+        except StopIteration:
+            del streams[j]
+            if not streams:
+                del sources[i]
+
+
+def text_blocks(specs: list[SourceSpec], tokenizer: Tokenizer, *, on_bad_record: str, seed: int,
+                bad: BadRecords | None = None) -> Iterator[pa.Table]:
+    """The mixed stream as Arrow tables of TEXT_SCHEMA, BLOCK_ROWS rows each."""
+    bad = bad or BadRecords(on_bad_record)
+    stream = enumerate(mixed_examples(specs, tokenizer, bad, seed))
+    while True:
+        chunk = list(itertools.islice(stream, BLOCK_ROWS))
+        if not chunk:
+            if bad.skipped:
+                log.warning("data: %d bad record(s) skipped: %s", bad.skipped,
+                            ", ".join(f"{source} ({n})" for source, n in bad.by_source.items()))
+            return
+        columns: dict[str, list[Any]] = {name: [] for name in TEXT_SCHEMA.names}
+        for index, ex in chunk:
+            for part in ("hyper", "input", "target"):
+                value = getattr(ex, part)
+                columns[part].append(value if isinstance(value, str) else None)
+                columns[f"{part}_tokens"].append(None if isinstance(value, str) else value)
+            columns["task"].append(ex.task)
+            columns["example_index"].append(index)
+            columns["references"].append(ex.references)
+            columns["answer_choices"].append(ex.answer_choices)
+            columns["answer_index"].append(ex.answer_index)
+        # Counted once the chunk is read: the running total at the chunk's end.
+        columns["bad_records_skipped"] = [bad.skipped] * len(chunk)
+        yield pa.table(columns, schema=TEXT_SCHEMA)
+
+
+def _fit(ids: list[int], max_len: int) -> list[int]:
+    return ids if len(ids) <= max_len else ids[: max_len - 1] + [EOS_ID]
+
+
+def tokenize_block(block: pa.Table, proto: bytes, max_input_len: int, max_hyper_len: int,
+                   max_target_len: int) -> pa.Table:
+    """Text block -> row block. An empty instruction becomes no tokens at all (no EOS)."""
+    tok = tokenizer_from_proto(proto)
+    out = {}
+    for part, name, max_len in (("hyper", "hyper_input_ids", max_hyper_len),
+                                ("input", "input_ids", max_input_len),
+                                ("target", "labels", max_target_len)):
+        texts, tokens = block.column(part).to_pylist(), block.column(f"{part}_tokens").to_pylist()
+        todo = [i for i, t in enumerate(texts) if t]
+        encoded = dict(zip(todo, tok.encode_batch([texts[i] for i in todo], max_len)))
+        empty = [] if part == "hyper" else [EOS_ID]
+        out[name] = [encoded[i] if i in encoded else _fit(tokens[i], max_len) if tokens[i] is not None else empty
+                     for i in range(len(texts))]
+    for name, _ in _common:
+        out[name] = block.column(name)
+    return pa.table(out, schema=ROW_SCHEMA)
+
+
+def iter_records(specs: Sequence[SourceSpec | dict], tokenizer_dir: str, *, max_input_len: int = 1024,
+                 max_hyper_len: int = 1024, max_target_len: int = 256, on_bad_record: str = "error",
+                 seed: int = 0, bad: BadRecords | None = None) -> Iterator[dict]:
+    """The rows of build_dataset, in the same order, in this process (no Ray). Pass `bad` to
+    read the skip counts (per file / task) when the iterator is done."""
+    tok = load_tokenizer(tokenizer_dir)
+    for block in text_blocks(as_specs(specs), tok, on_bad_record=on_bad_record, seed=seed, bad=bad):
+        yield from tokenize_block(block, tok.proto, max_input_len, max_hyper_len, max_target_len).to_pylist()
+
+
+def build_dataset(specs: Sequence[SourceSpec | dict], tokenizer_dir: str, *, max_input_len: int = 1024,
+                  max_hyper_len: int = 1024, max_target_len: int = 256, on_bad_record: str = "error",
+                  seed: int = 0):
+    """A ray.data.Dataset of the rows (see the module docstring), in deterministic order.
+
+    One read task produces the mixed text stream (reading and formatting are cheap, and one
+    reader is what makes the order reproducible); tokenisation runs in parallel `map_batches`
+    tasks. The tokenizer travels as bytes, so workers need no shared filesystem; corpus paths
+    must be readable where the read task runs (local on a laptop, object storage on a cluster).
+    """
+    specs = as_specs(specs)
+    tok = load_tokenizer(tokenizer_dir)
+    source = _MixedStream(specs, tok.proto, on_bad_record, seed)
+    ds = ray.data.read_datasource(source, override_num_blocks=1).map_batches(
+        tokenize_block, batch_format="pyarrow", batch_size=BLOCK_ROWS, zero_copy_batch=True,
+        fn_kwargs={"proto": tok.proto, "max_input_len": max_input_len,
+                   "max_hyper_len": max_hyper_len, "max_target_len": max_target_len})
+    ds.context.execution_options.preserve_order = True
+    return ds
+
+
+class _MixedStream(Datasource):
+    """A Ray Data source with one read task: the mixed text stream, streamed in blocks."""
+
+    def __init__(self, specs, proto, on_bad_record, seed):
+        self.args = (specs, proto, on_bad_record, seed)
+
+    def estimate_inmemory_data_size(self):
+        return None
+
+    def get_read_tasks(self, parallelism, per_task_row_limit=None, data_context=None):
+        specs, proto, on_bad_record, seed = self.args
+
+        def read():
+            yield from text_blocks(specs, tokenizer_from_proto(proto), on_bad_record=on_bad_record,
+                                   seed=seed)
+
+        meta = BlockMetadata(num_rows=None, size_bytes=None, exec_stats=None, input_files=None)
+        return [ReadTask(read, meta, schema=TEXT_SCHEMA, per_task_row_limit=per_task_row_limit)]
