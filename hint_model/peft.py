@@ -80,42 +80,30 @@ def lora(x: Tensor, ab: tuple[Tensor, Tensor], index: Tensor) -> Tensor:
     return torch.matmul(torch.matmul(x, per_example(a, index, x)), per_example(b, index, x)) / rank
 
 
-def prepend_prefix(k: Tensor, v: Tensor, bias: Tensor, p: AttnPeft) -> tuple[Tensor, Tensor, Tensor]:
-    """Put the P prefix keys/values in front of k, v [B, H, Lk, dk].
-
-    The prefix columns get a zero bias: always visible, no position bias, no padding mask.
-    """
+def prepend(k: Tensor, v: Tensor, key: Tensor, value: Tensor, index: Tensor) -> tuple[Tensor, Tensor]:
+    """Put per-task keys / values [T, M, inner] (a prefix, or the fused instruction's) in
+    front of k, v [B, H, Lk, dk], each example with its task's rows."""
     batch, heads, _, dk = k.shape
 
     def split_heads(t: Tensor) -> Tensor:
-        t = per_example(t, p.index, k).expand(batch, -1, -1)
+        t = per_example(t, index, k).expand(batch, -1, -1)
         return t.view(batch, t.shape[1], heads, dk).transpose(1, 2)
 
-    k = torch.cat([split_heads(p.prefix_key), k], dim=2)
-    v = torch.cat([split_heads(p.prefix_value), v], dim=2)
-    return k, v, F.pad(bias, (p.prefix_key.shape[1], 0))
+    return torch.cat([split_heads(key), k], dim=2), torch.cat([split_heads(value), v], dim=2)
 
 
-def prepend_memory(k: Tensor, v: Tensor, p: AttnPeft) -> tuple[Tensor, Tensor]:
-    """Put the task's instruction keys/values in front of the input's k, v [B, H, Lk, dk]:
-    the same attention as over concat([instruction, input]) memory, without re-projecting
-    the instruction for every input."""
-    batch, heads, _, dk = k.shape
-
-    def split_heads(t: Tensor) -> Tensor:
-        t = per_example(t, p.index, k).expand(batch, -1, -1)
-        return t.view(batch, t.shape[1], heads, dk).transpose(1, 2)
-
-    return torch.cat([split_heads(p.memory_key), k], dim=2), torch.cat([split_heads(p.memory_value), v], dim=2)
-
-
-def memory_bias(bias: Tensor, p: AttnPeft) -> Tensor:
-    """The input's cross-attention bias [B, 1, Lq, Lk] with the instruction's padding mask in
-    front (0 visible, most negative hidden), matching prepend_memory."""
-    mask = per_example(p.memory_mask, p.index, bias)
-    hidden = (1.0 - mask[:, None, None, :]) * torch.finfo(bias.dtype).min
-    hidden = hidden.expand(bias.shape[0], *bias.shape[1:-1], -1)
-    return torch.cat([hidden, bias.expand(hidden.shape[0], *bias.shape[1:])], dim=-1)
+def extend_bias(bias: Tensor, p: AttnPeft) -> Tensor:
+    """The attention bias [B, 1 or H, Lq, Lk] with columns for what `prepend` put in front of
+    the keys: the fused instruction (its padding mask), then the prefix (zeros: always
+    visible, no position bias, no padding mask)."""
+    if p.memory_key is not None:
+        mask = per_example(p.memory_mask, p.index, bias)
+        hidden = (1.0 - mask[:, None, None, :]) * torch.finfo(bias.dtype).min
+        hidden = hidden.expand(bias.shape[0], *bias.shape[1:-1], -1)
+        bias = torch.cat([hidden, bias.expand(hidden.shape[0], *bias.shape[1:])], dim=-1)
+    if p.prefix_key is not None:
+        bias = F.pad(bias, (p.prefix_key.shape[1], 0))
+    return bias
 
 
 def split_by_block(params: dict[str, Tensor], index: Tensor, num_layers: int,
