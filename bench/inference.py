@@ -6,9 +6,11 @@ the medians over the real task files in ../shared/data/sni (T5 tokenizer in
 (Tk-Instruct) reads instruction + input for every input; HINT generates the task's state once
 (TaskModules: PEFT weights + the fused instruction's cross-attention keys / values) and then
 reads the input alone. Both decode exactly the output length (EOS is never emitted), greedy,
-with the decoder's KV cache, in batches of --batch-size. Wall time for n = 1, 10, 100 inputs
-(the state's generation is inside HINT's time), and the paper's Figure 4 (Section 6.2): time
-for 100 inputs as the instruction grows with 0, 1, 2, 4, 8 positive examples. Both plots are
+with the decoder's KV cache, in batches of --batch-size. Time for n = 1, 10, 100 inputs (the
+state's generation is inside HINT's time), and the paper's Figure 4 (Section 6.2): time for
+100 inputs as the instruction grows with 0, 1, 2, 4, 8 positive examples. On CPU the time is
+this process's CPU time with --threads torch threads (default 1): on a shared machine wall
+time measures the neighbours' load; on GPU it is wall time (synchronised). Both plots are
 PNGs; with $MLFLOW_TRACKING_URI set they and the figures are logged to MLflow (experiment
 hint-bench).
 
@@ -79,29 +81,33 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+def clock(device: torch.device) -> float:
+    return time.perf_counter() if device.type == "cuda" else time.process_time()
+
+
 @torch.no_grad()
 def run_hint(model: HintModel, n: int, t: int, i: int, o: int, batch: int, device) -> float:
     vocab = model.config.vocab_size
     sync(device)
-    start = time.perf_counter()
+    start = clock(device)
     modules = model.generate_modules(torch.randint(2, vocab, (1, t), device=device))
     for first in range(0, n, batch):
         ids = torch.randint(2, vocab, (min(batch, n - first), i), device=device)
         model.generate(ids, modules=modules, max_new_tokens=o)
     sync(device)
-    return time.perf_counter() - start
+    return clock(device) - start
 
 
 @torch.no_grad()
 def run_concat(model: HintModel, n: int, t: int, i: int, o: int, batch: int, device) -> float:
     vocab = model.config.vocab_size
     sync(device)
-    start = time.perf_counter()
+    start = clock(device)
     for first in range(0, n, batch):
         ids = torch.randint(2, vocab, (min(batch, n - first), t + i), device=device)
         model.generate(ids, max_new_tokens=o)
     sync(device)
-    return time.perf_counter() - start
+    return clock(device) - start
 
 
 def best_of(fn, repeats: int) -> float:
@@ -121,7 +127,7 @@ def plot(path: Path, xs, series: dict[str, list[float]], xlabel: str, title: str
         ax.set_xscale("log")
         ax.set_yscale("log")
     ax.set_xlabel(xlabel)
-    ax.set_ylabel("wall time (s)")
+    ax.set_ylabel("time (s)")
     ax.set_title(title)
     ax.legend()
     fig.tight_layout()
@@ -136,18 +142,22 @@ def main() -> None:
                         help="default: fp32 on CPU, bf16 on GPU")
     parser.add_argument("--batch-size", type=int, default=None, help="default: 20 on CPU, 100 on GPU")
     parser.add_argument("--repeats", type=int, default=2, help="best of this many runs per point")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--out", default="runs/bench/inference", help="where the plots go")
     args = parser.parse_args()
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     gpu = device.type == "cuda"
+    if not gpu:
+        torch.set_num_threads(args.threads)
     preset = args.preset or ("xl" if gpu else "small")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype or ("bf16" if gpu else "fp32")]
     batch = args.batch_size or (100 if gpu else 20)
     lengths, where = sni_lengths()
     shot_len = {k: round(lengths["definition"] + k * lengths["positive_example"]) for k in SHOTS}
     t, i, o = shot_len[2], round(lengths["input"]), max(1, round(lengths["output"]))
-    print(f"{preset} {str(dtype).removeprefix('torch.')} on {device}, batch {batch}; {where}: "
+    timing = "wall time" if gpu else f"process CPU time, {args.threads} thread(s)"
+    print(f"{preset} {str(dtype).removeprefix('torch.')} on {device} ({timing}), batch {batch}; {where}: "
           f"instruction (Def + 2 Pos) {t}, input {i}, output {o} tokens", flush=True)
     hint, concat = build(preset, dtype, device)
     run_hint(hint, 2, t, i, o, batch, device)  # warm-up: allocator, kernels

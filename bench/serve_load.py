@@ -42,32 +42,35 @@ REPO = Path(__file__).resolve().parent.parent
 SNI = REPO.parent / "shared" / "data" / "sni" / "tasks"
 T5_TOKENIZER = REPO.parent / "shared" / "data" / "tokenizer" / "t5"
 TASKS, INPUTS = 50, 20
+MAX_HYPER_LEN = 1024  # the served model's (HintConfig default)
 
 
 def tasks_and_tokenizer(work: Path) -> tuple[list[tuple[str, list[str]]], Path, str]:
     """(instruction, inputs) of TASKS tasks, a tokenizer directory, and where they came from."""
     if SNI.is_dir() and T5_TOKENIZER.is_dir():
-        files, tokenizer, where = sorted(SNI.glob("*.json"))[:TASKS], T5_TOKENIZER, "SNI task files"
+        files, tokenizer, where = sorted(SNI.glob("*.json")), T5_TOKENIZER, "SNI task files"
     else:
         suite = write_suite(work / "suite", num_train_tasks=TASKS, num_test_tasks=1, instances_per_task=INPUTS,
                             num_pretrain_docs=5)
         train_tokenizer(suite.texts(), work / "tok", vocab_size=1000)
-        files = sorted((Path(suite.root) / "sni" / "tasks").glob("*.json"))[:TASKS]
+        files = sorted((Path(suite.root) / "sni" / "tasks").glob("*.json"))
         tokenizer, where = work / "tok", "the synthetic suite"
-    tasks = []
+    tok, tasks = load_tokenizer(tokenizer), []
     for path in files:
         task = json.loads(path.read_text())
         # Def + 2 Pos as one instruction: the served model reads it as its definition.
         instruction = (formats.definition_block(task["Definition"][0])
                        + formats.positive_examples_block(task["Positive Examples"], 2)).strip()
-        tasks.append((instruction, [i["input"] for i in task["Instances"][:INPUTS]]))
-    return tasks, tokenizer, where
+        # The server rightly refuses (400) an instruction over max_hyper_len: leave such tasks out.
+        if len(tok.encode(formats.sni_def(instruction, "")[0])) <= MAX_HYPER_LEN:
+            tasks.append((instruction, [i["input"] for i in task["Instances"][:INPUTS]]))
+    return tasks[:TASKS], tokenizer, where
 
 
 def make_export(work: Path, tokenizer: Path, preset: str) -> Path:
     torch.manual_seed(0)
     vocab = load_tokenizer(tokenizer).vocab_size
-    model = HintModel(HintConfig.preset(preset, vocab_size=vocab, max_target_len=4))
+    model = HintModel(HintConfig.preset(preset, vocab_size=vocab, max_target_len=4, max_hyper_len=MAX_HYPER_LEN))
     return export.write(model, work / "export", tokenizer)
 
 

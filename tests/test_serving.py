@@ -246,3 +246,17 @@ def test_hint_predict_equals_model_generate_row_for_row(export, ray_local, tmp_p
     run = mlflow.MlflowClient(tracking_uri=uri).get_run(summary["mlflow_run_id"])
     assert run.data.params["num_beams"] == "1" and run.data.metrics["rows"] == len(got)
     assert run.data.metrics["predict/rougeL"] == metrics["overall"]["rougeL"]
+
+
+def test_hint_predict_names_a_bad_source_before_starting_ray(export, tmp_path, capsys):
+    from hint_platform.cli import main
+
+    out = str(export[0])
+    assert main(["predict", out, str(tmp_path / "missing.jsonl"), "--output", str(tmp_path), "--no-mlflow"]) == 2
+    assert "missing.jsonl: no such file" in capsys.readouterr().err
+    assert main(["predict", out, "{kind: sni}", "--output", str(tmp_path), "--no-mlflow"]) == 2
+    assert "missing key 'path'" in capsys.readouterr().err
+    (tmp_path / "rows.jsonl").write_text('{"input": "a"}\n')
+    with pytest.raises(Exception, match="missing column"):
+        from hint_platform.serving.batch import read_rows
+        read_rows([str(tmp_path / "rows.jsonl")], export[0], 64)

@@ -43,9 +43,11 @@ def run(args: argparse.Namespace) -> int:
     import ray
 
     from hint_platform.config import ExperimentConfig
-    from hint_platform.serving.batch import PredictOptions, predict
+    from hint_platform.serving.batch import PredictOptions, parse_source, predict
     from hint_platform.tracking.runs import check_reachable, resolve_tracking_uri
 
+    for source in args.sources:  # a bad source fails before Ray starts
+        parse_source(source)
     needs_uri = not args.no_mlflow or args.model.startswith("models:/")
     uri = (args.tracking_uri or resolve_tracking_uri(ExperimentConfig())) if needs_uri else None
     if uri:
