@@ -54,10 +54,9 @@ def sni_lengths() -> tuple[dict[str, float], str]:
     definition, example, inputs, outputs = [], [], [], []
     for path in sorted(SNI.glob("*.json")):
         task = json.loads(path.read_text())
-        definition.append(len(tok.encode(formats.definition_block(task["Definition"][0]), eos=False)))
-        for i in range(len(task["Positive Examples"])):
-            block = formats.positive_examples_block(task["Positive Examples"][i:i + 1], 1)
-            example.append(len(tok.encode(block, eos=False)))
+        definition.append(len(tok.encode(formats.sni_def_pos_hyper(task["Definition"][0], [], 0, lambda text: True))))
+        for number, positive in enumerate(task["Positive Examples"], start=1):
+            example.append(len(tok.encode(formats.positive_example(number, positive), eos=False)))
         for instance in task["Instances"][:100]:
             inputs.append(len(tok.encode(instance["input"])))
             outputs.append(len(tok.encode(instance["output"][0])))

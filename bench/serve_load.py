@@ -59,8 +59,7 @@ def tasks_and_tokenizer(work: Path) -> tuple[list[tuple[str, list[str]]], Path, 
     for path in files:
         task = json.loads(path.read_text())
         # Def + 2 Pos as one instruction: the served model reads it as its definition.
-        instruction = (formats.definition_block(task["Definition"][0])
-                       + formats.positive_examples_block(task["Positive Examples"], 2)).strip()
+        instruction = formats.sni_def_pos_hyper(task["Definition"][0], task["Positive Examples"], 2, lambda text: True)
         # The server rightly refuses (400) an instruction over max_hyper_len: leave such tasks out.
         if len(tok.encode(formats.sni_def(instruction, "")[0])) <= MAX_HYPER_LEN:
             tasks.append((instruction, [i["input"] for i in task["Instances"][:INPUTS]]))
