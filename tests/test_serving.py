@@ -160,11 +160,11 @@ def test_registered_pyfunc_generates_each_task_state_once(served):
 def test_served_cache_evicts_at_its_bound(served):
     base, _, tasks, _ = served
     before = _call(f"{base}/v1/stats")[1]
-    for instruction, inputs in tasks:  # four tasks through a cache that holds two
+    for instruction, inputs in tasks:  # four tasks through a cache of 2.5 times the largest state
         assert _call(f"{base}/v1/predict", {"instruction": instruction, "inputs": inputs[:1]})[0] == 200
     after = _call(f"{base}/v1/stats")[1]
     assert after["evictions"] > before["evictions"]
-    assert after["entries"] <= 2 and after["bytes"] <= after["capacity_bytes"]
+    assert after["entries"] < len(tasks) and after["bytes"] <= after["capacity_bytes"]
 
 
 def test_concurrent_requests_of_different_tasks_share_a_mixed_batch(served):
