@@ -159,7 +159,8 @@ def model_config(cfg: ExperimentConfig, vocab_size: int | None = None) -> HintCo
     experiment config becomes a model config. `vocab_size` (the tokenizer's) applies unless the
     overrides set one. A model section that does not build is a ConfigError naming it."""
     m = cfg.model
-    overrides = dict(m.overrides)
+    # The model remembers the output length it trains for: generation's default length.
+    overrides = {"max_target_len": cfg.data.max_target_len, **m.overrides}
     if vocab_size is not None:
         overrides.setdefault("vocab_size", vocab_size)
     try:

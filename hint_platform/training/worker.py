@@ -45,7 +45,8 @@ def build_model(cfg: ExperimentConfig) -> HintModel:
         hf = json.loads((Path(section.init_from) / "config.json").read_text())
         if hf.get("model_type") == "t5":
             return HintModel.from_t5_checkpoint(section.init_from, variant=section.variant,
-                                                **section.overrides)
+                                                **{"max_target_len": cfg.data.max_target_len,
+                                                   **section.overrides})
         model = HintModel.from_pretrained(section.init_from, **section.overrides)
         if model.config.variant != section.variant:
             raise ConfigError(f"model.variant: {section.variant!r}, but model.init_from "
