@@ -113,11 +113,9 @@ class HintModel(nn.Module):
                                               self.config.num_decoder_layers)
         keys, values = [], []
         for block, p in zip(self.t5.decoder.blocks, decoder_peft):
-            attn = block.cross_attn
-            value = attn.v(states)
-            if p.cross_attn is not None and p.cross_attn.lora_v is not None:
-                value = value + peft.lora(states, p.cross_attn.lora_v, index)
-            keys.append(attn.k(states))
+            key, value = block.instruction_keys_values(
+                states, p.cross_attn.lora_v if p.cross_attn is not None else None, index)
+            keys.append(key)
             values.append(value)
         return torch.stack(keys, dim=1), torch.stack(values, dim=1)
 

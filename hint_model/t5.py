@@ -139,6 +139,17 @@ class Block(nn.Module):
             y = y + peft.adapter(h, p.adapter)
         return x + self.dropout(y)
 
+    def instruction_keys_values(self, states: Tensor, lora_v=None, index: Tensor | None = None
+                                ) -> tuple[Tensor, Tensor]:
+        """This decoder block's cross-attention keys and values of encoded instructions [T, M, d]:
+        the part of the fused memory that depends on the task alone (hint.py computes it once
+        per task). A method of the block, so that a sharding wrapper can gather the block's
+        weights for it as it does for `forward`."""
+        value = self.cross_attn.v(states)
+        if lora_v is not None:
+            value = value + peft.lora(states, lora_v, index)
+        return self.cross_attn.k(states), value
+
 
 class Stack(nn.Module):
     """A T5 encoder or decoder stack. The first layer's relative position bias is shared by

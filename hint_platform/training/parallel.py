@@ -17,9 +17,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
 from hint_model.generator import MLP, CrossAttention
+from hint_model.t5 import Block
 
 
 def parallelize(model: nn.Module, *, device: torch.device, fsdp: bool,
@@ -41,6 +42,8 @@ def parallelize(model: nn.Module, *, device: torch.device, fsdp: bool,
         mp = MixedPrecisionPolicy()
     for block in model.blocks():
         fully_shard(block, mesh=mesh, mp_policy=mp)
+        if isinstance(block, Block) and hasattr(block, "cross_attn"):  # fusion's per-task pass
+            register_fsdp_forward_method(block, "instruction_keys_values")
     fully_shard(model, mesh=mesh, mp_policy=mp)
     _prefetch_next_blocks(model)
     return model
