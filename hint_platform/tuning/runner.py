@@ -11,6 +11,11 @@ Where things go, for a base config named NAME:
   <run.storage_path>/tune/NAME-STUDY/train/      each trial's training run (checkpoints, export)
 MLflow: study_runs.py (a parent run per study, a child per trial).
 
+Paths: plan.py made the base config's absolute on the driver and checked every point; a
+trial resolves its point's own paths (e.g. `model.init_from` in the pretraining study) against
+the directory the study was started in, not Tune's trial directory it runs in. A study in which
+every trial failed is an error that quotes the first trial's.
+
 An interrupted study (Ctrl-C, a lost driver) resumes when the same command runs again: Tune
 restores its state, finished trials are kept, unfinished ones start again and their training
 resumes from its last checkpoint.
@@ -29,7 +34,9 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
 from hint_platform.config import ExperimentConfig, from_dict
+from hint_platform.errors import USER_ERRORS, TrainingError
 from hint_platform.training.driver import fit
+from hint_platform.training.preflight import resolve
 from hint_platform.tuning import study_runs
 from hint_platform.tuning.plan import StudyRun, apply_point, point_label
 from hint_platform.tuning.report import write_report
@@ -44,7 +51,8 @@ def run_study(run: StudyRun, trial_fn: Callable[[ExperimentConfig], None] = fit_
     """Runs (or resumes) the study to the end, closes its MLflow runs and writes the report.
 
     `trial_fn(cfg)` runs one trial's training and reports metrics with `step` and the study's
-    metric to Tune. Returns False when the study was interrupted (run it again to resume).
+    metric to Tune. Returns False when the study was interrupted (run it again to resume);
+    raises TrainingError, quoting the first trial's error, when every trial failed.
     """
     uri = run.tracking_uri
     parent_id = study_runs.open_parent_run(run)
@@ -55,7 +63,8 @@ def run_study(run: StudyRun, trial_fn: Callable[[ExperimentConfig], None] = fit_
         _start_ray(run)
     trainable = tune.with_parameters(
         trial, trial_fn=trial_fn, base=run.base.to_dict(), study_run=run.name,
-        train_dir=str(run.path / "train"), tracking_uri=uri, parent_run_id=parent_id)
+        train_dir=str(run.path / "train"), tracking_uri=uri, parent_run_id=parent_id,
+        workdir=run.workdir)
     # The trial itself only drives a TorchTrainer; its workers ask for their own CPUs/GPUs
     # (train.cpus_per_worker, train.use_gpu), so a trial needs next to nothing ({"CPU": 0} is
     # refused).
@@ -74,7 +83,7 @@ def run_study(run: StudyRun, trial_fn: Callable[[ExperimentConfig], None] = fit_
                 max_concurrent_trials=run.option("max_concurrent")),
             run_config=tune.RunConfig(name=run.name, storage_path=str(run.path.parent)),
         )
-    tuner.fit()
+    results = tuner.fit()
     trials = ExperimentAnalysis(str(run.path)).trials
     study_runs.close_child_runs(run, parent_id, trials)
     write_report(run, parent_id)
@@ -84,16 +93,31 @@ def run_study(run: StudyRun, trial_fn: Callable[[ExperimentConfig], None] = fit_
     study_runs.close_parent_run(run, parent_id, finished)
     if not finished:
         print(f"study {run.name} interrupted: run the same command again to resume it")
+    errors = [r.error for r in results if r.error is not None]
+    if finished and len(errors) == len(results):
+        raise TrainingError(f"study {run.name}: all {len(errors)} trials failed (report: "
+                            f"{run.path / 'report'}); the first: {one_line(errors[0])}")
     return finished
 
 
+def one_line(error: BaseException) -> str:
+    """A trial's error as one line: the platform's own message, else the innermost
+    exception's type and first line (Tune wraps what the trial raised)."""
+    while (inner := getattr(error, "cause", None) or error.__cause__) is not None:
+        error = inner
+    if isinstance(error, USER_ERRORS):
+        return str(error).splitlines()[0]
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[-1] if lines else ''}"
+
+
 def trial(point: dict[str, Any], *, trial_fn, base: dict[str, Any], study_run: str,
-          train_dir: str, tracking_uri: str, parent_run_id: str) -> None:
+          train_dir: str, tracking_uri: str, parent_run_id: str, workdir: str) -> None:
     """One Tune trial: its config, its MLflow child run (reopened on a restart), its training.
     The training run is named after the trial, so a restarted trial resumes its checkpoint and
     its MLflow run."""
     trial_id = tune.get_context().get_trial_id()
-    cfg = apply_point(from_dict(base), point).with_overrides({
+    cfg = resolve(apply_point(from_dict(base), point), relative_to=workdir).with_overrides({
         "name": f"{study_run}-{trial_id}", "run.storage_path": train_dir,
         "run.tracking_uri": tracking_uri, "run.register_as": None})
     study_runs.open_child_run(cfg, parent_run_id, trial_id, point_label(point))
