@@ -76,15 +76,18 @@ def check(cfg: ExperimentConfig, relative_to: str | Path | None = None) -> Check
     init_from = cfg.model.init_from and _absolute(cfg.model.init_from, base)
     if init_from:
         absolute["model.init_from"] = str(init_from)
-        if not init_from.exists():
-            missing.append(f"model.init_from: {init_from}")
-        else:
+    if isinstance(init_from, Path):  # a URI is the workers' to read
+        if init_from.exists():
             notes += _check_init_from(cfg, init_from)
+        else:
+            missing.append(f"model.init_from: {init_from}")
     tokenizer = cfg.data.tokenizer and _absolute(cfg.data.tokenizer, base) or init_from
     if not tokenizer:
         raise ConfigError("data.tokenizer: not set (set it, or model.init_from to a model "
                           "directory that holds its tokenizer)")
-    if not tokenizer.exists():
+    if isinstance(tokenizer, str):  # a URI
+        absolute["data.tokenizer"] = tokenizer
+    elif not tokenizer.exists():
         if cfg.data.tokenizer:
             absolute["data.tokenizer"] = str(tokenizer)
             missing.append(f"data.tokenizer: {tokenizer}")
@@ -125,5 +128,8 @@ def _check_init_from(cfg: ExperimentConfig, init_from: Path) -> list[str]:
     return [f"model.init_from: a {source!r} export loaded as {cfg.model.variant!r}: {report}"]
 
 
-def _absolute(path: str, base: Path) -> Path:
+def _absolute(path: str, base: Path) -> Path | str:
+    """A local path made absolute against `base`; a URI (s3://...) as it is."""
+    if "://" in path:
+        return path
     return Path(os.path.normpath(base / Path(path).expanduser()))
