@@ -4,7 +4,11 @@ A study (tune_spaces/) is a search space over experiment-config keys (plan.py ch
 Tune trial applies its point of the space to the base config and runs the platform's training
 (`training.fit`, a Ray Train `TorchTrainer`) with `TuneReportCallback` in the Train run config,
 so every training report reaches Tune and ASHA can stop the trial (the Train V2 pattern,
-../shared/STACK.md).
+../shared/STACK.md). A trial that trains to the end is then evaluated as `hint eval` evaluates
+(evaluation/evaluate.py on the config's data.eval sources, decoding up to the target length):
+the paper's ablations compare held-out ROUGE-L, exact match or accuracy, not eval_loss. Its
+overall figures reach Tune as `eval/rougeL`, ... (the leaderboard's columns), and all of them
+(per task and category too) the trial's MLflow run.
 
 Where things go, for a base config named NAME:
   <run.storage_path>/tune/NAME-STUDY/            Tune's results, TensorBoard event files, report/
@@ -25,9 +29,12 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from typing import Any, Callable
 
 import ray
+from mlflow.entities import Metric
+from mlflow.tracking import MlflowClient
 from ray import tune
 from ray.tune import ExperimentAnalysis
 from ray.tune.integration.ray_train import TuneReportCallback
@@ -35,6 +42,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
 from hint_platform.config import ExperimentConfig, from_dict
 from hint_platform.errors import USER_ERRORS, TrainingError
+from hint_platform.evaluation.evaluate import evaluate_export
 from hint_platform.training.driver import fit
 from hint_platform.training.preflight import resolve
 from hint_platform.tuning import study_runs
@@ -43,8 +51,16 @@ from hint_platform.tuning.report import write_report
 
 
 def fit_trial(cfg: ExperimentConfig) -> None:
-    """What a trial runs by default: the platform's training, reporting to Tune."""
-    fit(cfg, run_config_callbacks=[TuneReportCallback()])
+    """What a trial runs by default: the platform's training, reporting to Tune, then the
+    evaluation of its export on data.eval (when it has eval sources)."""
+    result = fit(cfg, run_config_callbacks=[TuneReportCallback()])
+    if not (cfg.data.eval and result.export_dir):
+        return
+    report = evaluate_export(result.export_dir, cfg, max_new_tokens=cfg.data.max_target_len)
+    timestamp = int(time.time() * 1000)
+    MlflowClient(result.tracking_uri).log_batch(result.mlflow_run_id, metrics=[
+        Metric(k, v, timestamp, result.steps_done) for k, v in report.flat_metrics().items()])
+    tune.report({f"eval/{k}": v for k, v in report.overall.items()} | {"step": result.steps_done})
 
 
 def run_study(run: StudyRun, trial_fn: Callable[[ExperimentConfig], None] = fit_trial) -> bool:
