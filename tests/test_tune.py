@@ -177,6 +177,8 @@ def test_a_study_whose_data_is_missing_fails_before_ray_starts(tmp_path, monkeyp
     assert cli.main(["tune", "fusion", "--config", str(base), "data.tokenizer=nowhere"]) == 2
     assert f"data.tokenizer: {tmp_path}/nowhere does not exist" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
+    assert cli.main(["tune", "report", "fusion"]) == 2  # a report needs results, not data
+    assert "no results for study hint-3b-sni-def-fusion" in capsys.readouterr().err
 
 
 def test_trials_see_the_users_paths_and_a_study_of_failed_trials_is_an_error(

@@ -40,7 +40,9 @@ def resolve(cfg: ExperimentConfig, relative_to: str | Path | None = None) -> Exp
     `relative_to` (default: the current directory)."""
     checked = check(cfg, relative_to)
     if checked.missing:
-        raise ConfigError(f"{checked.missing[0]} does not exist (or matches no file)")
+        first = checked.missing[0]
+        pattern = glob.has_magic(first.split(": ", 1)[1])
+        raise ConfigError(f"{first} {'matches no file' if pattern else 'does not exist'}")
     return checked.cfg
 
 

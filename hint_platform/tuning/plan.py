@@ -88,9 +88,8 @@ def load_study_run(study: str | Study, config_path: str | Path | None = None,
         if run.option(key) < 1:
             raise ConfigError(f"{key} must be at least 1, got {run.option(key)}")
     try:
+        base = resolve(base) if check_data else base
         config.model_config(base)
-        if check_data:
-            base = resolve(base)
     except ConfigError as e:
         raise ConfigError(f"base config {path}: {e}") from None
     run.base = base
@@ -105,9 +104,10 @@ def load_study_run(study: str | Study, config_path: str | Path | None = None,
     for values in itertools.product(*(candidates(study.space[k]) for k in keys)):
         point = dict(zip(keys, values))
         try:
-            config.model_config(apply_point(base, point))
             if check_data:
-                resolve(apply_point(base, point))
+                resolve(apply_point(base, point))  # the model section, the data, init_from
+            else:
+                config.model_config(apply_point(base, point))
         except ConfigError as e:
             raise ConfigError(f"study {study.name}, search-space point {point}: {e}") from None
     return run

@@ -119,7 +119,7 @@ def run_study(run: StudyRun, trial_fn: Callable[[ExperimentConfig], None] = fit_
 def one_line(error: BaseException) -> str:
     """A trial's error as one line: the platform's own message, else the innermost
     exception's type and first line (Tune wraps what the trial raised)."""
-    while (inner := getattr(error, "cause", None) or error.__cause__) is not None:
+    while (inner := getattr(error, "cause", None) or error.__cause__) not in (None, error):
         error = inner
     if isinstance(error, USER_ERRORS):
         return str(error).splitlines()[0]
