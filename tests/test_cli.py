@@ -190,3 +190,13 @@ def test_eval_an_export_on_held_out_tasks(tmp_path, capsys):
     assert len(predictions) == 2 * 3 and {p["task"] for p in predictions} == set(suite.test_tasks)
     metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     assert set(metrics["per_task"]) == set(suite.test_tasks) and metrics["overall"]["gflops_per_task"] > 0
+
+
+def test_configs_lists_and_prints_the_shipped_configs(capsys, tmp_path, monkeypatch):
+    code, out, _ = run(capsys, "configs")
+    assert code == 0 and {"demo/finetune", "paper/hint-3b-sni-def"} <= set(out.split())
+    monkeypatch.chdir(tmp_path)  # found through the package, from any directory
+    code, out, _ = run(capsys, "configs", "demo/finetune")
+    assert code == 0 and yaml.safe_load(out)["name"] == "demo-finetune"
+    code, _, err = run(capsys, "configs", "demo/finetun")
+    assert code == 2 and "config file not found: demo/finetun" in err

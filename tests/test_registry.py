@@ -65,7 +65,7 @@ def test_trained_model_registered_aliased_and_loaded_in_a_fresh_process(mlflow_s
     suite = write_suite(tmp_path / "data", num_train_tasks=21, num_test_tasks=2, instances_per_task=8,
                         num_pretrain_docs=5)
     train_tokenizer(suite.texts(), tmp_path / "tok", vocab_size=200)
-    cfg = config.load(REPO / "configs" / "demo" / "finetune.yaml").with_overrides({
+    cfg = config.load("demo/finetune").with_overrides({
         "name": "registry-test", "model.init_from": None, "data.tokenizer": str(tmp_path / "tok"),
         "data.train": [suite.sni_spec()], "data.eval": [],
         "train.max_steps": 2, "train.global_batch_size": 8, "train.micro_batch_size": 4,

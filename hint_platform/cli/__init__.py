@@ -9,7 +9,8 @@ import importlib
 import sys
 
 # One module per command group, in the order `hint --help` lists them.
-COMMAND_MODULES = ("demo", "train", "eval", "data", "registry", "flops", "tune", "submit")
+COMMAND_MODULES = ("demo", "train", "eval", "data", "registry", "flops", "tune", "submit",
+                   "configs")
 
 
 def build_parser() -> argparse.ArgumentParser:

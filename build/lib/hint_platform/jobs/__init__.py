@@ -1,1 +1,0 @@
-"""Cluster jobs: `hint submit` and `hint jobs` through Ray Jobs (submit.py)."""

@@ -1,1 +1,0 @@
-"""Recipes: whole chains of the platform's stages (the offline demo)."""
