@@ -49,6 +49,9 @@ def test_dry_run_checks_the_model_section_in_one_line(capsys):
     code, _, err = run(capsys, "train", CONFIG, "model.variant=typo", "--dry-run")
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert err.startswith("hint train: error: model: unknown variant 'typo'; valid: hint, ")
+    code, _, err = run(capsys, "train", CONFIG, "--dry-run", "model.overrides.max_hyper_len=512")
+    assert code == 2 and ("data.max_hyper_len: 1024 tokens of instruction, more than the model "
+                          "reads (HintConfig.max_hyper_len=512)") in err
 
 
 def test_dry_run_from_another_directory_notes_what_is_not_there_yet(tmp_path, monkeypatch, capsys):

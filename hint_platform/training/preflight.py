@@ -18,7 +18,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hint_model import CheckpointError, HintModel
+from hint_model import CheckpointError, HintConfig, HintModel
 from hint_platform import export
 from hint_platform.config import ConfigError, ExperimentConfig, model_config
 from hint_platform.errors import UserError
@@ -50,7 +50,7 @@ def check(cfg: ExperimentConfig, relative_to: str | Path | None = None) -> Check
     """Every check of `cfg` that needs no data, its paths made absolute against
     `relative_to` (default: the current directory), and the inputs that do not exist."""
     base = Path(relative_to or os.getcwd())
-    model_config(cfg)
+    model = model_config(cfg)
     if not cfg.data.train:
         raise ConfigError("data.train: no training sources")
     if cfg.data.eval and cfg.train.eval_examples <= 0:
@@ -80,7 +80,8 @@ def check(cfg: ExperimentConfig, relative_to: str | Path | None = None) -> Check
         absolute["model.init_from"] = str(init_from)
     if isinstance(init_from, Path):  # a URI is the workers' to read
         if init_from.exists():
-            notes += _check_init_from(cfg, init_from)
+            model, note = _check_init_from(cfg, init_from, model)
+            notes += note
         else:
             missing.append(f"model.init_from: {init_from}")
     tokenizer = cfg.data.tokenizer and _absolute(cfg.data.tokenizer, base) or init_from
@@ -100,15 +101,22 @@ def check(cfg: ExperimentConfig, relative_to: str | Path | None = None) -> Check
             absolute["data.tokenizer"] = str(export.tokenizer_dir(tokenizer))
         except UserError as e:
             raise ConfigError(f"data.tokenizer: {e}") from None
+    if cfg.data.max_hyper_len > model.max_hyper_len:
+        raise ConfigError(f"data.max_hyper_len: {cfg.data.max_hyper_len} tokens of instruction, "
+                          f"more than the model reads (HintConfig.max_hyper_len="
+                          f"{model.max_hyper_len}): lower it or raise "
+                          "model.overrides.max_hyper_len")
     uri = cfg.run.tracking_uri
     if uri and uri.startswith(SQLITE) and not os.path.isabs(uri.removeprefix(SQLITE)):
         absolute["run.tracking_uri"] = SQLITE + str(base / uri.removeprefix(SQLITE))
     return Checked(cfg.with_overrides(absolute), missing, notes)
 
 
-def _check_init_from(cfg: ExperimentConfig, init_from: Path) -> list[str]:
-    """`model.init_from` read by content, as the workers will: a Hugging Face T5 checkpoint,
-    or an export of this platform, loaded into the config's variant (checked on shapes only)."""
+def _check_init_from(cfg: ExperimentConfig, init_from: Path,
+                     model: HintConfig) -> tuple[HintConfig, list[str]]:
+    """`model.init_from` read by content, as the workers will: a Hugging Face T5 checkpoint
+    (`model` stands), or an export of this platform, loaded into the config's variant (checked
+    on shapes only): the model config it makes, and what loading it drops or initialises."""
     config_file = init_from / "config.json"
     if not config_file.is_file():
         raise ConfigError(f"model.init_from: {init_from} has no config.json; expected a Hugging "
@@ -118,16 +126,16 @@ def _check_init_from(cfg: ExperimentConfig, init_from: Path) -> list[str]:
     except json.JSONDecodeError as e:
         raise ConfigError(f"model.init_from: {config_file} is not valid JSON: {e}") from None
     if data.get("model_type") == "t5":
-        return []
+        return model, []
     try:
-        _, report = HintModel.plan_from_pretrained(init_from, variant=cfg.model.variant,
+        model, report = HintModel.plan_from_pretrained(init_from, variant=cfg.model.variant,
                                                    **cfg.model.overrides)
     except (CheckpointError, ValueError) as e:
         raise ConfigError(f"model.init_from: {e}") from None
     source = data.get("config", {}).get("variant")
     if source == cfg.model.variant and not (report.dropped or report.initialised):
-        return []
-    return [f"model.init_from: a {source!r} export loaded as {cfg.model.variant!r}: {report}"]
+        return model, []
+    return model, [f"model.init_from: a {source!r} export loaded as {cfg.model.variant!r}: {report}"]
 
 
 def _absolute(path: str, base: Path) -> Path | str:
