@@ -51,13 +51,18 @@ def test_adapters_only_export_into_hint_initialises_the_prefix_generator(tmp_pat
     assert all(_same(v, theirs[k]) for k, v in model.state_dict().items() if k in theirs)
 
 
-def test_untied_hyper_encoder_starts_as_the_loaded_encoder(tmp_path):
+@pytest.mark.parametrize("variant, part", [("untied_encoder", "hyper_encoder."),
+                                           ("generator_decoder", "generator.decoder.")])
+def test_parts_that_start_as_the_t5_start_as_the_loaded_one(tmp_path, variant, part):
+    """A fresh untied hyper-encoder or decoder generator is seeded from the loaded T5 (as
+    from_t5_checkpoint seeds it), not from the random one the model was built with."""
     _, directory = _export(tmp_path, "hint")
-    model = HintModel.from_pretrained(directory, variant="untied_encoder")
-    assert model.config == HintConfig.preset("tiny", variant="untied_encoder", vocab_size=64)
-    assert len(model.load_report.initialised) == len(model.hyper_encoder.state_dict())
-    encoder = model.t5.encoder.state_dict()
-    assert all(_same(v, encoder[k]) for k, v in model.hyper_encoder.state_dict().items())
+    model = HintModel.from_pretrained(directory, variant=variant)
+    assert model.config == HintConfig.preset("tiny", variant=variant, vocab_size=64)
+    assert any(k.startswith(part) for k in model.load_report.initialised)
+    loaded = {k: v.clone() for k, v in model.state_dict().items()}
+    model.seed_from_t5()
+    assert all(_same(loaded[k], v) for k, v in model.state_dict().items())
 
 
 def test_another_shape_is_refused_naming_the_tensor(tmp_path):
