@@ -125,21 +125,21 @@ def save_pretrained(cfg: HintConfig, state_dict: dict[str, Tensor], directory: s
 
 
 def read_pretrained(directory: str | Path) -> tuple[HintConfig, dict[str, Tensor]]:
+    return read_config(directory), _read_safetensors(Path(directory) / WEIGHTS)
+
+
+def read_config(directory: str | Path) -> HintConfig:
+    """The HintConfig of an export, without reading its weights."""
     directory = Path(directory)
-    return _read_hint_config(directory), _read_safetensors(directory / WEIGHTS)
-
-
-def _read_hint_config(directory: Path) -> HintConfig:
     data = _read_config(directory)
     if data.get("format") != "hint":
         hint = (" (a Hugging Face T5 checkpoint: use HintModel.from_t5_checkpoint)"
                 if data.get("model_type") == "t5" else "")
         raise CheckpointError(f"{directory / CONFIG}: not a hint model export{hint}")
     try:
-        cfg = HintConfig.from_dict(data["config"])
+        return HintConfig.from_dict(data["config"])
     except (KeyError, ValueError) as e:
         raise CheckpointError(f"{directory / CONFIG}: {e}") from None
-    return cfg
 
 
 def load_strict(model: nn.Module, state: dict[str, Tensor], where: Path) -> None:
@@ -197,7 +197,7 @@ def load_matching(model: nn.Module, state: dict[str, Tensor], where: Path) -> Lo
 def read_pretrained_shapes(directory: str | Path) -> tuple[HintConfig, dict[str, tuple]]:
     """(config, tensor shapes) of an export, read from the safetensors header only."""
     directory = Path(directory)
-    cfg = _read_hint_config(directory)
+    cfg = read_config(directory)
     path = directory / WEIGHTS
     if not path.is_file():
         raise CheckpointError(f"weights file not found: {path}")

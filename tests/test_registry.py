@@ -16,7 +16,7 @@ import pytest
 
 from hint_platform import config
 from hint_platform.tracking import registry
-from hint_platform.tracking.pyfunc import HintPredictor
+from hint_platform.serving.predictor import CachedPredictor
 from hint_platform.cli.train import train_and_register
 from pipelines import train_tokenizer, write_suite
 
@@ -79,7 +79,7 @@ def test_trained_model_registered_aliased_and_loaded_in_a_fresh_process(mlflow_s
     (row,) = registry.list_versions(mlflow_server, "hint-registry-test")
     assert (row["version"], row["aliases"], row["run_id"]) == (1, ["champion"], summary["mlflow_run_id"])
 
-    expected = HintPredictor(summary["export_dir"]).predict([INSTRUCTION] * 2, INPUTS)
+    expected = CachedPredictor(summary["export_dir"]).predict([INSTRUCTION] * 2, INPUTS)
     script = (
         "import json, sys, pandas as pd, mlflow.pyfunc\n"
         "model = mlflow.pyfunc.load_model('models:/hint-registry-test@champion')\n"
