@@ -6,13 +6,16 @@ shape that does not match is an error naming the key and the file, raised before
 copied (nothing loads half-way). Pickle files (`pytorch_model.bin`) are refused.
 
 Ours: `config.json` ({"format": "hint", "config": HintConfig fields}) + `model.safetensors`
-(the HintModel state dict under its own names).
+(the HintModel state dict under its own names). Loaded as saved, strictly; or into a model of
+another variant (HintModel.from_pretrained), where tensors of the same name must have the same
+shape and the rest is dropped or freshly initialised, as a LoadReport says.
 """
 
 from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -151,6 +154,69 @@ def load_strict(model: nn.Module, state: dict[str, Tensor], where: Path) -> None
             raise CheckpointError(f"{where}: {name} has shape {tuple(tensor.shape)}, the config "
                                   f"gives {tuple(ours[name].shape)}")
     model.load_state_dict(state)
+
+
+@dataclass
+class LoadReport:
+    """What loading an export into a model of another variant did: the export's tensors the
+    model has no place for (dropped) and the model's parameters the export lacks (freshly
+    initialised, as in a new model)."""
+
+    dropped: list[str] = field(default_factory=list)
+    initialised: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        if not (self.dropped or self.initialised):
+            return "every tensor loaded"
+        return "; ".join(f"{verb} {len(keys)} tensor(s): {', '.join(_grouped(keys))}"
+                         for verb, keys in (("dropped", self.dropped),
+                                            ("freshly initialised", self.initialised)) if keys)
+
+
+def match_shapes(ours: dict[str, tuple], theirs: dict[str, tuple], where: Path) -> LoadReport:
+    """The report of loading tensors of shapes `theirs` into parameters of shapes `ours`; a
+    tensor both have with different shapes is an error naming it (nothing is loaded)."""
+    for name in sorted(set(ours) & set(theirs)):
+        if tuple(theirs[name]) != tuple(ours[name]):
+            raise CheckpointError(f"{where}: {name} has shape {tuple(theirs[name])}, the model "
+                                  f"asked for has {tuple(ours[name])}: not the same model shape")
+    return LoadReport(dropped=sorted(set(theirs) - set(ours)),
+                      initialised=sorted(set(ours) - set(theirs)))
+
+
+def load_matching(model: nn.Module, state: dict[str, Tensor], where: Path) -> LoadReport:
+    """Loads every tensor of `state` the model has (shapes checked first, all or nothing) and
+    leaves the model's other parameters as they were initialised."""
+    ours = model.state_dict()
+    report = match_shapes({k: tuple(v.shape) for k, v in ours.items()},
+                          {k: tuple(v.shape) for k, v in state.items()}, where)
+    model.load_state_dict({k: v for k, v in state.items() if k in ours}, strict=False)
+    return report
+
+
+def read_pretrained_shapes(directory: str | Path) -> tuple[HintConfig, dict[str, tuple]]:
+    """(config, tensor shapes) of an export, read from the safetensors header only."""
+    directory = Path(directory)
+    cfg = read_config(directory)
+    path = directory / WEIGHTS
+    if not path.is_file():
+        raise CheckpointError(f"weights file not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return cfg, {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error types for corrupt headers
+        raise CheckpointError(f"{path}: not a readable safetensors file: {e}") from e
+
+
+def _grouped(keys: list[str]) -> list[str]:
+    """Tensor names as a person reads them: `generator.mlps.prefix_key.*` for its 2 tensors."""
+    groups: dict[str, int] = {}
+    for key in keys:
+        parts = key.split(".")
+        prefix = ".".join(parts[:3]) + (".*" if len(parts) > 3 else "")
+        groups[prefix] = groups.get(prefix, 0) + 1
+    named = [f"{g} ({n})" if n > 1 else g for g, n in groups.items()]
+    return named if len(named) <= 8 else [*named[:8], f"... ({len(named) - 8} more groups)"]
 
 
 def _read_config(directory: Path) -> dict:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hint_model import checkpoint, decoding, peft
-from hint_model.config import SIZE_PRESETS, HintConfig
+from hint_model.config import SIZE_PRESETS, VARIANT_PRESETS, HintConfig, HintConfigError
 from hint_model.generator import SlotDecoder, StaticPeft, build_generator
 from hint_model.t5 import T5, Stack, padding_bias
 from hint_model.task_modules import TaskModules
@@ -249,14 +249,41 @@ class HintModel(nn.Module):
         checkpoint.save_pretrained(self.config, state_dict or self.state_dict(), directory)
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, **overrides) -> "HintModel":
-        """An export of this package. `overrides` change HintConfig fields that leave the
-        weights as they are, e.g. dropout_rate=0.1 to fine-tune a model pretrained at 0.0."""
+    def from_pretrained(cls, directory: str | Path, variant: str | None = None,
+                        **overrides) -> "HintModel":
+        """An export of this package, as saved; or, given `variant` and/or HintConfig
+        `overrides`, the model they ask for around the export's weights (a `hint` export into
+        `hint_no_fusion` or `adapters_only` to ablate it, an `adapters_only` one into `hint`;
+        dropout_rate=0.1 to fine-tune a model pretrained at 0.0). The export's shapes stay
+        unless overridden; the variant's switches replace the export's. Tensors the new model
+        has no place for are dropped, parts the export lacks start fresh (an untied
+        hyper-encoder or a decoder generator as the loaded T5, seed_from_t5), and
+        `model.load_report` says which; a tensor of another shape is a CheckpointError."""
         cfg, state = checkpoint.read_pretrained(directory)
-        cfg = HintConfig.from_dict({**cfg.to_dict(), **overrides}) if overrides else cfg
-        model = cls(cfg)
-        checkpoint.load_strict(model, state, Path(directory) / checkpoint.WEIGHTS)
+        where = Path(directory) / checkpoint.WEIGHTS
+        if variant is None and not overrides:
+            model = cls(cfg)
+            checkpoint.load_strict(model, state, where)
+            model.load_report = checkpoint.LoadReport()
+            return model
+        model = cls(as_variant(cfg, variant, overrides))
+        report = checkpoint.load_matching(model, state, where)
+        if any(k.startswith(("hyper_encoder.", "generator.decoder.")) for k in report.initialised):
+            model.seed_from_t5()  # fresh parts start as the loaded T5 (see seed_from_t5) ...
+            checkpoint.load_matching(model, state, where)  # ... loaded ones stay as loaded
+        model.load_report = report
         return model
+
+    @classmethod
+    def plan_from_pretrained(cls, directory: str | Path, variant: str | None = None,
+                             **overrides) -> tuple[HintConfig, checkpoint.LoadReport]:
+        """What from_pretrained would build and load, checked without reading a weight (the
+        model is built on the meta device): its config and the load report; raises as it would."""
+        cfg, shapes = checkpoint.read_pretrained_shapes(directory)
+        target = as_variant(cfg, variant, overrides)
+        with torch.device("meta"):
+            ours = {k: tuple(v.shape) for k, v in cls(target).state_dict().items()}
+        return target, checkpoint.match_shapes(ours, shapes, Path(directory) / checkpoint.WEIGHTS)
 
     @classmethod
     def from_t5_checkpoint(cls, directory: str | Path, variant: str = "hint",
@@ -274,6 +301,21 @@ class HintModel(nn.Module):
         checkpoint.load_t5_weights(model.t5, state, directory)
         model.seed_from_t5()
         return model
+
+
+def as_variant(cfg: HintConfig, variant: str | None, overrides: dict) -> HintConfig:
+    """`cfg` (an export's) as `variant` with `overrides`: its shapes kept, and for another
+    variant the switches every variant preset sets back to their defaults, then that preset."""
+    fields = cfg.to_dict()
+    if variant is not None and variant != cfg.variant:
+        if variant not in VARIANT_PRESETS:
+            raise HintConfigError(f"unknown variant {variant!r}; valid: {', '.join(VARIANT_PRESETS)}")
+        sizes = {k for preset in SIZE_PRESETS.values() for k in preset}
+        switches = {k for preset in VARIANT_PRESETS.values() for k in preset} - sizes
+        defaults = HintConfig()
+        fields.update({k: getattr(defaults, k) for k in switches})
+        fields.update(VARIANT_PRESETS[variant], variant=variant)
+    return HintConfig.from_dict({**fields, **overrides})
 
 
 def _default_mask(ids: Tensor, mask: Tensor | None) -> Tensor:

@@ -45,6 +45,57 @@ def test_console_script_dry_run():
     assert yaml.safe_load(out.stdout)["name"] == "hint-3b-sni-def"
 
 
+def test_dry_run_checks_the_model_section_in_one_line(capsys):
+    code, _, err = run(capsys, "train", CONFIG, "model.variant=typo", "--dry-run")
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert err.startswith("hint train: error: model: unknown variant 'typo'; valid: hint, ")
+    code, _, err = run(capsys, "train", CONFIG, "--dry-run", "model.overrides.max_hyper_len=512")
+    assert code == 2 and ("data.max_hyper_len: 1024 tokens of instruction, more than the model "
+                          "reads (HintConfig.max_hyper_len=512)") in err
+
+
+def test_dry_run_from_another_directory_notes_what_is_not_there_yet(tmp_path, monkeypatch, capsys):
+    """A shipped config by name, from a directory without its data, an option before an
+    override: its relative paths are the user directory's; what an earlier stage writes is a
+    note in a dry run, and an error naming the path (before Ray starts) in a real one."""
+    monkeypatch.chdir(tmp_path)
+    code, out, _ = run(capsys, "train", "paper/hint-3b-sni-def", "--dry-run", "train.max_steps=5")
+    assert code == 0
+    resolved = yaml.safe_load(out)
+    assert resolved["train"]["max_steps"] == 5
+    assert resolved["run"]["storage_path"] == f"{tmp_path}/runs"
+    notes = [line.split(": ", 2)[2] for line in out.splitlines() if line.startswith("# note")]
+    assert notes == [f"data.train[0].path: {tmp_path}/data/natural-instructions",
+                     f"data.eval[0].path: {tmp_path}/data/natural-instructions",
+                     f"model.init_from: {tmp_path}/runs/hint-3b-pretrain-c4/export",
+                     f"data.tokenizer: {tmp_path}/runs/hint-3b-pretrain-c4/export"]
+    code, _, err = run(capsys, "train", "paper/hint-3b-sni-def", "train.max_steps=5")
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert f"data.train[0].path: {tmp_path}/data/natural-instructions does not exist" in err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_dry_run_of_a_stage_from_an_export_of_another_variant(tmp_path, shared_data, capsys):
+    """The tokenizer is found in the export; loading it into another variant is checked (on
+    shapes, without reading weights) and what it drops is said; another shape is refused."""
+    from hint_model import HintConfig, HintModel
+    from hint_platform import export
+
+    directory = tmp_path / "export"
+    export.write(HintModel(HintConfig.preset("tiny", vocab_size=64)), directory,
+                 shared_data / "tokenizer" / "t5")
+    stage = [CONFIG, "model.preset=tiny", f"model.init_from={directory}", "data.tokenizer=",
+             "model.variant=adapters_only", "--dry-run"]
+    code, out, _ = run(capsys, "train", *stage)
+    assert code == 0
+    assert yaml.safe_load(out)["data"]["tokenizer"] == str(directory / "tokenizer")
+    assert ("# note: model.init_from: a 'hint' export loaded as 'adapters_only': dropped 6 "
+            "tensor(s): generator.embeddings.prefix_key, ") in out
+    code, _, err = run(capsys, "train", *stage, "model.overrides.adapter_size=16")
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "model.init_from: " in err and "generator.embeddings.adapter_down has shape" in err
+
+
 @pytest.mark.parametrize("override,expected", [
     ("train.max_stepz=5", ["train.max_stepz", "max_steps", "micro_batch_size"]),
     ("trian.max_steps=5", ["trian.max_steps", "train", "model"]),

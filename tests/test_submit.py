@@ -83,6 +83,19 @@ def test_relative_paths_are_refused_until_on_shared_storage(tmp_path):
         submit.build_request(paper, [], working_dir=REPO, shared_dir="shared")
 
 
+def test_submit_checks_the_model_then_the_address_whatever_the_order(tmp_path, capsys):
+    """Options and overrides in any order; the model section fails before the address is
+    tried, a good config reaches the address and is refused there."""
+    from hint_platform.cli import main
+
+    config = str(write_config(tmp_path))
+    address = ["--address", f"http://127.0.0.1:{free_port()}", "--working-dir", str(tmp_path)]
+    assert main(["submit", config, *address, "model.variant=typo"]) == 2
+    assert "hint submit: error: model: unknown variant 'typo'" in capsys.readouterr().err
+    assert main(["submit", config, *address, "train.max_steps=2"]) == 2
+    assert "cannot reach a Ray cluster at http://127.0.0.1:" in capsys.readouterr().err
+
+
 def test_upload_leaves_out_virtualenvs_outputs_and_data(tmp_path):
     """Ray's own packaging of this repository with our excludes (and no help from .gitignore)."""
     from ray._private.runtime_env.packaging import create_package

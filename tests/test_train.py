@@ -232,7 +232,7 @@ def test_bad_inputs_fail_before_workers_start(suite, tmp_path):
     with pytest.raises(ConfigError, match=r"data.train\[0\].path: .*nowhere"):
         fit(cfg.with_overrides({"data.train": [missing]}))
     no_match = missing | {"path": str(tmp_path / "c4-*.json.gz")}
-    with pytest.raises(ConfigError, match=r"data.train\[0\].path: .*c4-\*.json.gz .*matches no file"):
+    with pytest.raises(ConfigError, match=r"data.train\[0\].path: .*c4-\*.json.gz matches no file"):
         fit(cfg.with_overrides({"data.train": [no_match]}))
     with pytest.raises(ConfigError, match="model.init_from"):
         fit(cfg.with_overrides([f"model.init_from={tmp_path}"]))

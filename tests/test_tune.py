@@ -18,17 +18,25 @@ from hint_platform.tuning.plan import load_study_run
 from hint_platform.tuning.runner import run_study
 from hint_platform import cli
 from hint_platform.config import ConfigError, ExperimentConfig
+from hint_platform.errors import TrainingError
 from hint_platform.tuning.report import leaderboard
 from tune_spaces import STUDIES, Study, load_study
 
 LRS = [0.5, 0.001]
 
 
-def write_base(tmp_path: Path, **train) -> Path:
+def write_base(tmp_path: Path, relative: bool = False, **train) -> Path:
+    """A base config whose inputs exist (the quick trials read none of them); with `relative`,
+    its paths are relative to tmp_path."""
+    (tmp_path / "data" / "sni").mkdir(parents=True, exist_ok=True)
+    (tmp_path / "tokenizer").mkdir(exist_ok=True)
+    (tmp_path / "tokenizer" / "spiece.model").write_bytes(b"")
+    at = "" if relative else f"{tmp_path}/"
     cfg = ExperimentConfig(name="toy").with_overrides({
+        "data.tokenizer": f"{at}tokenizer",
+        "data.train": [{"kind": "sni", "path": f"{at}data/sni", "format": "def"}],
         "train.max_steps": 4, "train.global_batch_size": 8,
-        "run.storage_path": str(tmp_path / "runs"),
-        "run.tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
+        "run.storage_path": f"{at}runs", "run.tracking_uri": f"sqlite:///{at}mlflow.db",
         **{f"train.{k}": v for k, v in train.items()}})
     path = tmp_path / "base.yaml"
     path.write_text(yaml.safe_dump(cfg.to_dict()))
@@ -42,7 +50,7 @@ def lr_study(**settings) -> Study:
 
 @pytest.mark.parametrize("name", STUDIES)
 def test_every_study_validates_against_its_base_config(name):
-    run = load_study_run(name)
+    run = load_study_run(name, check_data=False)
     assert run.study is load_study(name)
     assert run.path.name == f"{run.base.name}-{name}"
 
@@ -155,3 +163,46 @@ def test_cli_refuses_unknown_studies(tmp_path, capsys, argv, message):
         cli.main([*argv, "--config", str(write_base(tmp_path))])
     assert exit_.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_study_whose_data_is_missing_fails_before_ray_starts(tmp_path, monkeypatch, capsys):
+    """From a directory without the data (the default base config's relative paths), and with
+    an option before an override: the missing path is named, nothing is started or written."""
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["tune", "fusion"]) == 2
+    err = capsys.readouterr().err
+    assert f"data.train[0].path: {tmp_path}/data/natural-instructions does not exist" in err
+    assert len(err.strip().splitlines()) == 1
+    base = write_base(tmp_path, relative=True)
+    assert cli.main(["tune", "fusion", "--config", str(base), "data.tokenizer=nowhere"]) == 2
+    assert f"data.tokenizer: {tmp_path}/nowhere does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+    assert cli.main(["tune", "report", "fusion"]) == 2  # a report needs results, not data
+    assert "no results for study hint-3b-sni-def-fusion" in capsys.readouterr().err
+
+
+def test_trials_see_the_users_paths_and_a_study_of_failed_trials_is_an_error(
+        tmp_path, monkeypatch, ray_local):
+    """Started from tmp_path with relative paths, each trial (running in Tune's own directory)
+    gets them absolute; every trial failing fails the study with the first trial's error."""
+    monkeypatch.chdir(tmp_path)
+    seen = tmp_path / "seen"
+    seen.mkdir()
+
+    def failing_trial(cfg):  # nested: cloudpickle ships it to the trial by value
+        from hint_platform.config import ConfigError as Refused
+
+        (seen / str(cfg.train.lr)).write_text("\n".join([
+            os.getcwd(), cfg.data.train[0]["path"], cfg.data.tokenizer, cfg.run.tracking_uri]))
+        raise Refused(f"no luck at lr={cfg.train.lr}")
+
+    run = load_study_run(lr_study(max_concurrent=1, scheduler="fifo"),
+                         write_base(tmp_path, relative=True))
+    with pytest.raises(TrainingError, match=r"all 2 trials failed .*; the first: no luck at lr=0.5$"):
+        run_study(run, failing_trial)
+    for lr in LRS:
+        cwd, data, tokenizer, uri = (seen / str(lr)).read_text().splitlines()
+        assert Path(cwd) != tmp_path  # Tune's trial directory
+        assert (data, tokenizer) == (f"{tmp_path}/data/sni", f"{tmp_path}/tokenizer")
+        assert uri == f"sqlite:///{tmp_path}/mlflow.db"
+    assert [r.status for r in leaderboard(run)] == ["failed", "failed"]

@@ -1,6 +1,10 @@
 """A study whose trials are real training runs (hint_platform.train.fit on Ray Train) of a tiny
-HINT on the synthetic suite: it runs to the end, ASHA stops the trial that cannot win, and
-MLflow holds the study's parent run with exactly one child per trial, with metrics."""
+HINT on the synthetic suite, started from the directory its config's relative paths are relative
+to (the trials run in Tune's own): it runs to the end, ASHA stops the trial that cannot win, the
+finished trial is evaluated on the held-out tasks (ROUGE-L and exact match in the leaderboard and
+its MLflow run), and MLflow holds the study's parent run with exactly one child per trial."""
+
+import os
 
 import pytest
 import yaml
@@ -25,30 +29,35 @@ def base_config(tmp_path_factory):
     suite = write_suite(tmp / "data", num_train_tasks=21, num_test_tasks=2, instances_per_task=5,
                         num_pretrain_docs=5)
     tokenizer = train_tokenizer(suite.texts(), tmp / "tokenizer", vocab_size=300)
+    def relative(spec: dict) -> dict:
+        return spec | {"path": os.path.relpath(spec["path"], tmp)}
+
     cfg = ExperimentConfig(name="tiny").with_overrides({
         "model.preset": "tiny", "model.overrides.vocab_size": tokenizer.vocab_size,
-        "data.tokenizer": str(tmp / "tokenizer"), "data.train": [suite.sni_spec()],
-        "data.eval": [suite.sni_spec(part="test")],
+        "data.tokenizer": "tokenizer", "data.train": [relative(suite.sni_spec())],
+        "data.eval": [relative(suite.sni_spec(part="test"))],
         "data.max_input_len": 32, "data.max_hyper_len": 32, "data.max_target_len": 16,
         "train.num_workers": 1, "train.fsdp": False, "train.optimizer": "adamw",
         "train.global_batch_size": 32, "train.micro_batch_size": 32,
         "train.max_steps": MAX_STEPS, "train.log_every": 1, "train.checkpoint_every": 0,
         "train.eval_every": 3,
-        "run.storage_path": str(tmp / "runs"), "run.experiment": "tune-test",
-        "run.tracking_uri": f"sqlite:///{tmp / 'mlflow.db'}"})
+        "run.storage_path": "runs", "run.experiment": "tune-test",
+        "run.tracking_uri": "sqlite:///mlflow.db"})
     path = tmp / "base.yaml"
     path.write_text(yaml.safe_dump(cfg.to_dict()))
     return path
 
 
-def test_study_of_real_training_runs_asha_stops_the_hopeless_trial(base_config, ray_local):
+def test_study_of_real_training_runs_asha_stops_the_hopeless_trial(base_config, ray_local,
+                                                                   monkeypatch):
     # Trials run one after the other, the good one first: at ASHA's first rung (step 3) the
     # hopeless one has the good one's result to lose against. Both are evaluated (eval_loss,
     # the study's metric) at ASHA's rungs, steps 3 and 6, on the same 10 held-out examples.
     study = Study(name="lr", question="Which learning rate?", metric="eval_loss",
                   space={"train.lr": ray_tune.grid_search([GOOD_LR, HOPELESS_LR])},
                   base_overrides={}, grace_period=3, max_concurrent=1)
-    run = load_study_run(study, base_config)
+    monkeypatch.chdir(base_config.parent)
+    run = load_study_run(study, base_config.name)
     assert run_study(run) is True
 
     rows = {r.point: r for r in leaderboard(run)}
@@ -56,6 +65,12 @@ def test_study_of_real_training_runs_asha_stops_the_hopeless_trial(base_config, 
     assert (good.status, good.steps) == ("done", MAX_STEPS)
     assert hopeless.status == "stopped early" and hopeless.steps < MAX_STEPS
     assert good.metric < hopeless.metric
+    # held-out scores of the finished trial only (10 examples of 2 unseen tasks, x100)
+    assert set(good.scores) == {"eval/rougeL", "eval/exact_match"}
+    assert 0 <= good.scores["eval/exact_match"] <= good.scores["eval/rougeL"] <= 100
+    assert hopeless.scores == {}
+    board = (run.path / "report" / "leaderboard.txt").read_text()
+    assert f"{good.scores['eval/rougeL']:.2f}" in board.split(f"train.lr={GOOD_LR}")[1].splitlines()[0]
 
     client = MlflowClient(run.tracking_uri)
     parent = study_runs.parent_run_id(run)
@@ -70,6 +85,9 @@ def test_study_of_real_training_runs_asha_stops_the_hopeless_trial(base_config, 
         assert child.data.params["model.preset"] == "tiny"
     assert len(client.get_metric_history(children[good.trial_id].info.run_id, "loss")) == MAX_STEPS
     assert children[good.trial_id].info.status == "FINISHED"
+    rouge = client.get_metric_history(children[good.trial_id].info.run_id, "eval/rougeL")
+    assert [(m.step, m.value) for m in rouge] == [(MAX_STEPS, good.scores["eval/rougeL"])]
+    assert not client.get_metric_history(children[hopeless.trial_id].info.run_id, "eval/rougeL")
     assert children[hopeless.trial_id].info.status == "KILLED"
     assert children[hopeless.trial_id].data.tags[study_runs.OUTCOME_TAG] == "stopped early"
     assert children[good.trial_id].data.tags[study_runs.BEST_TAG] == "true"

@@ -19,18 +19,26 @@ def register(subparsers) -> None:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="dotted overrides, e.g. train.max_steps=20 model.variant=concat")
     p.add_argument("--dry-run", action="store_true",
-                   help="validate the config and print it resolved, with the model's parameters "
-                        "and memory per GPU (built on the meta device); start nothing")
+                   help="validate the config (everything but data an earlier stage will write) "
+                        "and print it resolved, with the model's parameters and memory per GPU "
+                        "(built on the meta device); start nothing")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = config.load(args.config, args.overrides)
+    from hint_platform.training.preflight import check
+
+    checked = check(config.load(args.config, args.overrides))
     if args.dry_run:
-        print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
-        print("\n".join(f"# {line}" for line in size_lines(cfg)))
+        print(yaml.safe_dump(checked.cfg.to_dict(), sort_keys=False), end="")
+        print("\n".join(f"# {line}" for line in size_lines(checked.cfg)))
+        for path in checked.missing:
+            print(f"# note: not there yet (an earlier stage writes it?): {path}")
+    for note in checked.notes:
+        print(f"# note: {note}")
+    if args.dry_run:
         return 0
-    result = train_and_register(cfg)
+    result = train_and_register(checked.cfg)
     for key, value in result.items():
         print(f"{key}: {value}")
     return 0

@@ -58,7 +58,7 @@ def run_report(args: argparse.Namespace) -> int:
     from hint_platform.tuning.report import write_report
     from hint_platform.tuning.study_runs import parent_run_id
 
-    study = load_study_run(args.name, args.config, args.overrides)
+    study = load_study_run(args.name, args.config, args.overrides, check_data=False)
     _print_report(study, write_report(study, parent_run_id(study)))
     return 0
 

@@ -3,9 +3,11 @@
 A submitted job runs the platform's own entrypoint, `hint train CONFIG key=value ...`, on the
 cluster. Its runtime environment carries the working directory (code and configs; not
 virtualenvs, run outputs or data), the MLflow tracking URI and the user's environment variables.
-What can be checked from the laptop is checked before anything is sent: the config validates,
-every path the run reads or writes is on storage every node reaches, and the address answers as
-a Ray dashboard that accepts our token.
+What can be checked from the laptop is checked before anything is sent: the config validates
+as `hint train --dry-run` validates it (training/preflight.py: the model section, the sources,
+what needs no data; inputs that this machine does not see are the cluster's), every path the run
+reads or writes is on storage every node reaches, and the address answers as a Ray dashboard
+that accepts our token.
 
 Token authentication (Ray >= 2.52): the token comes from RAY_AUTH_TOKEN, else the file named by
 RAY_AUTH_TOKEN_PATH, else ~/.ray/auth_token (what `ray get-auth-token` prints), and is sent as a
@@ -29,6 +31,7 @@ from ray.job_submission import JobSubmissionClient
 
 from hint_platform import config as config_lib
 from hint_platform.errors import UserError
+from hint_platform.training.preflight import check
 
 # Never uploaded with a job (Ray's gitignore-style patterns): virtualenvs, VCS, run outputs,
 # MLflow stores, data and caches. Data and outputs live on shared storage instead.
@@ -91,6 +94,7 @@ def build_request(
             + "; ".join(f"{key}={value!r}" for key, value in unshared)
             + ". Override them, or pass --shared-dir DIR to put them under DIR"
         )
+    check(cfg)
 
     relative = config_path.relative_to(working_dir).as_posix()
     request = command_request(["train", relative, *overrides], working_dir=working_dir,

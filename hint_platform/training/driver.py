@@ -28,7 +28,6 @@ Tune's schedulers rank trials on).
 
 from __future__ import annotations
 
-import glob
 import itertools
 import os
 from dataclasses import dataclass, field
@@ -38,11 +37,11 @@ import ray
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from hint_platform import export
-from hint_platform.config import ConfigError, ExperimentConfig, model_config
+from hint_platform.config import ConfigError, ExperimentConfig
 from hint_platform.errors import DataError, UserError
 from hint_platform.tracking import runs
 from hint_platform.training.checkpoint import latest_train_state
+from hint_platform.training.preflight import resolve
 from hint_platform.training.state import drop_consumed
 from hint_platform.training.worker import train_loop_per_worker
 from pipelines import BadRecordError, SourceSpec, build_dataset, iter_records
@@ -63,8 +62,8 @@ def fit(cfg: ExperimentConfig, *, run_config_callbacks: list | None = None) -> T
     """Trains `cfg` on the current Ray (started locally if needed) and exports the model.
 
     A run named `cfg.name` that exists under `cfg.run.storage_path` is resumed from its latest
-    checkpoint. Bad inputs (data paths, tokenizer, `model.init_from`, tracking URI) fail here,
-    before any worker starts.
+    checkpoint. Bad inputs (data paths, tokenizer, `model.init_from`, the model section,
+    tracking URI) fail here, before any worker starts (training/preflight.py).
     """
     cfg = resolve(cfg)
     evaluation = eval_rows(cfg)
@@ -115,45 +114,6 @@ def fit(cfg: ExperimentConfig, *, run_config_callbacks: list | None = None) -> T
         mlflow_run_id=run_id,
         steps_done=int(final.get("steps_done", 0)),
     )
-
-
-def resolve(cfg: ExperimentConfig) -> ExperimentConfig:
-    """`cfg` checked against this machine, its paths made absolute (workers run in other
-    directories), and the tokenizer found where the config leaves it implicit. Bad paths and a
-    model section that does not build fail here, before any worker starts.
-
-    The tokenizer: `data.tokenizer` may be a tokenizer directory or a model directory (an export
-    keeps its tokenizer in `tokenizer/`); left empty, it is the one of `model.init_from`.
-    """
-    model_config(cfg)
-    if not cfg.data.train:
-        raise ConfigError("data.train: no training sources")
-    absolute = {}
-    for i, spec in enumerate(cfg.data.train):
-        path = spec.get("path")
-        if path and "://" not in str(path):
-            if not (glob.glob(path) if glob.has_magic(path) else Path(path).exists()):
-                raise ConfigError(f"data.train[{i}].path: {path} does not exist (or matches no file)")
-            absolute.setdefault("data.train", [dict(s) for s in cfg.data.train])[i]["path"] = os.path.abspath(path)
-    if cfg.model.init_from:
-        if not (Path(cfg.model.init_from) / "config.json").is_file():
-            raise ConfigError(f"model.init_from: {cfg.model.init_from} has no config.json; "
-                              "expected a Hugging Face T5 checkpoint or the export of a run")
-        absolute["model.init_from"] = str(Path(cfg.model.init_from).resolve())
-    tokenizer = cfg.data.tokenizer or cfg.model.init_from
-    if not tokenizer or not Path(tokenizer).is_dir():
-        raise ConfigError(f"data.tokenizer: {cfg.data.tokenizer!r} is not a directory (set it, or "
-                          "model.init_from to a model directory that holds its tokenizer)")
-    try:
-        absolute["data.tokenizer"] = str(export.tokenizer_dir(tokenizer).resolve())
-    except UserError as e:
-        raise ConfigError(f"data.tokenizer: {e}") from None
-    if cfg.data.eval and cfg.train.eval_examples <= 0:
-        raise ConfigError(f"train.eval_examples: must be positive, got {cfg.train.eval_examples}")
-    if not cfg.train.fsdp and cfg.train.num_workers > 1:
-        raise ConfigError("train.fsdp=false trains in one process: set train.num_workers=1")
-    absolute["run.storage_path"] = str(runs.storage_dir(cfg))
-    return cfg.with_overrides(absolute)
 
 
 def _user_error_in(error: BaseException) -> UserError | None:

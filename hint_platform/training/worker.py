@@ -24,7 +24,7 @@ from torch.distributed.fsdp import FSDPModule
 from hint_model import HintModel
 from hint_model.flops import forward_flops
 from hint_model.loss import token_loss_sum
-from hint_platform.config import ConfigError, ExperimentConfig, from_dict, model_config
+from hint_platform.config import ExperimentConfig, from_dict, model_config
 from hint_platform.errors import TrainingError
 from hint_platform.tracking.runs import RunLogger
 from hint_platform.training.checkpoint import export_model, load_checkpoint, save_checkpoint
@@ -39,7 +39,9 @@ BATCH_KEYS = ("hyper_input_ids", "hyper_attention_mask", "input_ids", "attention
 
 def build_model(cfg: ExperimentConfig) -> HintModel:
     """The model `cfg.model` asks for. `init_from` is read by content: a `config.json` with
-    `model_type: t5` is a Hugging Face T5 checkpoint, anything else an export of this platform."""
+    `model_type: t5` is a Hugging Face T5 checkpoint, anything else an export of this platform,
+    loaded into the config's variant (what it drops or initialises is printed to the worker's
+    log; training/preflight.py checked it and told the user before the run)."""
     section = cfg.model
     if section.init_from:
         hf = json.loads((Path(section.init_from) / "config.json").read_text())
@@ -47,10 +49,9 @@ def build_model(cfg: ExperimentConfig) -> HintModel:
             return HintModel.from_t5_checkpoint(section.init_from, variant=section.variant,
                                                 **{"max_target_len": cfg.data.max_target_len,
                                                    **section.overrides})
-        model = HintModel.from_pretrained(section.init_from, **section.overrides)
-        if model.config.variant != section.variant:
-            raise ConfigError(f"model.variant: {section.variant!r}, but model.init_from "
-                              f"{section.init_from} holds a {model.config.variant!r} model")
+        model = HintModel.from_pretrained(section.init_from, variant=section.variant,
+                                          **section.overrides)
+        print(f"model.init_from {section.init_from} as {section.variant!r}: {model.load_report}")
         return model
     # Without `init_from` and an explicit `vocab_size`, the vocabulary is the tokenizer's.
     return HintModel(model_config(cfg, vocab_size=load_tokenizer(cfg.data.tokenizer).vocab_size))

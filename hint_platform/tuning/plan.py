@@ -1,14 +1,18 @@
 """What a study run is, checked before anything runs: the study (tune_spaces/), its base config
 with the command line's overrides, and the options given on the command line. Every point of
 the search space is validated against the config schema and the model's config here, so a bad
-key fails before Ray starts or a trial is spent.
+key fails before Ray starts or a trial is spent. A study that will run is also checked as its
+trials' training would be (training/preflight.py): the base and every point, with their data,
+tokenizer and `model.init_from` (loaded into each point's variant), relative paths taken from
+the directory the study was started in (trials run in Tune's own directories).
 """
 
 from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +21,7 @@ from ray.tune.search.sample import Categorical, Domain
 from hint_platform import config
 from hint_platform.config import ConfigError, ExperimentConfig
 from hint_platform.tracking import runs
+from hint_platform.training.preflight import resolve
 from tune_spaces import Study, load_study
 
 OPTIONS = ("num_samples", "max_concurrent", "scheduler", "grace_period")
@@ -27,6 +32,8 @@ class StudyRun:
     study: Study
     base: ExperimentConfig  # the base config with the command line's overrides
     options: dict[str, Any]  # num_samples, max_concurrent, ... given on the command line
+    # Where the user started the study: the points' relative paths are taken from it.
+    workdir: str = field(default_factory=os.getcwd)
 
     @property
     def name(self) -> str:
@@ -53,9 +60,12 @@ class StudyRun:
 
 
 def load_study_run(study: str | Study, config_path: str | Path | None = None,
-                   overrides: list[str] | dict[str, Any] = (), **options: Any) -> StudyRun:
+                   overrides: list[str] | dict[str, Any] = (), *, check_data: bool = True,
+                   **options: Any) -> StudyRun:
     """The study (a name in tune_spaces, or a Study) over its base config (`config_path`, else
-    the study's own), checked: options, the base, and every point of the space.
+    the study's own), checked: options, the base, and every point of the space; with
+    `check_data` (a study about to run, not its report) also as training would check them,
+    the base's paths made absolute.
 
     `options`: num_samples, max_concurrent, scheduler (asha | fifo), grace_period; None keeps
     the study's default.
@@ -78,9 +88,11 @@ def load_study_run(study: str | Study, config_path: str | Path | None = None,
         if run.option(key) < 1:
             raise ConfigError(f"{key} must be at least 1, got {run.option(key)}")
     try:
+        base = resolve(base) if check_data else base
         config.model_config(base)
     except ConfigError as e:
         raise ConfigError(f"base config {path}: {e}") from None
+    run.base = base
     for key, domain in study.space.items():
         for value in candidates(domain):
             try:
@@ -92,7 +104,10 @@ def load_study_run(study: str | Study, config_path: str | Path | None = None,
     for values in itertools.product(*(candidates(study.space[k]) for k in keys)):
         point = dict(zip(keys, values))
         try:
-            config.model_config(apply_point(base, point))
+            if check_data:
+                resolve(apply_point(base, point))  # the model section, the data, init_from
+            else:
+                config.model_config(apply_point(base, point))
         except ConfigError as e:
             raise ConfigError(f"study {study.name}, search-space point {point}: {e}") from None
     return run

@@ -2,7 +2,9 @@
 
 Read from Tune's results directory (so `hint tune report` works after the study, and on a
 partial one): one row per trial with its point of the space, how it ended, its last value of the study's
-metric, the size of the PEFT modules it generates per task and its inference GFLOPs per task.
+metric, its held-out scores (ROUGE-L, exact match or accuracy of the evaluation every trial that
+trains to the end gets, runner.py), the size of the PEFT modules it generates per task and its
+inference GFLOPs per task.
 Plots: learning curves, metric vs PEFT size, metric vs inference GFLOPs per task.
 """
 
@@ -29,6 +31,8 @@ import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 # 100 inputs of a task, instruction and input lengths as configured, 128 output tokens.
 TASK_INPUTS = 100
 OUTPUT_LEN = 128
+# The held-out scores a finished trial reports (evaluation/metrics.py, x100), as columns.
+SCORES = {"eval/rougeL": "ROUGE-L", "eval/exact_match": "exact match", "eval/accuracy": "accuracy"}
 
 
 @dataclass
@@ -41,6 +45,7 @@ class Row:
     peft_params: int  # generated PEFT parameters per task
     gflops: float  # inference GFLOPs per task
     curve: tuple[list[int], list[float]]  # (steps, metric values)
+    scores: dict[str, float]  # SCORES keys the trial reported -> their last value
 
 
 def leaderboard(run: StudyRun) -> list[Row]:
@@ -58,13 +63,20 @@ def leaderboard(run: StudyRun) -> list[Row]:
         if frame is not None and metric in frame and "step" in frame:
             reported = frame[frame[metric].notna()]
             steps, values = reported["step"].astype(int).tolist(), reported[metric].tolist()
+        scores = {}
+        if frame is not None:
+            for key in SCORES:
+                reported = frame[key].dropna() if key in frame else []
+                if len(reported):
+                    scores[key] = float(reported.iloc[-1])
         last_step = int(trial.last_result.get("step", 0) or 0)
         cfg = apply_point(run.base, trial.config)
         rows.append(Row(
             trial_id=trial.trial_id, point=point_label(trial.config),
             status=study_runs.trial_outcome(trial, max_steps), steps=last_step,
             metric=values[-1] if values else math.nan,
-            peft_params=peft_params(cfg), gflops=inference_gflops(cfg), curve=(steps, values)))
+            peft_params=peft_params(cfg), gflops=inference_gflops(cfg), curve=(steps, values),
+            scores=scores))
     sign = 1 if run.study.mode == "min" else -1
 
     def rank(row: Row) -> tuple[int, float]:
@@ -74,11 +86,13 @@ def leaderboard(run: StudyRun) -> list[Row]:
 
 
 def format_table(rows: list[Row], metric: str) -> str:
-    header = ["#", "trial", "point", "status", "steps", metric, "PEFT params/task",
-              "GFLOPs/task"]
+    scores = [k for k in SCORES if any(k in r.scores for r in rows)]
+    header = ["#", "trial", "point", "status", "steps", metric, *(SCORES[k] for k in scores),
+              "PEFT params/task", "GFLOPs/task"]
     body = [[str(i), r.trial_id, r.point, r.status, str(r.steps),
-             "-" if math.isnan(r.metric) else f"{r.metric:.4f}", f"{r.peft_params:,}",
-             f"{r.gflops:,.1f}"] for i, r in enumerate(rows, 1)]
+             "-" if math.isnan(r.metric) else f"{r.metric:.4f}",
+             *(f"{r.scores[k]:.2f}" if k in r.scores else "-" for k in scores),
+             f"{r.peft_params:,}", f"{r.gflops:,.1f}"] for i, r in enumerate(rows, 1)]
     widths = [max(len(line[i]) for line in [header, *body]) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip()
              for line in [header, *body]]
@@ -98,9 +112,11 @@ def write_report(run: StudyRun, parent_run_id: str | None) -> Path:
     note = "" if any(r.curve[0] for r in rows) else (
         f"\nno trial reported {metric}: is it among the training's metrics (for eval_loss: "
         "data.eval sources and train.eval_every)?\n")
+    held_out = ("ROUGE-L, exact match, accuracy: x100, on data.eval after training (as `hint "
+                "eval`), for each trial that trained to the end\n") if any(r.scores for r in rows) else ""
     (out / "leaderboard.txt").write_text(
         f"{run.name}: {run.study.question}\n{metric}: the last value each trial reported, "
-        f"{better} is better\n\n{table}\n{note}")
+        f"{better} is better\n{held_out}\n{table}\n{note}")
     plot_learning_curves(rows, metric, out / "learning_curves.png")
     plot_against(rows, "peft_params", "generated PEFT parameters per task", metric,
                  out / f"{metric}_vs_peft_size.png")
