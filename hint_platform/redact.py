@@ -30,9 +30,12 @@ _SECRET_PAIRS = {("api", "key"), ("private", "key"), ("access", "token"), ("auth
 _WORD_SPLIT = re.compile(r"[^A-Za-z0-9]+|(?<=[a-z0-9])(?=[A-Z])")
 _NAME = r"[A-Za-z_][\w.-]*"
 _URI_PASSWORD = re.compile(r"(?P<head>\b[A-Za-z][A-Za-z0-9+.-]*://[^/\s:@]*):(?P<secret>[^/\s@]+)@")
+# `KEY=value`, a quoted `"key": value` (JSON, Python reprs) or a YAML line `key: value`; a bare
+# `word: value` inside prose is left alone ("refused MLFLOW_TRACKING_TOKEN: wrong ...").
 _ASSIGNMENT = re.compile(
-    rf"""(?P<head>(?P<q>["']?)(?P<key>{_NAME})(?P=q)\s*(?:=|:\s)\s*)"""
-    rf"""(?P<secret>"[^"]*"|'[^']*'|[^\s&,;'"}}\]\)]+)""")
+    rf"""(?P<head>(?P<q>["'])(?P<quoted>{_NAME})(?P=q)\s*[:=]\s*|(?P<bare>{_NAME})=|"""
+    rf"""^[ \t-]*(?P<yaml>{_NAME}):[ \t]+)"""
+    rf"""(?P<secret>"[^"]*"|'[^']*'|[^\s&,;'"}}\]\)]+)""", re.M)
 _AUTH_HEADER = re.compile(r"(?P<head>\b(?:Bearer|Basic)\s+)(?P<secret>[A-Za-z0-9._~+/=-]{6,})")
 
 
@@ -54,7 +57,8 @@ def redact_text(text: str, secrets: Iterable[str] = ()) -> str:
 
 def _masked_assignment(m: re.Match) -> str:
     # "Authorization: Bearer ***": the scheme stays, the header rule masked what follows it.
-    if not is_secret_key(m["key"]) or m["secret"].strip("\"'") in ("", MASK, "Bearer", "Basic"):
+    key = m["quoted"] or m["bare"] or m["yaml"]
+    if not is_secret_key(key) or m["secret"].strip("\"'") in ("", MASK, "Bearer", "Basic"):
         return m.group(0)
     quote = m["secret"][0] if m["secret"][0] in "\"'" else ""
     return f"{m['head']}{quote}{MASK}{quote}"

@@ -91,9 +91,10 @@ def fit(cfg: ExperimentConfig, *, run_config_callbacks: list | None = None) -> T
     from ray.train.torch import TorchTrainer
 
     cfg = _resolved(cfg)
+    uri = tracking.resolve_tracking_uri(cfg)
+    tracking.check_reachable(uri)  # and that it lets us in: before reading data or starting Ray
     evaluation = eval_rows(cfg)
     storage = tracking.storage_dir(cfg)
-    uri = tracking.resolve_tracking_uri(cfg)
     run_id = tracking.open_run(cfg, uri)
     # Reports wait on the controller's poll (default 2 s); the driver's value reaches the
     # controller and workers.

@@ -186,7 +186,7 @@ def run_study(run: StudyRun, trial_fn: Callable[[ExperimentConfig], None] = fit_
     expected = int(client.get_run(parent_id).data.params["tune.num_samples"]) * math.prod(
         len(d["grid_search"]) for d in run.study.space.values() if _is_grid(d))
     finished = len(trials) == expected and all(t.status in _ENDED for t in trials)
-    client.set_terminated(parent_id, "FINISHED" if finished else "KILLED")
+    tracking.set_terminated(uri, parent_id, "FINISHED" if finished else "KILLED")
     if not finished:
         print(f"study {run.name} interrupted: run the same command again to resume it")
     return finished
@@ -298,7 +298,7 @@ def _close_child_runs(run: StudyRun, parent_id: str, trials) -> None:
             continue
         outcome = trial_outcome(t, run.base.train.max_steps)
         client.set_tag(child.info.run_id, OUTCOME_TAG, outcome)
-        client.set_terminated(child.info.run_id, _RUN_STATUS[outcome])
+        tracking.set_terminated(run.tracking_uri, child.info.run_id, _RUN_STATUS[outcome])
 
 
 def trial_outcome(t, max_steps: int) -> str:

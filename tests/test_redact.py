@@ -41,7 +41,7 @@ def test_secrets_in_text_are_masked(text, expected):
 @pytest.mark.parametrize("text", [
     "http://127.0.0.1:5000", "ssh://git@github.com/x", "data.tokenizer=runs/tok max_new_tokens=64",
     "s3://bucket/runs/hint-3b", "sqlite:////tmp/runs/mlflow.db", "time 12:30:01 step=3 loss=0.5",
-    "password=***",
+    "password=***", "the server refused MLFLOW_TRACKING_TOKEN: wrong or expired",
 ])
 def test_text_without_secrets_is_unchanged(text):
     assert redact_text(text) == text

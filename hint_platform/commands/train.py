@@ -7,6 +7,7 @@ import argparse
 import yaml
 
 from hint_platform import config
+from hint_platform.redact import redact
 
 
 def register(subparsers) -> None:
@@ -26,10 +27,10 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     cfg = config.load(args.config, args.overrides)
     if args.dry_run:
-        print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+        print(yaml.safe_dump(redact(cfg.to_dict()), sort_keys=False), end="")
         return 0
     result = train_and_register(cfg)
-    for key, value in result.items():
+    for key, value in redact(result).items():
         print(f"{key}: {value}")
     return 0
 
