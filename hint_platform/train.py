@@ -100,7 +100,7 @@ def fit(cfg: ExperimentConfig, *, run_config_callbacks: list | None = None) -> T
     # controller and workers.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
     if not ray.is_initialized():
-        ray.init(log_to_driver=False)
+        start_ray()
     run_dir = storage / cfg.name
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -134,6 +134,19 @@ def fit(cfg: ExperimentConfig, *, run_config_callbacks: list | None = None) -> T
         mlflow_run_id=run_id,
         steps_done=int(final.get("steps_done", 0)),
     )
+
+
+def start_ray(**init_args) -> None:
+    """Joins the cluster in RAY_ADDRESS, else starts Ray here with its dashboard on loopback
+    (Ray's default, made explicit: to share it, start Ray yourself with `ray start --head
+    --dashboard-host ADDRESS` and set RAY_ADDRESS); says where the dashboard listens."""
+    import ray
+
+    if not os.environ.get("RAY_ADDRESS"):
+        init_args.setdefault("dashboard_host", "127.0.0.1")
+    context = ray.init(log_to_driver=False, **init_args)
+    if context.dashboard_url:
+        print(f"Ray dashboard: http://{context.dashboard_url}", flush=True)
 
 
 def _ordered():

@@ -256,15 +256,15 @@ def _start_ray(run: StudyRun) -> None:
     """Joins the cluster in RAY_ADDRESS, else starts a local Ray with CPUs enough for
     `max_concurrent` trials at once: each needs its workers' CPUs plus one whole CPU for its Ray
     Data tasks, which otherwise wait forever (STACK.md). On a laptop these are logical CPUs."""
-    import ray
+    from hint_platform.train import start_ray
 
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=False)
+        start_ray()
         return
     t = run.base.train
     per_trial = t.num_workers * t.cpus_per_worker + 1
     needed = math.ceil(run.setting("max_concurrent") * per_trial)
-    ray.init(num_cpus=max(os.cpu_count() or 1, needed), log_to_driver=False)
+    start_ray(num_cpus=max(os.cpu_count() or 1, needed))
 
 
 def _open_parent_run(run: StudyRun, client) -> str:

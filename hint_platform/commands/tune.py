@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 
+from hint_platform.redact import redact_text
 from tune_spaces import STUDIES
 
 
@@ -54,5 +55,5 @@ def run(args: argparse.Namespace) -> int:
             return 130
     print((report_dir / "leaderboard.txt").read_text())
     print(f"plots: {report_dir}\nTensorBoard: tensorboard --logdir {study.path}")
-    print(f"MLflow: parent run {tune.parent_run_id(study)} at {study.tracking_uri}")
+    print(f"MLflow: parent run {tune.parent_run_id(study)} at {redact_text(study.tracking_uri)}")
     return 0
