@@ -105,7 +105,7 @@ def mlflow_server(tmp_path_factory):
             [sys.executable, str(REPO / "infra" / "mlflow" / "bootstrap_users.py"), uri,
              "--writer", f"hint={root / 'hint-password'}", "--reader", f"viewer={root / 'viewer-password'}"],
             env={**env, "MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": passwords["admin"]},
-            capture_output=True, text=True, timeout=120)
+            capture_output=True, text=True, timeout=600)
         assert bootstrap.returncode == 0, bootstrap.stderr[-2000:]
         logins = {user: {"MLFLOW_TRACKING_USERNAME": user, "MLFLOW_TRACKING_PASSWORD": pw}
                   for user, pw in passwords.items()}
