@@ -27,7 +27,7 @@ import torch.distributed as dist
 
 from hint_model import HintConfig, HintModel
 from hint_platform.config import TrainSection
-from hint_platform.optim import build_optimizer
+from hint_platform.training.optim import build_optimizer
 from hint_platform.parallel import parallelize
 from hint_platform.throughput import peak_flops
 from hint_platform.train import train_step, training_flops

@@ -1,6 +1,8 @@
 """Experiment configs: typed, validated data.
 
-A config is a YAML file with four sections (model, data, train, run) plus a name and a stage.
+A config is a YAML file with four sections (model, data, train, run) plus a name. The configs
+the platform ships (hint_platform/configs/: the demo, the paper's setups) are found by name
+(`paper/hint-3b-sni-def`) as well as by path, so a wheel install has them too.
 Every section is a dataclass; an unknown key or a value of the wrong type is an error that
 names the key and lists what is valid. `key=value` overrides from the command line use dotted
 paths (`train.max_steps=20`, `model.variant=concat`) and are parsed as YAML scalars.
@@ -16,7 +18,10 @@ from typing import Any
 
 import yaml
 
+from hint_model import HintConfig, HintConfigError
 from hint_platform.errors import UserError
+
+SHIPPED = Path(__file__).resolve().parent / "configs"
 
 
 class ConfigError(UserError, ValueError):
@@ -80,7 +85,6 @@ class RunSection:
 @dataclass
 class ExperimentConfig:
     name: str = "hint-run"
-    stage: str = "finetune"  # pretrain | finetune
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
     train: TrainSection = field(default_factory=TrainSection)
@@ -90,8 +94,8 @@ class ExperimentConfig:
         return dataclasses.asdict(self)
 
     def flat(self) -> dict[str, Any]:
-        """Dotted keys -> values, the form MLflow params and Tune search spaces use."""
-        return _flatten(self.to_dict())
+        """Dotted keys -> values, the form MLflow params use (`model.overrides` is one value)."""
+        return flatten(self.to_dict(), whole=("overrides",))
 
     def with_overrides(self, overrides: dict[str, Any] | list[str]) -> "ExperimentConfig":
         """A copy with dotted-key overrides applied (a dict, or `key=value` strings)."""
@@ -102,7 +106,6 @@ class ExperimentConfig:
 
 
 _CHOICES = {
-    "stage": ("pretrain", "finetune"),
     "data.on_bad_record": ("error", "skip"),
     "train.optimizer": ("adafactor", "adamw"),
 }
@@ -115,9 +118,8 @@ def from_dict(data: dict[str, Any]) -> ExperimentConfig:
 
 
 def load(path: str | Path, overrides: dict[str, Any] | list[str] | None = None) -> ExperimentConfig:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
+    """The config at `path`, or the shipped config of that name (`demo/finetune`)."""
+    path = find(path)
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
@@ -129,6 +131,37 @@ def load(path: str | Path, overrides: dict[str, Any] | list[str] | None = None) 
         return cfg.with_overrides(overrides) if overrides else cfg
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
+
+
+def find(name: str | Path) -> Path:
+    """A config file: `name` as a path, else a config the platform ships (with or without .yaml)."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    shipped = SHIPPED / (path if path.suffix else path.with_suffix(".yaml"))
+    if not path.is_absolute() and shipped.is_file():
+        return shipped
+    raise ConfigError(f"config file not found: {name} (nor a shipped config; `hint configs` "
+                      "lists them)")
+
+
+def shipped_configs() -> list[str]:
+    """The names of the configs the platform ships, e.g. `paper/hint-3b-sni-def`."""
+    return sorted(str(p.relative_to(SHIPPED).with_suffix("")) for p in SHIPPED.rglob("*.yaml"))
+
+
+def model_config(cfg: ExperimentConfig, vocab_size: int | None = None) -> HintConfig:
+    """The HintConfig of `cfg.model` (preset, then variant, then overrides): the one place an
+    experiment config becomes a model config. `vocab_size` (the tokenizer's) applies unless the
+    overrides set one. A model section that does not build is a ConfigError naming it."""
+    m = cfg.model
+    overrides = dict(m.overrides)
+    if vocab_size is not None:
+        overrides.setdefault("vocab_size", vocab_size)
+    try:
+        return HintConfig.preset(m.preset, variant=m.variant, **overrides)
+    except (HintConfigError, TypeError) as e:
+        raise ConfigError(f"model: {e}") from None
 
 
 def _build(cls, data: Any, prefix: str):
@@ -203,11 +236,12 @@ def _check(cfg: ExperimentConfig) -> None:
         raise ConfigError(f"train.lr: must be positive, got {t.lr}")
 
 
-def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten(data: dict[str, Any], prefix: str = "", whole: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Nested mappings -> dotted keys; a mapping under a key in `whole` stays one value."""
     out = {}
     for key, value in data.items():
-        if isinstance(value, dict) and key != "overrides":
-            out.update(_flatten(value, f"{prefix}{key}."))
+        if isinstance(value, dict) and value and key not in whole:
+            out.update(flatten(value, f"{prefix}{key}.", whole))
         else:
             out[f"{prefix}{key}"] = value
     return out

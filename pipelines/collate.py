@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from pipelines.tokenizer import PAD_ID
+
 IGNORE_INDEX = -100
 
 
@@ -30,7 +32,7 @@ def _mask(seqs: Sequence[Sequence[int]], width: int) -> torch.Tensor:
     return (torch.arange(width)[None, :] < lengths[:, None]).long()
 
 
-def collate(rows: Sequence[Mapping[str, Any]] | Mapping[str, Sequence], pad_id: int = 0) -> dict[str, torch.Tensor]:
+def collate(rows: Sequence[Mapping[str, Any]] | Mapping[str, Sequence], pad_id: int = PAD_ID) -> dict[str, torch.Tensor]:
     """hyper_input_ids, hyper_attention_mask, input_ids, attention_mask, labels (-100 padded)."""
     if isinstance(rows, Mapping):
         columns = rows
@@ -65,3 +67,9 @@ def length_buckets(rows: Iterable[dict], batch_size: int, window: int = 50) -> I
 def _cut(rows: list[dict], batch_size: int) -> Iterator[list[dict]]:
     for i in range(0, len(rows), batch_size):
         yield rows[i : i + batch_size]
+
+
+def pad_sequences(seqs: Sequence[Sequence[int]], value: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sequences padded with `value` to the longest, and their attention mask."""
+    ids = _pad(seqs, value)
+    return ids, _mask(seqs, ids.shape[1])

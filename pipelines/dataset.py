@@ -15,8 +15,8 @@ Mixing: each step draws a source with probability proportional to its weight; wi
 `part: train` source it draws one of its live tasks uniformly (mixed-task batches), within a
 `part: test` source it goes task by task in file order (a task's rows are contiguous, so
 evaluation generates each task's modules once). An exhausted task or source drops out; the
-stream ends when all are exhausted. Same specs and seed, same rows in the same order;
-`skip_examples=N` starts at example_index N (resuming a run without re-tokenising).
+stream ends when all are exhausted. Same specs and seed, same rows in the same order (what lets
+training resume by a bitmap of consumed example_index values, hint_platform/training/state.py).
 """
 
 from __future__ import annotations
@@ -84,10 +84,10 @@ def mixed_examples(specs: list[SourceSpec], tokenizer: Tokenizer, bad: BadRecord
 
 
 def text_blocks(specs: list[SourceSpec], tokenizer: Tokenizer, *, on_bad_record: str, seed: int,
-                skip_examples: int, bad: BadRecords | None = None) -> Iterator[pa.Table]:
+                bad: BadRecords | None = None) -> Iterator[pa.Table]:
     """The mixed stream as Arrow tables of TEXT_SCHEMA, BLOCK_ROWS rows each."""
     bad = bad or BadRecords(on_bad_record)
-    stream = itertools.islice(enumerate(mixed_examples(specs, tokenizer, bad, seed)), skip_examples, None)
+    stream = enumerate(mixed_examples(specs, tokenizer, bad, seed))
     while True:
         chunk = list(itertools.islice(stream, BLOCK_ROWS))
         if not chunk:
@@ -136,18 +136,17 @@ def tokenize_block(block: pa.Table, proto: bytes, max_input_len: int, max_hyper_
 
 def iter_records(specs: Sequence[SourceSpec | dict], tokenizer_dir: str, *, max_input_len: int = 1024,
                  max_hyper_len: int = 1024, max_target_len: int = 256, on_bad_record: str = "error",
-                 seed: int = 0, skip_examples: int = 0, bad: BadRecords | None = None) -> Iterator[dict]:
+                 seed: int = 0, bad: BadRecords | None = None) -> Iterator[dict]:
     """The rows of build_dataset, in the same order, in this process (no Ray). Pass `bad` to
     read the skip counts (per file / task) when the iterator is done."""
     tok = load_tokenizer(tokenizer_dir)
-    for block in text_blocks(as_specs(specs), tok, on_bad_record=on_bad_record, seed=seed,
-                             skip_examples=skip_examples, bad=bad):
+    for block in text_blocks(as_specs(specs), tok, on_bad_record=on_bad_record, seed=seed, bad=bad):
         yield from tokenize_block(block, tok.proto, max_input_len, max_hyper_len, max_target_len).to_pylist()
 
 
 def build_dataset(specs: Sequence[SourceSpec | dict], tokenizer_dir: str, *, max_input_len: int = 1024,
                   max_hyper_len: int = 1024, max_target_len: int = 256, on_bad_record: str = "error",
-                  seed: int = 0, skip_examples: int = 0):
+                  seed: int = 0):
     """A ray.data.Dataset of the rows (see the module docstring), in deterministic order.
 
     One read task produces the mixed text stream (reading and formatting are cheap, and one
@@ -157,7 +156,7 @@ def build_dataset(specs: Sequence[SourceSpec | dict], tokenizer_dir: str, *, max
     """
     specs = as_specs(specs)
     tok = load_tokenizer(tokenizer_dir)
-    source = _MixedStream(specs, tok.proto, on_bad_record, seed, skip_examples)
+    source = _MixedStream(specs, tok.proto, on_bad_record, seed)
     ds = ray.data.read_datasource(source, override_num_blocks=1).map_batches(
         tokenize_block, batch_format="pyarrow", batch_size=BLOCK_ROWS, zero_copy_batch=True,
         fn_kwargs={"proto": tok.proto, "max_input_len": max_input_len,
@@ -169,18 +168,18 @@ def build_dataset(specs: Sequence[SourceSpec | dict], tokenizer_dir: str, *, max
 class _MixedStream(Datasource):
     """A Ray Data source with one read task: the mixed text stream, streamed in blocks."""
 
-    def __init__(self, specs, proto, on_bad_record, seed, skip_examples):
-        self.args = (specs, proto, on_bad_record, seed, skip_examples)
+    def __init__(self, specs, proto, on_bad_record, seed):
+        self.args = (specs, proto, on_bad_record, seed)
 
     def estimate_inmemory_data_size(self):
         return None
 
     def get_read_tasks(self, parallelism, per_task_row_limit=None, data_context=None):
-        specs, proto, on_bad_record, seed, skip = self.args
+        specs, proto, on_bad_record, seed = self.args
 
         def read():
             yield from text_blocks(specs, tokenizer_from_proto(proto), on_bad_record=on_bad_record,
-                                   seed=seed, skip_examples=skip)
+                                   seed=seed)
 
         meta = BlockMetadata(num_rows=None, size_bytes=None, exec_stats=None, input_files=None)
         return [ReadTask(read, meta, schema=TEXT_SCHEMA, per_task_row_limit=per_task_row_limit)]

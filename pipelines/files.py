@@ -16,6 +16,8 @@ import zlib
 from collections.abc import Iterator
 from typing import IO
 
+import pyarrow.fs
+
 from pipelines.bad_records import BadRecords
 
 
@@ -25,8 +27,6 @@ def _is_uri(path: str) -> bool:
 
 
 def _fs(path: str):
-    import pyarrow.fs
-
     return pyarrow.fs.FileSystem.from_uri(path)  # -> (filesystem, path inside it)
 
 
@@ -36,8 +36,6 @@ def expand(pattern: str) -> list[str]:
         if glob.has_magic(pattern):
             return sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
         return [pattern] if os.path.isfile(pattern) else []
-    import pyarrow.fs
-
     fs, inner = _fs(pattern)
     scheme = pattern.split("://", 1)[0]
     if not glob.has_magic(inner):
@@ -52,8 +50,6 @@ def expand(pattern: str) -> list[str]:
 def exists(path: str) -> bool:
     if not _is_uri(path):
         return os.path.exists(path)
-    import pyarrow.fs
-
     fs, inner = _fs(path)
     return fs.get_file_info(inner).type != pyarrow.fs.FileType.NotFound
 

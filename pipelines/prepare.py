@@ -49,7 +49,7 @@ def prepare(specs: Sequence[SourceSpec | dict], tokenizer_dir: str, out_dir: str
     tasks: Counter[str] = Counter()
     shards: list[dict[str, Any]] = []
     writer, start, last_report = None, time.monotonic(), 0.0
-    for block in text_blocks(specs, tok, on_bad_record=on_bad_record, seed=seed, skip_examples=0, bad=bad):
+    for block in text_blocks(specs, tok, on_bad_record=on_bad_record, seed=seed, bad=bad):
         rows = tokenize_block(block, tok.proto, max_input_len, max_hyper_len, max_target_len)
         written = 0
         while written < rows.num_rows:

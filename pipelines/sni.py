@@ -12,7 +12,8 @@ from __future__ import annotations
 import json
 import logging
 import random
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from pathlib import Path
 
 from pipelines import files, formats
 from pipelines.bad_records import BadRecords
@@ -117,3 +118,16 @@ def format_instance(spec: SourceSpec, task: dict, input_text: str) -> tuple[str,
 
 def task_streams(spec: SourceSpec, bad: BadRecords, seed: int) -> list[tuple[str, Iterator[Example]]]:
     return [(name, task_examples(spec, name, bad, seed)) for name in split_tasks(spec)]
+
+
+def sni_categories(tasks_dir: str | Path, tasks: Iterable[str]) -> dict[str, str]:
+    """Task name -> category, from the `Categories` field of the SNI task files (`<task>.json`)."""
+    out = {}
+    for task in tasks:
+        path = Path(tasks_dir) / f"{task}.json"
+        if path.is_file():
+            with open(path, encoding="utf-8") as f:
+                cats = json.load(f).get("Categories") or []
+            if cats:
+                out[task] = cats[0]
+    return out

@@ -11,7 +11,7 @@ import yaml
 from hint_platform.cli import COMMAND_MODULES, main
 
 REPO = Path(__file__).resolve().parent.parent
-CONFIG = str(REPO / "configs" / "paper" / "hint-3b-sni-def.yaml")
+CONFIG = str(REPO / "hint_platform" / "configs" / "paper" / "hint-3b-sni-def.yaml")
 
 
 def run(capsys, *argv):
@@ -97,10 +97,21 @@ def test_eval_of_something_that_is_not_a_model(tmp_path, capsys):
 
 
 def test_flops_table(capsys):
+    """The figures, not the header: concatenation pays the instruction with every input, so its
+    cost is linear in n and HINT's advantage grows with n."""
+    from hint_model import HintConfig
+    from hint_model.flops import task_cost
+
     code, out, _ = run(capsys, "flops", "--preset", "xl", "--instruction-len", "256", "--input-len", "128",
-                       "--output-len", "32", "--num-inputs", "100")
+                       "--output-len", "32", "--num-inputs", "1", "10", "100")
     assert code == 0
-    assert "hint" in out and "concat" in out
+    rows = {int(line.split()[0]): [float(x) for x in line.split()[1:]]
+            for line in out.splitlines() if line.split() and line.split()[0].isdigit()}
+    assert sorted(rows) == [1, 10, 100]
+    assert rows[10][1] == pytest.approx(10 * rows[1][1], rel=1e-3)  # concat: linear in n
+    assert rows[1][2] < rows[10][2] < rows[100][2] and rows[100][2] > 1.5
+    expected = task_cost(HintConfig.preset("xl"), 100, 256, 128, 32)
+    assert rows[100][:2] == pytest.approx([expected.hint / 1e9, expected.concat / 1e9], abs=0.01)
 
 
 def test_data_prepare_then_stats(tmp_path, capsys):
@@ -109,7 +120,7 @@ def test_data_prepare_then_stats(tmp_path, capsys):
     suite = write_suite(tmp_path / "data", num_train_tasks=21, num_test_tasks=2, instances_per_task=4,
                         num_pretrain_docs=5)
     train_tokenizer(suite.texts(), tmp_path / "tok", vocab_size=200)
-    demo = str(REPO / "configs" / "demo" / "finetune.yaml")
+    demo = str(REPO / "hint_platform" / "configs" / "demo" / "finetune.yaml")
     spec = yaml.safe_dump(suite.sni_spec(), default_flow_style=True).strip()
     code, out, _ = run(capsys, "data", "prepare", demo, f"data.train=[{spec}]",
                        f"data.tokenizer={tmp_path / 'tok'}", "--out", str(tmp_path / "prepared"))
@@ -136,7 +147,7 @@ def test_eval_an_export_on_held_out_tasks(tmp_path, capsys):
     HintModel(HintConfig.preset("tiny", vocab_size=tok.vocab_size)).save_pretrained(export)
     shutil.copytree(tmp_path / "tok", export / "tokenizer")
     spec = yaml.safe_dump(suite.sni_spec(part="test"), default_flow_style=True).strip()
-    code, out, _ = run(capsys, "eval", str(export), str(REPO / "configs" / "demo" / "finetune.yaml"),
+    code, out, _ = run(capsys, "eval", str(export), str(REPO / "hint_platform" / "configs" / "demo" / "finetune.yaml"),
                        f"data.eval=[{spec}]", "--no-mlflow", "--max-new-tokens", "4", "--out", str(tmp_path / "ev"))
     assert code == 0
     assert "overall" in out and "rougeL" in out
@@ -144,3 +155,13 @@ def test_eval_an_export_on_held_out_tasks(tmp_path, capsys):
     assert len(predictions) == 2 * 3 and {p["task"] for p in predictions} == set(suite.test_tasks)
     metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     assert set(metrics["per_task"]) == set(suite.test_tasks) and metrics["overall"]["gflops_per_task"] > 0
+
+
+def test_configs_lists_and_prints_the_shipped_configs(capsys, tmp_path, monkeypatch):
+    code, out, _ = run(capsys, "configs")
+    assert code == 0 and {"demo/finetune", "paper/hint-3b-sni-def"} <= set(out.split())
+    monkeypatch.chdir(tmp_path)  # found through the package, from any directory
+    code, out, _ = run(capsys, "configs", "demo/finetune")
+    assert code == 0 and yaml.safe_load(out)["name"] == "demo-finetune"
+    code, _, err = run(capsys, "configs", "demo/finetun")
+    assert code == 2 and "config file not found: demo/finetun" in err

@@ -1,5 +1,9 @@
 """Every shipped experiment config loads, validates, and its data sources are valid SourceSpecs."""
 
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -7,7 +11,7 @@ import pytest
 from hint_platform import config
 from pipelines.spec import SourceSpec
 
-CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").rglob("*.yaml"))
+CONFIGS = sorted(config.SHIPPED.rglob("*.yaml"))
 PAPER = {p.stem: p for p in CONFIGS if p.parent.name == "paper"}
 
 
@@ -33,3 +37,30 @@ def test_paper_setups_follow_the_paper(size, preset):
                for s in setups}
     assert formats == {"pretrain-c4": {"pretrain"}, "sni-def": {"def"}, "sni-def-2pos": {"def_pos"},
                        "p3-joint": {"joint"}, "p3-split": {"split"}}
+
+
+def test_a_wheel_ships_the_configs(tmp_path):
+    """A non-editable install (a wheel, an image built another way) finds the shipped configs
+    through the package, not through a source tree."""
+    repo = Path(__file__).resolve().parent.parent
+    source = tmp_path / "source"  # a copy: building in place would leave build/ in the checkout
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md", "hint_model", "pipelines", "hint_platform",
+                 "tune_spaces"):
+        copy = shutil.copytree if (repo / name).is_dir() else shutil.copy
+        copy(repo / name, source / name, **({"ignore": shutil.ignore_patterns("__pycache__")}
+                                          if (repo / name).is_dir() else {}))
+    pip = [sys.executable, "-m", "pip"]
+    subprocess.run([*pip, "wheel", "-q", "--no-deps", "--no-build-isolation", str(source),
+                    "-w", str(tmp_path / "wheel")], check=True, timeout=300, capture_output=True)
+    (wheel,) = (tmp_path / "wheel").glob("hint-*.whl")
+    subprocess.run([*pip, "install", "-q", "--no-deps", "--target", str(tmp_path / "site"),
+                    str(wheel)], check=True, timeout=300, capture_output=True)
+    probe = ("from hint_platform import config; "
+             "print(config.find('paper/hint-3b-sni-def')); print(len(config.shipped_configs()))")
+    out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(tmp_path / "site")})
+    assert out.returncode == 0, out.stderr
+    found, count = out.stdout.split()
+    assert Path(found).is_relative_to(tmp_path / "site") and Path(found).is_file()
+    assert int(count) == len(CONFIGS)

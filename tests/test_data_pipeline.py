@@ -33,11 +33,14 @@ def test_mixed_rows_are_deterministic_and_mix_tasks(suite):
     assert len(sni_rows) == 25 * 10 and all(r["references"] for r in sni_rows)
 
 
-def test_skip_examples_resumes_the_same_stream(suite):
+def test_same_specs_and_seed_give_the_same_stream(suite):
+    """What resume relies on: the rows and their example_index are a function of specs and seed."""
     s, tok = suite
     specs = [s.sni_spec("def_pos"), s.c4_spec(segment_len=32)]
     rows = list(iter_records(specs, tok, **LENS))
-    assert list(iter_records(specs, tok, skip_examples=37, **LENS)) == rows[37:]
+    assert list(iter_records(specs, tok, **LENS)) == rows
+    assert [r["example_index"] for r in rows] == list(range(len(rows)))
+    assert list(iter_records(specs, tok, seed=1, **LENS)) != rows
 
 
 def test_test_part_goes_task_by_task(suite):
@@ -51,8 +54,8 @@ def test_test_part_goes_task_by_task(suite):
 def test_ray_dataset_matches_iter_records_and_gives_padded_batches(suite, ray_local):
     s, tok = suite
     specs = [s.sni_spec("def"), s.c4_spec(segment_len=32)]
-    ds = build_dataset(specs, tok, seed=3, skip_examples=5, **LENS)
-    expected = list(iter_records(specs, tok, seed=3, skip_examples=5, **LENS))
+    ds = build_dataset(specs, tok, seed=3, **LENS)
+    expected = list(iter_records(specs, tok, seed=3, **LENS))
     got = ds.take_all()
     assert [r["example_index"] for r in got] == [r["example_index"] for r in expected]
     assert [list(r["input_ids"]) for r in got] == [r["input_ids"] for r in expected]

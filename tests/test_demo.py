@@ -4,7 +4,7 @@ baselines on local Ray, zero-shot evaluation, registration, and the figures line
 import json
 import re
 
-from hint_platform import registry
+from hint_platform.tracking import registry
 from hint_platform.cli import main
 
 FIGURES = ("demo_minutes", "hint_rougeL", "no_instruct_rougeL", "concat_rougeL",

@@ -2,7 +2,7 @@
 
 import pytest
 
-from hint_platform.evaluate import normalize_answer, rank_classification_accuracy, sni_metrics
+from hint_platform.evaluation.metrics import normalize_answer, rank_classification_accuracy, sni_metrics
 
 
 def test_normalisation_is_snis_lowercase_punctuation_whitespace():
@@ -45,7 +45,7 @@ def test_rank_classification_averages_per_template_then_dataset():
 
 
 def test_p3_task_names_split_at_the_dataset_even_with_slashes_in_the_template():
-    from hint_platform.evaluate import split_p3_task
+    from hint_platform.evaluation.metrics import split_p3_task
 
     task = "super_glue/cb/claim true/false/inconclusive"  # a real promptsource template name
     assert split_p3_task(task, {task: "super_glue/cb"}) == ("super_glue/cb", "claim true/false/inconclusive")

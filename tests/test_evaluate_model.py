@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from hint_model import HintConfig, HintModel
-from hint_platform.evaluate import (choose_answers, predict_records, score_predictions, sni_categories,
-                                    task_modules)
+from hint_platform.evaluation.inference import choose_answers, predict_records, task_modules
+from hint_platform.evaluation.metrics import score_predictions
 from pipelines import iter_records, load_tokenizer, train_tokenizer, write_suite
+from pipelines.sni import sni_categories
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +79,7 @@ def test_sni_categories_from_real_task_files(shared_data):
 
 def test_gflops_per_task_hint_reads_the_instruction_once(suite):
     from hint_model.flops import task_cost
-    from hint_platform.evaluate import gflops_per_task
+    from hint_platform.evaluation.evaluate import gflops_per_task
 
     s, tok_dir = suite
     lengths = dict(max_input_len=128, max_hyper_len=64, max_target_len=16)

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from hint_platform import cli, config, submit
+from hint_platform import cli, config
+from hint_platform.jobs import submit
 
 REPO = Path(__file__).resolve().parent.parent
 INFRA = REPO / "infra"
@@ -66,10 +67,9 @@ def test_paper_rayjobs_run_valid_configs_on_shared_storage(capsys):
                    for g in cluster["spec"]["workerGroupSpecs"])
         commands = train_commands(job["spec"]["entrypoint"])
         assert [c[:2] for c in commands] == [["hint", "train"]] * 2, name
-        for _, _, image_path, *overrides in commands:
-            assert image_path.startswith(IMAGE_ROOT + "/"), image_path
-            path = REPO / image_path.removeprefix(IMAGE_ROOT + "/")
-            assert path.is_file(), f"{name}: {path} does not exist"
+        for _, _, shipped, *overrides in commands:
+            assert shipped in config.shipped_configs(), f"{name}: {shipped} is no shipped config"
+            path = config.find(shipped)
             assert cli.main(["train", "--dry-run", str(path), *overrides]) == 0
             assert "storage_path: /mnt/shared/runs" in capsys.readouterr().out
             cfg = config.load(path, overrides)
@@ -104,11 +104,11 @@ def test_clusters_mount_shared_storage_use_token_auth_and_the_team_mlflow():
 
 
 def test_configs_named_in_infra_docs_exist():
-    text = "\n".join(p.read_text() for p in [*YAMLS, INFRA / "README.md"])
-    named = set(re.findall(r"\bconfigs/[\w/.-]+\.yaml", text))
+    text = "\n".join(p.read_text() for p in [*YAMLS, INFRA / "README.md", REPO / "README.md"])
+    named = set(re.findall(r"\bhint (?:train|submit) ([\w.-]+/[\w/.-]+)", text))
     assert named, "infra names no config"
-    for rel in named:
-        assert (REPO / rel).is_file(), rel
+    for name in named:
+        assert name in config.shipped_configs(), name
 
 
 def pip_install(line: str) -> str:

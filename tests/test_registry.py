@@ -18,7 +18,9 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from hint_platform import cli, config, registry
+from hint_platform import cli, config
+from hint_platform.tracking import registry
+from hint_platform.tracking.pyfunc import HintPredictor
 from pipelines import train_tokenizer, write_suite
 
 REPO = Path(__file__).resolve().parent.parent
@@ -43,7 +45,7 @@ def trained(mlflow_server, ray_local, tmp_path_factory):
     suite = write_suite(root / "data", num_train_tasks=21, num_test_tasks=2, instances_per_task=8,
                         num_pretrain_docs=5)
     train_tokenizer(suite.texts(), root / "tok", vocab_size=200)
-    cfg = config.load(REPO / "configs" / "demo" / "finetune.yaml").with_overrides({
+    cfg = config.load("demo/finetune").with_overrides({
         "name": "registry-test", "model.init_from": None, "data.tokenizer": str(root / "tok"),
         "data.train": [suite.sni_spec()], "data.eval": [],
         "train.max_steps": 2, "train.global_batch_size": 8, "train.micro_batch_size": 4,
@@ -103,7 +105,7 @@ def test_alias_and_a_fresh_process_logged_in_through_the_environment(trained, ml
     (row,) = registry.list_versions(uri, MODEL)
     assert (row["version"], row["aliases"], row["run_id"]) == (1, ["champion"], trained["summary"]["mlflow_run_id"])
 
-    expected = registry.HintPredictor(trained["summary"]["export_dir"]).predict([INSTRUCTION] * 2, INPUTS)
+    expected = HintPredictor(trained["summary"]["export_dir"]).predict([INSTRUCTION] * 2, INPUTS)
     script = (
         "import json, sys, pandas as pd, mlflow.pyfunc\n"
         f"model = mlflow.pyfunc.load_model('models:/{MODEL}@champion')\n"

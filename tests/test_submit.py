@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from hint_platform import submit
+from hint_platform.jobs import submit
 from hint_platform.config import ConfigError
 from hint_platform.errors import UserError
 
@@ -38,7 +38,7 @@ def write_config(directory: Path, **run) -> Path:
 
 def test_job_runs_hint_train_on_the_uploaded_config(tmp_path):
     config = write_config(tmp_path)
-    request = submit.prepare(config, ["train.max_steps=2"], working_dir=tmp_path, name="exp 1",
+    request = submit.build_request(config, ["train.max_steps=2"], working_dir=tmp_path, name="exp 1",
                              tracking_uri="http://mlflow:5000", env_vars={"A": "b"})
     assert shlex.split(request.entrypoint) == ["hint", "train", "configs/tiny.yaml",
                                                "train.max_steps=2", "name=exp 1"]
@@ -46,41 +46,41 @@ def test_job_runs_hint_train_on_the_uploaded_config(tmp_path):
     assert request.runtime_env["env_vars"] == {"A": "b", "MLFLOW_TRACKING_URI": "http://mlflow:5000"}
     assert request.metadata == {"hint_run": "exp 1", "hint_config": "configs/tiny.yaml"}
     assert request.submission_id.startswith("hint-exp 1-")
-    ids = {submit.prepare(config, [], working_dir=tmp_path).submission_id for _ in range(2)}
+    ids = {submit.build_request(config, [], working_dir=tmp_path).submission_id for _ in range(2)}
     assert len(ids) == 2  # a name can be resubmitted (to resume); job ids stay unique
 
 
 def test_invalid_config_is_refused_naming_the_key(tmp_path):
     config = write_config(tmp_path)
     with pytest.raises(ConfigError, match="train.max_steps: must be positive"):
-        submit.prepare(config, ["train.max_steps=0"], working_dir=tmp_path)
+        submit.build_request(config, ["train.max_steps=0"], working_dir=tmp_path)
     with pytest.raises(ConfigError, match="unknown key train.max_stepz"):
-        submit.prepare(config, ["train.max_stepz=3"], working_dir=tmp_path)
+        submit.build_request(config, ["train.max_stepz=3"], working_dir=tmp_path)
 
 
 def test_config_outside_the_working_dir_is_refused(tmp_path):
     config = write_config(tmp_path / "elsewhere")
     with pytest.raises(UserError, match="outside the working directory"):
-        submit.prepare(config, [], working_dir=tmp_path / "project")
+        submit.build_request(config, [], working_dir=tmp_path / "project")
 
 
 def test_relative_paths_are_refused_until_on_shared_storage(tmp_path):
     """The paper configs use repository-relative paths (runs/, data/, checkpoints/): refused
     as they are, accepted with --shared-dir, which moves every one of them under it."""
-    paper = REPO / "configs" / "paper" / "hint-3b-sni-def.yaml"
+    paper = REPO / "hint_platform" / "configs" / "paper" / "hint-3b-sni-def.yaml"
     with pytest.raises(UserError) as refused:
-        submit.prepare(paper, [], working_dir=REPO)
+        submit.build_request(paper, [], working_dir=REPO)
     for key in ("run.storage_path='runs'", "data.tokenizer=", "model.init_from=",
                 "data.train[0].path='data/natural-instructions'", "data.eval[0].path="):
         assert key in str(refused.value)
 
-    request = submit.prepare(paper, [], working_dir=REPO, shared_dir="s3://bucket/hint")
+    request = submit.build_request(paper, [], working_dir=REPO, shared_dir="s3://bucket/hint")
     args = dict(a.split("=", 1) for a in shlex.split(request.entrypoint)[3:])
     assert args["run.storage_path"] == "s3://bucket/hint/runs"
     assert args["model.init_from"] == "s3://bucket/hint/runs/hint-3b-pretrain-c4/export"
     assert [s["path"] for s in json.loads(args["data.train"])] == ["s3://bucket/hint/data/natural-instructions"]
     with pytest.raises(UserError, match="--shared-dir shared: expected an absolute path"):
-        submit.prepare(paper, [], working_dir=REPO, shared_dir="shared")
+        submit.build_request(paper, [], working_dir=REPO, shared_dir="shared")
 
 
 def test_upload_leaves_out_virtualenvs_outputs_and_data(tmp_path):
@@ -93,7 +93,7 @@ def test_upload_leaves_out_virtualenvs_outputs_and_data(tmp_path):
     tops = {n.split("/", 1)[0] for n in names}
     assert not tops & {".venv", ".git", "runs", "mlruns", "data"}
     assert not [n for n in names if "__pycache__" in n or ".egg-info" in n]
-    assert {"hint_platform/submit.py", "configs/paper/hint-3b-sni-def.yaml", "pyproject.toml"} <= set(names)
+    assert {"hint_platform/jobs/submit.py", "hint_platform/configs/paper/hint-3b-sni-def.yaml", "pyproject.toml"} <= set(names)
     assert target.stat().st_size < 20 * 2**20
 
 
@@ -140,16 +140,16 @@ PASSWORD = "pw-for-the-job-0123"
 def test_the_mlflow_login_travels_in_the_runtime_env_only(tmp_path):
     config = write_config(tmp_path)
     login = {"MLFLOW_TRACKING_USERNAME": "hint", "MLFLOW_TRACKING_PASSWORD": PASSWORD}
-    request = submit.prepare(config, [], working_dir=tmp_path, tracking_uri="https://mlflow.internal",
+    request = submit.build_request(config, [], working_dir=tmp_path, tracking_uri="https://mlflow.internal",
                              login=login)
     assert request.runtime_env["env_vars"] == {"MLFLOW_TRACKING_URI": "https://mlflow.internal", **login}
     # A URI's own user:password@ leaves the URI (it would be printed and logged) for the login.
-    request = submit.prepare(config, [], working_dir=tmp_path,
+    request = submit.build_request(config, [], working_dir=tmp_path,
                              tracking_uri=f"http://hint:{PASSWORD}@mlflow:5000")
     assert request.runtime_env["env_vars"] == {"MLFLOW_TRACKING_URI": "http://mlflow:5000", **login}
     assert PASSWORD not in request.entrypoint + json.dumps(request.metadata)
     # No tracking URI from here: the cluster's own MLflow settings (and login) apply.
-    assert submit.prepare(config, [], working_dir=tmp_path, login=login).runtime_env["env_vars"] == {}
+    assert submit.build_request(config, [], working_dir=tmp_path, login=login).runtime_env["env_vars"] == {}
 
 
 @pytest.mark.parametrize("override", [
@@ -159,11 +159,11 @@ def test_the_mlflow_login_travels_in_the_runtime_env_only(tmp_path):
 def test_a_secret_in_the_entrypoint_is_refused(tmp_path, override):
     config = write_config(tmp_path)
     with pytest.raises(UserError, match="run.tracking_uri: a secret in the job's config") as e:
-        submit.prepare(config, [override], working_dir=tmp_path)
+        submit.build_request(config, [override], working_dir=tmp_path)
     assert PASSWORD not in str(e.value) and "MLFLOW_TRACKING_PASSWORD" in str(e.value)
     in_file = write_config(tmp_path, tracking_uri=f"http://hint:{PASSWORD}@mlflow:5000")
     with pytest.raises(UserError, match="run.tracking_uri: a secret"):
-        submit.prepare(in_file, [], working_dir=tmp_path)
+        submit.build_request(in_file, [], working_dir=tmp_path)
 
 
 def test_dry_run_prints_the_job_with_the_login_masked(tmp_path, monkeypatch, capsys):

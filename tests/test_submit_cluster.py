@@ -32,7 +32,7 @@ from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
 from hint_platform import cli
-from hint_platform.checkpoint import TRAIN_STATE
+from hint_platform.training.checkpoint import TRAIN_STATE
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent

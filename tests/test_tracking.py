@@ -11,7 +11,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from hint_platform.config import from_dict
-from hint_platform.tracking import (TrackingError, check_reachable, open_run,
+from hint_platform.tracking.runs import (TrackingError, check_reachable, open_run,
                                     resolve_tracking_uri)
 
 
@@ -66,7 +66,7 @@ def test_a_scoped_tracking_uri_leaves_the_environment_as_it_was(tmp_path, monkey
     every later run of the process to the last store used."""
     import mlflow
 
-    from hint_platform.tracking import tracking_uri_scope
+    from hint_platform.tracking.runs import tracking_uri_scope
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     uri = f"sqlite:///{tmp_path / 'a.db'}"

@@ -19,11 +19,13 @@ from mlflow.tracking import MlflowClient
 from ray.train import UserCallback
 from safetensors.torch import load_file
 
-from hint_platform.checkpoint import TRAIN_STATE
+from hint_platform.training.checkpoint import TRAIN_STATE
 from hint_platform.config import ConfigError, from_dict
-from hint_platform.optim import build_optimizer
-from hint_platform.tracking import TrackingError, resolve_tracking_uri
-from hint_platform.train import DataError, TrainingError, build_model, fit, train_step
+from hint_platform.training.optim import build_optimizer
+from hint_platform.tracking.runs import TrackingError, resolve_tracking_uri
+from hint_platform.errors import DataError, TrainingError
+from hint_platform.training.driver import fit
+from hint_platform.training.worker import build_model, train_step
 from pipelines import collate, iter_records, train_tokenizer, write_suite
 
 # The kill callback runs in the Train controller, which cannot import this test module.
@@ -239,13 +241,13 @@ def test_bad_inputs_fail_before_workers_start(suite, tmp_path):
 def test_a_glob_that_matches_is_a_valid_data_path(suite, tmp_path, monkeypatch):
     """The paper's C4 configs name shards by glob: it is checked by what it matches, and made
     absolute for the workers without being expanded."""
-    from hint_platform.train import _resolved
+    from hint_platform.training.driver import resolve
 
     c4 = Path(suite[0].c4_path)
     monkeypatch.chdir(c4.parent)
     spec = suite[0].c4_spec() | {"path": "*" + c4.name[1:]}
     cfg = make_cfg(suite, tmp_path, "glob", per_task=1, max_steps=1, data={"train": [spec]})
-    assert _resolved(cfg).data.train[0]["path"] == str(c4.parent / spec["path"])
+    assert resolve(cfg).data.train[0]["path"] == str(c4.parent / spec["path"])
 
 
 def test_a_micro_batch_too_big_for_memory_is_a_clear_error(ray_local, tmp_path):

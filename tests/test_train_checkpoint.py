@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from hint_model import HintConfig, HintModel
-from hint_platform.checkpoint import CheckpointError, TrainState, load_checkpoint, save_checkpoint
+from hint_platform.training.checkpoint import ResumeError, load_checkpoint, save_checkpoint
+from hint_platform.training.state import TrainState
 from hint_platform.config import TrainSection
-from hint_platform.optim import build_optimizer
+from hint_platform.training.optim import build_optimizer
 
 
 def trained(seed: int = 0, **overrides):
@@ -43,12 +44,12 @@ def test_other_shape_and_damaged_checkpoints_are_refused(tmp_path):
     model, optimizer = trained()
     save_checkpoint(tmp_path, model, optimizer, TrainState(step=1), model.config.to_dict())
     wider, wider_optimizer = trained(d_model=96)
-    with pytest.raises(CheckpointError, match=rf"{tmp_path}.*d_model: checkpoint 64 vs run 96"):
+    with pytest.raises(ResumeError, match=rf"{tmp_path}.*d_model: checkpoint 64 vs run 96"):
         load_checkpoint(tmp_path, wider, wider_optimizer, wider.config.to_dict())
     shard = next(tmp_path.glob("*.distcp"))
     shard.write_bytes(shard.read_bytes()[:100])
-    with pytest.raises(CheckpointError, match=f"checkpoint {tmp_path} cannot be loaded"):
+    with pytest.raises(ResumeError, match=f"checkpoint {tmp_path} cannot be loaded"):
         load_checkpoint(tmp_path, model, optimizer, model.config.to_dict())
     (tmp_path / ".metadata").unlink()
-    with pytest.raises(CheckpointError, match=r"\.metadata is missing"):
+    with pytest.raises(ResumeError, match=r"\.metadata is missing"):
         load_checkpoint(tmp_path, model, optimizer, model.config.to_dict())

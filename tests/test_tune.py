@@ -13,9 +13,12 @@ import yaml
 from mlflow.tracking import MlflowClient
 from ray import tune as ray_tune
 
-from hint_platform import tune
+from hint_platform.tuning import study_runs
+from hint_platform.tuning.plan import load_study_run
+from hint_platform.tuning.runner import run_study
+from hint_platform import cli
 from hint_platform.config import ConfigError, ExperimentConfig
-from hint_platform.tune_report import leaderboard
+from hint_platform.tuning.report import leaderboard
 from tune_spaces import STUDIES, Study, load_study
 
 LRS = [0.5, 0.001]
@@ -39,7 +42,7 @@ def lr_study(**settings) -> Study:
 
 @pytest.mark.parametrize("name", STUDIES)
 def test_every_study_validates_against_its_base_config(name):
-    run = tune.prepare(name)
+    run = load_study_run(name)
     assert run.study is load_study(name)
     assert run.path.name == f"{run.base.name}-{name}"
 
@@ -62,7 +65,7 @@ def test_every_study_validates_against_its_base_config(name):
 def test_bad_study_or_key_fails_before_any_trial(tmp_path, study, overrides, message):
     base = write_base(tmp_path)
     with pytest.raises(ConfigError) as error:
-        tune.prepare(study, base, overrides)
+        load_study_run(study, base, overrides)
     assert message in str(error.value)
     assert not (tmp_path / "runs").exists()  # nothing started, nothing written
 
@@ -87,34 +90,34 @@ def test_interrupted_study_resumes_without_rerunning_finished_trials(tmp_path, r
         for step in range(1, cfg.train.max_steps + 1):
             rt.report({"step": step, "eval_loss": 1.0 / (cfg.train.lr * step)})
 
-    run = tune.prepare(lr_study(max_concurrent=1, scheduler="fifo"), write_base(tmp_path))
-    assert tune.run_study(run, quick_trial) is False
+    run = load_study_run(lr_study(max_concurrent=1, scheduler="fifo"), write_base(tmp_path))
+    assert run_study(run, quick_trial) is False
     assert {p.name: p.read_text() for p in starts.iterdir()} == {"0.5": "x", "0.001": "x"}
     client = MlflowClient(run.tracking_uri)
-    parent = tune.parent_run_id(run)
+    parent = study_runs.parent_run_id(run)
     assert client.get_run(parent).info.status == "KILLED"
 
-    assert tune.run_study(run, quick_trial) is True
+    assert run_study(run, quick_trial) is True
     assert {p.name: p.read_text() for p in starts.iterdir()} == {"0.5": "x", "0.001": "xx"}
-    assert tune.parent_run_id(run) == parent
+    assert study_runs.parent_run_id(run) == parent
     assert client.get_run(parent).info.status == "FINISHED"
-    children = tune.child_runs(run, parent)
+    children = study_runs.child_runs(run, parent)
     assert len(children) == 2
     assert sorted(float(c.data.params["train.lr"]) for c in children) == sorted(LRS)
-    assert len({c.data.tags[tune.TRIAL_TAG] for c in children}) == 2
-    assert sorted(c.data.tags[tune.SETTING_TAG] for c in children) == ["train.lr=0.001",
+    assert len({c.data.tags[study_runs.TRIAL_TAG] for c in children}) == 2
+    assert sorted(c.data.tags[study_runs.POINT_TAG] for c in children) == ["train.lr=0.001",
                                                                        "train.lr=0.5"]
     # the resolved model config: the same param names in every trial, for MLflow's compare view
     assert {c.data.params["model.config.adapter_size"] for c in children} == {"8"}
     assert [c.info.status for c in children] == ["FINISHED", "FINISHED"]
-    assert [c.data.tags[tune.OUTCOME_TAG] for c in children] == ["done", "done"]
+    assert [c.data.tags[study_runs.OUTCOME_TAG] for c in children] == ["done", "done"]
 
     rows = leaderboard(run)
     assert [r.setting for r in rows] == ["train.lr=0.5", "train.lr=0.001"]  # best first
     assert [r.status for r in rows] == ["done", "done"]
     assert rows[0].metric == pytest.approx(1 / (0.5 * 4))
     assert rows[0].curve == ([1, 2, 3, 4], [1 / (0.5 * s) for s in (1, 2, 3, 4)])
-    best = [c for c in children if c.data.tags.get(tune.BEST_TAG) == "true"]
+    best = [c for c in children if c.data.tags.get(study_runs.BEST_TAG) == "true"]
     assert [b.data.params["train.lr"] for b in best] == ["0.5"]
     report = run.path / "report"
     assert "train.lr=0.5" in (report / "leaderboard.txt").read_text()
@@ -129,17 +132,26 @@ def test_interrupted_study_resumes_without_rerunning_finished_trials(tmp_path, r
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["tune", "peft_sise"], "hint tune: error: unknown study 'peft_sise'"),
     (["tune", "peft_type", "train.lrr=0.1"], "hint tune: error: unknown key train.lrr"),
-    (["tune", "--scheduler", "asha", "peft_type", "model.overrides.adapter_sise=8"],
+    (["tune", "peft_type", "--scheduler", "asha", "model.overrides.adapter_sise=8"],
      "base.yaml: model: unknown HintConfig field 'adapter_sise'"),
-    (["tune", "--grace-period", "0", "fusion"], "grace_period must be at least 1, got 0"),
-    (["tune", "report"], "hint tune report needs the study's name"),
+    (["tune", "fusion", "--grace-period", "0"], "grace_period must be at least 1, got 0"),
     (["tune", "report", "fusion"], "no results for study toy-fusion under"),
 ])
 def test_cli_errors_name_what_is_wrong(tmp_path, capsys, argv, message):
-    from hint_platform import cli
-
     assert cli.main([*argv, "--config", str(write_base(tmp_path))]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "runs" / "tune").exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["tune", "peft_sise"], "invalid choice: 'peft_sise'"),
+    (["tune", "report"], "the following arguments are required: STUDY"),
+    (["tune", "report", "peft_sise"], "invalid choice: 'peft_sise'"),
+])
+def test_cli_refuses_unknown_studies(tmp_path, capsys, argv, message):
+    """Each study is a subcommand, and so is `report`: `hint tune report` is no study."""
+    with pytest.raises(SystemExit) as exit_:
+        cli.main([*argv, "--config", str(write_base(tmp_path))])
+    assert exit_.value.code == 2
+    assert message in capsys.readouterr().err

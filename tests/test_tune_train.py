@@ -7,9 +7,11 @@ import yaml
 from mlflow.tracking import MlflowClient
 from ray import tune as ray_tune
 
-from hint_platform import tune
+from hint_platform.tuning import study_runs
+from hint_platform.tuning.plan import load_study_run
+from hint_platform.tuning.runner import run_study
 from hint_platform.config import ExperimentConfig
-from hint_platform.tune_report import leaderboard
+from hint_platform.tuning.report import leaderboard
 from pipelines import train_tokenizer, write_suite
 from tune_spaces import Study
 
@@ -46,8 +48,8 @@ def test_study_of_real_training_runs_asha_stops_the_hopeless_trial(base_config, 
     study = Study(name="lr", question="Which learning rate?", metric="eval_loss",
                   space={"train.lr": ray_tune.grid_search([GOOD_LR, HOPELESS_LR])},
                   base_overrides={}, grace_period=3, max_concurrent=1)
-    run = tune.prepare(study, base_config)
-    assert tune.run_study(run) is True
+    run = load_study_run(study, base_config)
+    assert run_study(run) is True
 
     rows = {r.setting: r for r in leaderboard(run)}
     good, hopeless = rows[f"train.lr={GOOD_LR}"], rows[f"train.lr={HOPELESS_LR}"]
@@ -56,10 +58,10 @@ def test_study_of_real_training_runs_asha_stops_the_hopeless_trial(base_config, 
     assert good.metric < hopeless.metric
 
     client = MlflowClient(run.tracking_uri)
-    parent = tune.parent_run_id(run)
+    parent = study_runs.parent_run_id(run)
     assert client.get_run(parent).info.status == "FINISHED"
-    assert client.get_run(parent).data.tags[f"{tune.BEST_TAG}_trial"] == good.trial_id
-    children = {c.data.tags[tune.TRIAL_TAG]: c for c in tune.child_runs(run, parent)}
+    assert client.get_run(parent).data.tags[f"{study_runs.BEST_TAG}_trial"] == good.trial_id
+    children = {c.data.tags[study_runs.TRIAL_TAG]: c for c in study_runs.child_runs(run, parent)}
     assert sorted(children) == sorted([good.trial_id, hopeless.trial_id])  # exactly one each
     for trial_id, child in children.items():
         history = client.get_metric_history(child.info.run_id, "loss")
@@ -69,5 +71,5 @@ def test_study_of_real_training_runs_asha_stops_the_hopeless_trial(base_config, 
     assert len(client.get_metric_history(children[good.trial_id].info.run_id, "loss")) == MAX_STEPS
     assert children[good.trial_id].info.status == "FINISHED"
     assert children[hopeless.trial_id].info.status == "KILLED"
-    assert children[hopeless.trial_id].data.tags[tune.OUTCOME_TAG] == "stopped early"
-    assert children[good.trial_id].data.tags[tune.BEST_TAG] == "true"
+    assert children[hopeless.trial_id].data.tags[study_runs.OUTCOME_TAG] == "stopped early"
+    assert children[good.trial_id].data.tags[study_runs.BEST_TAG] == "true"

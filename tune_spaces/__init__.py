@@ -1,14 +1,13 @@
 """Ray Tune studies of the paper's ablations: one module per study, each defining `STUDY`.
 
-`hint tune STUDY` runs one (hint_platform/tune.py); this package holds only what is searched
-and how, as data over experiment-config keys.
+`hint tune STUDY` runs one (hint_platform/tuning/); this package holds only what is searched
+and how, as data over experiment-config keys. It imports nothing of the platform.
 """
 
 from __future__ import annotations
 
 import importlib
 
-from hint_platform.config import ConfigError
 from tune_spaces.study import Study
 
 STUDIES = ("generator", "peft_size", "peft_type", "fusion", "pretraining")
@@ -16,7 +15,7 @@ STUDIES = ("generator", "peft_size", "peft_type", "fusion", "pretraining")
 
 def load_study(name: str) -> Study:
     if name not in STUDIES:
-        raise ConfigError(f"unknown study {name!r}; studies: {', '.join(STUDIES)}")
+        raise KeyError(f"unknown study {name!r}; studies: {', '.join(STUDIES)}")
     return importlib.import_module(f"tune_spaces.{name}").STUDY
 
 

@@ -20,9 +20,9 @@ class Study:
     space: dict[str, Any]
     metric: str = "eval_loss"  # reported by training every train.eval_every steps
     mode: str = "min"
-    # The config a study starts from when `--config` is not given (relative to the repository
-    # root), and the values it needs set on any base (e.g. evaluations often enough for ASHA).
-    base_config: str = "configs/paper/hint-3b-sni-def.yaml"
+    # The config a study starts from when `--config` is not given (a config the platform ships),
+    # and the values it needs set on any base (e.g. evaluations often enough for ASHA).
+    base_config: str = "paper/hint-3b-sni-def"
     base_overrides: dict[str, Any] = field(default_factory=lambda: {"train.eval_every": 100})
     num_samples: int = 1  # repeats of the space; grid_search values are all run each time
     scheduler: str = "asha"  # asha | fifo

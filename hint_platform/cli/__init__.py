@@ -1,0 +1,55 @@
+"""The `hint` command. Each command group lives in its own module of this package and adds its
+subcommands through `register(subparsers)`; this file only assembles them. Command modules import
+the platform inside their functions: `hint --help` should not pay for torch, Ray and MLflow."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+# One module per command group, in the order `hint --help` lists them.
+COMMAND_MODULES = ("demo", "train", "eval", "data", "registry", "flops", "tune", "submit",
+                   "configs")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hint",
+        description="Train, evaluate, track and serve HINT hypernetworks on Ray.",
+    )
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        importlib.import_module(f"hint_platform.cli.{name}").register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    # Options and `key=value` overrides mix in any order: argparse leaves overrides that follow
+    # an option unparsed; they join the command's own.
+    args, extra = parser.parse_known_args(argv)
+    stray = [a for a in extra if a.startswith("-") or "=" not in a]
+    if stray or (extra and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # a clear one-line message, not a traceback, for known errors
+        from hint_platform.errors import USER_ERRORS
+        from hint_platform.redact import env_secrets, redact_text
+
+        if isinstance(e, USER_ERRORS):  # shown without a secret of this process's environment
+            print(f"hint {args.command}: error: {redact_text(str(e), env_secrets(os.environ))}",
+                  file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

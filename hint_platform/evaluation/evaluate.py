@@ -1,0 +1,89 @@
+"""Evaluating a model export on an experiment config's evaluation sources (`hint eval`, the
+demo): predictions task by task (inference.py), metrics per task, category and overall
+(metrics.py), inference GFLOPs per task (hint_model.flops), saved and logged to MLflow.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+from typing import Callable
+
+import mlflow
+
+from hint_model.flops import task_cost
+from hint_platform import export
+from hint_platform.errors import UserError
+from hint_platform.evaluation.inference import predict_records
+from hint_platform.evaluation.metrics import EvalReport, score_predictions
+from hint_platform.tracking.runs import tracking_uri_scope
+from pipelines import SourceSpec, iter_records
+from pipelines.sni import sni_categories
+
+
+def evaluate_export(export_dir: str | Path, cfg, *, batch_size: int = 16, max_new_tokens: int = 64,
+                    progress: Callable[[str], None] | None = None) -> EvalReport:
+    """The export's model on the evaluation sources of experiment config `cfg` (data.eval, the
+    lengths), tokenised with the export's own tokenizer. SNI tasks are grouped by category."""
+    specs = [SourceSpec.from_dict(d, where=f"data.eval[{i}]") for i, d in enumerate(cfg.data.eval)]
+    if not specs:
+        raise UserError("data.eval lists no evaluation sources (add e.g. {kind: sni, path: ..., part: test})")
+    model, tokenizer = export.load(export_dir)
+    records = list(iter_records(specs, str(export.tokenizer_dir(export_dir)), max_input_len=cfg.data.max_input_len,
+                                max_hyper_len=cfg.data.max_hyper_len, max_target_len=cfg.data.max_target_len,
+                                on_bad_record=cfg.data.on_bad_record, seed=cfg.data.seed))
+    predictions = predict_records(model, tokenizer, records, batch_size=batch_size,
+                                  max_new_tokens=max_new_tokens, progress=progress)
+    tasks = {p["task"] for p in predictions}
+    categories: dict[str, str] = {}
+    p3_datasets: dict[str, str] = {}
+    for spec in specs:
+        if spec.kind == "sni":
+            categories.update(sni_categories(Path(spec.path) / "tasks", tasks))
+        if spec.kind == "p3":
+            p3_datasets.update({t: spec.dataset for t in tasks if t.startswith(f"{spec.dataset}/")})
+    report = score_predictions(predictions, categories, p3_datasets)
+    report.overall["gflops_per_task"] = gflops_per_task(model.config, records)
+    return report
+
+
+def gflops_per_task(model_config, records: list[dict]) -> float:
+    """Mean inference GFLOPs per task (hint_model.flops, the paper's Appendix C) at each task's
+    mean token lengths. A hypernetwork variant encodes the instruction once per task; any other
+    variant pays for its input only (for concatenation that input holds the instruction)."""
+    by_task: dict[str, list[dict]] = defaultdict(list)
+    for r in records:
+        by_task[r["task"]].append(r)
+    costs = []
+    for rows in by_task.values():
+        n = len(rows)
+        t, i, o = (round(sum(len(r[k]) for r in rows) / n) for k in ("hyper_input_ids", "input_ids", "labels"))
+        cost = task_cost(model_config, n, t if model_config.hypernetwork else 0, i, o)
+        costs.append(cost.hint if model_config.hypernetwork else cost.concat)
+    return sum(costs) / len(costs) / 1e9
+
+
+def save_report(report: EvalReport, out_dir: str | Path) -> Path:
+    """out_dir/predictions.jsonl (one prediction a line) and out_dir/metrics.json."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "predictions.jsonl", "w", encoding="utf-8") as f:
+        for p in report.predictions:
+            f.write(json.dumps(p, ensure_ascii=False) + "\n")
+    metrics = {"overall": report.overall, "per_category": report.per_category, "per_task": report.per_task}
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    return out
+
+
+def log_report(report: EvalReport, out_dir: str | Path, *, tracking_uri: str, experiment: str,
+               run_name: str, artifact_location: str | None = None) -> str:
+    """An MLflow run holding the evaluation's metrics and its saved files; returns the run id."""
+    with tracking_uri_scope(tracking_uri):
+        if mlflow.get_experiment_by_name(experiment) is None:
+            mlflow.create_experiment(experiment, artifact_location=artifact_location)
+        mlflow.set_experiment(experiment)
+        with mlflow.start_run(run_name=run_name) as run:
+            mlflow.log_metrics(report.flat_metrics())
+            mlflow.log_artifacts(str(out_dir), artifact_path="eval")
+    return run.info.run_id

@@ -1,0 +1,1 @@
+"""Cluster jobs: `hint submit` and `hint jobs` through Ray Jobs (submit.py)."""

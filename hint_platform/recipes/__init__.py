@@ -1,0 +1,1 @@
+"""Recipes: whole chains of the platform's stages (the offline demo)."""

@@ -1,0 +1,120 @@
+"""Training checkpoints and the final export.
+
+A checkpoint directory holds
+  - the model and optimizer state, sharded: `torch.distributed.checkpoint` (DCP) files, one
+    per rank (`__<rank>_0.distcp`) plus `.metadata`; each rank saves into its own directory
+    and Ray Train merges them into one checkpoint;
+  - `train_state.safetensors` (rank 0): the step, the epoch and the data position, a bitmap
+    over `example_index` of the examples consumed in the current epoch, gathered from all ranks;
+  - `model_config.json` (rank 0): the model's HintConfig, checked before loading so that a
+    checkpoint of another model shape is refused with a clear error.
+No pickle: tensors go through DCP and safetensors, the rest is JSON.
+
+`export_model` gathers the trained weights for the export (its layout: hint_platform/export.py).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
+
+from hint_platform import export
+from hint_platform.errors import UserError
+from hint_platform.training.state import TrainState
+
+TRAIN_STATE = "train_state.safetensors"
+MODEL_CONFIG = "model_config.json"
+
+
+class ResumeError(UserError):
+    """A checkpoint that cannot be resumed from: the message names the directory and why."""
+
+
+def save_checkpoint(directory: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    state: TrainState, model_config: dict) -> None:
+    """Collective: every rank calls it with its own `directory` (Ray Train merges them)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(directory))
+    state.gather()
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        save_file({"step": torch.tensor([state.step]), "epoch": torch.tensor([state.epoch]),
+                   "consumed": state.consumed.to(torch.uint8)}, str(directory / TRAIN_STATE))
+        (directory / MODEL_CONFIG).write_text(json.dumps(model_config, indent=2, sort_keys=True))
+
+
+def load_checkpoint(directory: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    model_config: dict) -> TrainState:
+    """Restores model and optimizer in place (collective) and returns the train state."""
+    directory = Path(directory)
+    for name in (TRAIN_STATE, MODEL_CONFIG, ".metadata"):
+        if not (directory / name).is_file():
+            raise ResumeError(f"checkpoint {directory}: {name} is missing; "
+                                  "not a checkpoint of `hint train`, or an incomplete one")
+    try:
+        saved_config = json.loads((directory / MODEL_CONFIG).read_text())
+    except json.JSONDecodeError as e:
+        raise ResumeError(f"checkpoint {directory}/{MODEL_CONFIG}: corrupt JSON: {e}") from None
+    differs = sorted(k for k in set(saved_config) | set(model_config)
+                     if saved_config.get(k) != model_config.get(k))
+    if differs:
+        detail = ", ".join(f"{k}: checkpoint {saved_config.get(k)!r} vs run "
+                           f"{model_config.get(k)!r}" for k in differs[:5])
+        raise ResumeError(f"checkpoint {directory} is of another model ({detail}); "
+                              "use another run name or storage path to start afresh")
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    state_dict = {"model": model_sd, "optim": optim_sd}
+    try:
+        dcp.load(state_dict, checkpoint_id=str(directory))
+    except (Exception, CheckpointException) as e:  # DCP's is a BaseException
+        raise ResumeError(f"checkpoint {directory} cannot be loaded: "
+                              f"{type(e).__name__}: {e}") from e
+    set_state_dict(model, optimizer, model_state_dict=state_dict["model"],
+                   optim_state_dict=state_dict["optim"])
+    return _read_train_state(directory)
+
+
+def _read_train_state(directory: Path) -> TrainState:
+    try:
+        saved = load_file(str(directory / TRAIN_STATE))
+        return TrainState(step=int(saved["step"]), epoch=int(saved["epoch"]),
+                          consumed=saved["consumed"].bool())
+    except Exception as e:
+        raise ResumeError(f"checkpoint {directory}: {TRAIN_STATE} cannot be read: "
+                              f"{type(e).__name__}: {e}") from e
+
+
+def latest_train_state(run_dir: str | Path) -> TrainState | None:
+    """The train state of the run's latest registered checkpoint, as Ray Train's checkpoint
+    manager recorded it (the same checkpoint `ray.train.get_checkpoint()` gives the workers),
+    or None before the first checkpoint."""
+    snapshot = Path(run_dir) / "checkpoint_manager_snapshot.json"
+    if not snapshot.is_file():
+        return None
+    latest = json.loads(snapshot.read_text()).get("latest_checkpoint_result")
+    if not latest:
+        return None
+    return _read_train_state(Path(run_dir) / latest["checkpoint_dir_name"])
+
+
+def export_model(model: nn.Module, directory: str | Path, tokenizer_dir: str | Path) -> None:
+    """Collective: gathers the full state dict to rank 0 (on CPU), which writes the export."""
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
+                                                                 cpu_offload=True))
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return
+    export.write(model, directory, tokenizer_dir, state_dict=full)

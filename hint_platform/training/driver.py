@@ -1,0 +1,223 @@
+"""Training, the driver's side: `fit(cfg)` checks the config against the machine, opens the
+MLflow run and runs a Ray Train (V2) `TorchTrainer` whose workers run training/worker.py.
+
+Batches. A step is one optimizer update on `train.global_batch_size` examples: every worker
+runs `accum = global / (num_workers * micro_batch_size)` micro-batches and the gradients are
+summed. The loss is the mean over every target token of the global batch (not a mean of
+per-micro-batch means), so a step's gradient does not depend on how the batch is split over
+workers and micro-batches: 2-worker FSDP and one process give the same update.
+
+Data position and resume. Rows carry a deterministic `example_index`. Each rank records the
+indices it trained; a checkpoint stores their union over ranks (a bitmap over the current
+epoch) with the step and the epoch (training/state.py). Workers read two datasets:
+`train_remainder`, built by Ray Train at every start of the worker group (first, after a
+failure, or a restarted run of the same name and storage path) as the rows of the latest
+checkpoint's epoch minus its bitmap, then `train` (all rows) for each later epoch. Both are
+split equally over the workers. Each worker also drops any row in its checkpoint's bitmap as it
+streams (a guard; the split is then no longer equal, which only happens if Ray's record and the
+files disagree).
+Granularity: the checkpoint. Steps after the last checkpoint are redone on examples not in its
+bitmap, none is trained twice in an epoch's accounting, none skipped. An epoch ends when a
+worker cannot fill one more step: the last (fewer than global_batch_size) rows of each epoch
+are not trained (drop-last). Every epoch streams the rows in the same seeded order.
+
+Evaluation during training. With `data.eval` sources, the first `train.eval_examples` examples
+are read once, here on the driver, and every rank evaluates the same rows (`eval_loss`, what
+Tune's schedulers rank trials on).
+"""
+
+from __future__ import annotations
+
+import glob
+import itertools
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import ray
+from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from hint_platform import export
+from hint_platform.config import ConfigError, ExperimentConfig, model_config
+from hint_platform.errors import DataError, UserError
+from hint_platform.tracking import runs
+from hint_platform.training.checkpoint import latest_train_state
+from hint_platform.training.state import drop_consumed
+from hint_platform.training.worker import train_loop_per_worker
+from pipelines import BadRecordError, SourceSpec, build_dataset, iter_records
+
+
+@dataclass
+class TrainResult:
+    run_dir: str
+    export_dir: str | None
+    checkpoint_path: str | None
+    tracking_uri: str
+    metrics: dict[str, float] = field(default_factory=dict)
+    mlflow_run_id: str | None = None
+    steps_done: int = 0
+
+
+def start_ray(**init_args) -> None:
+    """Joins the cluster in RAY_ADDRESS, else starts Ray here with its dashboard on loopback
+    (Ray's default, made explicit: to share it, start Ray yourself with `ray start --head
+    --dashboard-host ADDRESS` and set RAY_ADDRESS); says where the dashboard listens."""
+    if not os.environ.get("RAY_ADDRESS"):
+        init_args.setdefault("dashboard_host", "127.0.0.1")
+    context = ray.init(log_to_driver=False, **init_args)
+    if context.dashboard_url:
+        print(f"Ray dashboard: http://{context.dashboard_url}", flush=True)
+
+
+def fit(cfg: ExperimentConfig, *, run_config_callbacks: list | None = None) -> TrainResult:
+    """Trains `cfg` on the current Ray (started locally if needed) and exports the model.
+
+    A run named `cfg.name` that exists under `cfg.run.storage_path` is resumed from its latest
+    checkpoint. Bad inputs (data paths, tokenizer, `model.init_from`, tracking URI) fail here,
+    before any worker starts.
+    """
+    cfg = resolve(cfg)
+    uri = runs.resolve_tracking_uri(cfg)
+    runs.check_reachable(uri)  # and that it lets us in: before reading data or starting Ray
+    evaluation = eval_rows(cfg)
+    storage = runs.storage_dir(cfg)
+    run_id = runs.open_run(cfg, uri)
+    # Reports wait on the controller's poll (default 2 s); the driver's value reaches the
+    # controller and workers.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+    if not ray.is_initialized():
+        start_ray()
+    run_dir = storage / cfg.name
+    ingest = DataConfig.default_ingest_options()
+    # Ray Train replaces the datasets' execution options: keep their deterministic order
+    # (what makes a resumed run see the rows an uninterrupted one would).
+    ingest.preserve_order = True
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": cfg.to_dict(), "tracking_uri": uri, "run_id": run_id,
+                           "export_dir": str(run_dir / "export"), "eval_rows": evaluation},
+        scaling_config=ScalingConfig(num_workers=cfg.train.num_workers,
+                                     use_gpu=cfg.train.use_gpu,
+                                     resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
+        run_config=RunConfig(name=cfg.name, storage_path=str(storage),
+                             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2),
+                             callbacks=run_config_callbacks),
+        datasets={"train": training_dataset(cfg), "train_remainder": RemainingEpoch(cfg, run_dir)},
+        dataset_config=DataConfig(datasets_to_split=["train", "train_remainder"],
+                                  execution_options=ingest),
+    )
+    try:
+        result = trainer.fit()
+    except Exception as e:
+        runs.close_run(uri, run_id, ok=False)
+        raise _user_error_in(e) or e
+    runs.close_run(uri, run_id, ok=True)
+    final = result.return_value or {}
+    return TrainResult(
+        run_dir=str(result.path),
+        export_dir=final.get("export_dir"),
+        checkpoint_path=result.checkpoint.path if result.checkpoint else None,
+        tracking_uri=uri,
+        metrics=dict(result.metrics or {}),
+        mlflow_run_id=run_id,
+        steps_done=int(final.get("steps_done", 0)),
+    )
+
+
+def resolve(cfg: ExperimentConfig) -> ExperimentConfig:
+    """`cfg` checked against this machine, its paths made absolute (workers run in other
+    directories), and the tokenizer found where the config leaves it implicit. Bad paths and a
+    model section that does not build fail here, before any worker starts.
+
+    The tokenizer: `data.tokenizer` may be a tokenizer directory or a model directory (an export
+    keeps its tokenizer in `tokenizer/`); left empty, it is the one of `model.init_from`.
+    """
+    model_config(cfg)
+    if not cfg.data.train:
+        raise ConfigError("data.train: no training sources")
+    absolute = {}
+    for i, spec in enumerate(cfg.data.train):
+        path = spec.get("path")
+        if path and "://" not in str(path):
+            if not (glob.glob(path) if glob.has_magic(path) else Path(path).exists()):
+                raise ConfigError(f"data.train[{i}].path: {path} does not exist (or matches no file)")
+            absolute.setdefault("data.train", [dict(s) for s in cfg.data.train])[i]["path"] = os.path.abspath(path)
+    if cfg.model.init_from:
+        if not (Path(cfg.model.init_from) / "config.json").is_file():
+            raise ConfigError(f"model.init_from: {cfg.model.init_from} has no config.json; "
+                              "expected a Hugging Face T5 checkpoint or the export of a run")
+        absolute["model.init_from"] = str(Path(cfg.model.init_from).resolve())
+    tokenizer = cfg.data.tokenizer or cfg.model.init_from
+    if not tokenizer or not Path(tokenizer).is_dir():
+        raise ConfigError(f"data.tokenizer: {cfg.data.tokenizer!r} is not a directory (set it, or "
+                          "model.init_from to a model directory that holds its tokenizer)")
+    try:
+        absolute["data.tokenizer"] = str(export.tokenizer_dir(tokenizer).resolve())
+    except UserError as e:
+        raise ConfigError(f"data.tokenizer: {e}") from None
+    if cfg.data.eval and cfg.train.eval_examples <= 0:
+        raise ConfigError(f"train.eval_examples: must be positive, got {cfg.train.eval_examples}")
+    if not cfg.train.fsdp and cfg.train.num_workers > 1:
+        raise ConfigError("train.fsdp=false trains in one process: set train.num_workers=1")
+    absolute["run.storage_path"] = str(runs.storage_dir(cfg))
+    return cfg.with_overrides(absolute)
+
+
+def _user_error_in(error: BaseException) -> UserError | None:
+    """The first UserError a worker raised, out of Ray Train's wrappers; a bad data record
+    (data.on_bad_record: error) becomes one, its message naming the file and line."""
+    seen = [error, *getattr(error, "worker_failures", {}).values()]
+    for e in seen:
+        while e is not None:
+            if isinstance(e, UserError):
+                return e
+            if type(e) is BadRecordError:  # not Ray's RayTaskError(BadRecordError): a traceback
+                return DataError(f"training data: {e}")
+            e = e.__cause__ or getattr(e, "cause", None)
+    return None
+
+
+def eval_rows(cfg: ExperimentConfig) -> list[dict]:
+    """The first `train.eval_examples` rows of `data.eval` (none without eval sources), read on
+    the driver: a bad eval source fails before any worker starts, and every rank evaluates
+    the same rows however often the workers restart."""
+    data = cfg.data
+    if not data.eval:
+        return []
+    rows = iter_records(data.eval, data.tokenizer, max_input_len=data.max_input_len,
+                        max_hyper_len=data.max_hyper_len, max_target_len=data.max_target_len,
+                        on_bad_record=data.on_bad_record, seed=data.seed)
+    keys = ("hyper_input_ids", "input_ids", "labels")
+    kept = [{k: row[k] for k in keys} for row in itertools.islice(rows, cfg.train.eval_examples)]
+    if not kept:
+        raise ConfigError("data.eval: the sources hold no examples")
+    return kept
+
+
+def training_dataset(cfg: ExperimentConfig):
+    """The training rows as a Ray Dataset (lazy: reading and tokenising run as it streams)."""
+    data = cfg.data
+    return build_dataset(
+        [SourceSpec.from_dict(s) for s in data.train], data.tokenizer,
+        max_input_len=data.max_input_len, max_hyper_len=data.max_hyper_len,
+        max_target_len=data.max_target_len, on_bad_record=data.on_bad_record, seed=data.seed)
+
+
+class RemainingEpoch:
+    """The rest of the epoch the run's latest checkpoint is in: the training rows without the
+    examples it consumed. Ray Train calls it at every start of the worker group, first or after
+    a failure, so the rows left are split equally over the workers."""
+
+    def __init__(self, cfg: ExperimentConfig, run_dir: Path):
+        self.cfg = cfg
+        self.run_dir = run_dir
+
+    def __call__(self):
+        dataset = training_dataset(self.cfg)
+        state = latest_train_state(self.run_dir)
+        if state is None or not state.num_consumed():
+            return dataset
+        return dataset.map_batches(drop_consumed, batch_format="pyarrow",
+                                   fn_kwargs={"consumed": state.consumed.numpy()})

@@ -1,0 +1,204 @@
+"""Training, a worker's side: the loop each Ray Train worker runs (training/driver.py explains
+batches, the loss and resume). The worker builds the model, shards it (parallel.py), restores
+the latest checkpoint, then steps through its shard of the data, reporting to Ray Train and
+logging to MLflow (rank 0) every `train.log_every` steps, at checkpoints and at evaluations.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from ray.train import Checkpoint
+from torch import nn
+from torch.distributed.fsdp import FSDPModule
+
+from hint_model import HintModel
+from hint_model.flops import forward_flops
+from hint_platform.config import ConfigError, ExperimentConfig, from_dict, model_config
+from hint_platform.errors import TrainingError
+from hint_platform.tracking.runs import RunLogger
+from hint_platform.training.checkpoint import export_model, load_checkpoint, save_checkpoint
+from hint_platform.training.optim import build_optimizer, clip_gradients
+from hint_platform.training.parallel import parallelize
+from hint_platform.training.state import TrainState, global_batches, max_over_ranks
+from hint_platform.training.throughput import Throughput
+from pipelines import collate, load_tokenizer
+
+BATCH_KEYS = ("hyper_input_ids", "hyper_attention_mask", "input_ids", "attention_mask", "labels")
+
+
+def build_model(cfg: ExperimentConfig) -> HintModel:
+    """The model `cfg.model` asks for. `init_from` is read by content: a `config.json` with
+    `model_type: t5` is a Hugging Face T5 checkpoint, anything else an export of this platform."""
+    section = cfg.model
+    if section.init_from:
+        hf = json.loads((Path(section.init_from) / "config.json").read_text())
+        if hf.get("model_type") == "t5":
+            return HintModel.from_t5_checkpoint(section.init_from, variant=section.variant,
+                                                **section.overrides)
+        model = HintModel.from_pretrained(section.init_from)
+        if model.config.variant != section.variant:
+            raise ConfigError(f"model.variant: {section.variant!r}, but model.init_from "
+                              f"{section.init_from} holds a {model.config.variant!r} model")
+        return model
+    # Without `init_from` and an explicit `vocab_size`, the vocabulary is the tokenizer's.
+    return HintModel(model_config(cfg, vocab_size=load_tokenizer(cfg.data.tokenizer).vocab_size))
+
+
+def loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The summed token loss of a collated batch."""
+    # decoder inputs without labels: the model would also compute a mean loss we don't use
+    logits = model(**batch, decoder_input_ids=model.shift_right(batch["labels"])).logits
+    return F.cross_entropy(logits.float().flatten(0, 1), batch["labels"].flatten(),
+                           ignore_index=-100, reduction="sum")
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer,
+               micro_batches: list[dict[str, torch.Tensor]], grad_clip: float) -> dict[str, float]:
+    """One optimizer step over this worker's micro-batches (already collated, on device).
+
+    Each micro-batch's summed token loss is divided by the target tokens of the whole global
+    batch (all ranks); FSDP averages gradients over ranks, so the loss is also scaled by the
+    world size to make the reduced gradient the global mean's.
+    """
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    tokens = torch.tensor([float(sum(int((b["labels"] != -100).sum()) for b in micro_batches))])
+    if dist.is_initialized():
+        dist.all_reduce(tokens)
+    total_tokens = tokens.item()
+    summed = torch.zeros(())
+    for i, batch in enumerate(micro_batches):
+        if isinstance(model, FSDPModule):  # reduce gradients once, after the last micro-batch
+            model.set_requires_gradient_sync(i == len(micro_batches) - 1)
+        loss = loss_sum(model, batch)
+        (loss * (world / total_tokens)).backward()
+        summed += loss.detach().cpu()
+    grad_norm = clip_gradients(model, grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if dist.is_initialized():
+        dist.all_reduce(summed)
+    return {"loss": summed.item() / total_tokens, "grad_norm": grad_norm}
+
+
+def eval_loss(model: nn.Module, rows: list[dict], micro: int, device: torch.device) -> float:
+    """The mean token loss of `rows`, without dropout or gradients. The ranks take turns at the
+    micro-batches and sum their losses and tokens. FSDP's forward is collective, so every rank
+    runs as many: one past the last batch runs the first again and discards the result."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    batches = [rows[i:i + micro] for i in range(0, len(rows), micro)]
+    sums = torch.zeros(2)  # summed loss, target tokens
+    model.eval()
+    with torch.no_grad():
+        for i in range(rank, world * math.ceil(len(batches) / world), world):
+            batch = to_device(batches[i % len(batches)], device)
+            loss = loss_sum(model, batch)
+            if i < len(batches):
+                sums += torch.stack([loss.cpu(), (batch["labels"] != -100).sum().cpu().float()])
+    model.train()
+    if dist.is_initialized():
+        dist.all_reduce(sums)
+    return (sums[0] / sums[1]).item()
+
+
+def to_device(rows: list[dict], device: torch.device) -> dict[str, torch.Tensor]:
+    batch = collate(rows)
+    return {k: batch[k].to(device, non_blocking=True) for k in BATCH_KEYS}
+
+
+def _tokens(row: dict) -> int:
+    return len(row["hyper_input_ids"]) + len(row["input_ids"]) + len(row["labels"])
+
+
+def training_flops(config, rows: list[dict]) -> float:
+    """Model FLOPs of training on `rows` (forward + backward = 3x forward), padding excluded."""
+    return 3 * sum(forward_flops(config, len(r["hyper_input_ids"]), len(r["input_ids"]),
+                                 len(r["labels"])) for r in rows)
+
+
+def _out_of_memory(error: BaseException) -> bool:
+    return isinstance(error, torch.OutOfMemoryError) or "can't allocate memory" in str(error)
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
+    """The loop each Ray Train worker runs (training/driver.py: batches, resume)."""
+    cfg = from_dict(loop_config["config"])
+    t = cfg.train
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.manual_seed(t.seed)  # same initial weights on every rank before sharding
+    model = build_model(cfg)
+    # The unsharded model's config, kept before parallelize wraps the model (FSDP hides it).
+    config = model.config
+    model = parallelize(model, device=device, fsdp=t.fsdp,
+                        activation_checkpointing=t.activation_checkpointing)
+    optimizer = build_optimizer(model, t)
+    state = TrainState()
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as directory:
+            state = load_checkpoint(directory, model, optimizer, config.to_dict())
+    logger = RunLogger(loop_config["tracking_uri"], loop_config["run_id"], rank == 0)
+    micro = t.micro_batch_size
+    accum = t.global_batch_size // (world * micro)
+    meter = Throughput(device, world)
+    model.train()
+    evaluation = loop_config["eval_rows"]
+    skipped = 0  # bad records the training stream skipped, as far as this rank has read
+    metrics: dict[str, float] = {}
+    epochs = itertools.chain([ray.train.get_dataset_shard("train_remainder")],
+                             itertools.repeat(ray.train.get_dataset_shard("train")))
+    steps = global_batches(epochs, state, micro, accum)
+    while state.step < t.max_steps:
+        micro_rows, waited = next(steps)
+        try:
+            out = train_step(model, optimizer, [to_device(r, device) for r in micro_rows],
+                             t.grad_clip)
+        except (torch.OutOfMemoryError, RuntimeError) as e:
+            if not _out_of_memory(e):
+                raise
+            raise TrainingError(
+                f"out of memory at train.micro_batch_size={micro} on {device}: lower "
+                "train.micro_batch_size (gradient accumulation keeps train.global_batch_size) "
+                "or set train.activation_checkpointing=true") from e
+        if not math.isfinite(out["loss"]):
+            raise TrainingError(f"loss is {out['loss']} at step {state.step + 1}; "
+                                "lower train.lr or check the data")
+        state.step += 1
+        rows = [r for micro_batch in micro_rows for r in micro_batch]
+        state.mark([r["example_index"] for r in rows])
+        skipped = max(skipped, *(r["bad_records_skipped"] for r in rows))
+        meter.add(len(rows), sum(map(_tokens, rows)), training_flops(config, rows), waited)
+        last = state.step == t.max_steps
+        save = last or (t.checkpoint_every and state.step % t.checkpoint_every == 0)
+        evaluate = bool(evaluation) and (last or (t.eval_every and state.step % t.eval_every == 0))
+        if not (save or evaluate or state.step % t.log_every == 0):
+            continue
+        metrics = {**out, **meter.summary(), "epoch": float(state.epoch), "step": state.step,
+                   "data_bad_records_skipped": max_over_ranks(skipped)}
+        if evaluate:
+            metrics["eval_loss"] = eval_loss(model, evaluation, micro, device)
+            meter.restart()  # evaluation time is not training throughput
+        logger.log_metrics(metrics, step=state.step)
+        if save:
+            with tempfile.TemporaryDirectory() as directory:
+                save_checkpoint(directory, model, optimizer, state, config.to_dict())
+                ray.train.report(metrics, checkpoint=Checkpoint.from_directory(directory))
+        else:
+            ray.train.report(metrics)
+    export_dir = loop_config["export_dir"]
+    export_model(model, export_dir, cfg.data.tokenizer)
+    logger.log_artifacts(export_dir, "export")
+    logger.close()
+    return {"export_dir": export_dir, "steps_done": state.step} if rank == 0 else None
