@@ -62,7 +62,7 @@ def trained(mlflow_server, ray_local, tmp_path_factory):
     assert code == 0, output[-3000:]
     summary = dict(line.split(": ", 1) for line in output.splitlines() if ": " in line)
     return {"config": path, "cfg": cfg, "output": output, "summary": summary, "root": root,
-            "password": password}
+            "password": password, "suite": suite}
 
 
 @pytest.fixture
@@ -94,7 +94,7 @@ def test_run_and_registration_land_and_the_password_shows_nowhere(trained, mlflo
     assert password not in trained["output"]
     assert "hint:***@" in trained["output"] or "run_dir" in trained["output"]
     files = [p for p in (trained["root"] / "runs").rglob("*") if p.is_file()]
-    assert len(files) > 10, files  # checkpoints, export, Ray Train's own files
+    assert {".distcp", ".safetensors", ".json"} <= {p.suffix for p in files}, files  # checkpoints, export
     holding = [p for p in files if password.encode() in p.read_bytes()]
     assert holding == [], f"the password is in {holding}"
 
@@ -156,6 +156,47 @@ def test_a_read_only_user_can_read_but_not_register(trained, mlflow_server, logi
         registry.set_alias(uri, MODEL, "champion", 1)
     login("hint")
     assert [r["version"] for r in registry.list_versions(uri, MODEL)] == [1]
+
+
+TAMPERED_CODE = """\
+from pathlib import Path
+Path({marker!r}).write_text("the registered model's code ran")
+raise SystemExit("tampered model code ran")
+"""
+
+
+def test_hint_loads_a_registered_version_without_running_its_code(trained, mlflow_server, login, tmp_path):
+    """Someone with write access to the artifact store replaces the registered version's code
+    file. `hint registry load` (a fresh process) and `hint eval` still load the model, from its
+    weights, and the code never runs; MLflow's own pyfunc loader does run it (the README says
+    what that means)."""
+    uri = mlflow_server.uri
+    registry.set_alias(uri, MODEL, "champion", 1)
+    version = MlflowClient(uri).get_model_version(MODEL, "1")
+    (code,) = (mlflow_server.root / "artifacts").glob(f"*/models/{version.model_id}/artifacts/pyfunc_model.py")
+    marker = tmp_path / "code-ran"
+    code.write_text(TAMPERED_CODE.format(marker=str(marker)))
+    expected = HintPredictor(trained["summary"]["export_dir"]).predict([INSTRUCTION] * 2, INPUTS)
+
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, **mlflow_server.env("viewer")}
+    load = subprocess.run(
+        [str(Path(sys.executable).parent / "hint"), "registry", "load", f"models:/{MODEL}@champion",
+         "--instruction", INSTRUCTION, "--input", INPUTS[0], "--input", INPUTS[1]],
+        env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert load.returncode == 0, load.stderr[-3000:]
+    assert [json.loads(line)["output"] for line in load.stdout.splitlines()] == expected
+    assert not marker.exists()
+
+    code_, output = run_cli("eval", f"models:/{MODEL}@champion", str(trained["config"]),
+                            f"run.tracking_uri={uri}", "--out", str(tmp_path / "eval"),
+                            f"data.eval={json.dumps([trained['suite'].sni_spec(part='test', max_per_task=2)])}")
+    assert code_ == 0, output[-3000:]
+    assert (tmp_path / "eval" / "metrics.json").is_file() and not marker.exists()
+
+    pyfunc = subprocess.run(
+        [sys.executable, "-c", f"import mlflow.pyfunc; mlflow.pyfunc.load_model('models:/{MODEL}@champion')"],
+        env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert pyfunc.returncode != 0 and marker.exists(), "the tampered code did not run: the test proves nothing"
 
 
 def test_unknown_names_are_clear_errors(mlflow_server, login, tmp_path):
