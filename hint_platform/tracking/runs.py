@@ -106,8 +106,8 @@ def _check_server(uri: str, timeout_s: float) -> None:
         raise TrackingError(f"MLflow tracking server {uri} refused the login of {who}: "
                             f"the credentials are wrong or expired; {_LOGIN_HELP}")
     if reply.status_code == 403:
-        raise TrackingError(f"MLflow tracking server {uri}: {who or 'an anonymous client'} may not read experiments; "
-                            "ask its admin for a grant (infra/mlflow/bootstrap_users.py)")
+        raise TrackingError(f"MLflow tracking server {uri}: {who or 'an anonymous client'} may not "
+                            "read experiments; ask its admin for a grant (infra/mlflow/bootstrap_users.py)")
     if reply.status_code != 200:
         raise TrackingError(f"{uri} does not answer as an MLflow tracking server "
                             f"(GET /api/2.0/mlflow/experiments/search: HTTP {reply.status_code})")
@@ -203,7 +203,7 @@ def credentials_to_env(uri: str) -> str:
 
 
 @contextmanager
-def mlflow_client(uri: str):
+def mlflow_client(uri: str) -> Iterator[MlflowClient]:
     """An MlflowClient of `uri` for one block, logged in through the environment
     (tracking_uri_scope): MLflow prints the URI a client was given, run links included."""
     with tracking_uri_scope(uri):
