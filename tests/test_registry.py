@@ -172,8 +172,9 @@ def test_hint_loads_a_registered_version_without_running_its_code(trained, mlflo
     what that means)."""
     uri = mlflow_server.uri
     registry.set_alias(uri, MODEL, "champion", 1)
-    version = MlflowClient(uri).get_model_version(MODEL, "1")
-    (code,) = (mlflow_server.root / "artifacts").glob(f"*/models/{version.model_id}/artifacts/pyfunc_model.py")
+    run_id = MlflowClient(uri).get_model_version(MODEL, "1").run_id
+    (code,) = [p.with_name("pyfunc_model.py") for p in (mlflow_server.root / "artifacts").rglob("MLmodel")
+               if yaml.safe_load(p.read_text())["run_id"] == run_id]
     marker = tmp_path / "code-ran"
     code.write_text(TAMPERED_CODE.format(marker=str(marker)))
     expected = HintPredictor(trained["summary"]["export_dir"]).predict([INSTRUCTION] * 2, INPUTS)
