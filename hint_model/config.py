@@ -32,7 +32,14 @@ class HintConfig:
     relative_attention_max_distance: int = 128
     feed_forward_proj: str = "gated-gelu"  # T5 v1.1; "relu" for T5 v1.0
     layer_norm_epsilon: float = 1e-6
+    # Dropout is off unless a config asks (tests and the demo stay deterministic); the paper's
+    # configs set the reference's. dropout_rate: the T5 stacks and the generator's attention,
+    # the reference's DROPOUT_RATE, 0.1 fine-tuning (gins/t0.gin), 0.0 pretraining
+    # (gins/pretrain.gin). generator_dropout_rate: between the two layers of each generator
+    # MLP, which the reference never ties to DROPOUT_RATE: MlpBlock's default 0.1 in every stage
+    # (modeling/layers.py MlpBlock; modeling/hyper_network.py `hypernetwork()` passes none).
     dropout_rate: float = 0.0
+    generator_dropout_rate: float = 0.0
     # T5 v1.0 shares the embedding with the lm head and scales the decoder output by
     # d_model**-0.5 before it; v1.1 does neither. Two switches: checkpoints written by recent
     # `transformers` can be tied without the rescale.
@@ -45,10 +52,13 @@ class HintConfig:
     variant: str = "hint"  # the variant preset this config came from (informational)
     hypernetwork: bool = True  # read the instruction at all (False: concat / static / no-instruct)
     generator: str = "component"  # component | decoder (HyperTune-like) | pooled (Hypter-like)
-    generator_layers: int = 2  # depth of the "decoder" generator's T5 decoder stack
+    # Depth of the "decoder" generator: its layer i starts as the T5 decoder's layer i (minus
+    # self-attention). None: every decoder layer, as the reference (modeling/hyper_network.py
+    # HyperDecoder runs num_decoder_layers layers with hyper=True).
+    generator_layers: int | None = None
     # The generator's own shape, free so that a study can size it apart from the T5. Hidden
-    # width of its 2-layer MLPs (one per parameter kind; "pooled": one per layer); None keeps
-    # the paper's d_model ("pooled": Hypter's adapter_size).
+    # width of its 2-layer MLPs (one per parameter kind); None keeps the reference's d_model
+    # (hyper_network.py `hypernetwork()`: intermediate_dim=cfg.emb_dim, Hypter included).
     generator_mlp_dim: int | None = None
     # Heads of the "component" generator's cross-attention; None keeps d_model // d_kv.
     generator_heads: int | None = None
@@ -77,10 +87,13 @@ class HintConfig:
 
     @property
     def generator_hidden(self) -> int:
-        """The generator MLPs' hidden width, generator_mlp_dim or its default."""
-        if self.generator_mlp_dim is not None:
-            return self.generator_mlp_dim
-        return self.adapter_size if self.generator == "pooled" else self.d_model
+        """The generator MLPs' hidden width, generator_mlp_dim or its default d_model."""
+        return self.d_model if self.generator_mlp_dim is None else self.generator_mlp_dim
+
+    @property
+    def generator_depth(self) -> int:
+        """Layers of the "decoder" generator (generator_layers or every decoder layer)."""
+        return self.num_decoder_layers if self.generator_layers is None else self.generator_layers
 
     @property
     def num_slots(self) -> int:
@@ -135,8 +148,14 @@ class HintConfig:
         if self.generator not in GENERATORS:
             raise HintConfigError(
                 f"HintConfig.generator: {self.generator!r} is not one of {', '.join(GENERATORS)}")
-        if not 0.0 <= self.dropout_rate < 1.0:
-            raise HintConfigError(f"HintConfig.dropout_rate: must be in [0, 1), got {self.dropout_rate}")
+        for name in ("dropout_rate", "generator_dropout_rate"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise HintConfigError(f"HintConfig.{name}: must be in [0, 1), got {getattr(self, name)}")
+        if self.generator_depth > self.num_decoder_layers:
+            raise HintConfigError(
+                f"HintConfig.generator_layers={self.generator_layers}: the decoder generator's "
+                f"layers start as the T5 decoder's, which has num_decoder_layers="
+                f"{self.num_decoder_layers}")
         if self.fusion and not self.hypernetwork:
             raise HintConfigError("HintConfig.fusion needs hypernetwork=True (it fuses the instruction)")
         if self.generator_heads is not None and self.generator != "component":
@@ -161,10 +180,12 @@ class HintConfig:
 
 GENERATORS = ("component", "decoder", "pooled")
 
-# T5 v1.1 shapes (google/t5-v1_1-*, LM-adapted); xl / xxl are the paper's HINT 3B / 11B.
+# T5 v1.1 shapes (google/t5-v1_1-*, LM-adapted); xl / xxl are the paper's HINT 3B / 11B
+# (gins/hyper_xl.gin, hyper_xxl.gin: adapters of 512, prefixes of 30; LoRA rank 512 as
+# scripts/nat_int/ni_train_only_lora_no_fid.sh, lora_ranks="(512,None,512,None)").
 SIZE_PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(d_model=64, d_kv=16, num_heads=4, d_ff=128, num_layers=2, num_decoder_layers=2,
-                 adapter_size=8, prefix_length=4, lora_rank=4, generator_layers=1),
+                 adapter_size=8, prefix_length=4, lora_rank=4),
     "small": dict(d_model=512, d_kv=64, num_heads=6, d_ff=1024, num_layers=8,
                   num_decoder_layers=8, adapter_size=64, prefix_length=10),
     "base": dict(d_model=768, d_kv=64, num_heads=12, d_ff=2048, num_layers=12,
@@ -172,9 +193,9 @@ SIZE_PRESETS: dict[str, dict[str, Any]] = {
     "large": dict(d_model=1024, d_kv=64, num_heads=16, d_ff=2816, num_layers=24,
                   num_decoder_layers=24, adapter_size=256, prefix_length=30),
     "xl": dict(d_model=2048, d_kv=64, num_heads=32, d_ff=5120, num_layers=24,
-               num_decoder_layers=24, adapter_size=512, prefix_length=30),
+               num_decoder_layers=24, adapter_size=512, prefix_length=30, lora_rank=512),
     "xxl": dict(d_model=4096, d_kv=64, num_heads=64, d_ff=10240, num_layers=24,
-                num_decoder_layers=24, adapter_size=512, prefix_length=30),
+                num_decoder_layers=24, adapter_size=512, prefix_length=30, lora_rank=512),
 }
 
 _NO_HYPER = dict(hypernetwork=False, fusion=False)
@@ -182,19 +203,35 @@ _NO_PEFT = dict(adapters=False, prefixes=False, lora=False)
 
 # Every ablation and baseline of the paper is one of these; fields not named keep the
 # HintConfig defaults (the paper's HINT: component generator, adapters + prefixes, fusion).
+# Paths are in the reference repository allenai/hyper-task-descriptions.
 VARIANT_PRESETS: dict[str, dict[str, Any]] = {
     "hint": {},
     "hint_no_fusion": dict(fusion=False),
     "hint_no_peft": dict(_NO_PEFT),  # fusion only
-    "adapters_only": dict(prefixes=False),
-    "prefixes_only": dict(adapters=False),
-    "lora_only": dict(adapters=False, prefixes=False, lora=True),
+    # Section 6.3's PEFT ablations run without fusion: scripts/nat_int/ni_train_only_*_no_fid.sh
+    # (use_fusion_in_decoder=False). LoRA on q and v at the size preset's rank (512 at xl);
+    # "_smaller" is ni_train_only_lora_no_fid_smaller.sh's rank 128.
+    "adapters_only": dict(prefixes=False, fusion=False),
+    "prefixes_only": dict(adapters=False, fusion=False),
+    "lora_only": dict(_NO_PEFT, lora=True, fusion=False),
+    "lora_only_smaller": dict(_NO_PEFT, lora=True, fusion=False, lora_rank=128),
     "generator_decoder": dict(generator="decoder"),
     "untied_encoder": dict(tied_hyper_encoder=False),
     "frozen_underlying": dict(freeze_underlying=True),
     "concat": dict(_NO_HYPER, **_NO_PEFT),  # T0 / Tk-Instruct: the data concatenates
     "static_peft": dict(_NO_HYPER),  # learned adapters + prefixes, one set for every task
     "no_instruct": dict(_NO_HYPER, **_NO_PEFT),  # the data drops the instruction
-    "hypter": dict(generator="pooled", prefixes=False, fusion=False, adapter_size=8),
-    "hypertune": dict(generator="decoder", fusion=False),
+    # gins/hypter.gin: adapters of 8 only, no fusion, layer_embedding_method="none" (the
+    # mean-pooled instruction), per_layer_hnet (one MLP per parameter kind whose output spans
+    # every layer), share_hnet_encoder=False. Kept on purpose: the untied hyper-encoder starts
+    # as the T5 encoder (Hypter reads with a pretrained encoder); the reference's run restores no
+    # `hyper` weight (gins/restore_pretrained.gin), which leaves its hyper-encoder random.
+    "hypter": dict(generator="pooled", adapters=True, adapter_size=8, prefixes=False, lora=False,
+                   fusion=False, tied_hyper_encoder=False),
+    # gins/hypertune.gin (prefixes only, no fusion, layer_embedding_method="decoder": the
+    # generator is a T5 decoder started from the pretrained one) on gins/instruction_embed.gin
+    # (share_hnet_encoder=True), with gins/train_only_hnet.gin (only `.*hyper.*` trains: the
+    # shared encoder and the underlying T5 stay frozen).
+    "hypertune": dict(generator="decoder", adapters=False, prefixes=True, lora=False, fusion=False,
+                      tied_hyper_encoder=True, freeze_underlying=True),
 }

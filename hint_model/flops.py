@@ -6,7 +6,13 @@ A token through a stack of N weights costs 2N FLOPs (multiply + add). Concatenat
 generator once, and pays for its PEFT modules and the fused instruction per input:
 
   concat = 2 N_enc n (t + i) + 2 N_dec n o
-  hint   = 2 N_enc t + generator(t) + n (2 N_enc i + 2 N_dec o + peft(i, o) + fusion(t, o))
+  hint   = 2 N_enc t + generator(t) + fusion_kv(t)
+           + n (2 N_enc i + 2 N_dec o + peft(i, o) + fusion(t, o))
+
+With fusion the decoder's cross-attention keys/values of the instruction depend on the task
+alone: fusion_kv(t) is paid once per task; per input only the attention over those t more keys
+(fusion). Appendix C leaves the fusion cost out altogether; it is small, and counted here.
+`gflops_per_task` is the one number per task for every variant (HINT and the baselines).
 
 N_enc / N_dec count the matmul weights of each stack (attention + FFN; the decoder adds its
 cross-attention and the lm head); norms and the position bias are negligible and left out.
@@ -29,6 +35,7 @@ class TaskCost:
     hint: float  # FLOPs
     concat: float
     generator: float  # part of `hint`
+    fusion_kv: float  # part of `hint`: the instruction's cross-attention K/V, once per task
     hint_state_bytes: int  # saved task state: generated modules (+ instruction with fusion)
     kv_cache_bytes: int  # a decoder-only model's cache of the instruction
 
@@ -51,21 +58,18 @@ def generator_flops(cfg: HintConfig, t: int) -> int:
     if not (cfg.hypernetwork and cfg.uses_peft):
         return 0
     d, inner, h = cfg.d_model, cfg.inner_dim, cfg.generator_hidden
-    if cfg.generator == "pooled":
-        a = cfg.adapter_size
-        layers = cfg.num_layers + cfg.num_decoder_layers
-        return 2 * layers * (d * h + h * (2 * d * a + a + d))
+    if cfg.generator == "pooled":  # one MLP per kind on the pooled instruction
+        return sum(2 * (d * h + h * math.prod(shape)) for shape in peft.shapes(cfg).values())
     layout = component_layout(cfg)  # kind -> (slots, components per slot, output width)
     rows = sum(slots * count for slots, count, _ in layout.values())
     mlps = sum(slots * count * 2 * (d * h + h * width) for slots, count, width in layout.values())
     if cfg.generator == "component":
         # K/V of the instruction, Q/O of the rows, scores and weighted sum.
         mixing = 2 * 2 * d * d * t + 2 * 2 * d * d * rows + 2 * 2 * rows * t * d
-    else:  # a T5 decoder stack over the rows, cross-attending to the instruction
+    else:  # decoder layers without self-attention: cross-attention to the instruction + FFN
         ffn = (3 if cfg.is_gated else 2) * d * cfg.d_ff
-        per_row = 8 * d * inner + ffn
-        mixing = cfg.generator_layers * (2 * per_row * rows + 2 * 2 * d * inner * t
-                                         + 2 * 2 * rows * (rows + t) * inner)
+        mixing = cfg.generator_depth * (2 * (2 * d * inner + ffn) * rows + 2 * 2 * d * inner * t
+                                        + 2 * 2 * rows * t * inner)
     return mixing + mlps
 
 
@@ -84,12 +88,19 @@ def peft_flops(cfg: HintConfig, i: int, o: int) -> int:
     return total
 
 
-def fusion_flops(cfg: HintConfig, t: int, o: int) -> int:
-    """Decoder cross-attention over t more memory tokens, for one input."""
+def fusion_kv_flops(cfg: HintConfig, t: int) -> int:
+    """The decoder's cross-attention keys/values of t instruction tokens (every layer)."""
     if not cfg.fusion:
         return 0
-    d, inner = cfg.d_model, cfg.inner_dim
-    return cfg.num_decoder_layers * (2 * 2 * d * inner * t + 2 * 2 * t * inner * o)
+    return cfg.num_decoder_layers * 2 * 2 * cfg.d_model * cfg.inner_dim * t
+
+
+def fusion_flops(cfg: HintConfig, t: int, o: int) -> int:
+    """Decoder cross-attention of o output tokens over t more memory tokens (scores and
+    weighted sum), for one input; the keys/values are fusion_kv_flops."""
+    if not cfg.fusion:
+        return 0
+    return cfg.num_decoder_layers * 2 * 2 * t * cfg.inner_dim * o
 
 
 def task_state_values(cfg: HintConfig, t: int) -> int:
@@ -111,16 +122,35 @@ def forward_flops(cfg: HintConfig | dict, hyper_len: int, input_len: int, target
     flops = 2 * encoder * input_len + 2 * decoder * target_len + peft_flops(cfg, input_len, target_len)
     if cfg.hypernetwork:
         flops += 2 * encoder * hyper_len + generator_flops(cfg, hyper_len)
-        flops += fusion_flops(cfg, hyper_len, target_len)
+        # in training every example projects its own copy of the instruction (HintModel._encode)
+        flops += fusion_kv_flops(cfg, hyper_len) + fusion_flops(cfg, hyper_len, target_len)
     return float(flops)
 
 
 def task_cost(cfg: HintConfig, n: int, t: int, i: int, o: int, bytes_per_value: int = 2) -> TaskCost:
     encoder, decoder = stack_weights(cfg)
     concat = 2 * encoder * n * (t + i) + 2 * decoder * n * o
-    generator = generator_flops(cfg, t)
+    generator, fusion_kv = generator_flops(cfg, t), fusion_kv_flops(cfg, t)
     per_input = 2 * encoder * i + 2 * decoder * o + peft_flops(cfg, i, o) + fusion_flops(cfg, t, o)
-    hint = 2 * encoder * t + generator + n * per_input
+    hint = 2 * encoder * t + generator + fusion_kv + n * per_input
     return TaskCost(hint=float(hint), concat=float(concat), generator=float(generator),
+                    fusion_kv=float(fusion_kv),
                     hint_state_bytes=task_state_values(cfg, t) * bytes_per_value,
                     kv_cache_bytes=kv_cache_values(cfg, t) * bytes_per_value)
+
+
+def gflops_per_task(cfg: HintConfig | dict, n: int, i: int, t: int, target_len: int) -> float:
+    """Inference GFLOPs of one task of n inputs, for any variant: the number to report.
+
+    i: input tokens of one example WITHOUT the instruction; t: instruction tokens;
+    target_len: output tokens. A hypernetwork variant reads the instruction once (`task_cost`'s
+    hint). A model without one reads it with every input (concatenation: t + i tokens, plus its
+    static PEFT modules if any), except the No-Instruct variant, which reads no instruction.
+    """
+    cfg = cfg if isinstance(cfg, HintConfig) else HintConfig.from_dict(cfg)
+    if cfg.hypernetwork:
+        return task_cost(cfg, n=n, t=t, i=i, o=target_len).hint / 1e9
+    encoder, decoder = stack_weights(cfg)
+    tokens = i + (0 if cfg.variant == "no_instruct" else t)
+    per_input = 2 * encoder * tokens + 2 * decoder * target_len + peft_flops(cfg, tokens, target_len)
+    return n * per_input / 1e9

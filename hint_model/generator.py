@@ -1,13 +1,26 @@
 """Parameter generators: encoded instruction -> adapter / prefix / LoRA weights.
 
+Reference: allenai/hyper-task-descriptions, modeling/hyper_network.py (`Hypernet`) and
+modeling/layers.py (`MlpBlock`); the paths in comments below are in it.
+
 "component" (the paper's): one learned embedding per (slot, component); one multi-head
 cross-attention layer from those embeddings to the encoded instruction (no residual, no norm);
 one 2-layer MLP per parameter kind, shared across slots; outputs divided by sqrt(d). The
 attention's heads and the MLPs' hidden width are HintConfig.generator_heads / generator_mlp_dim
 (the paper's d_model // d_kv and d_model by default).
-"decoder" (HyperTune-like): a T5 decoder stack over the same embeddings instead of the single
-cross-attention layer. "pooled" (Hypter-like): a mean-pooled instruction through one small MLP
-per layer that writes that layer's whole adapter.
+"decoder" (HyperTune-like, layer_embedding_method="decoder"): the same embeddings through a
+separate T5 decoder run with hyper=True: every layer is cross-attention to the instruction +
+FFN, with NO self-attention and no position bias (the slot queries never see each other, so
+nothing is quadratic in the ~53.6k queries at xl), then the decoder's final norm and one
+RMSNorm per parameter kind before its MLP. Its layers start as the T5 decoder's
+(`SlotDecoder.copy_from`; HintModel does it at construction and in from_t5_checkpoint).
+"pooled" (Hypter, layer_embedding_method="none" + per_layer_hnet): the masked mean of the
+instruction through one MLP per parameter kind whose output spans every layer.
+
+Init as t5x: MLPs truncated normal with std 1/sqrt(fan_in) (MlpBlock's variance_scaling(1.0,
+"fan_in", "truncated_normal")); attention normal 1/sqrt(fan_in), queries further divided by
+sqrt(head dim) and no scaling in the dot product (t5x MultiHeadDotProductAttention); slot
+embeddings normal 1/sqrt(d).
 
 Every generator returns the tensors of `peft.shapes(cfg)` with a leading task dimension.
 """
@@ -19,13 +32,18 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from hint_model import peft
 from hint_model.config import HintConfig
-from hint_model.t5 import Stack, padding_bias
+from hint_model.t5 import Attention, FeedForward, RMSNorm, Stack, padding_bias
 
 # Kinds generated one d-wide column per component (a d x r matrix), transposed into place.
 _COLUMNS = {"adapter_down", "lora_q_a", "lora_v_a"}
+
+# jax.nn.initializers.truncated_normal draws from N(0, 1) cut at +-2, whose std is this; t5x
+# divides by it so that the kept draws have the std asked for.
+_TRUNCATED_STD = 0.87962566103423978
 
 
 def component_layout(cfg: HintConfig) -> dict[str, tuple[int, int, int]]:
@@ -42,23 +60,45 @@ def component_layout(cfg: HintConfig) -> dict[str, tuple[int, int, int]]:
     return out
 
 
+def slot_queries(cfg: HintConfig) -> int:
+    """Rows the component / decoder generator runs: one per (slot, component)."""
+    return sum(slots * count for slots, count, _ in component_layout(cfg).values())
+
+
+def fan_in_truncated_normal_(weight: Tensor) -> None:
+    """t5x's variance_scaling(1.0, "fan_in", "truncated_normal") on an nn.Linear weight."""
+    std = weight.shape[1] ** -0.5 / _TRUNCATED_STD
+    nn.init.trunc_normal_(weight, std=std, a=-2 * std, b=2 * std)
+
+
 class MLP(nn.Module):
-    def __init__(self, d: int, hidden: int, out: int):
+    """modeling/layers.py MlpBlock as the generator uses it: Dense -> GELU (tanh) -> dropout ->
+    Dense, no biases."""
+
+    def __init__(self, d: int, hidden: int, out: int, dropout: float):
         super().__init__()
         self.fc1 = nn.Linear(d, hidden, bias=False)
         self.fc2 = nn.Linear(hidden, out, bias=False)  # the "output layer"
+        self.dropout = nn.Dropout(dropout)
+        fan_in_truncated_normal_(self.fc1.weight)
+        fan_in_truncated_normal_(self.fc2.weight)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(F.gelu(self.fc1(x)))
+        return self.fc2(self.dropout(F.gelu(self.fc1(x), approximate="tanh")))
 
 
 class CrossAttention(nn.Module):
-    """Standard scaled multi-head attention from queries to the instruction states."""
+    """t5x MultiHeadDotProductAttention from queries to the instruction states: the 1/sqrt(head
+    dim) lives in the query init, not in the dot product; dropout on the attention weights."""
 
-    def __init__(self, d: int, num_heads: int):
+    def __init__(self, d: int, num_heads: int, dropout: float):
         super().__init__()
-        self.num_heads = num_heads
+        self.num_heads, self.dropout = num_heads, dropout
         self.q, self.k, self.v, self.o = (nn.Linear(d, d, bias=False) for _ in range(4))
+        with torch.no_grad():
+            nn.init.normal_(self.q.weight, std=(d * (d // num_heads)) ** -0.5)
+            for proj in (self.k, self.v, self.o):
+                nn.init.normal_(proj.weight, std=d ** -0.5)
 
     def forward(self, queries: Tensor, states: Tensor, mask: Tensor) -> Tensor:
         def heads(t: Tensor) -> Tensor:
@@ -66,8 +106,58 @@ class CrossAttention(nn.Module):
 
         out = F.scaled_dot_product_attention(heads(self.q(queries)), heads(self.k(states)),
                                              heads(self.v(states)),
-                                             attn_mask=mask[:, None, None, :].bool())
+                                             attn_mask=mask[:, None, None, :].bool(),
+                                             dropout_p=self.dropout if self.training else 0.0,
+                                             scale=1.0)
         return self.o(out.transpose(1, 2).flatten(2))
+
+
+class SlotDecoderLayer(nn.Module):
+    """A T5 decoder layer called with hyper=True (hyper_network.py HyperDecoderLayer): pre-norm
+    cross-attention to the instruction and pre-norm FFN, each residual; no self-attention. The
+    parameter names are the T5 decoder Block's, so its weights copy over by name."""
+
+    def __init__(self, cfg: HintConfig):
+        super().__init__()
+        self.cross_norm = RMSNorm(cfg.d_model, cfg.layer_norm_epsilon)
+        self.cross_attn = Attention(cfg)
+        self.ffn_norm = RMSNorm(cfg.d_model, cfg.layer_norm_epsilon)
+        self.ffn = FeedForward(cfg)
+        self.dropout = nn.Dropout(cfg.dropout_rate)
+
+    def forward(self, x: Tensor, memory: Tensor, memory_bias: Tensor) -> Tensor:
+        x = x + self.dropout(self.cross_attn(self.cross_norm(x), memory_bias, memory=memory))
+        return x + self.dropout(self.ffn(self.ffn_norm(x)))
+
+
+class SlotDecoder(nn.Module):
+    """The decoder generator's stack: generator_depth SlotDecoderLayers, the final norm, dropout.
+    Its `blocks` are FSDP / activation-checkpointing units like a Stack's."""
+
+    def __init__(self, cfg: HintConfig):
+        super().__init__()
+        self.blocks = nn.ModuleList(SlotDecoderLayer(cfg) for _ in range(cfg.generator_depth))
+        self.final_norm = RMSNorm(cfg.d_model, cfg.layer_norm_epsilon)
+        self.dropout = nn.Dropout(cfg.dropout_rate)
+        self.checkpointing = False
+
+    def forward(self, queries: Tensor, memory: Tensor, memory_bias: Tensor) -> Tensor:
+        x = queries
+        for block in self.blocks:
+            if self.checkpointing and self.training:
+                x = checkpoint(block, x, memory, memory_bias, use_reentrant=False)
+            else:
+                x = block(x, memory, memory_bias)
+        return self.dropout(self.final_norm(x))
+
+    @torch.no_grad()
+    def copy_from(self, decoder: Stack) -> None:
+        """Layer i <- the T5 decoder's layer i without its self-attention; the final norm too
+        (gins/hypertune.gin restores hyper/hyper_decoder from the checkpoint's decoder)."""
+        for mine, theirs in zip(self.blocks, decoder.blocks):
+            mine.load_state_dict({k: v for k, v in theirs.state_dict().items()
+                                  if not k.startswith(("attn.", "attn_norm."))})
+        self.final_norm.load_state_dict(decoder.final_norm.state_dict())
 
 
 class ComponentGenerator(nn.Module):
@@ -82,10 +172,12 @@ class ComponentGenerator(nn.Module):
             kind: nn.Parameter(torch.randn(slots, count, d) / math.sqrt(d))
             for kind, (slots, count, _) in self.layout.items()})
         if cfg.generator == "decoder":
-            self.decoder = Stack(cfg, is_decoder=True, num_layers=cfg.generator_layers)
+            self.decoder = SlotDecoder(cfg)
+            # hyper_network.py generate_parameter: layer_norm(inputs) when the method is "decoder"
+            self.norms = nn.ModuleDict({kind: RMSNorm(d, cfg.layer_norm_epsilon) for kind in self.layout})
         else:
-            self.cross_attn = CrossAttention(d, num_heads=cfg.generator_heads or d // cfg.d_kv)
-        self.mlps = nn.ModuleDict({kind: MLP(d, cfg.generator_hidden, width)
+            self.cross_attn = CrossAttention(d, cfg.generator_heads or d // cfg.d_kv, cfg.dropout_rate)
+        self.mlps = nn.ModuleDict({kind: MLP(d, cfg.generator_hidden, width, cfg.generator_dropout_rate)
                                    for kind, (_, _, width) in self.layout.items()})
 
     def forward(self, states: Tensor, mask: Tensor) -> dict[str, Tensor]:
@@ -96,43 +188,44 @@ class ComponentGenerator(nn.Module):
         queries = torch.cat([self.embeddings[k].flatten(0, 1) for k in kinds])
         queries = queries.unsqueeze(0).expand(tasks, -1, -1).to(states.dtype)
         if self.cfg.generator == "decoder":
-            mixed = self.decoder(queries, None, memory=states,
-                                 memory_bias=padding_bias(mask, states.dtype))
+            mixed = self.decoder(queries, states, padding_bias(mask, states.dtype))
         else:
             mixed = self.cross_attn(queries, states, mask)
         out = {}
         for kind, rows in zip(kinds, mixed.split(sizes, dim=1)):
             slots, count, width = self.layout[kind]
+            if self.cfg.generator == "decoder":
+                rows = self.norms[kind](rows)
             value = self.mlps[kind](rows).view(tasks, slots, count, width) / math.sqrt(d)
             if kind in _COLUMNS:
+                # Kept on purpose: transposed, so embedding j becomes column j. The reference
+                # reshapes [a, d] rows into [d, a] (hyper_network.py generate_parameter), which
+                # scatters one embedding's output over several columns.
                 value = value.transpose(2, 3)
             out[kind] = value.reshape(tasks, *peft.shapes(self.cfg)[kind])
         return out
 
 
 class PooledGenerator(nn.Module):
-    """Hypter-like: masked mean of the instruction, then per layer Linear-GELU-Linear that
-    writes the flattened adapter (down, down bias, up, up bias) of that layer."""
+    """Hypter (gins/hypter.gin): the masked mean of the instruction through one MLP per adapter
+    kind (hidden width d), each writing that kind for every layer at once (per_layer_hnet).
+    The reference also writes adapters for the decoder's cross-attention slots, which no layer
+    reads; this writes the num_layers + num_decoder_layers adapters that are used."""
 
     def __init__(self, cfg: HintConfig):
         super().__init__()
         self.cfg = cfg
-        d, a, h = cfg.d_model, cfg.adapter_size, cfg.generator_hidden
-        layers = cfg.num_layers + cfg.num_decoder_layers
-        self.sizes = [d * a, a, a * d, d]
-        self.w1 = nn.Parameter(torch.randn(layers, d, h) / math.sqrt(d))
-        self.w2 = nn.Parameter(torch.randn(layers, h, sum(self.sizes)) / math.sqrt(h))
+        self.shapes = peft.shapes(cfg)
+        self.mlps = nn.ModuleDict({kind: MLP(cfg.d_model, cfg.generator_hidden, math.prod(shape),
+                                             cfg.generator_dropout_rate)
+                                   for kind, shape in self.shapes.items()})
 
     def forward(self, states: Tensor, mask: Tensor) -> dict[str, Tensor]:
         m = mask.to(states.dtype).unsqueeze(-1)
         pooled = (states * m).sum(1) / m.sum(1).clamp(min=1)  # [T, d]
-        hidden = F.gelu(torch.einsum("td,ldh->tlh", pooled, self.w1.to(states.dtype)))
-        flat = torch.einsum("tlh,lho->tlo", hidden, self.w2.to(states.dtype)) / math.sqrt(self.cfg.d_model)
-        shapes = peft.shapes(self.cfg)
-        names = ("adapter_down", "adapter_down_bias", "adapter_up", "adapter_up_bias")
-        tasks = states.shape[0]
-        return {name: part.reshape(tasks, *shapes[name])
-                for name, part in zip(names, flat.split(self.sizes, dim=-1))}
+        scale = math.sqrt(self.cfg.d_model)
+        return {kind: self.mlps[kind](pooled).view(-1, *shape) / scale
+                for kind, shape in self.shapes.items()}
 
 
 def build_generator(cfg: HintConfig) -> nn.Module:

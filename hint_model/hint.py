@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from hint_model import checkpoint, peft
 from hint_model.config import SIZE_PRESETS, HintConfig
-from hint_model.generator import StaticPeft, build_generator
+from hint_model.generator import SlotDecoder, StaticPeft, build_generator
 from hint_model.t5 import T5, Stack, padding_bias
 from hint_model.task_modules import TaskModules
 
@@ -39,27 +39,31 @@ class HintModel(nn.Module):
         self.hyper_encoder = Stack(cfg, is_decoder=False, num_layers=cfg.num_layers) if untied else None
         self.generator = build_generator(cfg) if cfg.hypernetwork and cfg.uses_peft else None
         self.static_peft = StaticPeft(cfg) if not cfg.hypernetwork and cfg.uses_peft else None
-        self.sync_hyper_encoder()
+        self.seed_from_t5()
         self.t5.requires_grad_(not cfg.freeze_underlying)
 
     # ---- structure, for the training platform ----
 
     def blocks(self) -> list[nn.Module]:
-        """Every T5 block (encoder, decoder, hyper-encoder, generator decoder): the units to
-        wrap with fully_shard and to checkpoint."""
+        """Every T5 block (encoder, decoder, hyper-encoder, the decoder generator's layers): the
+        units to wrap with fully_shard and to checkpoint."""
         return [block for stack in self._stacks() for block in stack.blocks]
 
     def set_activation_checkpointing(self, on: bool) -> None:
         for stack in self._stacks():
             stack.checkpointing = on
 
-    def sync_hyper_encoder(self) -> None:
-        """An untied hyper-encoder starts as a copy of the T5 encoder."""
+    def seed_from_t5(self) -> None:
+        """The hypernetwork parts that start as the T5: an untied hyper-encoder as a copy of its
+        encoder (gins/separate_henc.gin), the decoder generator's layers as its decoder's
+        (gins/hypertune.gin). Run at construction and again once a T5 checkpoint is loaded."""
         if self.hyper_encoder is not None:
             self.hyper_encoder.load_state_dict(self.t5.encoder.state_dict())
+        if self.generator is not None and isinstance(getattr(self.generator, "decoder", None), SlotDecoder):
+            self.generator.decoder.copy_from(self.t5.decoder)
 
-    def _stacks(self) -> list[Stack]:
-        return [m for m in self.modules() if isinstance(m, Stack)]
+    def _stacks(self) -> list[Stack | SlotDecoder]:
+        return [m for m in self.modules() if isinstance(m, (Stack, SlotDecoder))]
 
     # ---- the task side ----
 
@@ -91,6 +95,9 @@ class HintModel(nn.Module):
         """Encode instructions [T, L] (one per task) and generate their modules."""
         encoder = self.hyper_encoder if self.hyper_encoder is not None else self.t5.encoder
         x = self.t5.shared(ids)
+        # Kept on purpose: padding is masked here. The reference runs the hyper-encoder without
+        # a mask (hyper_network.py Hypernet.__call__: self.encoder(..., hyper=True)), so a
+        # task's modules would depend on how much padding its batch had.
         states = encoder(x, padding_bias(mask, x.dtype))
         generated = self.generator(states, mask) if self.generator is not None else {}
         if self.config.fusion:
@@ -208,8 +215,11 @@ class HintModel(nn.Module):
         checkpoint.save_pretrained(self.config, state_dict or self.state_dict(), directory)
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path) -> "HintModel":
+    def from_pretrained(cls, directory: str | Path, **overrides) -> "HintModel":
+        """An export of this package. `overrides` change HintConfig fields that leave the
+        weights as they are, e.g. dropout_rate=0.1 to fine-tune a model pretrained at 0.0."""
         cfg, state = checkpoint.read_pretrained(directory)
+        cfg = HintConfig.from_dict({**cfg.to_dict(), **overrides}) if overrides else cfg
         model = cls(cfg)
         checkpoint.load_strict(model, state, Path(directory) / checkpoint.WEIGHTS)
         return model
@@ -220,14 +230,15 @@ class HintModel(nn.Module):
         """A Hugging Face T5 checkpoint (config.json + safetensors, sharded or not) as the
         underlying model; the hypernetwork starts fresh. The T5 shape comes from the
         checkpoint; `size` only supplies the PEFT sizes (adapter, prefix, rank): by default
-        the size preset of the same d_model, else "small"."""
+        the size preset of the same d_model, else "small". An untied hyper-encoder and the
+        decoder generator's layers start as the checkpoint's encoder / decoder (seed_from_t5)."""
         t5_fields, state = checkpoint.read_t5_checkpoint(directory)
         size = size or next((name for name, s in SIZE_PRESETS.items()
                              if s["d_model"] == t5_fields["d_model"]), "small")
         cfg = HintConfig.preset(size, variant=variant, **{**t5_fields, **overrides})
         model = cls(cfg)
         checkpoint.load_t5_weights(model.t5, state, directory)
-        model.sync_hyper_encoder()
+        model.seed_from_t5()
         return model
 
 

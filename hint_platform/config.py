@@ -61,7 +61,10 @@ class TrainSection:
     optimizer: str = "adafactor"  # adafactor | adamw
     lr: float = 1e-3
     weight_decay: float = 0.0
-    grad_clip: float = 1.0  # 0 disables clipping
+    grad_clip: float = 1.0  # global gradient-norm clipping; 0 disables it (the paper configs)
+    # t5x's z-loss on the logits, z_loss * logsumexp(logits)**2 per target token (reference
+    # gins/hyper_base.gin Z_LOSS); 0 turns it off. The reported eval_loss leaves it out.
+    z_loss: float = 1e-4
     activation_checkpointing: bool = False
     fsdp: bool = True
     checkpoint_every: int = 100  # steps; 0 = only at the end
@@ -225,6 +228,9 @@ def _check(cfg: ExperimentConfig) -> None:
     for key in positive:
         if flat[key] <= 0:
             raise ConfigError(f"{key}: must be positive, got {flat[key]}")
+    for key in ("train.z_loss", "train.grad_clip"):
+        if flat[key] < 0:
+            raise ConfigError(f"{key}: must be 0 or more, got {flat[key]}")
     t = cfg.train
     per_step = t.num_workers * t.micro_batch_size
     if t.global_batch_size % per_step:

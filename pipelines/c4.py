@@ -1,10 +1,18 @@
 """C4 pretraining examples: allenai/c4 json.gz lines `{text, timestamp, url}`.
 
 The documents are tokenised and packed end to end (an EOS between documents) into segments of
-`segment_len` tokens; each segment is cut at two random points 1 <= s1 <= s2 <= len-1 drawn
-from a seeded generator: x1 = seg[:s1] -> hypernetwork, x2 = seg[s1:s2] -> model input,
-x3 = seg[s2:] -> target, each followed by EOS. Packing needs token counts, so C4 is tokenised
-here, where it is read, rather than in the pipeline's tokenisation stage.
+`segment_len` tokens (L), and each segment is cut at random points from a seeded generator,
+drawn as the reference draws them (`tf.random.stateless_uniform`, maxval exclusive):
+
+- `pretrain` (c4/c4_registry.py): nested draws s1 ~ U[1, L-2), then s2 ~ U[s1, L-2), so the
+  parts average about L/2, L/4, L/4 tokens: x1 = seg[:s1] -> hypernetwork, x2 = seg[s1:s2] ->
+  model input (may be empty), x3 = seg[s2:] -> target (at least 3 tokens).
+- `caclm` (c4/c4_registry_4part.py, the paper's Table 4 'CACLM', after Phang et al.): s1 ~
+  U[1, L-4), s2 ~ U[s1, L-3), s3 ~ U[s2, L-2); hypernetwork = seg[:s1] + EOS + seg[s3:], model
+  input = seg[s1:s2], target = seg[s2:s3].
+
+Each part is followed by EOS. Packing needs token counts, so C4 is tokenised here, where it is
+read, rather than in the pipeline's tokenisation stage.
 """
 
 from __future__ import annotations
@@ -15,7 +23,7 @@ from collections.abc import Iterator
 from pipelines import files
 from pipelines.bad_records import BadRecords
 from pipelines.example import Example
-from pipelines.spec import SourceSpec, SpecError
+from pipelines.spec import MIN_SEGMENT, SourceSpec, SpecError
 from pipelines.tokenizer import EOS_ID, Tokenizer
 
 TASK = "c4"
@@ -35,9 +43,10 @@ def documents(pattern: str, bad: BadRecords) -> Iterator[str]:
             yield text
 
 
-def segments(docs: Iterator[str], tokenizer: Tokenizer, segment_len: int, chunk: int = 64) -> Iterator[list[int]]:
+def segments(docs: Iterator[str], tokenizer: Tokenizer, segment_len: int, chunk: int = 64,
+             min_len: int = MIN_SEGMENT["pretrain"]) -> Iterator[list[int]]:
     """Pack tokenised documents (each ending in EOS) into segments of segment_len tokens; a
-    final partial segment is kept when it has at least 3 tokens (one per part)."""
+    final partial segment is kept when it has at least min_len tokens (what the split needs)."""
     buffer: list[int] = []
     batch: list[str] = []
     for doc in docs:
@@ -46,7 +55,7 @@ def segments(docs: Iterator[str], tokenizer: Tokenizer, segment_len: int, chunk:
             yield from _drain(buffer, tokenizer.encode_batch(batch), segment_len)
             batch = []
     yield from _drain(buffer, tokenizer.encode_batch(batch), segment_len)
-    if len(buffer) >= 3:
+    if len(buffer) >= min_len:
         yield buffer
 
 
@@ -59,13 +68,27 @@ def _drain(buffer: list[int], encoded: list[list[int]], segment_len: int) -> Ite
 
 
 def split_segment(segment: list[int], rng: random.Random) -> tuple[list[int], list[int], list[int]]:
-    """(x1, x2, x3) cut at 1 <= s1 <= s2 <= len-1, EOS appended to each."""
-    s1, s2 = sorted(rng.randint(1, len(segment) - 1) for _ in range(2))
+    """(x1, x2, x3) of the `pretrain` format (module docstring), EOS appended to each."""
+    end = len(segment) - 2
+    s1 = rng.randrange(1, end)
+    s2 = rng.randrange(s1, end)
     return segment[:s1] + [EOS_ID], segment[s1:s2] + [EOS_ID], segment[s2:] + [EOS_ID]
+
+
+def split_segment_4part(segment: list[int], rng: random.Random) -> tuple[list[int], list[int], list[int]]:
+    """(hyper, input, target) of the `caclm` format (module docstring), EOS appended to each."""
+    n = len(segment)
+    s1 = rng.randrange(1, n - 4)
+    s2 = rng.randrange(s1, n - 3)
+    s3 = rng.randrange(s2, n - 2)
+    return (segment[:s1] + [EOS_ID] + segment[s3:] + [EOS_ID], segment[s1:s2] + [EOS_ID],
+            segment[s2:s3] + [EOS_ID])
 
 
 def examples(spec: SourceSpec, tokenizer: Tokenizer, bad: BadRecords, seed: int) -> Iterator[Example]:
     rng = random.Random(f"c4:{seed}")
-    for segment in segments(documents(spec.path, bad), tokenizer, spec.segment_len):
-        x1, x2, x3 = split_segment(segment, rng)
-        yield Example(task=TASK, hyper=x1, input=x2, target=x3)
+    split = split_segment_4part if spec.format == "caclm" else split_segment
+    for segment in segments(documents(spec.path, bad), tokenizer, spec.segment_len,
+                            min_len=MIN_SEGMENT[spec.format]):
+        hyper, text, target = split(segment, rng)
+        yield Example(task=TASK, hyper=hyper, input=text, target=target)

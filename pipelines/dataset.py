@@ -34,9 +34,10 @@ from ray.data.datasource import Datasource, ReadTask
 
 from pipelines import c4, p3, sni
 from pipelines.bad_records import BadRecords
+from pipelines.budget import TokenBudget
 from pipelines.example import Example
 from pipelines.spec import SourceSpec
-from pipelines.tokenizer import EOS_ID, Tokenizer, load_tokenizer, tokenizer_from_proto
+from pipelines.tokenizer import EOS_ID, load_tokenizer, tokenizer_from_proto
 
 log = logging.getLogger(__name__)
 BLOCK_ROWS = 256
@@ -58,18 +59,18 @@ def as_specs(specs: Sequence[SourceSpec | dict]) -> list[SourceSpec]:
             for i, s in enumerate(specs)]
 
 
-def _task_streams(spec: SourceSpec, tokenizer: Tokenizer, bad: BadRecords, seed: int) -> list[Iterator[Example]]:
+def _task_streams(spec: SourceSpec, budget: TokenBudget, bad: BadRecords, seed: int) -> list[Iterator[Example]]:
     if spec.kind == "sni":
-        return [stream for _, stream in sni.task_streams(spec, bad, seed)]
+        return [stream for _, stream in sni.task_streams(spec, budget, bad, seed)]
     if spec.kind == "c4":
-        return [c4.examples(spec, tokenizer, bad, seed)]
-    return [stream for _, stream in p3.task_streams(spec, bad, seed)]
+        return [c4.examples(spec, budget.tokenizer, bad, seed)]
+    return [stream for _, stream in p3.task_streams(spec, budget, bad, seed)]
 
 
-def mixed_examples(specs: list[SourceSpec], tokenizer: Tokenizer, bad: BadRecords, seed: int) -> Iterator[Example]:
+def mixed_examples(specs: list[SourceSpec], budget: TokenBudget, bad: BadRecords, seed: int) -> Iterator[Example]:
     """The mixed stream (see the module docstring)."""
     rng = random.Random(seed)
-    sources = [(spec, _task_streams(spec, tokenizer, bad, seed + i)) for i, spec in enumerate(specs)]
+    sources = [(spec, _task_streams(spec, budget, bad, seed + i)) for i, spec in enumerate(specs)]
     sources = [(spec, streams) for spec, streams in sources if streams]
     while sources:
         i = rng.choices(range(len(sources)), weights=[s.weight for s, _ in sources])[0]
@@ -83,11 +84,12 @@ def mixed_examples(specs: list[SourceSpec], tokenizer: Tokenizer, bad: BadRecord
                 del sources[i]
 
 
-def text_blocks(specs: list[SourceSpec], tokenizer: Tokenizer, *, on_bad_record: str, seed: int,
+def text_blocks(specs: list[SourceSpec], budget: TokenBudget, *, on_bad_record: str, seed: int,
                 bad: BadRecords | None = None) -> Iterator[pa.Table]:
-    """The mixed stream as Arrow tables of TEXT_SCHEMA, BLOCK_ROWS rows each."""
+    """The mixed stream as Arrow tables of TEXT_SCHEMA, BLOCK_ROWS rows each. `budget` holds the
+    lengths tokenize_block will cut to: the readers drop what would not fit first."""
     bad = bad or BadRecords(on_bad_record)
-    stream = enumerate(mixed_examples(specs, tokenizer, bad, seed))
+    stream = enumerate(mixed_examples(specs, budget, bad, seed))
     while True:
         chunk = list(itertools.islice(stream, BLOCK_ROWS))
         if not chunk:
@@ -140,7 +142,8 @@ def iter_records(specs: Sequence[SourceSpec | dict], tokenizer_dir: str, *, max_
     """The rows of build_dataset, in the same order, in this process (no Ray). Pass `bad` to
     read the skip counts (per file / task) when the iterator is done."""
     tok = load_tokenizer(tokenizer_dir)
-    for block in text_blocks(as_specs(specs), tok, on_bad_record=on_bad_record, seed=seed, bad=bad):
+    budget = TokenBudget(tok, max_input_len, max_hyper_len, max_target_len)
+    for block in text_blocks(as_specs(specs), budget, on_bad_record=on_bad_record, seed=seed, bad=bad):
         yield from tokenize_block(block, tok.proto, max_input_len, max_hyper_len, max_target_len).to_pylist()
 
 
@@ -156,7 +159,7 @@ def build_dataset(specs: Sequence[SourceSpec | dict], tokenizer_dir: str, *, max
     """
     specs = as_specs(specs)
     tok = load_tokenizer(tokenizer_dir)
-    source = _MixedStream(specs, tok.proto, on_bad_record, seed)
+    source = _MixedStream(specs, tok.proto, (max_input_len, max_hyper_len, max_target_len), on_bad_record, seed)
     ds = ray.data.read_datasource(source, override_num_blocks=1).map_batches(
         tokenize_block, batch_format="pyarrow", batch_size=BLOCK_ROWS, zero_copy_batch=True,
         fn_kwargs={"proto": tok.proto, "max_input_len": max_input_len,
@@ -168,18 +171,18 @@ def build_dataset(specs: Sequence[SourceSpec | dict], tokenizer_dir: str, *, max
 class _MixedStream(Datasource):
     """A Ray Data source with one read task: the mixed text stream, streamed in blocks."""
 
-    def __init__(self, specs, proto, on_bad_record, seed):
-        self.args = (specs, proto, on_bad_record, seed)
+    def __init__(self, specs, proto, lengths, on_bad_record, seed):
+        self.args = (specs, proto, lengths, on_bad_record, seed)
 
     def estimate_inmemory_data_size(self):
         return None
 
     def get_read_tasks(self, parallelism, per_task_row_limit=None, data_context=None):
-        specs, proto, on_bad_record, seed = self.args
+        specs, proto, lengths, on_bad_record, seed = self.args
 
         def read():
-            yield from text_blocks(specs, tokenizer_from_proto(proto), on_bad_record=on_bad_record,
-                                   seed=seed)
+            yield from text_blocks(specs, TokenBudget(tokenizer_from_proto(proto), *lengths),
+                                   on_bad_record=on_bad_record, seed=seed)
 
         meta = BlockMetadata(num_rows=None, size_bytes=None, exec_stats=None, input_files=None)
         return [ReadTask(read, meta, schema=TEXT_SCHEMA, per_task_row_limit=per_task_row_limit)]

@@ -15,24 +15,39 @@ hypernetwork text; without it the hypernetwork reads the file's task name in wor
 Sampling cap (T0): a dataset with more than `example_cap` examples contributes
 example_cap / number-of-templates examples per template (the first ones, in file order).
 Records are held in memory per dataset (each template renders all of them).
+
+Few-shot (`num_shots: k`, the paper's Table 3; reference seqio_tasks/few_shot.py with the
+arguments of my_t0_tasks.py): every example gets k examples of the same template, rendered in
+the same format, drawn as seqio's FewshotDataSource draws them (the train records in a seeded
+shuffle, reshuffled each pass, cut into consecutive groups of k; an example can be among its
+own shots there too). Shots are pruned from the end until their prompt and target tokens fit
+in `max_input_len - 64` minus the example's input (the reference's 960 of 1024, "saving 64 for
+separators, like FLAN"), measured against the model input even when the shots go to the
+hypernetwork, as there; a hypernetwork input still longer than max_hyper_len loses its end in
+the tokenisation stage, as seqio's trimming does.
 """
 
 from __future__ import annotations
 
 import logging
+import random
 import re
 from collections.abc import Iterable, Iterator
 
 import jinja2
+import numpy as np
 
 from pipelines import files, formats
 from pipelines.bad_records import BadRecords
+from pipelines.budget import TokenBudget
 from pipelines.example import Example
 from pipelines.p3_templates import Template, load_templates, to_hf_fields
 from pipelines.spec import SourceSpec, SpecError
 
 log = logging.getLogger(__name__)
 END_OF_TEXT = "<|endoftext|>"
+SHOT_SEPARATOR_TOKENS = 64  # few_shot.py's max_input_length = 1024 - 64
+RENDER_ERRORS = (jinja2.TemplateError, TypeError, ValueError, KeyError, IndexError)
 
 
 def capped(examples: Iterable[Example], num_templates: int, cap: int) -> Iterator[Example]:
@@ -66,10 +81,10 @@ def read_templates(path: str, bad: BadRecords) -> list[Template]:
         return []
 
 
-def read_records(spec: SourceSpec, bad: BadRecords) -> list[dict]:
-    paths = files.expand(spec.path)
+def read_records(spec: SourceSpec, pattern: str, bad: BadRecords) -> list[dict]:
+    paths = files.expand(pattern)
     if not paths:
-        raise SpecError(f"p3: no files match {spec.path}")
+        raise SpecError(f"p3: no files match {pattern}")
     records = []
     for path in paths:
         for lineno, record in files.read_json_objects(path, bad):
@@ -80,26 +95,43 @@ def read_records(spec: SourceSpec, bad: BadRecords) -> list[dict]:
     return records
 
 
-def template_examples(spec: SourceSpec, template: Template, records: list[dict], bad: BadRecords,
-                      seed: int) -> Iterator[Example]:
+def render(spec: SourceSpec, template: Template, record: dict, seed: int) -> tuple[str, str, str, list[str]] | None:
+    """(hyper, model input, target, answer choices) of the record in the spec's format; None when
+    the template does not apply to it. Raises RENDER_ERRORS."""
+    prompt, target, choices = template.render(record, seed=seed)
+    if not prompt or not target:
+        return None
+    if spec.format == "joint":
+        hyper, text = formats.p3_joint(template.masked(), prompt)
+    elif spec.format == "split":
+        hyper, text = formats.p3_split(template.masked(), [(f, str(record[f])) for f in template.fields_used(record)])
+    else:
+        hyper, text = formats.p3_concat(prompt)
+    return hyper, text, target, choices
+
+
+def _render_seed(seed: int, index: int) -> int:
+    return seed * 1_000_003 + index
+
+
+def template_examples(spec: SourceSpec, template: Template, records: list[dict], shot_records: list[dict],
+                      budget: TokenBudget, bad: BadRecords, seed: int) -> Iterator[Example]:
     task = f"{spec.dataset}/{template.name}"
-    masked = template.masked()
+    groups = shot_groups(spec, template, shot_records, bad, seed) if spec.num_shots else None
     not_applicable = 0
     for i, record in enumerate(records):
         try:
-            prompt, target, choices = template.render(record, seed=seed * 1_000_003 + i)
-        except (jinja2.TemplateError, TypeError, ValueError, KeyError, IndexError) as e:
+            rendered = render(spec, template, record, _render_seed(seed, i))
+        except RENDER_ERRORS as e:
             bad.report(f"task {task} (template {template.id})", f"record {i}: template failed to render: {e}")
             continue
-        if not prompt or not target:
+        if rendered is None:
             not_applicable += 1
             continue
-        if spec.format == "joint":
-            hyper, text = formats.p3_joint(masked, prompt)
-        elif spec.format == "split":
-            hyper, text = formats.p3_split(masked, [(f, str(record[f])) for f in template.fields_used(record)])
-        else:
-            hyper, text = formats.p3_concat(prompt)
+        hyper, text, target, choices = rendered
+        if groups is not None:
+            shots = fitting_shots(next(groups), text, budget)
+            hyper, text = formats.p3_few_shot(shots, hyper, text, spec.format)
         yield Example(task=task, hyper=hyper, input=text, target=target, references=[target],
                       answer_choices=choices, answer_index=choices.index(target) if target in choices else -1)
     if not_applicable:
@@ -107,11 +139,55 @@ def template_examples(spec: SourceSpec, template: Template, records: list[dict],
                  spec.dataset, not_applicable, len(records))
 
 
-def raw_task_streams(spec: SourceSpec, bad: BadRecords, seed: int) -> list[tuple[str, Iterator[Example]]]:
+def shot_groups(spec: SourceSpec, template: Template, records: list[dict], bad: BadRecords,
+                seed: int) -> Iterator[list[tuple[str, str]]]:
+    """Endless groups of num_shots (model input, target) pairs of the template (module docstring).
+    A record renders as it does as an example (same seed for the same index of the same file)."""
+    task = f"{spec.dataset}/{template.name}"
+    rng = np.random.default_rng(random.Random(f"{seed}:{task}:shots").getrandbits(64))
+    group: list[tuple[str, str]] = []
+    while True:
+        applicable = 0
+        for j in rng.permutation(len(records)):
+            try:
+                rendered = render(spec, template, records[j], _render_seed(seed, int(j)))
+            except RENDER_ERRORS as e:
+                bad.report(f"task {task} (template {template.id}) shots", f"record {j}: template failed to render: {e}")
+                continue
+            if rendered is None:
+                continue
+            applicable += 1
+            group.append((rendered[1], rendered[2]))
+            if len(group) == spec.num_shots:
+                yield group
+                group = []
+        if not applicable:
+            log.warning("p3: no shot record renders with template %r of %s; its examples get no shots",
+                        template.name, spec.dataset)
+            while True:
+                yield []
+
+
+def fitting_shots(shots: list[tuple[str, str]], text: str, budget: TokenBudget) -> list[tuple[str, str]]:
+    """The leading shots whose prompt and target tokens fit beside the example's input."""
+    room = budget.max_input_len - SHOT_SEPARATOR_TOKENS - budget.count(text, eos=False)
+    kept = []
+    for prompt, target in shots:
+        room -= budget.count(prompt, eos=False) + budget.count(target, eos=False)
+        if room < 0:
+            break
+        kept.append((prompt, target))
+    return kept
+
+
+def raw_task_streams(spec: SourceSpec, budget: TokenBudget, bad: BadRecords,
+                     seed: int) -> list[tuple[str, Iterator[Example]]]:
     templates = read_templates(templates_file(spec), bad)
-    records = read_records(spec, bad)
+    records = read_records(spec, spec.path, bad)
+    shot_records = read_records(spec, spec.shots_path, bad) if spec.shots_path else records
     return [(f"{spec.dataset}/{t.name}",
-             capped(template_examples(spec, t, records, bad, seed), len(templates), spec.example_cap))
+             capped(template_examples(spec, t, records, shot_records, budget, bad, seed), len(templates),
+                    spec.example_cap))
             for t in templates]
 
 
@@ -162,7 +238,8 @@ def rendered_task_streams(spec: SourceSpec, bad: BadRecords, seed: int) -> list[
     return streams
 
 
-def task_streams(spec: SourceSpec, bad: BadRecords, seed: int) -> list[tuple[str, Iterator[Example]]]:
+def task_streams(spec: SourceSpec, budget: TokenBudget, bad: BadRecords,
+                 seed: int) -> list[tuple[str, Iterator[Example]]]:
     if spec.kind == "p3":
-        return raw_task_streams(spec, bad, seed)
+        return raw_task_streams(spec, budget, bad, seed)
     return rendered_task_streams(spec, bad, seed)

@@ -54,9 +54,7 @@ class Template:
 
     def masked(self) -> str:
         """The prompt with instance fields masked: the hypernetwork's input."""
-        text = _EXPR.sub(lambda m: f"[{_first_name(m.group(1))}]", self.prompt_source)
-        text = _STMT.sub("", text)
-        return re.sub(r"[ \t]+", " ", re.sub(r"\n\s*\n+", "\n\n", text)).strip()
+        return _masked(self.prompt_source)
 
     def fields_used(self, record: dict[str, Any]) -> list[str]:
         """Record fields the prompt uses, in order of first use (the 'split' format)."""
@@ -75,6 +73,13 @@ class Template:
         prompt = _unescape(parts[0]).strip()
         target = _unescape(parts[1]).strip() if len(parts) > 1 else ""
         return prompt, target, choices
+
+
+@functools.lru_cache(maxsize=4096)
+def _masked(prompt_source: str) -> str:
+    text = _EXPR.sub(lambda m: f"[{_first_name(m.group(1))}]", prompt_source)
+    text = _STMT.sub("", text)
+    return re.sub(r"[ \t]+", " ", re.sub(r"\n\s*\n+", "\n\n", text)).strip()
 
 
 def _first_name(expr: str) -> str:

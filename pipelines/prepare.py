@@ -27,6 +27,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from pipelines.bad_records import BadRecords
+from pipelines.budget import TokenBudget
 from pipelines.dataset import as_specs, text_blocks, tokenize_block
 from pipelines.spec import SourceSpec
 from pipelines.tokenizer import load_tokenizer
@@ -49,7 +50,8 @@ def prepare(specs: Sequence[SourceSpec | dict], tokenizer_dir: str, out_dir: str
     tasks: Counter[str] = Counter()
     shards: list[dict[str, Any]] = []
     writer, start, last_report = None, time.monotonic(), 0.0
-    for block in text_blocks(specs, tok, on_bad_record=on_bad_record, seed=seed, bad=bad):
+    budget = TokenBudget(tok, max_input_len, max_hyper_len, max_target_len)
+    for block in text_blocks(specs, budget, on_bad_record=on_bad_record, seed=seed, bad=bad):
         rows = tokenize_block(block, tok.proto, max_input_len, max_hyper_len, max_target_len)
         written = 0
         while written < rows.num_rows:

@@ -4,21 +4,24 @@ A checkout holds `tasks/<task>.json` (Definition, Positive Examples, Instances[{
 output[]}], ...) and `splits/<split>/{train,test}_tasks.txt` (one task name a line). Each task
 gives at most `max_per_task` instances: a seeded shuffle for the train part, the first N for
 test (as the paper and Tk-Instruct do). The target is the first output; all outputs are kept as
-references for ROUGE-L.
+references for ROUGE-L. The strings are those of pipelines.formats; what does not fit the
+lengths is dropped there, before the tokenisation stage truncates anything.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 from collections.abc import Iterable, Iterator
-from pathlib import Path
 
 from pipelines import files, formats
 from pipelines.bad_records import BadRecords
+from pipelines.budget import TokenBudget
 from pipelines.example import Example
 from pipelines.spec import SourceSpec, SpecError
+from pipelines.tokenizer import EOS_ID
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +81,7 @@ def load_task(path: str, bad: BadRecords) -> dict | None:
     return task
 
 
-def task_examples(spec: SourceSpec, name: str, bad: BadRecords, seed: int) -> Iterator[Example]:
+def task_examples(spec: SourceSpec, name: str, budget: TokenBudget, bad: BadRecords, seed: int) -> Iterator[Example]:
     path = task_path(spec, name)
     task = load_task(path, bad)
     if task is None:
@@ -90,6 +93,7 @@ def task_examples(spec: SourceSpec, name: str, bad: BadRecords, seed: int) -> It
     if spec.format in ("def_pos", "concat") and len(positives) < spec.num_pos:
         log.warning("sni: %s has %d positive examples, fewer than num_pos=%d",
                     path, len(positives), spec.num_pos)
+    hyper = task_hyper(spec, task, budget)
     kept = 0
     for i, inst in instances:
         if kept == spec.max_per_task:
@@ -100,34 +104,56 @@ def task_examples(spec: SourceSpec, name: str, bad: BadRecords, seed: int) -> It
         if not isinstance(inst, dict) or not isinstance(inst.get("input"), str) or not outputs:
             bad.report(path, f"Instances[{i}]: needs a string 'input' and a non-empty 'output'")
             continue
-        hyper, text = format_instance(spec, task, inst["input"])
         kept += 1
-        yield Example(task=name, hyper=hyper, input=text, target=outputs[0], references=list(outputs))
+        yield Example(task=name, hyper=hyper, input=model_input(spec, task, inst["input"], budget),
+                      target=outputs[0], references=list(outputs))
 
 
-def format_instance(spec: SourceSpec, task: dict, input_text: str) -> tuple[str, str]:
-    definition, positives = task["Definition"], task.get("Positive Examples") or []
+def task_hyper(spec: SourceSpec, task: dict, budget: TokenBudget) -> str:
+    """The hypernetwork's text, one per task."""
     if spec.format == "def":
-        return formats.sni_def(definition, input_text)
+        return formats.sni_def_hyper(task["Definition"])
     if spec.format == "def_pos":
-        return formats.sni_def_pos(definition, positives, spec.num_pos, input_text)
-    if spec.format == "concat":
-        return formats.sni_concat(definition, positives, spec.num_pos, input_text)
-    return formats.no_instruct(input_text)
+        return formats.sni_def_pos_hyper(task["Definition"], task.get("Positive Examples") or [],
+                                         spec.num_pos, budget.fits_hyper)
+    return ""
 
 
-def task_streams(spec: SourceSpec, bad: BadRecords, seed: int) -> list[tuple[str, Iterator[Example]]]:
-    return [(name, task_examples(spec, name, bad, seed)) for name in split_tasks(spec)]
+def model_input(spec: SourceSpec, task: dict, input_text: str, budget: TokenBudget) -> str | list[int]:
+    if spec.format != "concat":
+        return formats.no_instruct(input_text)[1]
+    return tk_instruct_input(task, spec.num_pos, input_text, budget)
 
 
-def sni_categories(tasks_dir: str | Path, tasks: Iterable[str]) -> dict[str, str]:
-    """Task name -> category, from the `Categories` field of the SNI task files (`<task>.json`)."""
+def tk_instruct_input(task: dict, k: int, input_text: str, budget: TokenBudget) -> str | list[int]:
+    """The Tk-Instruct string with the examples that fit (ni_collator.py). When the definition and
+    the instance alone are too long, token ids: the reference keeps the first max_input_len
+    tokens there, which can cut the instance and `Output:` away; we keep its head too, but the
+    output cue always stays and the instance keeps at least half the room (or all of itself)."""
+    parts = formats.sni_concat_parts(task["Definition"], task.get("Positive Examples") or [], k,
+                                     input_text, budget.fits_input)
+    text = "".join(parts).strip()
+    if budget.fits_input(text):
+        return text
+    # The parts join at whitespace, where SentencePiece splits anyway: their ids concatenate.
+    head, instance, cue = (budget.tokenizer.encode(p, eos=False) for p in parts)
+    room = budget.max_input_len - 1 - len(cue)
+    head = head[:max(room // 2, room - len(instance))]
+    return head + instance[:room - len(head)] + cue + [EOS_ID]
+
+
+def task_streams(spec: SourceSpec, budget: TokenBudget, bad: BadRecords,
+                 seed: int) -> list[tuple[str, Iterator[Example]]]:
+    return [(name, task_examples(spec, name, budget, bad, seed)) for name in split_tasks(spec)]
+
+
+def sni_categories(tasks_dir: str | os.PathLike, tasks: Iterable[str]) -> dict[str, str]:
+    """Task name -> its first `Categories` entry, from `<tasks_dir>/<task>.json` (a task without a
+    file or a category is left out; a broken file is an error naming it)."""
     out = {}
-    for task in tasks:
-        path = Path(tasks_dir) / f"{task}.json"
-        if path.is_file():
-            with open(path, encoding="utf-8") as f:
-                cats = json.load(f).get("Categories") or []
-            if cats:
-                out[task] = cats[0]
+    for name in tasks:
+        path = files.join(str(tasks_dir), f"{name}.json")
+        task = load_task(path, BadRecords()) if files.exists(path) else None
+        if task and task.get("Categories"):
+            out[name] = task["Categories"][0]
     return out

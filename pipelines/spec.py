@@ -1,7 +1,9 @@
 """A data source as configs write it: `SourceSpec.from_dict({...})` validates and names the bad key.
 
 kinds and their formats:
-- `c4`: allenai/c4 json.gz shards (`path` = file or glob). format `pretrain` only.
+- `c4`: allenai/c4 json.gz shards (`path` = file or glob). formats: `pretrain` (the paper's
+  3-part split), `caclm` (the 4-part split of the reference's c4_registry_4part.py, the
+  paper's Table 4 'CACLM' comparison).
 - `sni`: a natural-instructions checkout (`path` = its root, with tasks/ and splits/); the tasks
   of `splits/<split>/<part>_tasks.txt`. formats: `def` (HINT: the hypernetwork reads the
   Definition), `def_pos` (HINT: Definition + `num_pos` positive examples), `concat`
@@ -9,6 +11,9 @@ kinds and their formats:
   The synthetic suite (pipelines.synthetic) is written in this layout.
 - `p3`: raw dataset records (`path` = jsonl file or glob) rendered with the promptsource
   templates of `dataset` found under `templates`. formats: `joint`, `split`, `concat`.
+  `num_shots: k` puts k rendered examples of the same template in front of the instruction
+  (the paper's Table 3): in the hypernetwork input for `joint`/`split`, in the model input for
+  `concat`; they are drawn from `shots_path` (the dataset's train records; default `path`).
 - `p3_rendered`: pre-rendered `{prompt, completion}` jsonl(.gz) files; format `joint` (or
   `concat`); the template text is recovered from `templates` when given.
 """
@@ -20,12 +25,15 @@ from dataclasses import dataclass
 from typing import Any
 
 FORMATS = {
-    "c4": ("pretrain",),
+    "c4": ("pretrain", "caclm"),
     "sni": ("def", "def_pos", "concat", "no_instruct"),
     "p3": ("joint", "split", "concat"),
     "p3_rendered": ("joint", "concat"),
 }
 PARTS = ("train", "test")
+# The smallest segment each C4 format can cut: the split points of c4.split_segment /
+# c4.split_segment_4part need a non-empty range (the reference's draws, see pipelines/c4.py).
+MIN_SEGMENT = {"pretrain": 4, "caclm": 6}
 
 
 class SpecError(ValueError):
@@ -50,6 +58,8 @@ class SourceSpec:
     templates: str = ""  # promptsource_templates directory
     dataset: str = ""  # p3: e.g. super_glue/rte (templates/<dataset>/templates.yaml)
     example_cap: int = 500_000  # datasets above this count as cap / number of templates
+    num_shots: int = 0  # p3: rendered examples of the same template before the instruction
+    shots_path: str = ""  # p3: records the shots are drawn from ("" = path; required for part test)
 
     def __post_init__(self):
         if not self.format:
@@ -91,8 +101,19 @@ class SourceSpec:
         for key in ("weight", "max_per_task", "segment_len", "example_cap"):
             if getattr(self, key) <= 0:
                 raise SpecError(f"{where}: {key}: must be positive, got {getattr(self, key)}")
-        if self.kind == "c4" and self.segment_len < 3:
-            raise SpecError(f"{where}: segment_len: a segment splits into three parts, got {self.segment_len}")
+        if self.kind == "c4" and self.segment_len < MIN_SEGMENT[self.format]:
+            raise SpecError(f"{where}: segment_len: format {self.format!r} needs at least "
+                            f"{MIN_SEGMENT[self.format]} tokens a segment, got {self.segment_len}")
+        if self.num_shots < 0:
+            raise SpecError(f"{where}: num_shots: must be 0 or more, got {self.num_shots}")
+        if (self.num_shots or self.shots_path) and self.kind != "p3":
+            raise SpecError(f"{where}: num_shots/shots_path: few-shot sources need kind 'p3' (raw records "
+                            f"rendered with templates), got kind {self.kind!r}")
+        if self.shots_path and not self.num_shots:
+            raise SpecError(f"{where}: shots_path: set num_shots (1 or more) to draw shots from it")
+        if self.num_shots and not self.is_train and not self.shots_path:
+            raise SpecError(f"{where}: num_shots with part 'test' needs shots_path (the dataset's train "
+                            "records): shots are never drawn from the records being evaluated")
         if self.kind == "p3" and not (self.templates and self.dataset):
             raise SpecError(f"{where}: kind p3 needs 'templates' (promptsource_templates directory) "
                             "and 'dataset' (e.g. super_glue/rte)")

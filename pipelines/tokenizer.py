@@ -37,15 +37,11 @@ class Tokenizer:
 
     def encode(self, text: str, max_len: int | None = None, eos: bool = True) -> list[int]:
         """Token ids of `text`, cut to `max_len` tokens including the EOS."""
-        return self.encode_batch([text], max_len, eos)[0]
+        # One string directly: a list goes through SentencePiece's thread pool (~3x slower alone).
+        return _cut(self.sp.encode(text), max_len, eos)
 
     def encode_batch(self, texts: list[str], max_len: int | None = None, eos: bool = True) -> list[list[int]]:
-        keep = None if max_len is None else max_len - eos
-        out = []
-        for ids in self.sp.encode(list(texts)):
-            ids = ids[:keep]
-            out.append(ids + [EOS_ID] if eos else ids)
-        return out
+        return [_cut(ids, max_len, eos) for ids in self.sp.encode(list(texts))]
 
     def decode(self, ids: Iterable[int]) -> str:
         """Text of ids, stopping at the first EOS and ignoring padding and -100."""
@@ -57,6 +53,11 @@ class Tokenizer:
             if i >= 0 and i != PAD_ID:
                 kept.append(i)
         return self.sp.decode(kept)
+
+
+def _cut(ids: list[int], max_len: int | None, eos: bool) -> list[int]:
+    ids = ids[:None if max_len is None else max_len - eos]
+    return ids + [EOS_ID] if eos else ids
 
 
 def load_tokenizer(directory: str | os.PathLike) -> Tokenizer:

@@ -33,6 +33,11 @@ def test_paper_setups_follow_the_paper(size, preset):
         if setup != "pretrain-c4":
             assert (cfg.data.max_input_len, cfg.data.max_target_len) == (1024, 256)
             assert cfg.model.init_from == f"runs/hint-{size}-pretrain-c4/export"
+        # Paper Section 4: pretraining 10k steps (7k at 11B), SNI 1k, P3 10k; the hypernetwork
+        # reads 512 tokens in pretraining and on P3, 1024 on SNI.
+        steps = {"pretrain-c4": 7000 if size == "11b" else 10000, "sni-def": 1000, "sni-def-2pos": 1000,
+                 "p3-joint": 10000, "p3-split": 10000}[setup]
+        assert (cfg.train.max_steps, cfg.data.max_hyper_len) == (steps, 1024 if setup.startswith("sni") else 512)
     formats = {s: {d["format"] for d in config.load(PAPER[f"hint-{size}-{s}"]).data.train}
                for s in setups}
     assert formats == {"pretrain-c4": {"pretrain"}, "sni-def": {"def"}, "sni-def-2pos": {"def_pos"},

@@ -25,31 +25,30 @@ def test_real_task_is_what_the_strings_below_assume(task):
 
 
 def test_hint_def(task):
-    assert formats.sni_def(task["Definition"][0], INPUT) == (f"Definition: {DEFINITION}", INPUT)
+    assert formats.sni_def(task["Definition"][0], INPUT) == (DEFINITION, INPUT)
 
 
-def test_hint_def_pos(task):
-    hyper, text = formats.sni_def_pos(task["Definition"][0], task["Positive Examples"], 2, INPUT)
-    assert hyper == (f"Definition: {DEFINITION}\n\n"
+def test_hint_def_pos_prepends_the_examples_in_reverse(task):
+    hyper = formats.sni_def_pos_hyper(task["Definition"][0], task["Positive Examples"], 2, lambda text: True)
+    assert hyper == (" Positive Example 2 -\nInput: text: madonna fired her trainer because she couldnt stand "
+                     "her boyfriend.; pronoun: her.\n Output: trainer.\n"
                      f" Positive Example 1 -\nInput: {EX1}.\n Output: shakespeare.\n"
-                     " Positive Example 2 -\nInput: text: madonna fired her trainer because she couldnt stand "
-                     "her boyfriend.; pronoun: her.\n Output: trainer.")
-    assert text == INPUT
+                     f"Definition: {DEFINITION}")
 
 
 def test_tk_instruct_concat(task):
     hyper, text = formats.sni_concat(task["Definition"][0], task["Positive Examples"], 1, INPUT)
     assert hyper == ""
     assert text == (f"Definition: {DEFINITION}\n\n"
-                    f" Positive Example 1 -\nInput: {EX1}.\n Output: shakespeare.\n"
-                    f"Now complete the following example -\nInput: {INPUT}.\nOutput: ")
+                    f" Positive Example 1 -\nInput: {EX1}.\n Output: shakespeare.\n\n"
+                    f"Now complete the following example -\nInput: {INPUT}.\nOutput:")
     _, zero_shot = formats.sni_concat(task["Definition"][0], task["Positive Examples"], 0, INPUT)
-    assert zero_shot == f"Definition: {DEFINITION}\n\nNow complete the following example -\nInput: {INPUT}.\nOutput: "
+    assert zero_shot == f"Definition: {DEFINITION}\n\nNow complete the following example -\nInput: {INPUT}.\nOutput:"
 
 
 def test_tk_instruct_adds_a_period_only_without_punctuation():
     _, text = formats.sni_concat("Say hi", [], 0, "x?")
-    assert text == "Definition: Say hi.\n\nNow complete the following example -\nInput: x?\nOutput: "
+    assert text == "Definition: Say hi.\n\nNow complete the following example -\nInput: x?\nOutput:"
 
 
 def test_no_instruct_and_p3_formats():

@@ -2,7 +2,7 @@
 
 import pytest
 
-from pipelines import BadRecords, SourceSpec, iter_records, p3
+from pipelines import BadRecords, SourceSpec, TokenBudget, iter_records, load_tokenizer, p3
 from pipelines.p3_templates import Template, load_templates, to_hf_fields
 
 
@@ -14,12 +14,17 @@ def raw_spec(shared_data, dataset, split="val", fmt="joint"):
         "templates": str(shared_data / "p3" / "promptsource_templates")})
 
 
-def examples_of(spec):
-    return {task: list(stream) for task, stream in p3.task_streams(spec, BadRecords(), seed=0)}
+@pytest.fixture(scope="module")
+def budget(shared_data):
+    return TokenBudget(load_tokenizer(shared_data / "tokenizer" / "t5"))
 
 
-def test_rte_joint_known_answer(shared_data):
-    by_task = examples_of(raw_spec(shared_data, "super_glue/rte"))
+def examples_of(spec, budget):
+    return {task: list(stream) for task, stream in p3.task_streams(spec, budget, BadRecords(), seed=0)}
+
+
+def test_rte_joint_known_answer(shared_data, budget):
+    by_task = examples_of(raw_spec(shared_data, "super_glue/rte"), budget)
     ex = by_task["super_glue/rte/MNLI crowdsource"][0]
     # RTE val record 0 is labelled not_entailment -> class 1 -> "No".
     assert ex.hyper == ('[premise] Using only the above description and what you know about the world, '
@@ -30,25 +35,25 @@ def test_rte_joint_known_answer(shared_data):
     assert all(len(v) == 277 for v in by_task.values())
 
 
-def test_cb_copa_wic_wsc_answers_and_choices(shared_data):
-    cb = examples_of(raw_spec(shared_data, "super_glue/cb"))["super_glue/cb/can we infer"][0]
+def test_cb_copa_wic_wsc_answers_and_choices(shared_data, budget):
+    cb = examples_of(raw_spec(shared_data, "super_glue/cb"), budget)["super_glue/cb/can we infer"][0]
     assert (cb.target, cb.answer_choices) == ("No", ["Yes", "No", "Maybe"])  # contradiction -> 1
-    copa = examples_of(raw_spec(shared_data, "super_glue/copa"))["super_glue/copa/exercise"][0]
+    copa = examples_of(raw_spec(shared_data, "super_glue/copa"), budget)["super_glue/copa/exercise"][0]
     assert copa.target == "Water flowed from the spout." and copa.answer_index == 1
-    wic = examples_of(raw_spec(shared_data, "super_glue/wic"))
+    wic = examples_of(raw_spec(shared_data, "super_glue/wic"), budget)
     assert all(e.answer_choices and e.answer_index >= 0 for v in wic.values() for e in v)
-    wsc = examples_of(raw_spec(shared_data, "super_glue/wsc.fixed"))["super_glue/wsc.fixed/does the pronoun refer to"][0]
+    wsc = examples_of(raw_spec(shared_data, "super_glue/wsc.fixed"), budget)["super_glue/wsc.fixed/does the pronoun refer to"][0]
     assert '"him" refer to anyone? Yes or no?' in wsc.input and wsc.target == "No"
 
 
-def test_copa_templates_for_one_question_type_skip_the_others(shared_data):
-    by_task = examples_of(raw_spec(shared_data, "super_glue/copa"))
+def test_copa_templates_for_one_question_type_skip_the_others(shared_data, budget):
+    by_task = examples_of(raw_spec(shared_data, "super_glue/copa"), budget)
     assert 0 < len(by_task["super_glue/copa/…What could happen next, C1 or C2?"]) < 100
     assert len(by_task["super_glue/copa/exercise"]) == 100
 
 
-def test_split_format_lists_fields_in_template_order(shared_data):
-    ex = examples_of(raw_spec(shared_data, "super_glue/rte", fmt="split"))["super_glue/rte/GPT-3 style"][0]
+def test_split_format_lists_fields_in_template_order(shared_data, budget):
+    ex = examples_of(raw_spec(shared_data, "super_glue/rte", fmt="split"), budget)["super_glue/rte/GPT-3 style"][0]
     assert ex.input == ("premise: Dana Reeve, the widow of the actor Christopher Reeve, has died of lung cancer at "
                         "age 44, according to the Christopher Reeve Foundation.\n"
                         "hypothesis: Christopher Reeve had an accident.")
@@ -71,11 +76,11 @@ def test_template_rendering_protects_pipes_and_has_promptsource_filters():
     assert t.render({"a": "p|||q", "b": "B"}) == ("p|||q B", "x", ["x", "y"])
 
 
-def test_rendered_t0_files_recover_their_templates(shared_data):
+def test_rendered_t0_files_recover_their_templates(shared_data, budget):
     spec = SourceSpec.from_dict({"kind": "p3_rendered", "part": "test",
                                  "path": str(shared_data / "p3" / "t0_train_rendered" / "ag_news_*.jsonl.gz"),
                                  "templates": str(shared_data / "p3" / "promptsource_templates")})
-    by_task = examples_of(spec)
+    by_task = examples_of(spec, budget)
     assert len(by_task) == 7
     ex = by_task["ag_news_classify_question_first"][0]
     assert ex.hyper.startswith("What label best describes this news article?\n[text]")

@@ -5,7 +5,7 @@ import random
 
 import pytest
 
-from pipelines import BadRecords, SourceSpec, SpecError, c4, load_tokenizer, sni, synthetic, train_tokenizer
+from pipelines import BadRecords, SourceSpec, SpecError, TokenBudget, c4, load_tokenizer, sni, synthetic, train_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -17,26 +17,27 @@ def sni_spec(shared_data, **kw):
     return SourceSpec.from_dict({"kind": "sni", "path": str(shared_data / "sni"), "split": "mini", **kw})
 
 
-def test_sni_mini_split_counts(shared_data):
+def test_sni_mini_split_counts(shared_data, t5):
     train = sni.split_tasks(sni_spec(shared_data))
     test = sni.split_tasks(sni_spec(shared_data, part="test"))
     assert (len(train), len(test)) == (77, 3)
-    streams = sni.task_streams(sni_spec(shared_data, part="test", max_per_task=7), BadRecords(), seed=0)
+    streams = sni.task_streams(sni_spec(shared_data, part="test", max_per_task=7), TokenBudget(t5), BadRecords(),
+                               seed=0)
     examples = [ex for _, stream in streams for ex in stream]
     assert len(examples) == 21
     first = examples[0]
     raw = json.loads((shared_data / "sni" / "tasks" / f"{test[0]}.json").read_text())
     assert first.task == test[0] and first.input == raw["Instances"][0]["input"].strip()  # test part: first N
     assert first.references == raw["Instances"][0]["output"] and first.target == first.references[0]
-    assert first.hyper.startswith("Definition: ")
+    assert first.hyper == raw["Definition"][0].strip()
 
 
-def test_sni_train_part_is_a_seeded_shuffle(shared_data):
+def test_sni_train_part_is_a_seeded_shuffle(shared_data, t5):
     spec = sni_spec(shared_data, max_per_task=5)
     name = sni.split_tasks(spec)[0]
-    a = [ex.input for ex in sni.task_examples(spec, name, BadRecords(), seed=1)]
-    b = [ex.input for ex in sni.task_examples(spec, name, BadRecords(), seed=1)]
-    c = [ex.input for ex in sni.task_examples(spec, name, BadRecords(), seed=2)]
+    a = [ex.input for ex in sni.task_examples(spec, name, TokenBudget(t5), BadRecords(), seed=1)]
+    b = [ex.input for ex in sni.task_examples(spec, name, TokenBudget(t5), BadRecords(), seed=1)]
+    c = [ex.input for ex in sni.task_examples(spec, name, TokenBudget(t5), BadRecords(), seed=2)]
     assert a == b and a != c and len(a) == 5
 
 
@@ -158,7 +159,7 @@ def test_readers_take_uris_through_pyarrow_filesystems(shared_data, t5):
     assert len(docs) == 40
     spec = SourceSpec.from_dict({"kind": "sni", "path": f"{uri}/sni", "split": "mini", "part": "test",
                                  "max_per_task": 3})
-    examples = [ex for _, stream in sni.task_streams(spec, BadRecords(), seed=0) for ex in stream]
+    examples = [ex for _, stream in sni.task_streams(spec, TokenBudget(t5), BadRecords(), seed=0) for ex in stream]
     assert len(examples) == 9 and examples[0].task == "task1393_superglue_copa_text_completion"
     with pytest.raises(SpecError, match="unknown split 'nope'.*default, mini"):
         sni.split_tasks(SourceSpec.from_dict({"kind": "sni", "path": f"{uri}/sni", "split": "nope"}))

@@ -79,7 +79,7 @@ def test_sni_categories_from_real_task_files(shared_data):
 
 def test_gflops_per_task_hint_reads_the_instruction_once(suite):
     from hint_model.flops import task_cost
-    from hint_platform.evaluation.evaluate import gflops_per_task
+    from hint_platform.evaluation.evaluate import mean_gflops_per_task
 
     s, tok_dir = suite
     lengths = dict(max_input_len=128, max_hyper_len=64, max_target_len=16)
@@ -91,5 +91,5 @@ def test_gflops_per_task_hint_reads_the_instruction_once(suite):
     one_task = [r for r in hint_rows if r["task"] == hint_rows[0]["task"]]
     n = len(one_task)
     t, i, o = (round(sum(len(r[k]) for r in one_task) / n) for k in ("hyper_input_ids", "input_ids", "labels"))
-    assert gflops_per_task(hint_cfg, one_task) == pytest.approx(task_cost(hint_cfg, n, t, i, o).hint / 1e9)
-    assert gflops_per_task(hint_cfg, hint_rows) < gflops_per_task(concat_cfg, concat_rows)
+    assert mean_gflops_per_task(hint_cfg, one_task) == pytest.approx(task_cost(hint_cfg, n, t, i, o).hint / 1e9)
+    assert mean_gflops_per_task(hint_cfg, hint_rows) < mean_gflops_per_task(concat_cfg, concat_rows)

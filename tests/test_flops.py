@@ -1,7 +1,8 @@
 """The Appendix C compute / memory model against values worked out by hand."""
 
-from hint_model import HintConfig
-from hint_model.flops import forward_flops, stack_weights, task_cost
+from hint_model import VARIANT_PRESETS, HintConfig
+from hint_model.flops import (component_layout, forward_flops, generator_flops, gflops_per_task,
+                              stack_weights, task_cost)
 
 # d=4, 2 heads of 2 (inner 4), gated FFN 8 wide, one encoder and one decoder layer, vocab 10,
 # adapters of 2, prefixes of 1, fusion on, component generator.
@@ -24,10 +25,12 @@ def test_hand_computed_task_cost():
     #   mixing 4*d*d*t + 4*d*d*rows + 4*rows*t*d = 320 + 1152 + 1440;
     #   MLPs 16 rows of width 4 at 2*(16+16), 2 rows of width 2 at 2*(16+8) = 1024 + 96
     assert cost.generator == 2912 + 1120
+    # fusion: the instruction's cross-attention K/V once per task, 4*d*inner*t = 320
+    assert cost.fusion_kv == 320
     # per input: 2*160*2 + 2*264*1 + adapters 4*d*a*(2+1)=96 + prefixes 4*P*inner*(2+2)=64
-    #   + fusion 4*d*inner*t + 4*t*inner*o = 320 + 80
-    per_input = 640 + 528 + 96 + 64 + 400
-    assert cost.hint == 2 * 160 * 5 + 4032 + 3 * per_input
+    #   + attention over the t fused keys 4*t*inner*o = 80
+    per_input = 640 + 528 + 96 + 64 + 80
+    assert cost.hint == 2 * 160 * 5 + 4032 + 320 + 3 * per_input
     # state: adapters 16+4+16+8, prefixes 2*3*1*4, instruction t*d = 20 values, 2 bytes each
     assert cost.hint_state_bytes == (44 + 24 + 20) * 2
     # decoder-only cache of the instruction: 2 * (1+1) layers * 4 * 5 values, 2 bytes each
@@ -36,7 +39,7 @@ def test_hand_computed_task_cost():
 
 def test_variants_change_only_their_terms():
     no_fusion = task_cost(HintConfig.from_dict({**CFG.to_dict(), "fusion": False}), 3, 5, 2, 1)
-    assert no_fusion.hint == task_cost(CFG, 3, 5, 2, 1).hint - 3 * 400
+    assert no_fusion.hint == task_cost(CFG, 3, 5, 2, 1).hint - 320 - 3 * 80
     concat = task_cost(HintConfig.preset("tiny", variant="concat"), 3, 5, 2, 1)
     assert concat.generator == 0 and concat.hint_state_bytes == 0
 
@@ -50,6 +53,41 @@ def test_hint_pays_off_for_long_instructions_at_3b():
     assert many.hint_state_bytes < many.kv_cache_bytes
 
 
+def test_fusion_keys_and_values_are_paid_once_per_task():
+    """Ten times the inputs: ten times the per-input attention over the instruction, the
+    instruction's K/V projections once (2 layers x 2 (K, V) x 2 FLOPs x d x inner x t)."""
+    cfg = HintConfig.preset("xl", variant="hint")
+    no_fusion = HintConfig.preset("xl", variant="hint_no_fusion")
+    t, i, o = 1024, 256, 16
+    extra = {n: task_cost(cfg, n, t, i, o).hint - task_cost(no_fusion, n, t, i, o).hint for n in (1, 10)}
+    kv = 24 * 2 * 2 * 2048 * 2048 * t
+    attention = 24 * 2 * 2 * t * 2048 * o
+    assert extra[1] == kv + attention and extra[10] == kv + 10 * attention
+    assert gflops_per_task(cfg, n=10, i=i, t=t, target_len=o) == task_cost(cfg, 10, t, i, o).hint / 1e9
+
+
+def test_gflops_per_task_of_the_baselines():
+    """Concatenation reads t + i tokens per input, static PEFT adds its modules' cost on those,
+    No-Instruct reads i only (hand values on CFG's shapes: N_enc 160, N_dec 264)."""
+    shapes = {k: v for k, v in CFG.to_dict().items()
+              if k not in ("hypernetwork", "fusion", "adapters", "prefixes", "lora", "variant")}
+    concat = HintConfig.from_dict({**shapes, **VARIANT_PRESETS["concat"], "variant": "concat"})
+    assert gflops_per_task(concat, n=3, i=2, t=5, target_len=1) * 1e9 == 3 * (2 * 160 * 7 + 2 * 264)
+    none = HintConfig.from_dict({**shapes, **VARIANT_PRESETS["no_instruct"], "variant": "no_instruct"})
+    assert gflops_per_task(none, n=3, i=2, t=5, target_len=1) * 1e9 == 3 * (2 * 160 * 2 + 2 * 264)
+    static = HintConfig.from_dict({**shapes, **VARIANT_PRESETS["static_peft"], "variant": "static_peft"})
+    # adapters 4*d*a*(7+1) = 256, prefixes 4*P*inner*(7+2) = 144 per input
+    assert gflops_per_task(static, n=3, i=2, t=5, target_len=1) * 1e9 == 3 * (2 * 160 * 7 + 2 * 264 + 256 + 144)
+
+
+def test_decoder_generator_cost_is_linear_in_its_queries():
+    """No self-attention among the slot queries: doubling the rows (adapter size) adds at most
+    about twice the cost, never the square."""
+    small = HintConfig.preset("xl", variant="generator_decoder")
+    big = HintConfig.preset("xl", variant="generator_decoder", adapter_size=1024)
+    assert generator_flops(big, 1024) < 2.1 * generator_flops(small, 1024)
+
+
 def test_forward_flops_of_one_training_example():
     # one task of one input: the HINT cost of test_hand_computed_task_cost with n=1
     assert forward_flops(CFG.to_dict(), hyper_len=5, input_len=2, target_len=1) == 1600 + 4032 + 1728
@@ -60,9 +98,6 @@ def test_forward_flops_of_one_training_example():
 
 def test_generator_flops_follow_the_mlp_width():
     """Only the MLPs depend on generator_mlp_dim: doubling it adds rows x 2 x (d*h + h*width)."""
-    from hint_model import HintConfig
-    from hint_model.flops import component_layout, generator_flops
-
     base = HintConfig.preset("tiny", variant="hint")
     wide = HintConfig.preset("tiny", variant="hint", generator_mlp_dim=2 * base.d_model)
     d, h = base.d_model, base.d_model

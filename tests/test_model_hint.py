@@ -146,19 +146,21 @@ def generator_size(model):
 # tiny: d=64, 4 layers, 6 attention slots, adapters of 8, prefixes of 4. Component generator:
 # rows (slot x component) adapter down/up 4*8 each, their biases 4 each, prefix key/value 6*4 each
 # = 120; six MLPs d -> h -> width, widths 64+64+8+64+64+64 = 328; cross-attention 4*d*d at any
-# number of heads. Pooled, per layer: d -> h -> one whole adapter (64*8 + 8 + 8*64 + 64 = 1096).
+# number of heads. Pooled (Hypter): four MLPs d -> h -> that kind for all 4 layers, whose widths
+# sum to 4 whole adapters (4 * (64*8 + 8 + 8*64 + 64) = 4 * 1096).
 COMPONENT_MLPS = 6 * 64 + 328
+POOLED_MLPS = 4 * 64 + 4 * 1096
 
 
 def test_default_generator_sizes_are_the_papers():
     assert generator_size(tiny()) == 120 * 64 + 4 * 64 * 64 + 64 * COMPONENT_MLPS  # h = d
-    assert generator_size(tiny("hypter")) == 4 * 8 * (64 + 1096)  # h = adapter_size
+    assert generator_size(tiny("hypter")) == 64 * POOLED_MLPS  # h = d (hyper_network.py)
 
 
 @pytest.mark.parametrize("variant, overrides, hand_change", [
     ("hint", dict(generator_mlp_dim=32, generator_heads=2), (32 - 64) * COMPONENT_MLPS),
     ("generator_decoder", dict(generator_mlp_dim=128), (128 - 64) * COMPONENT_MLPS),
-    ("hypter", dict(generator_mlp_dim=16), 4 * (16 - 8) * (64 + 1096)),
+    ("hypter", dict(generator_mlp_dim=16), (16 - 64) * POOLED_MLPS),
 ])
 def test_generator_shape_sets_its_size_and_trains(variant, overrides, hand_change):
     model = tiny(variant, **overrides)
@@ -223,7 +225,7 @@ def test_activation_checkpointing_gives_the_same_gradients():
 def test_blocks_lists_every_t5_block():
     model = tiny("generator_decoder", tied_hyper_encoder=False)
     cfg = model.config
-    assert len(model.blocks()) == 2 * cfg.num_layers + cfg.num_decoder_layers + cfg.generator_layers
+    assert len(model.blocks()) == 2 * cfg.num_layers + cfg.num_decoder_layers + cfg.generator_depth
 
 
 @pytest.mark.parametrize("size, billions", [("xl", 2.85), ("xxl", 11.3)])

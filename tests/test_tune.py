@@ -113,7 +113,7 @@ def test_interrupted_study_resumes_without_rerunning_finished_trials(tmp_path, r
     assert [c.data.tags[study_runs.OUTCOME_TAG] for c in children] == ["done", "done"]
 
     rows = leaderboard(run)
-    assert [r.setting for r in rows] == ["train.lr=0.5", "train.lr=0.001"]  # best first
+    assert [r.point for r in rows] == ["train.lr=0.5", "train.lr=0.001"]  # best first
     assert [r.status for r in rows] == ["done", "done"]
     assert rows[0].metric == pytest.approx(1 / (0.5 * 4))
     assert rows[0].curve == ([1, 2, 3, 4], [1 / (0.5 * s) for s in (1, 2, 3, 4)])

@@ -51,7 +51,7 @@ def test_study_of_real_training_runs_asha_stops_the_hopeless_trial(base_config, 
     run = load_study_run(study, base_config)
     assert run_study(run) is True
 
-    rows = {r.setting: r for r in leaderboard(run)}
+    rows = {r.point: r for r in leaderboard(run)}
     good, hopeless = rows[f"train.lr={GOOD_LR}"], rows[f"train.lr={HOPELESS_LR}"]
     assert (good.status, good.steps) == ("done", MAX_STEPS)
     assert hopeless.status == "stopped early" and hopeless.steps < MAX_STEPS

@@ -20,7 +20,8 @@ def register(subparsers) -> None:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="dotted overrides, e.g. train.max_steps=20 model.variant=concat")
     p.add_argument("--dry-run", action="store_true",
-                   help="validate the config and print it resolved; start nothing")
+                   help="validate the config and print it resolved, with the model's parameters "
+                        "and memory per GPU (built on the meta device); start nothing")
     p.set_defaults(func=run)
 
 
@@ -28,11 +29,43 @@ def run(args: argparse.Namespace) -> int:
     cfg = config.load(args.config, args.overrides)
     if args.dry_run:
         print(yaml.safe_dump(redact(cfg.to_dict()), sort_keys=False), end="")
+        print("\n".join(f"# {line}" for line in size_lines(cfg)))
         return 0
     result = train_and_register(cfg)
     for key, value in redact(result).items():
         print(f"{key}: {value}")
     return 0
+
+
+def size_lines(cfg: config.ExperimentConfig) -> list[str]:
+    """The model at its real size on the meta device: parameters, the memory per GPU of this
+    config's training (hint_model.memory), and the task state of Appendix C.2."""
+    from hint_model.flops import task_cost
+    from hint_model.memory import meta_model, parameter_counts, training_memory
+
+    m = config.model_config(cfg)
+    model = meta_model(m)
+    n = parameter_counts(m, model)
+    d, t = cfg.data, cfg.train
+    mem = training_memory(m, workers=t.num_workers, micro_batch=t.micro_batch_size,
+                          hyper_len=d.max_hyper_len, input_len=d.max_input_len,
+                          target_len=d.max_target_len, checkpointing=t.activation_checkpointing,
+                          compute_bytes=2 if t.use_gpu else 4, model=model)
+    state = task_cost(m, n=1, t=d.max_hyper_len, i=d.max_input_len, o=d.max_target_len)
+    gib = 2 ** 30
+    return [
+        f"model {m.variant} ({cfg.model.preset} shapes): {n.total / 1e9:.3f}B parameters, "
+        f"{n.trainable / 1e9:.3f}B trained; T5 {n.t5 / 1e9:.3f}B, hyper-encoder "
+        f"{n.hyper_encoder / 1e9:.3f}B, generator {n.generator / 1e9:.3f}B",
+        f"memory per GPU ({t.num_workers} workers, FSDP, Adafactor, micro-batch "
+        f"{t.micro_batch_size}, lengths {d.max_hyper_len}/{d.max_input_len}/{d.max_target_len}, "
+        f"activation checkpointing {'on' if t.activation_checkpointing else 'off'}): "
+        f"{mem.total / gib:.1f} GiB = weights {mem.weights / gib:.1f} + gradients "
+        f"{mem.gradients / gib:.1f} + optimizer {mem.optimizer / gib:.2f} + gathered "
+        f"{mem.gathered / gib:.1f} + activations {mem.activations / gib:.1f} (an estimate)",
+        f"task state (Appendix C.2, bf16): {state.hint_state_bytes / 2 ** 20:.1f} MiB; a "
+        f"decoder-only KV cache of the instruction {state.kv_cache_bytes / 2 ** 20:.1f} MiB",
+    ]
 
 
 def train_and_register(cfg: config.ExperimentConfig) -> dict:

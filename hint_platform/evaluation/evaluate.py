@@ -12,7 +12,7 @@ from typing import Callable
 
 import mlflow
 
-from hint_model.flops import task_cost
+from hint_model.flops import gflops_per_task
 from hint_platform import export
 from hint_platform.errors import UserError
 from hint_platform.evaluation.inference import predict_records
@@ -44,14 +44,14 @@ def evaluate_export(export_dir: str | Path, cfg, *, batch_size: int = 16, max_ne
         if spec.kind == "p3":
             p3_datasets.update({t: spec.dataset for t in tasks if t.startswith(f"{spec.dataset}/")})
     report = score_predictions(predictions, categories, p3_datasets)
-    report.overall["gflops_per_task"] = gflops_per_task(model.config, records)
+    report.overall["gflops_per_task"] = mean_gflops_per_task(model.config, records)
     return report
 
 
-def gflops_per_task(model_config, records: list[dict]) -> float:
-    """Mean inference GFLOPs per task (hint_model.flops, the paper's Appendix C) at each task's
-    mean token lengths. A hypernetwork variant encodes the instruction once per task; any other
-    variant pays for its input only (for concatenation that input holds the instruction)."""
+def mean_gflops_per_task(model_config, records: list[dict]) -> float:
+    """Mean inference GFLOPs per task (hint_model.flops.gflops_per_task, the paper's Appendix C)
+    at each task's mean token lengths, as the records give them: a concatenation record's input
+    already holds the instruction (and its hypernetwork input is empty)."""
     by_task: dict[str, list[dict]] = defaultdict(list)
     for r in records:
         by_task[r["task"]].append(r)
@@ -59,9 +59,8 @@ def gflops_per_task(model_config, records: list[dict]) -> float:
     for rows in by_task.values():
         n = len(rows)
         t, i, o = (round(sum(len(r[k]) for r in rows) / n) for k in ("hyper_input_ids", "input_ids", "labels"))
-        cost = task_cost(model_config, n, t if model_config.hypernetwork else 0, i, o)
-        costs.append(cost.hint if model_config.hypernetwork else cost.concat)
-    return sum(costs) / len(costs) / 1e9
+        costs.append(gflops_per_task(model_config, n, i=i, t=t, target_len=o))
+    return sum(costs) / len(costs)
 
 
 def save_report(report: EvalReport, out_dir: str | Path) -> Path:

@@ -3,8 +3,8 @@ MLflow run and runs a Ray Train (V2) `TorchTrainer` whose workers run training/w
 
 Batches. A step is one optimizer update on `train.global_batch_size` examples: every worker
 runs `accum = global / (num_workers * micro_batch_size)` micro-batches and the gradients are
-summed. The loss is the mean over every target token of the global batch (not a mean of
-per-micro-batch means), so a step's gradient does not depend on how the batch is split over
+summed. The loss (cross-entropy plus `train.z_loss`, hint_model/loss.py) is the mean over every
+target token of the global batch (not a mean of per-micro-batch means), so a step's gradient does not depend on how the batch is split over
 workers and micro-batches: 2-worker FSDP and one process give the same update.
 
 Data position and resume. Rows carry a deterministic `example_index`. Each rank records the

@@ -17,13 +17,13 @@ import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from ray.train import Checkpoint
 from torch import nn
 from torch.distributed.fsdp import FSDPModule
 
 from hint_model import HintModel
 from hint_model.flops import forward_flops
+from hint_model.loss import token_loss_sum
 from hint_platform.config import ConfigError, ExperimentConfig, from_dict, model_config
 from hint_platform.errors import TrainingError
 from hint_platform.tracking.runs import RunLogger
@@ -46,7 +46,7 @@ def build_model(cfg: ExperimentConfig) -> HintModel:
         if hf.get("model_type") == "t5":
             return HintModel.from_t5_checkpoint(section.init_from, variant=section.variant,
                                                 **section.overrides)
-        model = HintModel.from_pretrained(section.init_from)
+        model = HintModel.from_pretrained(section.init_from, **section.overrides)
         if model.config.variant != section.variant:
             raise ConfigError(f"model.variant: {section.variant!r}, but model.init_from "
                               f"{section.init_from} holds a {model.config.variant!r} model")
@@ -55,16 +55,16 @@ def build_model(cfg: ExperimentConfig) -> HintModel:
     return HintModel(model_config(cfg, vocab_size=load_tokenizer(cfg.data.tokenizer).vocab_size))
 
 
-def loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The summed token loss of a collated batch."""
+def loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], z_loss: float = 0.0) -> torch.Tensor:
+    """The summed token loss of a collated batch (cross-entropy, plus the z-loss if asked)."""
     # decoder inputs without labels: the model would also compute a mean loss we don't use
     logits = model(**batch, decoder_input_ids=model.shift_right(batch["labels"])).logits
-    return F.cross_entropy(logits.float().flatten(0, 1), batch["labels"].flatten(),
-                           ignore_index=-100, reduction="sum")
+    return token_loss_sum(logits, batch["labels"], z_loss)
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer,
-               micro_batches: list[dict[str, torch.Tensor]], grad_clip: float) -> dict[str, float]:
+               micro_batches: list[dict[str, torch.Tensor]], grad_clip: float,
+               z_loss: float) -> dict[str, float]:
     """One optimizer step over this worker's micro-batches (already collated, on device).
 
     Each micro-batch's summed token loss is divided by the target tokens of the whole global
@@ -80,7 +80,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer,
     for i, batch in enumerate(micro_batches):
         if isinstance(model, FSDPModule):  # reduce gradients once, after the last micro-batch
             model.set_requires_gradient_sync(i == len(micro_batches) - 1)
-        loss = loss_sum(model, batch)
+        loss = loss_sum(model, batch, z_loss)
         (loss * (world / total_tokens)).backward()
         summed += loss.detach().cpu()
     grad_norm = clip_gradients(model, grad_clip)
@@ -164,7 +164,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
         micro_rows, waited = next(steps)
         try:
             out = train_step(model, optimizer, [to_device(r, device) for r in micro_rows],
-                             t.grad_clip)
+                             t.grad_clip, t.z_loss)
         except (torch.OutOfMemoryError, RuntimeError) as e:
             if not _out_of_memory(e):
                 raise

@@ -142,13 +142,11 @@ def peft_params(cfg) -> int:
 
 
 def inference_gflops(cfg) -> float:
-    """Inference GFLOPs of one task of TASK_INPUTS inputs (hint_model.flops, Appendix C):
-    HINT reads the instruction once; a model without a hypernetwork reads it with every input,
-    or not at all (No-Instruct)."""
-    m, d = model_config(cfg), cfg.data
-    t = 0 if cfg.model.variant == "no_instruct" else d.max_hyper_len
-    cost = flops.task_cost(m, n=TASK_INPUTS, t=t, i=d.max_input_len, o=OUTPUT_LEN)
-    return (cost.hint if m.hypernetwork else cost.concat) / 1e9
+    """Inference GFLOPs of one task of TASK_INPUTS inputs at the configured lengths
+    (hint_model.flops.gflops_per_task, Appendix C)."""
+    d = cfg.data
+    return flops.gflops_per_task(model_config(cfg), TASK_INPUTS, i=d.max_input_len,
+                                 t=d.max_hyper_len, target_len=OUTPUT_LEN)
 
 
 def _save(fig, path: Path) -> None:

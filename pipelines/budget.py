@@ -1,0 +1,31 @@
+"""The token limits of a pipeline, and a counter, for the readers that drop what does not fit.
+
+The reference drops whole examples that would not fit before anything is truncated: Tk-Instruct's
+positive examples (ni_collator.py), the positive examples HINT's hypernetwork reads
+(ni_registry.py), P3's few-shot exemplars (few_shot.py). Those decisions need token counts where
+the text is formatted, so the readers get the limits the tokenisation stage later cuts to.
+Counts include the EOS, as `tokenizer(text)["input_ids"]` does in the reference.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pipelines.tokenizer import Tokenizer
+
+
+@dataclass(frozen=True)
+class TokenBudget:
+    tokenizer: Tokenizer
+    max_input_len: int = 1024
+    max_hyper_len: int = 1024
+    max_target_len: int = 256
+
+    def count(self, text: str, eos: bool = True) -> int:
+        return len(self.tokenizer.encode(text, eos=eos))
+
+    def fits_input(self, text: str) -> bool:
+        return self.count(text) <= self.max_input_len
+
+    def fits_hyper(self, text: str) -> bool:
+        return self.count(text) <= self.max_hyper_len
