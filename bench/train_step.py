@@ -9,7 +9,7 @@ from the real SNI sample in ../shared/data when it is there, else from the synth
 CPU: the `small` preset in fp32. GPU: `xl` in bf16 under FSDP (world size 1), with MFU from
 hint_model.flops. Last line: `hint_over_concat_step=<HINT / concat step time> mfu=<x|nan>`.
 
-    python bench/train_step.py [--preset small] [--batch 4] [--steps 3]
+    python bench/train_step.py [--preset small] [--batch 4] [--steps 3] [--compile]
 """
 
 from __future__ import annotations
@@ -28,9 +28,9 @@ import torch.distributed as dist
 from hint_model import HintConfig, HintModel
 from hint_platform.config import TrainSection
 from hint_platform.training.optim import build_optimizer
-from hint_platform.parallel import parallelize
-from hint_platform.throughput import peak_flops
-from hint_platform.train import train_step, training_flops
+from hint_platform.training.parallel import parallelize
+from hint_platform.training.throughput import peak_flops
+from hint_platform.training.worker import train_step, training_flops
 from pipelines import collate, iter_records, load_tokenizer, train_tokenizer, write_suite
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -38,11 +38,11 @@ LENGTHS = dict(max_input_len=1024, max_hyper_len=1024, max_target_len=256)  # th
 KEYS = ("hyper_input_ids", "hyper_attention_mask", "input_ids", "attention_mask", "labels")
 
 
-def sources(workdir: Path) -> tuple[dict, str, str]:
+def sources(workdir: Path, shared: Path = SHARED) -> tuple[dict, str, str]:
     """(SNI spec without format, tokenizer dir, where they come from)."""
-    if (SHARED / "sni").is_dir():
-        spec = {"kind": "sni", "path": str(SHARED / "sni"), "split": "mini"}
-        return spec, str(SHARED / "tokenizer" / "t5"), "real SNI sample"
+    if (shared / "sni").is_dir():
+        spec = {"kind": "sni", "path": str(shared / "sni"), "split": "mini"}
+        return spec, str(shared / "tokenizer" / "t5"), "real SNI sample"
     suite = write_suite(workdir / "suite", num_train_tasks=24, num_test_tasks=2,
                         instances_per_task=8, num_pretrain_docs=4)
     train_tokenizer(suite.texts(), workdir / "tok", vocab_size=1000)
@@ -62,26 +62,29 @@ def examples(spec: dict, tokenizer: str, batch: int) -> dict[str, list[dict]]:
     return out
 
 
-def time_steps(variant: str, preset: str, vocab: int, rows: list[dict], device, steps: int):
+def time_steps(variant: str, preset: str, vocab: int, rows: list[dict], device, steps: int,
+               compile_model: bool):
     """Seconds per training step (after one warm-up step) and the model config."""
     torch.manual_seed(0)
-    model = HintModel(HintConfig.preset(preset, variant=variant, vocab_size=vocab))
+    with device:  # initialised where it runs: an xl model's init on the CPU takes minutes
+        model = HintModel(HintConfig.preset(preset, variant=variant, vocab_size=vocab))
     model = parallelize(model, device=device, fsdp=dist.is_initialized(),
-                        activation_checkpointing=False)
-    optimizer = build_optimizer(model, TrainSection(optimizer="adafactor", lr=1e-3))
+                        activation_checkpointing=False, compile=compile_model)
+    train = TrainSection(optimizer="adafactor", lr=1e-3)
+    optimizer = build_optimizer(model, train)
     batch = collate(rows)
     micro = [{k: batch[k].to(device) for k in KEYS}]
-    train_step(model, optimizer, micro, grad_clip=1.0)
+    train_step(model, optimizer, micro, train.grad_clip, train.z_loss)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     sync()
     start = time.perf_counter()
     for _ in range(steps):
-        loss = train_step(model, optimizer, micro, grad_clip=1.0)["loss"]
+        loss = train_step(model, optimizer, micro, train.grad_clip, train.z_loss)["loss"]
     sync()
     seconds = (time.perf_counter() - start) / steps
     config = model.config
     del model, optimizer
-    return seconds, config, loss
+    return seconds, config, float(loss)
 
 
 def main() -> None:
@@ -90,6 +93,9 @@ def main() -> None:
     parser.add_argument("--preset", default="xl" if gpu else "small")
     parser.add_argument("--batch", type=int, default=8 if gpu else 2)
     parser.add_argument("--steps", type=int, default=5 if gpu else 2)
+    parser.add_argument("--compile", action="store_true", help="compile each block (train.compile)")
+    parser.add_argument("--data", type=Path, default=SHARED,
+                        help="a folder laid out as ../shared/data (sni/, tokenizer/t5/)")
     args = parser.parse_args()
     device = torch.device("cuda", 0) if gpu else torch.device("cpu")
     if gpu:  # FSDP world size 1: bf16 compute through the same sharding code as training
@@ -100,7 +106,7 @@ def main() -> None:
         torch.cuda.set_device(device)
         dist.init_process_group("nccl", rank=0, world_size=1)
     with tempfile.TemporaryDirectory() as tmp:
-        spec, tokenizer, origin = sources(Path(tmp))
+        spec, tokenizer, origin = sources(Path(tmp), args.data)
         rows = examples(spec, tokenizer, args.batch)
         vocab = load_tokenizer(tokenizer).vocab_size
     name = torch.cuda.get_device_name(device) if gpu else f"CPU ({os.cpu_count()} cores)"
@@ -109,7 +115,8 @@ def main() -> None:
     for variant in ("hint", "concat"):
         r = rows[variant]
         mean = lambda key: sum(len(x[key]) for x in r) / len(r)  # noqa: E731
-        seconds, config, loss = time_steps(variant, args.preset, vocab, r, device, args.steps)
+        seconds, config, loss = time_steps(variant, args.preset, vocab, r, device, args.steps,
+                                           args.compile)
         times[variant] = seconds
         mfu = training_flops(config, r) / seconds / peak_flops(device)
         print(f"{variant:6s} step {seconds:.3f} s  loss {loss:.3f}  mean lengths: instruction "

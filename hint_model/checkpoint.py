@@ -122,6 +122,11 @@ def save_pretrained(cfg: HintConfig, state_dict: dict[str, Tensor], directory: s
 
 
 def read_pretrained(directory: str | Path) -> tuple[HintConfig, dict[str, Tensor]]:
+    return read_config(directory), _read_safetensors(Path(directory) / WEIGHTS)
+
+
+def read_config(directory: str | Path) -> HintConfig:
+    """The HintConfig of an export, without reading its weights."""
     directory = Path(directory)
     data = _read_config(directory)
     if data.get("format") != "hint":
@@ -129,10 +134,9 @@ def read_pretrained(directory: str | Path) -> tuple[HintConfig, dict[str, Tensor
                 if data.get("model_type") == "t5" else "")
         raise CheckpointError(f"{directory / CONFIG}: not a hint model export{hint}")
     try:
-        cfg = HintConfig.from_dict(data["config"])
+        return HintConfig.from_dict(data["config"])
     except (KeyError, ValueError) as e:
         raise CheckpointError(f"{directory / CONFIG}: {e}") from None
-    return cfg, _read_safetensors(directory / WEIGHTS)
 
 
 def load_strict(model: nn.Module, state: dict[str, Tensor], where: Path) -> None:

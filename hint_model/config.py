@@ -72,6 +72,7 @@ class HintConfig:
     fusion: bool = True  # decoder cross-attends to [encoded instruction, encoded input]
     freeze_underlying: bool = False  # train the hypernetwork only (a tied hyper-encoder freezes too)
     max_hyper_len: int = 1024  # longest instruction (tokens) the model accepts
+    max_target_len: int = 256  # the output length it is trained for: generation's default
 
     @property
     def is_gated(self) -> bool:
@@ -136,7 +137,7 @@ class HintConfig:
         positive = ("vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_decoder_layers",
                     "num_heads", "relative_attention_num_buckets",
                     "relative_attention_max_distance", "generator_layers", "adapter_size",
-                    "prefix_length", "lora_rank", "max_hyper_len")
+                    "prefix_length", "lora_rank", "max_hyper_len", "max_target_len")
         for name in positive + ("generator_mlp_dim", "generator_heads"):
             value = getattr(self, name)
             if value is not None and value <= 0:

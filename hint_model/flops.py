@@ -104,9 +104,10 @@ def fusion_flops(cfg: HintConfig, t: int, o: int) -> int:
 
 
 def task_state_values(cfg: HintConfig, t: int) -> int:
-    """Values HINT keeps per task: every generated tensor, plus t x d instruction states."""
+    """Values HINT keeps per task (TaskModules): every generated tensor, plus with fusion the
+    instruction's cross-attention keys and values in every decoder layer, 2 L_dec inner t."""
     modules = sum(math.prod(shape) for shape in peft.shapes(cfg).values())
-    return modules + (t * cfg.d_model if cfg.fusion else 0)
+    return modules + (2 * cfg.num_decoder_layers * cfg.inner_dim * t if cfg.fusion else 0)
 
 
 def kv_cache_values(cfg: HintConfig, t: int) -> int:

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hint_model import checkpoint, peft
+from hint_model import checkpoint, decoding, peft
 from hint_model.config import SIZE_PRESETS, HintConfig
 from hint_model.generator import SlotDecoder, StaticPeft, build_generator
 from hint_model.t5 import T5, Stack, padding_bias
@@ -101,19 +101,42 @@ class HintModel(nn.Module):
         states = encoder(x, padding_bias(mask, x.dtype))
         generated = self.generator(states, mask) if self.generator is not None else {}
         if self.config.fusion:
-            return TaskModules(generated, states, mask)
+            return TaskModules(generated, *self._instruction_keys_values(states, generated), mask)
         return TaskModules(generated)
+
+    def _instruction_keys_values(self, states: Tensor, generated: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """The encoded instructions [T, M, d] projected by every decoder layer's cross-attention
+        (with the task's LoRA on values where it has one): [T, layers, M, inner] each. Done once
+        per task, this is the part of the fused memory that no input changes."""
+        index = torch.arange(states.shape[0], device=states.device)
+        _, decoder_peft = peft.split_by_block(generated, index, self.config.num_layers,
+                                              self.config.num_decoder_layers)
+        keys, values = [], []
+        for block, p in zip(self.t5.decoder.blocks, decoder_peft):
+            attn = block.cross_attn
+            value = attn.v(states)
+            if p.cross_attn is not None and p.cross_attn.lora_v is not None:
+                value = value + peft.lora(states, p.cross_attn.lora_v, index)
+            keys.append(attn.k(states))
+            values.append(value)
+        return torch.stack(keys, dim=1), torch.stack(values, dim=1)
 
     def _static_modules(self) -> TaskModules:
         return TaskModules(self.static_peft() if self.static_peft is not None else {})
 
     def _condition(self, batch: int, device, hyper_input_ids: Tensor | None,
-                   hyper_attention_mask: Tensor | None,
-                   modules: TaskModules | None) -> tuple[TaskModules, Tensor]:
+                   hyper_attention_mask: Tensor | None, modules: TaskModules | None,
+                   task_index: Tensor | None = None) -> tuple[TaskModules, Tensor]:
         """The modules of this batch and, per example, the row of its task."""
         if modules is not None:
+            if task_index is not None:
+                if task_index.shape != (batch,) or int(task_index.max()) >= modules.num_tasks:
+                    raise ValueError(f"task_index must be [{batch}] rows of the {modules.num_tasks} "
+                                     f"tasks in modules; got {task_index.tolist()}")
+                return modules, task_index.to(device)
             if modules.num_tasks != 1:
-                raise ValueError(f"modules hold {modules.num_tasks} tasks; pass one task's modules")
+                raise ValueError(f"modules hold {modules.num_tasks} tasks; pass one task's modules "
+                                 "or each example's task row as task_index")
             return modules, torch.zeros(batch, dtype=torch.long, device=device)
         if not self.config.hypernetwork:
             return self._static_modules(), torch.zeros(batch, dtype=torch.long, device=device)
@@ -133,31 +156,31 @@ class HintModel(nn.Module):
     def _encode(self, input_ids: Tensor, attention_mask: Tensor, modules: TaskModules,
                 index: Tensor) -> tuple[Tensor, Tensor, list]:
         cfg = self.config
-        encoder_peft, decoder_peft = peft.split_by_block(modules.peft, index, cfg.num_layers,
-                                                         cfg.num_decoder_layers)
+        encoder_peft, _ = peft.split_by_block(modules.peft, index, cfg.num_layers, cfg.num_decoder_layers)
         memory = self.t5.encode(input_ids, attention_mask, encoder_peft)
-        memory_mask = attention_mask
-        if modules.instruction_states is not None:  # instruction fusion
-            states = peft.per_example(modules.instruction_states, index, memory)
-            states_mask = modules.instruction_mask
-            states_mask = states_mask if states_mask.shape[0] == 1 else states_mask.index_select(0, index)
-            batch = memory.shape[0]
-            memory = torch.cat([states.expand(batch, -1, -1), memory], dim=1)
-            memory_mask = torch.cat([states_mask.expand(batch, -1).to(attention_mask.dtype),
-                                     attention_mask], dim=1)
-        return memory, memory_mask, decoder_peft
+        return memory, attention_mask, self._decoder_peft(modules, index)
+
+    def _decoder_peft(self, modules: TaskModules, index: Tensor) -> list:
+        """Each decoder block's share of the modules; with fusion its cross-attention also
+        gets the instruction's keys / values in front of the input's (the fused memory)."""
+        cfg = self.config
+        _, decoder_peft = peft.split_by_block(modules.peft, index, cfg.num_layers, cfg.num_decoder_layers)
+        if modules.instruction_key is not None:
+            peft.attach_memory(decoder_peft, modules.instruction_key, modules.instruction_value,
+                               modules.instruction_mask, index)
+        return decoder_peft
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
                 labels: Tensor | None = None, decoder_input_ids: Tensor | None = None,
                 hyper_input_ids: Tensor | None = None, hyper_attention_mask: Tensor | None = None,
-                modules: TaskModules | None = None) -> HintOutput:
+                modules: TaskModules | None = None, task_index: Tensor | None = None) -> HintOutput:
         attention_mask = _default_mask(input_ids, attention_mask)
         if decoder_input_ids is None:
             if labels is None:
                 raise ValueError("forward needs labels or decoder_input_ids")
             decoder_input_ids = self.shift_right(labels)
         modules, index = self._condition(input_ids.shape[0], input_ids.device, hyper_input_ids,
-                                         hyper_attention_mask, modules)
+                                         hyper_attention_mask, modules, task_index)
         memory, memory_mask, decoder_peft = self._encode(input_ids, attention_mask, modules, index)
         logits = self.t5.decode(decoder_input_ids, memory, memory_mask, decoder_peft)
         loss = None
@@ -173,11 +196,11 @@ class HintModel(nn.Module):
 
     def score(self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor,
               modules: TaskModules | None = None, hyper_input_ids: Tensor | None = None,
-              hyper_attention_mask: Tensor | None = None) -> Tensor:
+              hyper_attention_mask: Tensor | None = None, task_index: Tensor | None = None) -> Tensor:
         """[B] sum of log-probabilities of the labels (-100 ignored): rank classification."""
         logits = self(input_ids, attention_mask, labels=None, decoder_input_ids=self.shift_right(labels),
                       hyper_input_ids=hyper_input_ids, hyper_attention_mask=hyper_attention_mask,
-                      modules=modules).logits
+                      modules=modules, task_index=task_index).logits
         logprobs = torch.log_softmax(logits.float(), dim=-1)
         picked = logprobs.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
         return (picked * (labels != -100)).sum(1)
@@ -185,27 +208,40 @@ class HintModel(nn.Module):
     @torch.no_grad()
     def generate(self, input_ids: Tensor, attention_mask: Tensor | None = None,
                  modules: TaskModules | None = None, hyper_input_ids: Tensor | None = None,
-                 hyper_attention_mask: Tensor | None = None, max_new_tokens: int = 32) -> Tensor:
-        """Greedy decoding: [B, <= max_new_tokens] new tokens (no start token), each row
-        stopping at EOS and padded after it. The cache holds real tokens only; prefixes are
-        prepended at attention time."""
+                 hyper_attention_mask: Tensor | None = None, max_new_tokens: int | None = None,
+                 num_beams: int = 1, task_index: Tensor | None = None) -> Tensor:
+        """Greedy (num_beams=1) or beam-search decoding: [B, <= max_new_tokens] new tokens (no
+        start token), each row stopping at EOS and padded after it. max_new_tokens defaults to
+        the model's target length (HintConfig.max_target_len). The decoder's cache holds the
+        self-attention keys/values of the tokens so far and the cross-attention keys/values of
+        the memory, made once; prefixes are prepended at attention time."""
+        max_new_tokens = self.config.max_target_len if max_new_tokens is None else max_new_tokens
+        if num_beams < 1 or max_new_tokens < 0:
+            raise ValueError(f"generate: num_beams must be >= 1 and max_new_tokens >= 0; got "
+                             f"{num_beams}, {max_new_tokens}")
         attention_mask = _default_mask(input_ids, attention_mask)
         modules, index = self._condition(input_ids.shape[0], input_ids.device, hyper_input_ids,
-                                         hyper_attention_mask, modules)
+                                         hyper_attention_mask, modules, task_index)
         memory, memory_mask, decoder_peft = self._encode(input_ids, attention_mask, modules, index)
+        if num_beams > 1:  # every beam of an example shares its encoding and task rows
+            memory = memory.repeat_interleave(num_beams, dim=0)
+            memory_mask = memory_mask.repeat_interleave(num_beams, dim=0)
+            decoder_peft = self._decoder_peft(modules, index.repeat_interleave(num_beams))
         cache = self.t5.new_cache()
-        pad, eos = self.config.pad_token_id, self.config.eos_token_id
-        token = torch.full_like(input_ids[:, :1], pad)
-        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-        out = []
-        for _ in range(max_new_tokens):
-            logits = self.t5.decode(token, memory, memory_mask, decoder_peft, cache)[:, -1]
-            token = logits.argmax(-1).masked_fill(done, pad).unsqueeze(1)
-            out.append(token)
-            done |= token.squeeze(1) == eos
-            if bool(done.all()):
-                break
-        return torch.cat(out, dim=1) if out else input_ids[:, :0]
+
+        def step(token: Tensor) -> Tensor:
+            return self.t5.decode(token, memory, memory_mask, decoder_peft, cache)[:, -1]
+
+        def reorder(origin: Tensor) -> None:
+            for block in cache:  # cross-attention rows are equal across an example's beams
+                block["self"]["k"] = block["self"]["k"].index_select(0, origin)
+                block["self"]["v"] = block["self"]["v"].index_select(0, origin)
+
+        pad, eos, batch = self.config.pad_token_id, self.config.eos_token_id, input_ids.shape[0]
+        if num_beams == 1:
+            return decoding.greedy(step, batch, max_new_tokens, pad, eos, input_ids.device)
+        return decoding.beam_search(step, reorder, batch, num_beams, max_new_tokens, pad, eos,
+                                    input_ids.device)
 
     # ---- files ----
 

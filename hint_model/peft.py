@@ -33,6 +33,11 @@ class AttnPeft:
     prefix_value: Tensor | None = None
     lora_q: tuple[Tensor, Tensor] | None = None  # A [T, d, r], B [T, r, inner]
     lora_v: tuple[Tensor, Tensor] | None = None
+    # Instruction fusion (decoder cross-attention only): the task's instruction projected to
+    # this layer's keys / values once per task, [T, M, inner], and its padding mask [T, M].
+    memory_key: Tensor | None = None
+    memory_value: Tensor | None = None
+    memory_mask: Tensor | None = None
 
 
 @dataclass
@@ -75,20 +80,30 @@ def lora(x: Tensor, ab: tuple[Tensor, Tensor], index: Tensor) -> Tensor:
     return torch.matmul(torch.matmul(x, per_example(a, index, x)), per_example(b, index, x)) / rank
 
 
-def prepend_prefix(k: Tensor, v: Tensor, bias: Tensor, p: AttnPeft) -> tuple[Tensor, Tensor, Tensor]:
-    """Put the P prefix keys/values in front of k, v [B, H, Lk, dk].
-
-    The prefix columns get a zero bias: always visible, no position bias, no padding mask.
-    """
+def prepend(k: Tensor, v: Tensor, key: Tensor, value: Tensor, index: Tensor) -> tuple[Tensor, Tensor]:
+    """Put per-task keys / values [T, M, inner] (a prefix, or the fused instruction's) in
+    front of k, v [B, H, Lk, dk], each example with its task's rows."""
     batch, heads, _, dk = k.shape
 
     def split_heads(t: Tensor) -> Tensor:
-        t = per_example(t, p.index, k).expand(batch, -1, -1)
+        t = per_example(t, index, k).expand(batch, -1, -1)
         return t.view(batch, t.shape[1], heads, dk).transpose(1, 2)
 
-    k = torch.cat([split_heads(p.prefix_key), k], dim=2)
-    v = torch.cat([split_heads(p.prefix_value), v], dim=2)
-    return k, v, F.pad(bias, (p.prefix_key.shape[1], 0))
+    return torch.cat([split_heads(key), k], dim=2), torch.cat([split_heads(value), v], dim=2)
+
+
+def extend_bias(bias: Tensor, p: AttnPeft) -> Tensor:
+    """The attention bias [B, 1 or H, Lq, Lk] with columns for what `prepend` put in front of
+    the keys: the fused instruction (its padding mask), then the prefix (zeros: always
+    visible, no position bias, no padding mask)."""
+    if p.memory_key is not None:
+        mask = per_example(p.memory_mask, p.index, bias)
+        hidden = (1.0 - mask[:, None, None, :]) * torch.finfo(bias.dtype).min
+        hidden = hidden.expand(bias.shape[0], *bias.shape[1:-1], -1)
+        bias = torch.cat([hidden, bias.expand(hidden.shape[0], *bias.shape[1:])], dim=-1)
+    if p.prefix_key is not None:
+        bias = F.pad(bias, (p.prefix_key.shape[1], 0))
+    return bias
 
 
 def split_by_block(params: dict[str, Tensor], index: Tensor, num_layers: int,
@@ -120,6 +135,16 @@ def split_by_block(params: dict[str, Tensor], index: Tensor, num_layers: int,
     decoder = [BlockPeft(adapt(num_layers + i), attn(num_layers + 2 * i), attn(num_layers + 2 * i + 1))
                for i in range(num_decoder_layers)]
     return encoder, decoder
+
+
+def attach_memory(decoder: list[BlockPeft], key: Tensor, value: Tensor, mask: Tensor,
+                  index: Tensor) -> None:
+    """Give every decoder block's cross-attention its layer of the fused instruction's
+    keys / values ([T, layers, M, inner]) and the mask [T, M]."""
+    for i, block in enumerate(decoder):
+        block.cross_attn = block.cross_attn or AttnPeft(index=index)
+        block.cross_attn.memory_key, block.cross_attn.memory_value = key[:, i], value[:, i]
+        block.cross_attn.memory_mask = mask
 
 
 def shapes(cfg) -> dict[str, tuple[int, ...]]:

@@ -72,26 +72,34 @@ class Attention(nn.Module):
     def forward(self, x: Tensor, bias: Tensor, memory: Tensor | None = None,
                 p: AttnPeft | None = None, cache: dict | None = None) -> Tensor:
         """x [B, Lq, d]; memory [B, Lk, d] for cross-attention (None: self-attention);
-        bias broadcastable to [B, H, Lq, Lk]; cache: this attention's decoding state
-        (self: keys/values of the tokens so far; cross: the projected memory, made once)."""
+        bias broadcastable to [B, H, Lq, Lk]; cache: this attention's decoding state (self:
+        keys/values of the tokens so far; cross: the projected memory behind the task's fused
+        instruction and prefix keys/values, made once)."""
         batch, q_len, _ = x.shape
         q = self.q(x)
         if p is not None and p.lora_q is not None:
             q = q + peft.lora(x, p.lora_q, p.index)
-        if cache is not None and memory is not None and "k" in cache:
+        cross = memory is not None
+        if cross and cache is not None and "k" in cache:
             k, v = cache["k"], cache["v"]
         else:
-            source = x if memory is None else memory
+            source = memory if cross else x
             k, v = self._split(self.k(source)), self.v(source)
             if p is not None and p.lora_v is not None:
                 v = v + peft.lora(source, p.lora_v, p.index)
             v = self._split(v)
+            if p is not None and p.memory_key is not None:  # the task's fused instruction
+                k, v = peft.prepend(k, v, p.memory_key, p.memory_value, p.index)
+            if cross and p is not None and p.prefix_key is not None:  # constant: cached with the memory
+                k, v = peft.prepend(k, v, p.prefix_key, p.prefix_value, p.index)
             if cache is not None:
-                if memory is None and "k" in cache:  # self-attention: append the new tokens
+                if not cross and "k" in cache:  # self-attention: append the new tokens
                     k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
                 cache["k"], cache["v"] = k, v
-        if p is not None and p.prefix_key is not None:
-            k, v, bias = peft.prepend_prefix(k, v, bias, p)
+        if not cross and p is not None and p.prefix_key is not None:  # the cache holds real tokens only
+            k, v = peft.prepend(k, v, p.prefix_key, p.prefix_value, p.index)
+        if p is not None:
+            bias = peft.extend_bias(bias, p)
         out = F.scaled_dot_product_attention(
             self._split(q), k, v, attn_mask=bias.to(q.dtype),
             dropout_p=self.dropout if self.training else 0.0, scale=1.0)

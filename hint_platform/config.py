@@ -66,6 +66,7 @@ class TrainSection:
     # gins/hyper_base.gin Z_LOSS); 0 turns it off. The reported eval_loss leaves it out.
     z_loss: float = 1e-4
     activation_checkpointing: bool = False
+    compile: bool = False  # torch.compile each T5 block and the generator's parts (regional)
     fsdp: bool = True
     checkpoint_every: int = 100  # steps; 0 = only at the end
     log_every: int = 10
@@ -158,7 +159,8 @@ def model_config(cfg: ExperimentConfig, vocab_size: int | None = None) -> HintCo
     experiment config becomes a model config. `vocab_size` (the tokenizer's) applies unless the
     overrides set one. A model section that does not build is a ConfigError naming it."""
     m = cfg.model
-    overrides = dict(m.overrides)
+    # The model remembers the output length it trains for: generation's default length.
+    overrides = {"max_target_len": cfg.data.max_target_len, **m.overrides}
     if vocab_size is not None:
         overrides.setdefault("vocab_size", vocab_size)
     try:

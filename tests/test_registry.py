@@ -20,7 +20,7 @@ from mlflow import MlflowClient
 
 from hint_platform import cli, config
 from hint_platform.tracking import registry
-from hint_platform.tracking.pyfunc import HintPredictor
+from hint_platform.serving.predictor import CachedPredictor
 from pipelines import train_tokenizer, write_suite
 
 REPO = Path(__file__).resolve().parent.parent
@@ -105,7 +105,7 @@ def test_alias_and_a_fresh_process_logged_in_through_the_environment(trained, ml
     (row,) = registry.list_versions(uri, MODEL)
     assert (row["version"], row["aliases"], row["run_id"]) == (1, ["champion"], trained["summary"]["mlflow_run_id"])
 
-    expected = HintPredictor(trained["summary"]["export_dir"]).predict([INSTRUCTION] * 2, INPUTS)
+    expected = CachedPredictor(trained["summary"]["export_dir"]).predict([INSTRUCTION] * 2, INPUTS)
     script = (
         "import json, sys, pandas as pd, mlflow.pyfunc\n"
         f"model = mlflow.pyfunc.load_model('models:/{MODEL}@champion')\n"
@@ -177,7 +177,7 @@ def test_hint_loads_a_registered_version_without_running_its_code(trained, mlflo
                if yaml.safe_load(p.read_text())["run_id"] == run_id]
     marker = tmp_path / "code-ran"
     code.write_text(TAMPERED_CODE.format(marker=str(marker)))
-    expected = HintPredictor(trained["summary"]["export_dir"]).predict([INSTRUCTION] * 2, INPUTS)
+    expected = CachedPredictor(trained["summary"]["export_dir"]).predict([INSTRUCTION] * 2, INPUTS)
 
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, **mlflow_server.env("viewer")}
     load = subprocess.run(

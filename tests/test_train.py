@@ -89,7 +89,8 @@ def reference_losses(cfg, steps: int) -> tuple[list[float], dict[int, float], to
     for step in range(1, steps + 1):
         batch = rows[((step - 1) % per_epoch) * g:((step - 1) % per_epoch + 1) * g]
         micro = [inputs(batch[i:i + m]) for i in range(0, g, m)]
-        losses.append(train_step(model, optimizer, micro, cfg.train.grad_clip, cfg.train.z_loss)["loss"])
+        out = train_step(model, optimizer, micro, cfg.train.grad_clip, cfg.train.z_loss)
+        losses.append(float(out["loss"]))
         if evaluation and (step == steps or (every and step % every == 0)):
             with torch.no_grad():
                 evals[step] = model.eval()(**inputs(evaluation)).loss.item()

@@ -10,8 +10,8 @@ import os
 import sys
 
 # One module per command group, in the order `hint --help` lists them.
-COMMAND_MODULES = ("demo", "train", "eval", "data", "registry", "flops", "tune", "submit",
-                   "configs")
+COMMAND_MODULES = ("demo", "train", "eval", "predict", "serve", "data", "registry", "flops", "tune",
+                   "submit", "configs", "paper")
 
 
 def build_parser() -> argparse.ArgumentParser:

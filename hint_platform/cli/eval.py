@@ -22,7 +22,8 @@ def register(subparsers) -> None:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
     p.add_argument("--out", help="output directory (default: <run.storage_path>/eval/<config name>)")
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="longest output (default: the config's data.max_target_len; the paper's is 256)")
     p.add_argument("--no-mlflow", action="store_true", help="save files only, log nothing to MLflow")
     p.set_defaults(func=run)
 

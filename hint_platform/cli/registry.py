@@ -31,7 +31,8 @@ def register(subparsers) -> None:
     load.add_argument("--instruction", required=True, help="the task instruction")
     load.add_argument("--input", action="append", dest="inputs", metavar="TEXT",
                       help="an input (repeatable); default: one input a line from stdin")
-    load.add_argument("--max-new-tokens", type=int, default=64)
+    load.add_argument("--max-new-tokens", type=int, default=None,
+                      help="longest output (default: the model's target length)")
     load.set_defaults(func=load_cmd)
 
     for parser in (ls, alias, load):
@@ -67,12 +68,12 @@ def alias_cmd(args) -> int:
 
 
 def load_cmd(args) -> int:
-    from hint_platform.tracking.pyfunc import HintPredictor
+    from hint_platform.serving.predictor import CachedPredictor
     from hint_platform.tracking.registry import resolve_export
 
     uri = _uri(args) if args.model.startswith("models:/") else None
     inputs = args.inputs or [line.rstrip("\n") for line in sys.stdin if line.strip()]
-    predictor = HintPredictor(resolve_export(args.model, uri), max_new_tokens=args.max_new_tokens)
+    predictor = CachedPredictor(resolve_export(args.model, uri), max_new_tokens=args.max_new_tokens)
     for text, out in zip(inputs, predictor.predict([args.instruction] * len(inputs), inputs)):
         print(json.dumps({"input": text, "output": out}))
     return 0

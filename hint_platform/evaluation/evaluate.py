@@ -22,10 +22,12 @@ from pipelines import SourceSpec, iter_records
 from pipelines.sni import sni_categories
 
 
-def evaluate_export(export_dir: str | Path, cfg, *, batch_size: int = 16, max_new_tokens: int = 64,
+def evaluate_export(export_dir: str | Path, cfg, *, batch_size: int = 16, max_new_tokens: int | None = None,
                     progress: Callable[[str], None] | None = None) -> EvalReport:
     """The export's model on the evaluation sources of experiment config `cfg` (data.eval, the
-    lengths), tokenised with the export's own tokenizer. SNI tasks are grouped by category."""
+    lengths), tokenised with the export's own tokenizer. SNI tasks are grouped by category.
+    Outputs are decoded up to `max_new_tokens`, by default the config's target length (the
+    reference evaluates up to 256, gins/ni_eval.gin)."""
     specs = [SourceSpec.from_dict(d, where=f"data.eval[{i}]") for i, d in enumerate(cfg.data.eval)]
     if not specs:
         raise UserError("data.eval lists no evaluation sources (add e.g. {kind: sni, path: ..., part: test})")
@@ -34,7 +36,7 @@ def evaluate_export(export_dir: str | Path, cfg, *, batch_size: int = 16, max_ne
                                 max_hyper_len=cfg.data.max_hyper_len, max_target_len=cfg.data.max_target_len,
                                 on_bad_record=cfg.data.on_bad_record, seed=cfg.data.seed))
     predictions = predict_records(model, tokenizer, records, batch_size=batch_size,
-                                  max_new_tokens=max_new_tokens, progress=progress)
+                                  max_new_tokens=max_new_tokens or cfg.data.max_target_len, progress=progress)
     tasks = {p["task"] for p in predictions}
     categories: dict[str, str] = {}
     p3_datasets: dict[str, str] = {}
@@ -76,13 +78,14 @@ def save_report(report: EvalReport, out_dir: str | Path) -> Path:
 
 
 def log_report(report: EvalReport, out_dir: str | Path, *, tracking_uri: str, experiment: str,
-               run_name: str, artifact_location: str | None = None) -> str:
+               run_name: str, artifact_location: str | None = None,
+               tags: dict[str, str] | None = None) -> str:
     """An MLflow run holding the evaluation's metrics and its saved files; returns the run id."""
     with tracking_uri_scope(tracking_uri):
         if mlflow.get_experiment_by_name(experiment) is None:
             mlflow.create_experiment(experiment, artifact_location=artifact_location)
         mlflow.set_experiment(experiment)
-        with mlflow.start_run(run_name=run_name) as run:
+        with mlflow.start_run(run_name=run_name, tags=tags) as run:
             mlflow.log_metrics(report.flat_metrics())
             mlflow.log_artifacts(str(out_dir), artifact_path="eval")
     return run.info.run_id

@@ -35,8 +35,9 @@ def task_modules(model, hyper_input_ids: tuple[int, ...]):
 
 @torch.no_grad()
 def generate_outputs(model, tokenizer, modules, input_ids: list[list[int]], *,
-                     batch_size: int = 16, max_new_tokens: int = 64) -> list[str]:
-    """Greedy outputs for inputs of ONE task, every batch reusing that task's modules."""
+                     batch_size: int = 16, max_new_tokens: int | None = None) -> list[str]:
+    """Greedy outputs for inputs of ONE task, every batch reusing that task's modules, up to
+    `max_new_tokens` (default: the model's target length)."""
     outputs = []
     for start in range(0, len(input_ids), batch_size):
         ids, mask = pad_sequences(input_ids[start:start + batch_size], tokenizer.pad_id)
@@ -65,7 +66,7 @@ def choose_answers(model, tokenizer, modules, records: list[dict], *, batch_size
 
 
 def predict_records(model, tokenizer, records: Iterable[dict], *, batch_size: int = 16,
-                    max_new_tokens: int = 64, progress: Callable[[str], None] | None = None) -> list[dict]:
+                    max_new_tokens: int | None = None, progress: Callable[[str], None] | None = None) -> list[dict]:
     """Predictions for evaluation records (generation ones with `references`, rank
     classification ones with `answer_choices`), generating each task's modules once."""
     model.eval()

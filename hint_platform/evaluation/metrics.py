@@ -115,8 +115,11 @@ def score_predictions(predictions: list[dict[str, Any]], categories: dict[str, s
     if generated:
         overall.update(sni_metrics([p["prediction"] for p in generated], [p["references"] for p in generated]))
     if chosen:
-        overall["accuracy"] = rank_classification_accuracy(
-            (*split_p3_task(p["task"], p3_datasets), p["choice"] == p["answer_index"]) for p in chosen)["accuracy"]
+        ranked = rank_classification_accuracy(
+            (*split_p3_task(p["task"], p3_datasets), p["choice"] == p["answer_index"]) for p in chosen)
+        overall["accuracy"] = ranked["accuracy"]
+        # T0's held-out datasets are P3's categories: the paper's per-dataset breakdown.
+        per_category.update({d: {"accuracy": a} for d, a in ranked["per_dataset"].items()})
     return EvalReport(overall, per_task, per_category, predictions)
 
 

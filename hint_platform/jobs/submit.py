@@ -110,6 +110,16 @@ def build_request(
             "hands them to the job in its runtime environment, unshown")
 
     relative = config_path.relative_to(working_dir).as_posix()
+    request = command_request(["train", relative, *overrides], working_dir=working_dir,
+                              run_name=cfg.name, tracking_uri=tracking_uri, env_vars=env_vars)
+    request.metadata["hint_config"] = relative
+    return request
+
+
+def command_request(argv: list[str], *, working_dir: str | Path, run_name: str,
+                    tracking_uri: str | None = None, env_vars: dict[str, str] | None = None) -> JobRequest:
+    """The job that runs `hint ARGV...` with the working directory, the tracking URI and the
+    environment variables (checked by the caller: `hint train`'s config, `hint paper run`'s plan)."""
     env = dict(env_vars or {})
     if tracking_uri:
         clean, user, password = split_credentials(tracking_uri)
@@ -118,11 +128,11 @@ def build_request(
         for key, value in (login or from_uri).items():
             env.setdefault(key, value)
     return JobRequest(
-        submission_id=f"hint-{cfg.name}-{uuid.uuid4().hex[:8]}",
-        entrypoint=shlex.join(["hint", "train", relative, *overrides]),
-        runtime_env={"working_dir": str(working_dir), "excludes": WORKING_DIR_EXCLUDES,
-                     "env_vars": env},
-        metadata={"hint_run": cfg.name, "hint_config": relative},
+        submission_id=f"hint-{run_name}-{uuid.uuid4().hex[:8]}",
+        entrypoint=shlex.join(["hint", *argv]),
+        runtime_env={"working_dir": str(Path(working_dir).resolve()),
+                     "excludes": WORKING_DIR_EXCLUDES, "env_vars": env},
+        metadata={"hint_run": run_name},
     )
 
 

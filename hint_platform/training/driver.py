@@ -36,7 +36,7 @@ from pathlib import Path
 
 import ray
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
-from ray.train.torch import TorchTrainer
+from ray.train.torch import TorchConfig, TorchTrainer
 
 from hint_platform import export
 from hint_platform.config import ConfigError, ExperimentConfig, model_config
@@ -100,6 +100,9 @@ def fit(cfg: ExperimentConfig, *, run_config_callbacks: list | None = None) -> T
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers,
                                      use_gpu=cfg.train.use_gpu,
                                      resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
+        # On GPUs, NCCL for the model's collectives and gloo for the loop's small CPU ones
+        # (data exhausted on every rank, consumed-example bitmaps): NCCL refuses CPU tensors.
+        torch_config=TorchConfig(backend="cpu:gloo,cuda:nccl" if cfg.train.use_gpu else "gloo"),
         run_config=RunConfig(name=cfg.name, storage_path=str(storage),
                              failure_config=FailureConfig(max_failures=cfg.train.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2),

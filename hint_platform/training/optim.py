@@ -30,8 +30,13 @@ class Adafactor(torch.optim.Optimizer):
     update clipping at RMS 1, step size `max(eps2, RMS(param)) * min(lr, 1/sqrt(step))`: at
     lr=1e-3 a constant rate for the first million steps, as in the paper's t5x setup), but
     on FSDP2 shards: torch's implementation fails on DTensors. Each rank updates its own rows
-    (FSDP shards dim 0); the statistics that span rows (column means, norms) are all-reduced,
-    so the update equals the unsharded one.
+    (FSDP shards dim 0); the statistics that span rows (column means, norms) are summed over
+    the ranks, so the update equals the unsharded one.
+
+    Multi-tensor: the norms of all parameters come from one `_foreach_norm`, the statistics
+    that need every rank travel in two all-reduces per parameter group (not several per
+    parameter), the elementwise update runs as `_foreach` kernels, and nothing waits for the
+    device (the step counters are CPU scalars).
     """
 
     def __init__(self, params, lr: float = 1e-3, beta2_decay: float = -0.8, eps2: float = 1e-3,
@@ -42,15 +47,11 @@ class Adafactor(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    self._update(p, group)
+            params = [p for p in group["params"] if p.grad is not None]
+            if params:
+                self._update(params, group)
 
-    def _update(self, p: torch.Tensor, group: dict) -> None:
-        sharded = isinstance(p, DTensor)
-        param = p.to_local() if sharded else p
-        grad = p.grad.to_local() if sharded else p.grad
-        total = _Sums(sharded)
+    def _init_state(self, p: torch.Tensor, grad: torch.Tensor) -> dict:
         state = self.state[p]
         if not state:
             state["step"] = torch.zeros(())
@@ -62,31 +63,51 @@ class Adafactor(torch.optim.Optimizer):
             else:
                 state["variance"] = _like(p, torch.zeros_like(grad), p.shape)
         state["step"] += 1
-        row_var, col_var, variance = (_local(state.get(k)) for k in ("row_var", "col_var", "variance"))
-        step = float(state["step"])
-        eps1 = torch.finfo(param.dtype).eps
-        beta = step ** group["beta2_decay"]
-        rho = min(group["lr"], step ** -0.5)
-        alpha = max(group["eps2"], math.sqrt(total(param.square().sum()) / p.numel())) * rho
+        return state
+
+    def _update(self, params: list[torch.Tensor], group: dict) -> None:
+        sharded = isinstance(params[0], DTensor)  # FSDP shards every parameter or none
+        local = [_local(p) for p in params]
+        grads = [_local(p.grad) for p in params]
+        states = [self._init_state(p, g) for p, g in zip(params, grads)]
+        steps = [float(s["step"]) for s in states]  # CPU scalars: no device sync
+        betas = [step ** group["beta2_decay"] for step in steps]
+        device = local[0].device
+        numel = _on(device, [float(p.numel()) for p in params])
+        rho = _on(device, [min(group["lr"], step ** -0.5) for step in steps])
+        eps1 = torch.finfo(local[0].dtype).eps
+
+        param_rms = (_summed(torch.stack(torch._foreach_norm(local)).square(), sharded) / numel).sqrt()
+        alpha = param_rms.clamp(min=group["eps2"]) * rho
         if group["weight_decay"]:
-            param.mul_(1 - group["lr"] * group["weight_decay"])
-        if grad.dim() > 1:
-            square = grad.square()
-            # rows are whole on this rank; a 2-D parameter's columns span the ranks' rows
-            rows_whole = not sharded or grad.dim() > 2
-            n_rows = p.shape[-2]
-            row_var.lerp_(square.mean(dim=-1, keepdim=True), beta)
-            col_sum = square.sum(dim=-2, keepdim=True)
-            col_var.lerp_((col_sum if rows_whole else total(col_sum)) / n_rows, beta)
-            row_var_sum = row_var.sum(dim=-2, keepdim=True)
-            row_mean = (row_var_sum if rows_whole else total(row_var_sum)) / n_rows
-            estimate = row_var @ col_var / row_mean.clamp(min=eps1)
-        else:
-            variance.lerp_(grad.square(), beta)
-            estimate = variance.clone()
-        update = estimate.clamp_(min=eps1 * eps1).rsqrt_().mul_(grad)
-        update_rms = math.sqrt(total(update.square().sum()) / p.numel())
-        param.add_(update, alpha=-alpha / max(1.0, update_rms / group["d"]))
+            torch._foreach_mul_(local, 1 - group["lr"] * group["weight_decay"])
+
+        factored = [i for i, g in enumerate(grads) if g.dim() > 1]
+        # 2-D parameters' columns span the ranks' rows (FSDP shards dim 0); >2-D keep rows whole
+        spanning = [i for i in factored if sharded and grads[i].dim() == 2]
+        squares = {i: grads[i].square() for i in factored}
+        col_sums = {i: squares[i].sum(dim=-2, keepdim=True) for i in factored}
+        for i in factored:
+            _local(states[i]["row_var"]).lerp_(squares[i].mean(dim=-1, keepdim=True), betas[i])
+        row_sums = {i: _local(states[i]["row_var"]).sum(dim=-2, keepdim=True) for i in factored}
+        _sum_in_place([col_sums[i] for i in spanning] + [row_sums[i] for i in spanning])
+        updates = []
+        for i, grad in enumerate(grads):
+            if i in squares:
+                n_rows = params[i].shape[-2]
+                row_var, col_var = _local(states[i]["row_var"]), _local(states[i]["col_var"])
+                col_var.lerp_(col_sums[i] / n_rows, betas[i])
+                row_mean = row_sums[i] / n_rows
+                estimate = row_var @ col_var / row_mean.clamp(min=eps1)
+            else:
+                variance = _local(states[i]["variance"])
+                variance.lerp_(grad.square(), betas[i])
+                estimate = variance.clone()
+            updates.append(estimate.clamp_(min=eps1 * eps1).rsqrt_().mul_(grad))
+        update_rms = (_summed(torch.stack(torch._foreach_norm(updates)).square(), sharded) / numel).sqrt()
+        scale = -alpha / (update_rms / group["d"]).clamp(min=1.0)
+        torch._foreach_mul_(updates, list(scale.unbind()))
+        torch._foreach_add_(local, updates)
 
 
 def _like(p: torch.Tensor, local: torch.Tensor, shape: tuple, replicated: bool = False):
@@ -104,26 +125,36 @@ def _local(t: torch.Tensor | None) -> torch.Tensor | None:
     return t.to_local() if isinstance(t, DTensor) else t
 
 
-class _Sums:
-    """Sums a local tensor over the ranks when the parameter is sharded; returns a float for
-    a scalar, a tensor otherwise."""
-
-    def __init__(self, sharded: bool):
-        self.sharded = sharded
-
-    def __call__(self, local: torch.Tensor):
-        if self.sharded:
-            local = local.clone()
-            dist.all_reduce(local)
-        return float(local) if local.dim() == 0 else local
+def _on(device: torch.device, values: list[float]) -> torch.Tensor:
+    """`values` on `device` without waiting for it: a plain copy to a GPU from pageable memory
+    would wait for every kernel queued before it."""
+    t = torch.tensor(values)
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
 
 
-def clip_gradients(model: nn.Module, max_norm: float) -> float:
+def _summed(t: torch.Tensor, sharded: bool) -> torch.Tensor:
+    """`t` summed over the ranks when the parameters are sharded (a new tensor)."""
+    if sharded:
+        t = t.clone()
+        dist.all_reduce(t)
+    return t
+
+
+def _sum_in_place(tensors: list[torch.Tensor]) -> None:
+    """Sums every tensor of the list over the ranks, in place, with one all-reduce."""
+    if not tensors:
+        return
+    flat = torch.cat([t.flatten() for t in tensors])
+    dist.all_reduce(flat)
+    for t, part in zip(tensors, flat.split([t.numel() for t in tensors])):
+        t.copy_(part.view_as(t))
+
+
+def clip_gradients(model: nn.Module, max_norm: float) -> torch.Tensor:
     """Clips the global gradient norm (over all ranks for FSDP's DTensor shards) and returns
-    the norm before clipping; `max_norm <= 0` only measures it."""
+    the norm before clipping, a device scalar (reading it would wait for the device);
+    `max_norm <= 0` only measures it."""
     params = [p for p in model.parameters() if p.grad is not None]
     limit = max_norm if max_norm > 0 else math.inf
-    norm = nn.utils.clip_grad_norm_(params, limit, foreach=False)
-    if hasattr(norm, "full_tensor"):  # a DTensor under FSDP2
-        norm = norm.full_tensor()
-    return float(norm)
+    norm = nn.utils.clip_grad_norm_(params, limit)  # multi-tensor where the device has it
+    return norm.full_tensor() if isinstance(norm, DTensor) else norm

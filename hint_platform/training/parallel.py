@@ -1,12 +1,14 @@
 """How a model is spread over the workers: FSDP2 sharding, mixed precision, activation
-checkpointing. The model knows nothing of sharding or precision (torchtitan style): it lists its
-blocks, and offers per-block activation checkpointing as a switch that this step turns on (kept
-in the model because wrapping the blocks would rename their state-dict keys, which the DCP
-checkpoints and the Hugging Face-compatible export share).
+checkpointing, regional compilation. The model knows nothing of sharding, precision or
+compilation (torchtitan style): it lists its blocks, and offers per-block activation
+checkpointing as a switch that this step turns on (kept in the model because wrapping the
+blocks would rename their state-dict keys, which the DCP checkpoints and the Hugging
+Face-compatible export share).
 
 One FSDP unit per T5 block, then the root (embeddings, final norms, lm_head, the parameter
-generator): each block's parameters are all-gathered just before it runs and freed after, so
-peak memory holds one block's full weights plus the shards.
+generator): each block's parameters are all-gathered as the previous block starts (explicit
+forward prefetch) and freed after it runs, so peak memory holds two blocks' full weights plus
+the shards.
 """
 
 from __future__ import annotations
@@ -17,14 +19,19 @@ from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+from hint_model.generator import MLP, CrossAttention
+
 
 def parallelize(model: nn.Module, *, device: torch.device, fsdp: bool,
-                activation_checkpointing: bool) -> nn.Module:
+                activation_checkpointing: bool, compile: bool = False) -> nn.Module:
     """Shards `model` in place over the default process group (when `fsdp` and one exists)
     and returns it. On GPU the compute is bf16 with fp32 master weights and fp32 gradient
-    reduction; on CPU (gloo) everything stays fp32."""
+    reduction; on CPU (gloo) everything stays fp32. Order as torchtitan's: activation
+    checkpointing, then compilation, then sharding."""
     model.set_activation_checkpointing(activation_checkpointing)
     model.to(device)
+    if compile:
+        compile_blocks(model)
     if not (fsdp and dist.is_initialized()):
         return model
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
@@ -35,4 +42,31 @@ def parallelize(model: nn.Module, *, device: torch.device, fsdp: bool,
     for block in model.blocks():
         fully_shard(block, mesh=mesh, mp_policy=mp)
     fully_shard(model, mesh=mesh, mp_policy=mp)
+    _prefetch_next_blocks(model)
     return model
+
+
+def _prefetch_next_blocks(model: nn.Module) -> None:
+    """Each block, as its forward starts, starts gathering the next block of its stack, so the
+    all-gather overlaps compute instead of preceding it. (FSDP2 prefetches in backward by
+    itself, and skips this during activation checkpointing's recomputation.)"""
+    for stack in model.modules():
+        blocks = getattr(stack, "blocks", None)
+        if isinstance(blocks, nn.ModuleList):
+            for block, following in zip(blocks, blocks[1:]):
+                block.set_modules_to_forward_prefetch([following])
+
+
+def compile_blocks(model: nn.Module, backend: str = "inductor") -> None:
+    """Regional compilation: every T5 block, and the generator's attention and MLPs, each
+    compiled in place. The blocks of a stack share their code, so one compilation serves them
+    all: a fraction of the whole model's compile time (132 s for T5-XL whole on an H100), and
+    it composes with FSDP's per-block units and activation checkpointing."""
+    units = list(model.blocks())
+    if getattr(model, "generator", None) is not None:
+        units += [m for m in model.generator.modules() if isinstance(m, (MLP, CrossAttention))]
+    # Dynamo keeps one graph per variant of a block's code (encoder, decoder, instruction
+    # pass, with or without PEFT, static then dynamic lengths): more than its default 8.
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    for unit in units:
+        unit.compile(backend=backend)

@@ -19,6 +19,7 @@ import torch.distributed as dist
 from ray.data.collate_fn import NumpyBatchCollateFn
 
 from hint_platform.errors import TrainingError
+from pipelines import step_micro_batches
 
 ROW_KEYS = ("hyper_input_ids", "input_ids", "labels", "example_index", "bad_records_skipped")
 
@@ -104,7 +105,7 @@ def global_batches(epochs: Iterator, state: TrainState, micro: int, accum: int
             if not all_ranks(len(taken) == micro * accum):
                 break
             stepped = True
-            yield [taken[i:i + micro] for i in range(0, len(taken), micro)], waited
+            yield step_micro_batches(taken, micro), waited
         empty_epochs = 0 if stepped else empty_epochs + 1
         if empty_epochs == 2:  # a whole fresh epoch without one step: too little data
             raise TrainingError(

@@ -45,7 +45,8 @@ def build_model(cfg: ExperimentConfig) -> HintModel:
         hf = json.loads((Path(section.init_from) / "config.json").read_text())
         if hf.get("model_type") == "t5":
             return HintModel.from_t5_checkpoint(section.init_from, variant=section.variant,
-                                                **section.overrides)
+                                                **{"max_target_len": cfg.data.max_target_len,
+                                                   **section.overrides})
         model = HintModel.from_pretrained(section.init_from, **section.overrides)
         if model.config.variant != section.variant:
             raise ConfigError(f"model.variant: {section.variant!r}, but model.init_from "
@@ -64,31 +65,32 @@ def loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], z_loss: float = 0
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer,
                micro_batches: list[dict[str, torch.Tensor]], grad_clip: float,
-               z_loss: float) -> dict[str, float]:
+               z_loss: float) -> dict[str, torch.Tensor]:
     """One optimizer step over this worker's micro-batches (already collated, on device).
 
     Each micro-batch's summed token loss is divided by the target tokens of the whole global
     batch (all ranks); FSDP averages gradients over ranks, so the loss is also scaled by the
-    world size to make the reduced gradient the global mean's.
+    world size to make the reduced gradient the global mean's. Gradients are reduced once,
+    after the last micro-batch. Nothing here waits for the device: the loss and the gradient
+    norm come back as device scalars, which the caller reads only when it logs.
     """
     world = dist.get_world_size() if dist.is_initialized() else 1
-    tokens = torch.tensor([float(sum(int((b["labels"] != -100).sum()) for b in micro_batches))])
+    tokens = sum((b["labels"] != -100).sum() for b in micro_batches).float()
     if dist.is_initialized():
         dist.all_reduce(tokens)
-    total_tokens = tokens.item()
-    summed = torch.zeros(())
+    summed = torch.zeros((), device=tokens.device)
     for i, batch in enumerate(micro_batches):
         if isinstance(model, FSDPModule):  # reduce gradients once, after the last micro-batch
             model.set_requires_gradient_sync(i == len(micro_batches) - 1)
         loss = loss_sum(model, batch, z_loss)
-        (loss * (world / total_tokens)).backward()
-        summed += loss.detach().cpu()
+        (loss * (world / tokens)).backward()
+        summed += loss.detach()
     grad_norm = clip_gradients(model, grad_clip)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     if dist.is_initialized():
         dist.all_reduce(summed)
-    return {"loss": summed.item() / total_tokens, "grad_norm": grad_norm}
+    return {"loss": summed / tokens, "grad_norm": grad_norm}
 
 
 def eval_loss(model: nn.Module, rows: list[dict], micro: int, device: torch.device) -> float:
@@ -112,8 +114,11 @@ def eval_loss(model: nn.Module, rows: list[dict], micro: int, device: torch.devi
 
 
 def to_device(rows: list[dict], device: torch.device) -> dict[str, torch.Tensor]:
+    """A collated micro-batch on `device`; to a GPU from pinned memory, without waiting."""
     batch = collate(rows)
-    return {k: batch[k].to(device, non_blocking=True) for k in BATCH_KEYS}
+    pin = device.type == "cuda"
+    return {k: (batch[k].pin_memory() if pin else batch[k]).to(device, non_blocking=True)
+            for k in BATCH_KEYS}
 
 
 def _tokens(row: dict) -> int:
@@ -138,11 +143,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     torch.manual_seed(t.seed)  # same initial weights on every rank before sharding
-    model = build_model(cfg)
+    with device:  # initialised where it trains: an xl model's init on the CPU takes minutes
+        model = build_model(cfg)
     # The unsharded model's config, kept before parallelize wraps the model (FSDP hides it).
     config = model.config
     model = parallelize(model, device=device, fsdp=t.fsdp,
-                        activation_checkpointing=t.activation_checkpointing)
+                        activation_checkpointing=t.activation_checkpointing, compile=t.compile)
     optimizer = build_optimizer(model, t)
     state = TrainState()
     checkpoint = ray.train.get_checkpoint()
@@ -172,9 +178,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
                 f"out of memory at train.micro_batch_size={micro} on {device}: lower "
                 "train.micro_batch_size (gradient accumulation keeps train.global_batch_size) "
                 "or set train.activation_checkpointing=true") from e
-        if not math.isfinite(out["loss"]):
-            raise TrainingError(f"loss is {out['loss']} at step {state.step + 1}; "
-                                "lower train.lr or check the data")
         state.step += 1
         rows = [r for micro_batch in micro_rows for r in micro_batch]
         state.mark([r["example_index"] for r in rows])
@@ -185,6 +188,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
         evaluate = bool(evaluation) and (last or (t.eval_every and state.step % t.eval_every == 0))
         if not (save or evaluate or state.step % t.log_every == 0):
             continue
+        out = {k: float(v) for k, v in out.items()}  # the one wait for the device, at log steps
+        if not math.isfinite(out["loss"]):
+            raise TrainingError(f"loss is {out['loss']} at step {state.step}; "
+                                "lower train.lr or check the data")
         metrics = {**out, **meter.summary(), "epoch": float(state.epoch), "step": state.step,
                    "data_bad_records_skipped": max_over_ranks(skipped)}
         if evaluate:

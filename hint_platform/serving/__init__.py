@@ -1,0 +1,1 @@
+"""Serving HINT: the cached predictor, batch prediction on Ray Data, the Ray Serve app."""
