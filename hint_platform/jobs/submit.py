@@ -111,15 +111,18 @@ def build_request(
 
     relative = config_path.relative_to(working_dir).as_posix()
     request = command_request(["train", relative, *overrides], working_dir=working_dir,
-                              run_name=cfg.name, tracking_uri=tracking_uri, env_vars=env_vars)
+                              run_name=cfg.name, tracking_uri=tracking_uri, env_vars=env_vars,
+                              login=login)
     request.metadata["hint_config"] = relative
     return request
 
 
 def command_request(argv: list[str], *, working_dir: str | Path, run_name: str,
-                    tracking_uri: str | None = None, env_vars: dict[str, str] | None = None) -> JobRequest:
-    """The job that runs `hint ARGV...` with the working directory, the tracking URI and the
-    environment variables (checked by the caller: `hint train`'s config, `hint paper run`'s plan)."""
+                    tracking_uri: str | None = None, env_vars: dict[str, str] | None = None,
+                    login: dict[str, str] | None = None) -> JobRequest:
+    """The job that runs `hint ARGV...` with the working directory, the tracking URI and its
+    login (as build_request says), and the environment variables (checked by the caller:
+    `hint train`'s config, `hint paper run`'s plan)."""
     env = dict(env_vars or {})
     if tracking_uri:
         clean, user, password = split_credentials(tracking_uri)
