@@ -1,6 +1,16 @@
-"""Shared test fixtures: the real corpus samples and one local Ray instance per session."""
+"""Shared test fixtures: the real corpus samples, one local Ray instance and one authenticated
+MLflow server per session."""
 
 import os
+import re
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -35,3 +45,75 @@ def ray_local(tmp_path_factory):
                  _temp_dir=str(tmp_path_factory.mktemp("ray")))
     yield ray
     ray.shutdown()
+
+
+@dataclass
+class MlflowServer:
+    """A real `mlflow server --app-name basic-auth` on 127.0.0.1 with the settings of
+    infra/mlflow/basic_auth.ini and the users infra/mlflow/bootstrap_users.py creates."""
+
+    uri: str
+    root: Path
+    logins: dict[str, dict[str, str]]  # user -> {MLFLOW_TRACKING_USERNAME, MLFLOW_TRACKING_PASSWORD}
+
+    def env(self, user: str) -> dict[str, str]:
+        return dict(self.logins[user])
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """One authenticated MLflow server for the session: `admin`, the writer `hint` and the
+    reader `viewer`, each with a random password."""
+    root = tmp_path_factory.mktemp("mlflow")
+    passwords = {user: secrets.token_urlsafe(18) for user in ("admin", "hint", "viewer")}
+    for user in ("hint", "viewer"):
+        (root / f"{user}-password").write_text(passwords[user])
+    ini = (REPO / "infra" / "mlflow" / "basic_auth.ini").read_text()
+    ini = re.sub(r"(?m)^database_uri = .*$", f"database_uri = sqlite:///{root / 'auth.db'}", ini)
+    (root / "basic_auth.ini").write_text(ini)
+    port = _free_port()
+    uri = f"http://127.0.0.1:{port}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env.update(MLFLOW_AUTH_CONFIG_PATH=str(root / "basic_auth.ini"),
+               MLFLOW_AUTH_ADMIN_PASSWORD=passwords["admin"],
+               MLFLOW_FLASK_SERVER_SECRET_KEY=secrets.token_hex(16))
+    bin_dir = Path(sys.executable).parent
+    proc = subprocess.Popen(
+        [str(bin_dir / "mlflow"), "server", "--app-name", "basic-auth",
+         "--backend-store-uri", f"sqlite:///{root / 'db.sqlite'}",
+         "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1",
+         "--port", str(port), "--workers", "1"],
+        env=env, stdout=open(root / "server.log", "wb"), stderr=subprocess.STDOUT,
+        start_new_session=True, cwd=root)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{uri}/health", timeout=2):
+                    break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"mlflow server did not start: {(root / 'server.log').read_text()[-2000:]}")
+                time.sleep(0.5)
+        bootstrap = subprocess.run(
+            [sys.executable, str(REPO / "infra" / "mlflow" / "bootstrap_users.py"), uri,
+             "--writer", f"hint={root / 'hint-password'}", "--reader", f"viewer={root / 'viewer-password'}"],
+            env={**env, "MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": passwords["admin"]},
+            capture_output=True, text=True, timeout=600)
+        assert bootstrap.returncode == 0, bootstrap.stderr[-2000:]
+        logins = {user: {"MLFLOW_TRACKING_USERNAME": user, "MLFLOW_TRACKING_PASSWORD": pw}
+                  for user, pw in passwords.items()}
+        yield MlflowServer(uri, root, logins)
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)  # the server and its workers: our own process group
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()

@@ -38,6 +38,19 @@ def test_train_dry_run_prints_the_resolved_config(capsys):
     assert resolved["train"]["global_batch_size"] == 1024
 
 
+def test_dry_run_and_errors_show_no_password(capsys):
+    secret = "dry-run-pw-0123"
+    code, out, _ = run(capsys, "train", CONFIG, f"run.tracking_uri=http://hint:{secret}@127.0.0.1:9",
+                       "--dry-run")
+    assert code == 0 and secret not in out
+    assert yaml.safe_load(out)["run"]["tracking_uri"] == "http://hint:***@127.0.0.1:9"
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    code, out, err = run(capsys, "registry", "list", "--tracking-uri", f"http://hint:{secret}@127.0.0.1:{port}")
+    assert code == 2 and f"http://hint:***@127.0.0.1:{port}" in err and secret not in out + err
+
+
 def test_console_script_dry_run():
     hint = Path(sys.executable).with_name("hint")
     out = subprocess.run([str(hint), "train", CONFIG, "--dry-run"], capture_output=True, text=True, timeout=120)

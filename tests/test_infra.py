@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 import shlex
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -133,11 +134,139 @@ def test_image_installs_like_the_makefile():
         assert package in copied, f"package {package} is not copied into the image"
 
 
+COMPOSE = INFRA / "mlflow" / "compose.yaml"
+
+
+def compose_services() -> dict[str, dict]:
+    return documents(COMPOSE)[0]["services"]
+
+
+def with_defaults(text: str) -> str:
+    """Compose's interpolation with no variable set: `${X:-default}` -> default, `${X}` -> ''."""
+    return re.sub(r"\$\{\w+(?::?-([^}]*))?\}", lambda m: m.group(1) or "", text)
+
+
+def mlflow_server_commands() -> dict[str, str]:
+    compose = compose_services()["mlflow"]["command"]
+    (server,) = kube("Deployment")["mlflow"]["spec"]["template"]["spec"]["containers"]
+    return {"compose": " ".join(compose).replace("=", " "),
+            "kubernetes": " ".join(server["command"]).replace("=", " ")}
+
+
 def test_mlflow_server_matches_the_clients_version():
-    pinned = re.search(r'"mlflow==([\d.]+)"', (REPO / "pyproject.toml").read_text()).group(1)
-    assert f"mlflow:v{pinned}" in (INFRA / "mlflow" / "Dockerfile").read_text()
-    compose = documents(INFRA / "mlflow" / "compose.yaml")[0]["services"]["mlflow"]["command"]
-    assert "--backend-store-uri postgresql://" in compose and "--artifacts-destination s3://" in compose
-    (server,) = [c for c in kube("Deployment")["mlflow"]["spec"]["template"]["spec"]["containers"]]
-    args = " ".join(server["command"])
-    assert "--backend-store-uri=postgresql://" in args and "--artifacts-destination=s3://" in args
+    pinned = re.search(r'"mlflow\[auth\]==([\d.]+)"', (REPO / "pyproject.toml").read_text()).group(1)
+    dockerfile = (INFRA / "mlflow" / "Dockerfile").read_text()
+    assert f"mlflow:v{pinned}" in dockerfile and f'"mlflow[auth]=={pinned}"' in dockerfile
+    for where, args in mlflow_server_commands().items():
+        assert "--backend-store-uri postgresql://" in args and "--artifacts-destination s3://" in args, where
+
+
+def test_mlflow_server_lets_no_one_in_without_a_password():
+    """basic-auth in both variants; no password in any command line or committed file; the
+    admin's from a secret; the Ray pods log in as `hint` with a password from a Secret."""
+    for where, args in mlflow_server_commands().items():
+        assert "--app-name basic-auth" in args, where
+        uris = re.findall(r"\w+://\S+", args)
+        assert uris and not [u for u in uris if re.match(r"\w+://[^/@\s]*:[^/@\s]*@", u)], (where, uris)
+    ini = (INFRA / "mlflow" / "basic_auth.ini").read_text()
+    assert "default_permission = NO_PERMISSIONS" in ini and "admin_password" not in ini
+    assert "COPY basic_auth.ini" in (INFRA / "mlflow" / "Dockerfile").read_text()
+
+    compose = documents(COMPOSE)[0]
+    assert "/run/secrets/mlflow_admin_password" in " ".join(compose["services"]["mlflow"]["command"])
+    for name, secret in compose["secrets"].items():
+        path = COMPOSE.parent / secret["file"]
+        ignored = subprocess.run(["git", "check-ignore", "-q", str(path)], cwd=REPO)
+        assert ignored.returncode == 0, f"secret {name} ({path}) is not git-ignored"
+    (server,) = kube("Deployment")["mlflow"]["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e for e in server["env"]}
+    assert env["MLFLOW_AUTH_ADMIN_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"] == "hint-mlflow"
+    assert "hint" in kube("Job")["mlflow-users"]["spec"]["template"]["spec"]["containers"][0]["command"][-1]
+
+    for name, cluster in kube("RayCluster").items():
+        spec = cluster["spec"]
+        for group in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]:
+            env = {e["name"]: e for e in _container(group)["env"]}
+            assert env["MLFLOW_TRACKING_USERNAME"]["value"] == "hint", name
+            password = env["MLFLOW_TRACKING_PASSWORD"]
+            assert "value" not in password, name
+            assert password["valueFrom"]["secretKeyRef"]["name"] == "hint-mlflow-client", name
+
+
+def test_compose_publishes_nothing_on_every_interface_by_default():
+    published = []
+    for name, service in compose_services().items():
+        for port in service.get("ports", []):
+            if isinstance(port, dict):
+                published.append((name, port.get("host_ip", ""), port.get("published")))
+            else:
+                parts = with_defaults(str(port)).split(":")
+                published.append((name, parts[0] if len(parts) == 3 else "", parts[-2:]))
+    assert published, "the MLflow server is published nowhere"
+    for name, host_ip, port in published:
+        assert host_ip == "127.0.0.1", f"service {name} publishes {port} on {host_ip or 'every interface'}"
+    assert "${MLFLOW_BIND:-127.0.0.1}:5000:5000" in compose_services()["mlflow"]["ports"]
+
+
+def selects(selector: dict, labels: dict[str, str]) -> bool:
+    """Kubernetes label-selector semantics (matchLabels and matchExpressions)."""
+    if any(labels.get(k) != v for k, v in selector.get("matchLabels", {}).items()):
+        return False
+    for e in selector.get("matchExpressions", []):
+        value, op = labels.get(e["key"]), e["operator"]
+        if ((op == "In" and value not in e["values"]) or (op == "NotIn" and value in e["values"])
+                or (op == "Exists" and value is None) or (op == "DoesNotExist" and value is not None)):
+            return False
+    return True
+
+
+def admitted(policy: dict, labels: dict[str, str], namespace: str) -> bool:
+    """Whether a pod with `labels` in `namespace` may open a connection under `policy`."""
+    for rule in policy["spec"]["ingress"]:
+        for peer in rule.get("from", []):
+            pods, namespaces = peer.get("podSelector"), peer.get("namespaceSelector")
+            same_ns = namespace == policy["metadata"]["namespace"]
+            ns_ok = (selects(namespaces, {"kubernetes.io/metadata.name": namespace})
+                     if namespaces is not None else same_ns)
+            if ns_ok and (pods is None or selects(pods, labels)):
+                return True
+    return False
+
+
+def test_mlflow_is_cluster_internal_and_admits_only_the_ray_pods():
+    service = kube("Service")["mlflow"]
+    assert service["spec"].get("type", "ClusterIP") == "ClusterIP"
+    server_labels = kube("Deployment")["mlflow"]["spec"]["template"]["metadata"]["labels"]
+    policies = [p for p in kube("NetworkPolicy").values() if selects(p["spec"]["podSelector"], server_labels)]
+    assert len(policies) == 1, "no NetworkPolicy (or more than one) guards the MLflow server"
+    (policy,) = policies
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    for name, cluster in kube("RayCluster").items():
+        spec = cluster["spec"]
+        for group in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]:
+            # The labels KubeRay puts on every pod of the cluster, and the template's own.
+            labels = {"ray.io/cluster": name, **group["template"].get("metadata", {}).get("labels", {})}
+            assert admitted(policy, labels, cluster["metadata"]["namespace"]), name
+    users = kube("Job")["mlflow-users"]["spec"]["template"]["metadata"]["labels"]
+    assert admitted(policy, users, "hint")
+    assert admitted(policy, {}, "ingress-nginx")
+    for labels, namespace in (({"app": "other"}, "hint"), ({"ray.io/cluster": "someone-else"}, "hint"),
+                              ({"ray.io/cluster": "hint-3b"}, "default"), ({}, "default")):
+        assert not admitted(policy, labels, namespace), (labels, namespace)
+    postgres = [p for p in kube("NetworkPolicy").values()
+                if selects(p["spec"]["podSelector"], {"app": "mlflow-postgres"})]
+    assert postgres and admitted(postgres[0], server_labels, "hint")
+    assert not admitted(postgres[0], {"ray.io/cluster": "hint-3b"}, "hint")
+
+
+def test_browsers_reach_mlflow_through_tls_only():
+    (ingress,) = kube("Ingress").values()
+    hosts = [r["host"] for r in ingress["spec"]["rules"]]
+    tls_hosts = {h for t in ingress["spec"]["tls"] for h in t["hosts"]}
+    assert hosts and set(hosts) <= tls_hosts
+    assert ingress["metadata"]["annotations"]["nginx.ingress.kubernetes.io/ssl-redirect"] == "true"
+    args = mlflow_server_commands()["kubernetes"]
+    for host in hosts:
+        assert host in args, f"--allowed-hosts refuses the Ingress host {host}"
+    backend = ingress["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"]
+    assert backend["name"] == "mlflow"

@@ -145,3 +145,51 @@ def test_token_comes_from_env_then_file(tmp_path, monkeypatch):
     assert submit.auth_headers() == {"Authorization": "Bearer from-file"}
     monkeypatch.setenv("RAY_AUTH_TOKEN", "from-env")
     assert submit.auth_headers() == {"Authorization": "Bearer from-env"}
+
+
+PASSWORD = "pw-for-the-job-0123"
+
+
+def test_the_mlflow_login_travels_in_the_runtime_env_only(tmp_path):
+    config = write_config(tmp_path)
+    login = {"MLFLOW_TRACKING_USERNAME": "hint", "MLFLOW_TRACKING_PASSWORD": PASSWORD}
+    request = submit.build_request(config, [], working_dir=tmp_path, tracking_uri="https://mlflow.internal",
+                             login=login)
+    assert request.runtime_env["env_vars"] == {"MLFLOW_TRACKING_URI": "https://mlflow.internal", **login}
+    # A URI's own user:password@ leaves the URI (it would be printed and logged) for the login.
+    request = submit.build_request(config, [], working_dir=tmp_path,
+                             tracking_uri=f"http://hint:{PASSWORD}@mlflow:5000")
+    assert request.runtime_env["env_vars"] == {"MLFLOW_TRACKING_URI": "http://mlflow:5000", **login}
+    assert PASSWORD not in request.entrypoint + json.dumps(request.metadata)
+    # No tracking URI from here: the cluster's own MLflow settings (and login) apply.
+    assert submit.build_request(config, [], working_dir=tmp_path, login=login).runtime_env["env_vars"] == {}
+
+
+@pytest.mark.parametrize("override", [
+    f"run.tracking_uri=http://hint:{PASSWORD}@mlflow:5000",
+    f"run.tracking_uri=https://mlflow:5000/?token={PASSWORD}",
+])
+def test_a_secret_in_the_entrypoint_is_refused(tmp_path, override):
+    config = write_config(tmp_path)
+    with pytest.raises(UserError, match="run.tracking_uri: a secret in the job's config") as e:
+        submit.build_request(config, [override], working_dir=tmp_path)
+    assert PASSWORD not in str(e.value) and "MLFLOW_TRACKING_PASSWORD" in str(e.value)
+    in_file = write_config(tmp_path, tracking_uri=f"http://hint:{PASSWORD}@mlflow:5000")
+    with pytest.raises(UserError, match="run.tracking_uri: a secret"):
+        submit.build_request(in_file, [], working_dir=tmp_path)
+
+
+def test_dry_run_prints_the_job_with_the_login_masked(tmp_path, monkeypatch, capsys):
+    from hint_platform import cli
+
+    config = write_config(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "hint")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", PASSWORD)
+    assert cli.main(["submit", str(config), "--working-dir", str(tmp_path), "--dry-run",
+                     "--tracking-uri", "http://mlflow:5000", "--env", f"HF_TOKEN={PASSWORD}x"]) == 0
+    out = capsys.readouterr().out
+    job = json.loads(out)
+    assert job["runtime_env"]["env_vars"] == {
+        "HF_TOKEN": "***", "MLFLOW_TRACKING_URI": "http://mlflow:5000",
+        "MLFLOW_TRACKING_USERNAME": "hint", "MLFLOW_TRACKING_PASSWORD": "***"}
+    assert PASSWORD not in out and job["entrypoint"] == "hint train configs/tiny.yaml"

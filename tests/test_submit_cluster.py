@@ -1,6 +1,8 @@
-"""`hint submit` and `hint jobs` against a real two-node Ray cluster and a real MLflow server, all
-on 127.0.0.1 (no `ray_local`: this cluster has its own ports and temp dir, and `hint` runs as a
-subprocess because the test process may already hold a Ray of its own).
+"""`hint submit` and `hint jobs` against a real two-node Ray cluster and the session's real,
+authenticated MLflow server (tests/conftest.py), all on 127.0.0.1 (no `ray_local`: this cluster
+has its own ports and temp dir, and `hint` runs as a subprocess because the test process may
+already hold a Ray of its own). The nodes know no MLflow login: jobs get it from `hint submit`,
+in their runtime environment, and their logs never show it.
 
 Every process started here is stopped by its session id at the end: each `ray start --block`
 leads its own session, so a node's processes (raylet, GCS, workers) are exactly that session.
@@ -146,13 +148,6 @@ def get_json(url: str, headers: dict | None = None):
         return None
 
 
-def answers(url: str) -> bool:
-    try:
-        return requests.get(url, timeout=5).ok
-    except requests.RequestException:
-        return False
-
-
 TOKEN = secrets.token_hex(16)
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
@@ -165,6 +160,17 @@ class Setup:
     root: Path
     suite: object
     tokenizer: str
+    mlflow: object  # conftest.MlflowServer
+
+    @property
+    def login(self) -> dict[str, str]:
+        """The MLflow login `hint submit` hands to jobs (the writer `hint`)."""
+        return self.mlflow.env("hint")
+
+    def reader(self) -> MlflowClient:
+        """An MLflow client of the test, logged in as the read-only `viewer`."""
+        password = self.mlflow.logins["viewer"]["MLFLOW_TRACKING_PASSWORD"]
+        return MlflowClient(tracking_uri=self.tracking_uri.replace("://", f"://viewer:{password}@"))
 
     def nodes(self) -> list[dict]:
         reply = get_json(f"{self.cluster.address}/api/v0/nodes?limit=100", AUTH) or {}
@@ -188,8 +194,8 @@ class Setup:
 
 
 @pytest.fixture(scope="module")
-def setup():
-    """A head (2 CPUs) and a second node (4 CPUs), token auth on, and an MLflow server.
+def setup(mlflow_server):
+    """A head (2 CPUs) and a second node (4 CPUs), token auth on; no MLflow login on the nodes.
 
     A short temp dir of our own: Ray's socket paths under it must stay within 107 bytes."""
     from pipelines import train_tokenizer, write_suite
@@ -199,34 +205,24 @@ def setup():
                         instances_per_task=4, num_pretrain_docs=4)
     train_tokenizer(suite.texts(), root / "tok", vocab_size=200)
     env = {k: v for k, v in os.environ.items()
-           if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "MLFLOW_TRACKING_URI")}
+           if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS") and not k.startswith("MLFLOW_")}
     env.update(PATH=f"{BIN}{os.pathsep}{env['PATH']}", HOME=str(root / "home"),
                RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=TOKEN, RAY_DATA_DISABLE_PROGRESS_BARS="1",
                RAY_TRAIN_ENABLE_PRINT_PATCH="0",
                RAY_agent_register_timeout_ms="120000",  # slow starts on a busy 2-core machine
                RAY_health_check_period_ms="1000")  # a killed node is noticed sooner
     (root / "home").mkdir()
-    mlflow_port = free_ports(1)[0]
-    mlflow = subprocess.Popen(
-        [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-         "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1",
-         "--port", str(mlflow_port), "--workers", "1"],
-        env=env, stdout=open(root / "mlflow.log", "w"), stderr=subprocess.STDOUT,
-        start_new_session=True)
     cluster = LocalRayCluster(root / "ray", env)
-    s = Setup(cluster, env, f"http://127.0.0.1:{mlflow_port}", root, suite, str(root / "tok"))
+    s = Setup(cluster, env, mlflow_server.uri, root, suite, str(root / "tok"), mlflow_server)
     try:
         cluster.add_node(num_cpus=2)
         wait_for("the dashboard", lambda: cluster.check_running() or
                  get_json(f"{cluster.address}/api/version", AUTH), 300)
         cluster.add_node(num_cpus=4)
         wait_for("two nodes", lambda: cluster.check_running() or len(s.nodes()) == 2, 300)
-        wait_for("mlflow", lambda: answers(f"{s.tracking_uri}/health"), 120)
         yield s
     finally:
         cluster.stop()
-        kill_session(mlflow.pid)
-        mlflow.wait()
         shutil.rmtree(root, ignore_errors=True)
 
 
@@ -243,6 +239,9 @@ def hint(setup, monkeypatch):
     submissions make HTTP calls only; the submission that runs is a subprocess, see above)."""
     monkeypatch.setenv("HOME", setup.env["HOME"])  # no ~/.ray/auth_token of this machine's
     monkeypatch.delenv("RAY_AUTH_TOKEN_PATH", raising=False)
+
+    for key, value in setup.login.items():  # what a submission hands to its job
+        monkeypatch.setenv(key, value)
 
     def run(*args: str, token: str = TOKEN) -> Result:
         monkeypatch.setenv("RAY_AUTH_TOKEN", token)
@@ -278,8 +277,8 @@ def finished_job(setup):
     submitted = subprocess.Popen(
         [str(BIN / "hint"), "submit", str(config), "--address", s.cluster.address, "--wait",
          "--working-dir", str(config.parent), "--tracking-uri", s.tracking_uri],
-        env=s.env, cwd=s.root, stdout=open(log, "w"), stderr=subprocess.STDOUT)
-    mlflow = MlflowClient(tracking_uri=s.tracking_uri)
+        env={**s.env, **s.login}, cwd=s.root, stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    mlflow = s.reader()
     (second,) = [n["node_id"] for n in s.nodes() if not n["is_head_node"]]
 
     def step_three_logged():
@@ -303,7 +302,7 @@ def test_submitted_run_survives_losing_a_node(setup, finished_job):
     assert re.search(r"^job \S+ SUCCEEDED", job["output"], re.M), job["output"][-3000:]
     assert [n["is_head_node"] for n in s.nodes()] == [True]  # it finished on what was left
 
-    mlflow = MlflowClient(tracking_uri=s.tracking_uri)
+    mlflow = s.reader()
     (run,) = mlflow.search_runs([mlflow.get_experiment_by_name("cluster").experiment_id])
     assert run.info.status == "FINISHED"
     assert run.data.params["train.num_workers"] == "2"
@@ -329,6 +328,16 @@ def test_hint_jobs_on_that_job(setup, finished_job, hint):
     assert status.stdout.startswith(f"{job_id} SUCCEEDED"), status.stderr
     logs = hint("jobs", "logs", job_id, *address)
     assert "steps: 6" in logs.stdout, logs.stdout[-2000:]
+    # The job logged in as `hint` (its run is in MLflow), yet neither its logs nor the Ray logs of
+    # its driver and workers hold the password; Ray's runtime-env agent alone records the
+    # runtime environment it set up (infra/README.md).
+    password = s.login["MLFLOW_TRACKING_PASSWORD"]
+    raw = requests.get(f"{s.cluster.address}/api/jobs/{job_id}/logs", headers=AUTH, timeout=30).json()["logs"]
+    assert "steps: 6" in raw and password not in raw + logs.stdout + finished_job["output"]
+    ray_logs = [p for p in (s.cluster.root / "session_latest" / "logs").rglob("*") if p.is_file()]
+    holding = {p.name for p in ray_logs if password.encode() in p.read_bytes()}
+    assert len(ray_logs) > 20 and {p.name for p in ray_logs if p.name.startswith("job-driver")}
+    assert not [n for n in holding if not n.startswith("runtime_env_agent")], holding
     stop = hint("jobs", "stop", job_id, *address)
     assert stop.returncode == 0 and "not running" in stop.stdout
     unknown = hint("jobs", "status", "hint-nope", *address)

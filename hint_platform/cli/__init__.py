@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # One module per command group, in the order `hint --help` lists them.
@@ -41,9 +42,11 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except Exception as e:  # a clear one-line message, not a traceback, for known errors
         from hint_platform.errors import USER_ERRORS
+        from hint_platform.redact import env_secrets, redact_text
 
-        if isinstance(e, USER_ERRORS):
-            print(f"hint {args.command}: error: {e}", file=sys.stderr)
+        if isinstance(e, USER_ERRORS):  # shown without a secret of this process's environment
+            print(f"hint {args.command}: error: {redact_text(str(e), env_secrets(os.environ))}",
+                  file=sys.stderr)
             return 2
         raise
 

@@ -7,6 +7,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from hint_platform.redact import redact_text
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
@@ -47,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
         run_id = evaluate.log_report(report, out, tracking_uri=uri, experiment=cfg.run.experiment,
                                      run_name=f"eval-{cfg.name}",
                                      artifact_location=runs.artifact_location(cfg, uri))
-        print(f"MLflow run {run_id} at {uri}")
+        print(f"MLflow run {run_id} at {redact_text(uri)}")
     return 0
 
 

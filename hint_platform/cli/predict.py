@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 
 
 def register(subparsers) -> None:
@@ -45,6 +44,7 @@ def run(args: argparse.Namespace) -> int:
     from hint_platform.config import ExperimentConfig
     from hint_platform.serving.batch import PredictOptions, parse_source, predict
     from hint_platform.tracking.runs import check_reachable, resolve_tracking_uri
+    from hint_platform.training.driver import start_ray
 
     for source in args.sources:  # a bad source fails before Ray starts
         parse_source(source)
@@ -58,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
                           concurrency=args.concurrency, actor_cpus=args.actor_cpus,
                           cache_mib=args.cache_mib, max_input_len=args.max_input_len)
     if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=False)
+        start_ray()  # RAY_ADDRESS's cluster, else a local Ray with its dashboard on loopback
     summary = predict(opts, log_run=not args.no_mlflow, progress=lambda line: print(line, flush=True))
     print(json.dumps({k: v for k, v in summary.items() if k != "metrics"}, indent=1))
     overall = summary.get("metrics", {}).get("overall")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import signal
 import threading
 
@@ -43,13 +42,14 @@ def run(args: argparse.Namespace) -> int:
     from hint_platform.config import ExperimentConfig
     from hint_platform.serving import app
     from hint_platform.tracking.runs import check_reachable, resolve_tracking_uri
+    from hint_platform.training.driver import start_ray
 
     uri = None
     if args.model.startswith("models:/"):
         uri = args.tracking_uri or resolve_tracking_uri(ExperimentConfig())
         check_reachable(uri)
     if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=False)
+        start_ray()  # RAY_ADDRESS's cluster, else a local Ray with its dashboard on loopback
     gpus = args.replica_gpus if args.replica_gpus is not None else float(ray.cluster_resources().get("GPU", 0) > 0)
     opts = app.ServeOptions(model=args.model, tracking_uri=uri, replicas=args.replicas,
                             cache_mib=args.cache_mib, max_new_tokens=args.max_new_tokens,

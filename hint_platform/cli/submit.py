@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
 import sys
 
 from hint_platform.errors import UserError
+from hint_platform.redact import env_secrets, redact
 
 
 def register(subparsers) -> None:
@@ -30,9 +32,13 @@ def register(subparsers) -> None:
                    "config's relative paths (runs, data, checkpoints) are put under it")
     p.add_argument("--tracking-uri", default=None,
                    help="MLflow tracking URI the job logs to, as the cluster reaches it "
-                   "(default: $MLFLOW_TRACKING_URI here, if set)")
+                   "(default: $MLFLOW_TRACKING_URI here, if set); the job logs in with "
+                   "$MLFLOW_TRACKING_USERNAME/_PASSWORD (or _TOKEN) as set here, passed in its "
+                   "runtime environment and never printed")
     p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                    help="environment variable for the job (repeatable)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="validate and print the job (secrets masked); submit nothing")
     p.set_defaults(func=run_submit)
 
     jobs = subparsers.add_parser("jobs", help="list, inspect, follow and stop jobs on a Ray cluster")
@@ -59,6 +65,7 @@ def _address_option(parser: argparse.ArgumentParser) -> None:
 
 def run_submit(args) -> int:
     from hint_platform.jobs import submit as submit_lib
+    from hint_platform.tracking.runs import CREDENTIAL_ENVS
 
     env_vars = {}
     for item in args.env:
@@ -70,26 +77,50 @@ def run_submit(args) -> int:
         args.config, args.overrides, working_dir=args.working_dir, name=args.name,
         tracking_uri=args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"), env_vars=env_vars,
         shared_dir=args.shared_dir,
+        login={k: os.environ[k] for k in CREDENTIAL_ENVS if os.environ.get(k)},
     )
+    if args.dry_run:
+        job = {"submission_id": request.submission_id, "entrypoint": request.entrypoint,
+               "runtime_env": request.runtime_env, "metadata": request.metadata}
+        print(json.dumps(_shown(job), indent=2))
+        return 0
     client = submit_lib.connect(args.address)
     job_id = submit_lib.submit(client, request)
-    print(f"submitted {job_id}: {request.entrypoint}")
+    print(f"submitted {job_id}: {_shown(request.entrypoint)}")
     if not args.wait:
         print(f"follow it with: hint jobs logs --follow {job_id} --address {client.get_address()}")
         return 0
     return _follow_and_report(client, job_id)
 
 
+def _shown(value):
+    """What may be printed of a job: secrets masked, this process's secret values included."""
+    return redact(value, env_secrets(os.environ))
+
+
+class _Redacting:
+    """A text stream that masks secrets in what is written to it (a job's logs)."""
+
+    def __init__(self, out):
+        self.out = out
+
+    def write(self, text: str) -> None:
+        self.out.write(_shown(text))
+
+    def flush(self) -> None:
+        self.out.flush()
+
+
 def _follow_and_report(client, job_id: str) -> int:
     from hint_platform.jobs import submit as submit_lib
 
     try:
-        status = submit_lib.follow(client, job_id)
+        status = submit_lib.follow(client, job_id, out=_Redacting(sys.stdout))
     except KeyboardInterrupt:
         print(f"\nstopped following; the job keeps running (hint jobs stop {job_id})", file=sys.stderr)
         return 130
     info = submit_lib.job_info(client, job_id)
-    print(f"job {job_id} {status}" + (f": {info.message}" if info.message else ""))
+    print(f"job {job_id} {status}" + (f": {_shown(info.message)}" if info.message else ""))
     return 0 if status == "SUCCEEDED" else 1
 
 
@@ -102,7 +133,8 @@ def run_list(args) -> int:
     for job in jobs:
         started = (datetime.datetime.fromtimestamp(job.start_time / 1000).strftime("%Y-%m-%d %H:%M:%S")
                    if job.start_time else "-")
-        print(f"{job.submission_id or job.job_id:<36} {str(job.status):<10} {started:<19} {job.entrypoint}")
+        print(f"{job.submission_id or job.job_id:<36} {str(job.status):<10} {started:<19} "
+              f"{_shown(job.entrypoint)}")
     return 0
 
 
@@ -110,7 +142,7 @@ def run_status(args) -> int:
     from hint_platform.jobs import submit as submit_lib
 
     info = submit_lib.job_info(submit_lib.connect(args.address), args.job_id)
-    print(f"{args.job_id} {info.status}" + (f": {info.message}" if info.message else ""))
+    print(f"{args.job_id} {info.status}" + (f": {_shown(info.message)}" if info.message else ""))
     return 0
 
 
@@ -121,7 +153,7 @@ def run_logs(args) -> int:
     submit_lib.job_info(client, args.job_id)  # a clear error for an unknown id
     if args.follow:
         return _follow_and_report(client, args.job_id)
-    sys.stdout.write(client.get_job_logs(args.job_id))
+    sys.stdout.write(_shown(client.get_job_logs(args.job_id)))
     return 0
 
 

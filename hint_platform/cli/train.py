@@ -7,6 +7,7 @@ import argparse
 import yaml
 
 from hint_platform import config
+from hint_platform.redact import redact
 
 
 def register(subparsers) -> None:
@@ -30,16 +31,16 @@ def run(args: argparse.Namespace) -> int:
 
     checked = check(config.load(args.config, args.overrides))
     if args.dry_run:
-        print(yaml.safe_dump(checked.cfg.to_dict(), sort_keys=False), end="")
+        print(yaml.safe_dump(redact(checked.cfg.to_dict()), sort_keys=False), end="")
         print("\n".join(f"# {line}" for line in size_lines(checked.cfg)))
         for path in checked.missing:
-            print(f"# note: not there yet (an earlier stage writes it?): {path}")
+            print(f"# note: not there yet (an earlier stage writes it?): {redact(path)}")
     for note in checked.notes:
-        print(f"# note: {note}")
+        print(f"# note: {redact(note)}")
     if args.dry_run:
         return 0
     result = train_and_register(checked.cfg)
-    for key, value in result.items():
+    for key, value in redact(result).items():
         print(f"{key}: {value}")
     return 0
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 
+from hint_platform.redact import redact_text
 from tune_spaces import STUDIES
 
 
@@ -68,4 +69,4 @@ def _print_report(study, report_dir) -> None:
 
     print((report_dir / "leaderboard.txt").read_text())
     print(f"plots: {report_dir}\nTensorBoard: tensorboard --logdir {study.path}")
-    print(f"MLflow: parent run {parent_run_id(study)} at {study.tracking_uri}")
+    print(f"MLflow: parent run {parent_run_id(study)} at {redact_text(study.tracking_uri)}")

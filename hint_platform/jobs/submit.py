@@ -2,7 +2,10 @@
 
 A submitted job runs the platform's own entrypoint, `hint train CONFIG key=value ...`, on the
 cluster. Its runtime environment carries the working directory (code and configs; not
-virtualenvs, run outputs or data), the MLflow tracking URI and the user's environment variables.
+virtualenvs, run outputs or data), the MLflow tracking URI and login, and the user's environment
+variables. Secrets travel only there: a config or override that holds one is refused (the
+entrypoint is shown to everyone who lists the cluster's jobs), and what `hint` prints of a job
+is redacted.
 What can be checked from the laptop is checked before anything is sent: the config validates
 as `hint train --dry-run` validates it (training/preflight.py: the model section, the sources,
 what needs no data; inputs that this machine does not see are the cluster's), every path the run
@@ -31,13 +34,15 @@ from ray.job_submission import JobSubmissionClient
 
 from hint_platform import config as config_lib
 from hint_platform.errors import UserError
+from hint_platform.redact import redact, split_credentials
+from hint_platform.tracking.runs import PASSWORD_ENV, TOKEN_ENV, TRACKING_URI_ENV, USERNAME_ENV
 from hint_platform.training.preflight import check
 
 # Never uploaded with a job (Ray's gitignore-style patterns): virtualenvs, VCS, run outputs,
 # MLflow stores, data and caches. Data and outputs live on shared storage instead.
 WORKING_DIR_EXCLUDES = [
     ".venv", "venv", ".git", "/runs", "/mlruns", "/mlartifacts", "mlflow.db", "/data",
-    "__pycache__", "*.egg-info", ".pytest_cache",
+    "__pycache__", "*.egg-info", ".pytest_cache", "/.whl", "/.gpu_data", "/.gl", "build",
 ]
 
 FINISHED = ("SUCCEEDED", "FAILED", "STOPPED")
@@ -65,11 +70,15 @@ def build_request(
     tracking_uri: str | None = None,
     env_vars: dict[str, str] | None = None,
     shared_dir: str | None = None,
+    login: dict[str, str] | None = None,
 ) -> JobRequest:
     """Validate the experiment and build the job. Raises UserError, naming what is wrong.
 
     `shared_dir` (a shared filesystem path or a URI every node reaches) is where the config's
     relative paths go: `runs` becomes `<shared_dir>/runs`, as overrides in the entrypoint.
+    With a `tracking_uri`, the job logs in to it as `login` says (MLFLOW_TRACKING_USERNAME /
+    _PASSWORD or _TOKEN, as set here), else as the URI's own user:password@, which leaves the
+    URI; `env_vars` given explicitly win. Without one, the cluster's own MLflow settings apply.
     """
     working_dir = Path(working_dir).resolve()
     config_path = config_lib.find(config_path).resolve()
@@ -96,20 +105,35 @@ def build_request(
         )
     check(cfg)
 
+    leaked = [key for key, value in redact(cfg.flat()).items() if value != cfg.flat()[key]]
+    if leaked:
+        raise UserError(
+            f"{', '.join(leaked)}: a secret in the job's config or entrypoint is shown to everyone "
+            "who can list the cluster's jobs and lands in its logs. Remove it, and log in to "
+            f"MLflow with {USERNAME_ENV} and {PASSWORD_ENV} (or {TOKEN_ENV}) set here: hint submit "
+            "hands them to the job in its runtime environment, unshown")
+
     relative = config_path.relative_to(working_dir).as_posix()
     request = command_request(["train", relative, *overrides], working_dir=working_dir,
-                              run_name=cfg.name, tracking_uri=tracking_uri, env_vars=env_vars)
+                              run_name=cfg.name, tracking_uri=tracking_uri, env_vars=env_vars,
+                              login=login)
     request.metadata["hint_config"] = relative
     return request
 
 
 def command_request(argv: list[str], *, working_dir: str | Path, run_name: str,
-                    tracking_uri: str | None = None, env_vars: dict[str, str] | None = None) -> JobRequest:
-    """The job that runs `hint ARGV...` with the working directory, the tracking URI and the
-    environment variables (checked by the caller: `hint train`'s config, `hint paper run`'s plan)."""
+                    tracking_uri: str | None = None, env_vars: dict[str, str] | None = None,
+                    login: dict[str, str] | None = None) -> JobRequest:
+    """The job that runs `hint ARGV...` with the working directory, the tracking URI and its
+    login (as build_request says), and the environment variables (checked by the caller:
+    `hint train`'s config, `hint paper run`'s plan)."""
     env = dict(env_vars or {})
     if tracking_uri:
-        env["MLFLOW_TRACKING_URI"] = tracking_uri
+        clean, user, password = split_credentials(tracking_uri)
+        env[TRACKING_URI_ENV] = clean
+        from_uri = {USERNAME_ENV: user, PASSWORD_ENV: password or ""} if user else {}
+        for key, value in (login or from_uri).items():
+            env.setdefault(key, value)
     return JobRequest(
         submission_id=f"hint-{run_name}-{uuid.uuid4().hex[:8]}",
         entrypoint=shlex.join(["hint", *argv]),

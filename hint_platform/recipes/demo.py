@@ -114,7 +114,8 @@ def run_demo(out_dir: str | Path = "runs/demo", settings: DemoSettings | None = 
         o = run.report.overall
         print(f"{variant:<16}{o['rougeL']:>10.2f}{o['exact_match']:>14.2f}{o['gflops_per_task']:>14.4f}")
     print(f"\nregistered {logged['model_uri']} (alias: models:/{name}@champion)")
-    print(f"MLflow UI: mlflow ui --backend-store-uri {uri}   (then open http://127.0.0.1:5000)")
+    print(f"MLflow UI: mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000   "
+          "(listens on this machine only; then open http://127.0.0.1:5000)")
     print(f"try it:    hint registry load models:/{name}@champion --tracking-uri {uri} "
           f"--instruction 'Is owl in the list?' --input 'fox owl 3'")
     rouge = {v: run.report.overall["rougeL"] for v, run in trained.items()}

@@ -14,13 +14,12 @@ from typing import Any
 
 import mlflow
 import mlflow.pyfunc
-from mlflow import MlflowClient
 from mlflow.models.signature import ModelSignature
 from mlflow.types.schema import ColSpec, Schema
 
 from hint_platform.errors import UserError
 from hint_platform.tracking.pyfunc import EXPORT_ARTIFACT
-from hint_platform.tracking.runs import tracking_uri_scope
+from hint_platform.tracking.runs import login, mlflow_client, tracking_uri_scope
 
 _MODEL_CODE = Path(__file__).with_name("pyfunc_model.py")
 _SIGNATURE = ModelSignature(inputs=Schema([ColSpec("string", "instruction"), ColSpec("string", "input")]),
@@ -42,11 +41,19 @@ def log_and_register(export_dir: str | Path, *, tracking_uri: str, run_id: str |
     export_dir = Path(export_dir)
     if not (export_dir / "config.json").is_file():
         raise RegistryError(f"{export_dir}: not a model export (no config.json)")
-    with tracking_uri_scope(tracking_uri), mlflow.start_run(run_id=run_id) as run:
-        info = mlflow.pyfunc.log_model(
-            name="model", python_model=str(_MODEL_CODE), artifacts={EXPORT_ARTIFACT: str(export_dir)},
-            signature=_SIGNATURE, pip_requirements=_REQUIREMENTS, registered_model_name=name,
-        )
+    try:
+        with tracking_uri_scope(tracking_uri), mlflow.start_run(run_id=run_id) as run:
+            info = mlflow.pyfunc.log_model(
+                name="model", python_model=str(_MODEL_CODE), artifacts={EXPORT_ARTIFACT: str(export_dir)},
+                signature=_SIGNATURE, pip_requirements=_REQUIREMENTS, registered_model_name=name,
+            )
+    except mlflow.exceptions.MlflowException as e:
+        who = login(tracking_uri)[1] or "an anonymous client"
+        if e.error_code == "PERMISSION_DENIED":
+            raise RegistryError(f"{who} may not log or register models at {tracking_uri}: "
+                                "registering needs a writer's account (EDIT on the experiment "
+                                "and the registered model; infra/mlflow/bootstrap_users.py)") from None
+        raise RegistryError(f"cannot log and register {export_dir} at {tracking_uri}: {e.message}") from None
     version = info.registered_model_version
     return {"model_uri": f"models:/{name}/{version}" if name else info.model_uri,
             "run_id": run.info.run_id, "name": name, "version": version}
@@ -54,24 +61,24 @@ def log_and_register(export_dir: str | Path, *, tracking_uri: str, run_id: str |
 
 def list_versions(tracking_uri: str, name: str | None = None) -> list[dict[str, Any]]:
     """Registered versions (of `name`, or of every model), newest first, with their aliases."""
-    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
     query = f"name='{name}'" if name else None
     rows, aliases_of = [], {}
-    for mv in client.search_model_versions(query):
-        if mv.name not in aliases_of:  # version searches leave aliases out; the model has them
-            aliases_of[mv.name] = client.get_registered_model(mv.name).aliases or {}
-        aliases = sorted(a for a, v in aliases_of[mv.name].items() if int(v) == int(mv.version))
-        rows.append({"name": mv.name, "version": int(mv.version), "aliases": aliases,
-                     "run_id": mv.run_id, "created": mv.creation_timestamp})
+    with mlflow_client(tracking_uri) as client:
+        for mv in client.search_model_versions(query):
+            if mv.name not in aliases_of:  # version searches leave aliases out; the model has them
+                aliases_of[mv.name] = client.get_registered_model(mv.name).aliases or {}
+            aliases = sorted(a for a, v in aliases_of[mv.name].items() if int(v) == int(mv.version))
+            rows.append({"name": mv.name, "version": int(mv.version), "aliases": aliases,
+                         "run_id": mv.run_id, "created": mv.creation_timestamp})
     if name and not rows:
         raise RegistryError(f"no registered model named {name!r} at {tracking_uri}")
     return sorted(rows, key=lambda r: (r["name"], -r["version"]))
 
 
 def set_alias(tracking_uri: str, name: str, alias: str, version: int) -> None:
-    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
     try:
-        client.set_registered_model_alias(name, alias, str(version))
+        with mlflow_client(tracking_uri) as client:
+            client.set_registered_model_alias(name, alias, str(version))
     except mlflow.exceptions.MlflowException as e:
         raise RegistryError(f"cannot point alias {alias!r} of {name!r} at version {version}: "
                             f"{e.message}") from None

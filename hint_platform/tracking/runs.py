@@ -10,27 +10,34 @@ from __future__ import annotations
 
 import json
 import os
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import mlflow
+import requests
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from hint_platform.config import ExperimentConfig
 from hint_platform.errors import UserError
+from hint_platform.redact import redact, split_credentials
 
 RUN_NAME_TAG = "hint.run_name"
 STORAGE_TAG = "hint.storage_path"
 MAX_PARAM_CHARS = 6000  # MLflow's limit on a param value
 STEP_METRIC = "step"
 TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
+# The variables MLflow's own client logs in with (basic auth, or a bearer token).
+USERNAME_ENV, PASSWORD_ENV, TOKEN_ENV = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
+                                         "MLFLOW_TRACKING_TOKEN")
+CREDENTIAL_ENVS = (USERNAME_ENV, PASSWORD_ENV, TOKEN_ENV)
+_LOGIN_HELP = (f"set {USERNAME_ENV} and {PASSWORD_ENV} to your account on it "
+               f"(or {TOKEN_ENV} to a token); infra/README.md says who creates accounts")
 
 
 class TrackingError(UserError):
-    """The tracking store cannot be used: the message names the URI."""
+    """The tracking store cannot be used: the message names the URI (its password masked)."""
 
 
 def storage_dir(cfg: ExperimentConfig) -> Path:
@@ -48,19 +55,14 @@ def resolve_tracking_uri(cfg: ExperimentConfig) -> str:
 
 
 def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
-    """Fails fast, naming `uri`, when the tracking store cannot be reached or created.
+    """Fails fast, naming `uri`, when the tracking store cannot be reached or created, or when
+    a server refuses our login (MLflow's basic-auth app).
 
     MLflow's own client retries an unreachable server for minutes; a plain request with a short
     timeout says the same thing before any cluster time is spent.
     """
     if uri.startswith(("http://", "https://")):
-        try:
-            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s) as r:
-                if r.status != 200:
-                    raise TrackingError(f"MLflow tracking server {uri} answered {r.status} on /health")
-        except (urllib.error.URLError, OSError) as e:
-            reason = getattr(e, "reason", e)
-            raise TrackingError(f"MLflow tracking server {uri} is unreachable: {reason}") from None
+        _check_server(uri, timeout_s)
     elif uri.startswith("sqlite:///"):
         db = Path(uri.removeprefix("sqlite:///"))
         try:
@@ -70,6 +72,45 @@ def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
     elif "://" in uri and not uri.startswith(("file://", "databricks")):
         raise TrackingError(f"MLflow tracking URI {uri}: unsupported scheme "
                             "(use http(s)://, sqlite:///, file:// or databricks)")
+
+
+def login(uri: str) -> tuple[dict, str | None]:
+    """The requests arguments (auth or headers) MLflow's client would log in to `uri` with, and
+    who that is for messages (no secret): $MLFLOW_TRACKING_USERNAME/PASSWORD first, then
+    $MLFLOW_TRACKING_TOKEN, then the URI's own user:password@."""
+    _, uri_user, uri_password = split_credentials(uri)
+    user, password = os.environ.get(USERNAME_ENV), os.environ.get(PASSWORD_ENV)
+    if user and password:
+        return {"auth": (user, password)}, f"user {user!r} ({USERNAME_ENV}, {PASSWORD_ENV})"
+    if os.environ.get(TOKEN_ENV):
+        return {"headers": {"Authorization": f"Bearer {os.environ[TOKEN_ENV]}"}}, TOKEN_ENV
+    if uri_user:
+        return {"auth": (uri_user, uri_password or "")}, f"user {uri_user!r} (of the tracking URI)"
+    return {}, None
+
+
+def _check_server(uri: str, timeout_s: float) -> None:
+    base = split_credentials(uri)[0].rstrip("/")
+    try:
+        health = requests.get(f"{base}/health", timeout=timeout_s)
+        if health.status_code != 200:
+            raise TrackingError(f"MLflow tracking server {uri} answered {health.status_code} on /health")
+        login_args, who = login(uri)
+        reply = requests.get(f"{base}/api/2.0/mlflow/experiments/search",
+                             params={"max_results": 1}, timeout=timeout_s, **login_args)
+    except requests.RequestException as e:
+        raise TrackingError(f"MLflow tracking server {uri} is unreachable: {type(e).__name__}") from None
+    if reply.status_code == 401:
+        if who is None:
+            raise TrackingError(f"MLflow tracking server {uri} requires a login: {_LOGIN_HELP}")
+        raise TrackingError(f"MLflow tracking server {uri} refused the login of {who}: "
+                            f"the credentials are wrong or expired; {_LOGIN_HELP}")
+    if reply.status_code == 403:
+        raise TrackingError(f"MLflow tracking server {uri}: {who or 'an anonymous client'} may not "
+                            "read experiments; ask its admin for a grant (infra/mlflow/bootstrap_users.py)")
+    if reply.status_code != 200:
+        raise TrackingError(f"{uri} does not answer as an MLflow tracking server "
+                            f"(GET /api/2.0/mlflow/experiments/search: HTTP {reply.status_code})")
 
 
 def artifact_location(cfg: ExperimentConfig, uri: str) -> str | None:
@@ -87,7 +128,20 @@ def open_run(cfg: ExperimentConfig, uri: str) -> str:
     """Creates the MLflow run of `cfg` (or reopens the one a run of the same name and storage
     path started) and logs the whole resolved config as params. Returns the run id."""
     check_reachable(uri)
-    client = MlflowClient(tracking_uri=uri)
+    try:
+        with mlflow_client(uri) as client:
+            return _open_run(cfg, uri, client)
+    except MlflowException as e:
+        if e.error_code == "PERMISSION_DENIED":
+            _, who = login(uri)
+            raise TrackingError(
+                f"MLflow tracking server {uri}: {who} may not write to experiment "
+                f"{cfg.run.experiment!r}; training needs an account with EDIT on it (a writer of "
+                "infra/mlflow/bootstrap_users.py)") from None
+        raise TrackingError(f"MLflow tracking server {uri}: {e.message}") from None
+
+
+def _open_run(cfg: ExperimentConfig, uri: str, client) -> str:
     experiment = client.get_experiment_by_name(cfg.run.experiment)
     experiment_id = (experiment.experiment_id if experiment else
                      client.create_experiment(cfg.run.experiment,
@@ -112,7 +166,7 @@ def open_run(cfg: ExperimentConfig, uri: str) -> str:
             client.log_param(run.info.run_id, key, value)
         elif logged[key] != value:
             client.set_tag(run.info.run_id, f"hint.resumed_with.{key}", value)
-    client.log_text(run.info.run_id, json.dumps(cfg.to_dict(), indent=2), "config.json")
+    client.log_text(run.info.run_id, json.dumps(redact(cfg.to_dict()), indent=2), "config.json")
     return run.info.run_id
 
 
@@ -120,25 +174,57 @@ def open_run(cfg: ExperimentConfig, uri: str) -> str:
 def tracking_uri_scope(uri: str | None) -> Iterator[None]:
     """`mlflow.set_tracking_uri(uri)` for one block (nothing when uri is None). MLflow's setter
     also writes $MLFLOW_TRACKING_URI, which resolve_tracking_uri reads: unscoped, one call would
-    send every later run of this process to that store."""
+    send every later run of this process to that store. A `user:password@` in `uri` reaches
+    MLflow as MLFLOW_TRACKING_USERNAME / _PASSWORD for the block instead: MLflow prints its
+    tracking URI (run links) and would print the password with it."""
     if uri is None:
         yield
         return
-    saved = os.environ.get(TRACKING_URI_ENV)
-    mlflow.set_tracking_uri(uri)
+    saved = {k: os.environ.get(k) for k in (TRACKING_URI_ENV, *CREDENTIAL_ENVS)}
+    mlflow.set_tracking_uri(credentials_to_env(uri))
     try:
         yield
     finally:
-        mlflow.set_tracking_uri(saved)  # None unsets the variable again
+        mlflow.set_tracking_uri(saved.pop(TRACKING_URI_ENV))  # None unsets the variable again
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def credentials_to_env(uri: str) -> str:
+    """`uri` without its user:password@, which go to MLFLOW_TRACKING_USERNAME / _PASSWORD of
+    this process unless a login is set there already (MLflow's client prefers those too)."""
+    clean, user, password = split_credentials(uri)
+    if user and not (os.environ.get(USERNAME_ENV) and os.environ.get(PASSWORD_ENV)):
+        os.environ[USERNAME_ENV], os.environ[PASSWORD_ENV] = user, password or ""
+    return clean
+
+
+@contextmanager
+def mlflow_client(uri: str) -> Iterator[MlflowClient]:
+    """An MlflowClient of `uri` for one block, logged in through the environment
+    (tracking_uri_scope): MLflow prints the URI a client was given, run links included."""
+    with tracking_uri_scope(uri):
+        yield MlflowClient()
 
 
 def close_run(uri: str, run_id: str, ok: bool) -> None:
-    MlflowClient(tracking_uri=uri).set_terminated(run_id, "FINISHED" if ok else "FAILED")
+    set_terminated(uri, run_id, "FINISHED" if ok else "FAILED")
+
+
+def set_terminated(uri: str, run_id: str, status: str) -> None:
+    """Ends a run with `status`. MLflow prints links to the run here: in mlflow_client, they
+    name the server without the password."""
+    with mlflow_client(uri) as client:
+        client.set_terminated(run_id, status)
 
 
 def _param_values(cfg: ExperimentConfig) -> dict[str, str]:
+    """The config as MLflow params, secrets masked (a password in run.tracking_uri, say)."""
     out = {}
-    for key, value in cfg.flat().items():
+    for key, value in redact(cfg.flat()).items():
         text = value if isinstance(value, str) else json.dumps(value)
         out[key] = text if len(text) <= MAX_PARAM_CHARS else text[:MAX_PARAM_CHARS - 3] + "..."
     return out
@@ -157,7 +243,7 @@ class RunLogger:
         self.active = bool(active and uri and run_id)
         if not self.active:
             return
-        mlflow.set_tracking_uri(uri)
+        mlflow.set_tracking_uri(credentials_to_env(uri))  # a worker process of this run's own
         mlflow.set_system_metrics_sampling_interval(1)
         mlflow.set_system_metrics_samples_before_logging(1)
         self._mlflow = mlflow

@@ -58,6 +58,17 @@ class TrainResult:
     steps_done: int = 0
 
 
+def start_ray(**init_args) -> None:
+    """Joins the cluster in RAY_ADDRESS, else starts Ray here with its dashboard on loopback
+    (Ray's default, made explicit: to share it, start Ray yourself with `ray start --head
+    --dashboard-host ADDRESS` and set RAY_ADDRESS); says where the dashboard listens."""
+    if not os.environ.get("RAY_ADDRESS"):
+        init_args.setdefault("dashboard_host", "127.0.0.1")
+    context = ray.init(log_to_driver=False, **init_args)
+    if context.dashboard_url:
+        print(f"Ray dashboard: http://{context.dashboard_url}", flush=True)
+
+
 def fit(cfg: ExperimentConfig, *, run_config_callbacks: list | None = None) -> TrainResult:
     """Trains `cfg` on the current Ray (started locally if needed) and exports the model.
 
@@ -66,15 +77,16 @@ def fit(cfg: ExperimentConfig, *, run_config_callbacks: list | None = None) -> T
     tracking URI) fail here, before any worker starts (training/preflight.py).
     """
     cfg = resolve(cfg)
+    uri = runs.resolve_tracking_uri(cfg)
+    runs.check_reachable(uri)  # and that it lets us in: before reading data or starting Ray
     evaluation = eval_rows(cfg)
     storage = runs.storage_dir(cfg)
-    uri = runs.resolve_tracking_uri(cfg)
     run_id = runs.open_run(cfg, uri)
     # Reports wait on the controller's poll (default 2 s); the driver's value reaches the
     # controller and workers.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
     if not ray.is_initialized():
-        ray.init(log_to_driver=False)
+        start_ray()
     run_dir = storage / cfg.name
     ingest = DataConfig.default_ingest_options()
     # Ray Train replaces the datasets' execution options: keep their deterministic order

@@ -43,7 +43,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from hint_platform.config import ExperimentConfig, from_dict
 from hint_platform.errors import USER_ERRORS, TrainingError
 from hint_platform.evaluation.evaluate import evaluate_export
-from hint_platform.training.driver import fit
+from hint_platform.training.driver import fit, start_ray
 from hint_platform.training.preflight import resolve
 from hint_platform.tuning import study_runs
 from hint_platform.tuning.plan import StudyRun, apply_point, point_label
@@ -145,12 +145,12 @@ def _start_ray(run: StudyRun) -> None:
     `max_concurrent` trials at once: each needs its workers' CPUs plus one whole CPU for its Ray
     Data tasks, which otherwise wait forever (STACK.md). On a laptop these are logical CPUs."""
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=False)
+        start_ray()
         return
     t = run.base.train
     per_trial = t.num_workers * t.cpus_per_worker + 1
     needed = math.ceil(run.option("max_concurrent") * per_trial)
-    ray.init(num_cpus=max(os.cpu_count() or 1, needed), log_to_driver=False)
+    start_ray(num_cpus=max(os.cpu_count() or 1, needed))
 
 
 def _scheduler(run: StudyRun):

@@ -99,7 +99,7 @@ def close_child_runs(run: StudyRun, parent_id: str, trials) -> None:
             continue
         outcome = trial_outcome(t, run.base.train.max_steps)
         client.set_tag(child.info.run_id, OUTCOME_TAG, outcome)
-        client.set_terminated(child.info.run_id, _RUN_STATUS[outcome])
+        runs.set_terminated(run.tracking_uri, child.info.run_id, _RUN_STATUS[outcome])
 
 
 def mark_best(run: StudyRun, parent_id: str, best_trial_id: str | None, metric: str,
@@ -115,7 +115,7 @@ def mark_best(run: StudyRun, parent_id: str, best_trial_id: str | None, metric: 
 
 
 def close_parent_run(run: StudyRun, parent_id: str, finished: bool) -> None:
-    MlflowClient(run.tracking_uri).set_terminated(parent_id, "FINISHED" if finished else "KILLED")
+    runs.set_terminated(run.tracking_uri, parent_id, "FINISHED" if finished else "KILLED")
 
 
 def trial_outcome(t, max_steps: int) -> str:
