@@ -65,7 +65,7 @@ def _address_option(parser: argparse.ArgumentParser) -> None:
 
 def run_submit(args) -> int:
     from hint_platform.jobs import submit as submit_lib
-    from hint_platform.tracking.runs import CREDENTIAL_ENVS
+    from hint_platform.tracking.runs import login_from_environment
 
     env_vars = {}
     for item in args.env:
@@ -77,7 +77,7 @@ def run_submit(args) -> int:
         args.config, args.overrides, working_dir=args.working_dir, name=args.name,
         tracking_uri=args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"), env_vars=env_vars,
         shared_dir=args.shared_dir,
-        login={k: os.environ[k] for k in CREDENTIAL_ENVS if os.environ.get(k)},
+        login=login_from_environment(),
     )
     if args.dry_run:
         job = {"submission_id": request.submission_id, "entrypoint": request.entrypoint,

@@ -174,7 +174,8 @@ def paper_job(table: Table, size: str, overrides: list[str], *, shared_dir: str 
     argv += [f"--shared-dir={shared_dir}"] if shared_dir else []
     argv += [f"--checkpoint={checkpoint}"] if checkpoint else []
     return submit.command_request(argv, working_dir=working_dir, tracking_uri=tracking_uri,
-                                  run_name=f"paper-{table.key}-{size}")
+                                  run_name=f"paper-{table.key}-{size}",
+                                  login=runs.login_from_environment())
 
 
 def submit_table(request: submit.JobRequest, address: str | None, wait: bool = True) -> int:

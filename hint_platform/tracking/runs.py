@@ -32,6 +32,13 @@ TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
 USERNAME_ENV, PASSWORD_ENV, TOKEN_ENV = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
                                          "MLFLOW_TRACKING_TOKEN")
 CREDENTIAL_ENVS = (USERNAME_ENV, PASSWORD_ENV, TOKEN_ENV)
+
+
+def login_from_environment() -> dict[str, str]:
+    """The MLflow login this process has ($MLFLOW_TRACKING_USERNAME/PASSWORD or _TOKEN)."""
+    return {k: os.environ[k] for k in CREDENTIAL_ENVS if os.environ.get(k)}
+
+
 _LOGIN_HELP = (f"set {USERNAME_ENV} and {PASSWORD_ENV} to your account on it "
                f"(or {TOKEN_ENV} to a token); infra/README.md says who creates accounts")
 
