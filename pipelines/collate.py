@@ -1,9 +1,8 @@
 """Batches for the model: pad each batch to its longest sequence (labels with -100).
 
 `collate` takes a list of rows (dicts) or a columnar batch (a dict of arrays, what Ray Data's
-`iter_batches` / `iter_torch_batches(collate_fn=...)` hand over). `length_buckets` groups rows
-of similar length so that less of each batch is padding; `step_micro_batches` cuts the rows
-of one training step so that each micro-batch holds few instructions and little padding.
+`iter_batches` / `iter_torch_batches(collate_fn=...)` hand over). `step_micro_batches` cuts the
+rows of one training step so that each micro-batch holds few instructions and little padding.
 """
 
 from __future__ import annotations
@@ -50,27 +49,11 @@ def collate(rows: Sequence[Mapping[str, Any]] | Mapping[str, Sequence], pad_id: 
     }
 
 
-def total_length(row: Mapping[str, Any]) -> int:
-    return len(row["hyper_input_ids"]) + len(row["input_ids"]) + len(row["labels"])
-
-
 def instruction_then_length(row: Mapping[str, Any]) -> tuple:
     """Rows of one instruction side by side (HINT encodes each distinct instruction of a batch
     once), instructions of similar length together, then inputs and targets by length."""
     hyper = row["hyper_input_ids"]
     return len(hyper), tuple(hyper), len(row["input_ids"]), len(row["labels"])
-
-
-def length_buckets(rows: Iterable[dict], batch_size: int, window: int = 50) -> Iterator[list[dict]]:
-    """Batches of rows with similar lengths: rows are read `window` batches at a time, sorted
-    by total length within that window, and cut into batches (order is deterministic)."""
-    pending: list[dict] = []
-    for row in rows:
-        pending.append(row)
-        if len(pending) == batch_size * window:
-            yield from _cut(sorted(pending, key=total_length), batch_size)
-            pending = []
-    yield from _cut(sorted(pending, key=total_length), batch_size)
 
 
 def step_micro_batches(rows: list[dict], micro_batch_size: int) -> list[list[dict]]:

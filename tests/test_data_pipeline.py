@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from pipelines import build_dataset, collate, iter_records, length_buckets, train_tokenizer, write_suite
+from pipelines import build_dataset, collate, iter_records, train_tokenizer, write_suite
 
 LENS = {"max_input_len": 32, "max_hyper_len": 48, "max_target_len": 16}
 
@@ -75,9 +75,3 @@ def test_collate_pads_to_the_longest_and_masks_labels():
     assert b["labels"].tolist() == [[9, 1], [1, -100]]
     empty = collate([{"hyper_input_ids": [], "input_ids": [1], "labels": [1]}])
     assert empty["hyper_input_ids"].shape == (1, 1) and empty["hyper_attention_mask"].sum() == 0
-
-
-def test_length_buckets_group_similar_lengths():
-    rows = [{"hyper_input_ids": [], "input_ids": [1] * n, "labels": [1]} for n in (9, 1, 8, 2, 7, 3)]
-    batches = list(length_buckets(rows, batch_size=2, window=3))
-    assert [[len(r["input_ids"]) for r in b] for b in batches] == [[1, 2], [3, 7], [8, 9]]

@@ -29,6 +29,7 @@ from hint_platform.evaluation.metrics import EvalReport
 from hint_platform.tracking import registry, runs
 from hint_platform.training.driver import TrainResult, fit
 from pipelines import synthetic, train_tokenizer
+
 # variant -> the SNI format its data is written in
 VARIANTS = {"hint": "def", "no_instruct": "no_instruct", "concat": "concat"}
 
