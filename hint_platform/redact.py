@@ -26,6 +26,8 @@ MASK = "***"
 _SECRET_WORDS = {"password", "passwd", "pwd", "passphrase", "secret", "secrets", "token",
                  "credential", "credentials", "apikey", "authorization", "cookie"}
 _SECRET_PAIRS = {("api", "key"), ("private", "key"), ("access", "token"), ("auth", "token")}
+# Names that contain such a word and are not secrets: the shell's working directories.
+_NOT_SECRETS = {"PWD", "OLDPWD"}
 # Word boundaries of a key name: separators, and lower->upper case changes (camelCase).
 _WORD_SPLIT = re.compile(r"[^A-Za-z0-9]+|(?<=[a-z0-9])(?=[A-Z])")
 _NAME = r"[A-Za-z_][\w.-]*"
@@ -41,6 +43,8 @@ _AUTH_HEADER = re.compile(r"(?P<head>\b(?:Bearer|Basic)\s+)(?P<secret>[A-Za-z0-9
 
 def is_secret_key(name: str) -> bool:
     """Whether a key or variable name names a secret: one of its words is password, token, ..."""
+    if str(name) in _NOT_SECRETS:
+        return False
     words = [w.lower() for w in _WORD_SPLIT.split(str(name)) if w]
     return (any(w in _SECRET_WORDS for w in words)
             or any(pair in _SECRET_PAIRS for pair in zip(words, words[1:])))

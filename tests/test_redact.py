@@ -17,6 +17,7 @@ def test_names_of_secrets(name):
 @pytest.mark.parametrize("name", [
     "tokenizer", "data.tokenizer", "max_new_tokens", "MLFLOW_TRACKING_USERNAME", "tracking_uri",
     "aws_access_key_id", "author", "keyword", "passes", "num_workers", "secretary",
+    "PWD", "OLDPWD",  # the shell's working directory: masking it hid every path in messages
 ])
 def test_names_that_are_not_secrets(name):
     assert not is_secret_key(name)
@@ -48,7 +49,8 @@ def test_text_without_secrets_is_unchanged(text):
 
 
 def test_named_secret_values_are_masked_wherever_they_appear():
-    env = {"MLFLOW_TRACKING_PASSWORD": "pw-0123456789", "HOME": "/home/x", "RAY_AUTH_TOKEN": "abc"}
+    env = {"MLFLOW_TRACKING_PASSWORD": "pw-0123456789", "HOME": "/home/x", "RAY_AUTH_TOKEN": "abc",
+           "PWD": "/home/x/work"}
     assert env_secrets(env) == ["pw-0123456789"]  # 3 characters are too short to mask everywhere
     text = "login failed for hint with pw-0123456789 (quoted: 'pw-0123456789')"
     assert redact_text(text, env_secrets(env)) == f"login failed for hint with {MASK} (quoted: '{MASK}')"
