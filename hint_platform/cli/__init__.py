@@ -49,7 +49,3 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr)
             return 2
         raise
-
-
-if __name__ == "__main__":
-    sys.exit(main())
