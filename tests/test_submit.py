@@ -193,3 +193,23 @@ def test_dry_run_prints_the_job_with_the_login_masked(tmp_path, monkeypatch, cap
         "HF_TOKEN": "***", "MLFLOW_TRACKING_URI": "http://mlflow:5000",
         "MLFLOW_TRACKING_USERNAME": "hint", "MLFLOW_TRACKING_PASSWORD": "***"}
     assert PASSWORD not in out and job["entrypoint"] == "hint train configs/tiny.yaml"
+
+
+def test_jobs_run_sends_another_hint_command(tmp_path, monkeypatch, capsys):
+    """`hint predict` (or any command but training) goes to a cluster through `hint jobs run`,
+    with the same working directory, tracking URI and login as `hint submit`."""
+    from hint_platform import cli
+
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "hint")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", PASSWORD)
+    argv = ["predict", "models:/hint@champion", "/mnt/shared/tasks.jsonl", "--output", "/mnt/shared/p"]
+    assert cli.main(["jobs", "run", "--dry-run", "--working-dir", str(tmp_path),
+                     "--tracking-uri", "http://mlflow:5000", "--", *argv]) == 0
+    out = capsys.readouterr().out
+    job = json.loads(out)
+    assert shlex.split(job["entrypoint"]) == ["hint", *argv]
+    assert job["runtime_env"]["working_dir"] == str(tmp_path)
+    assert job["runtime_env"]["env_vars"]["MLFLOW_TRACKING_PASSWORD"] == "***" and PASSWORD not in out
+    for refused, message in (([], "needs a command"), (["train", "x.yaml"], "use `hint submit CONFIG`")):
+        assert cli.main(["jobs", "run", "--dry-run", "--", *refused]) == 2
+        assert message in capsys.readouterr().err

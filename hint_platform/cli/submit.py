@@ -41,8 +41,25 @@ def register(subparsers) -> None:
                    help="validate and print the job (secrets masked); submit nothing")
     p.set_defaults(func=run_submit)
 
-    jobs = subparsers.add_parser("jobs", help="list, inspect, follow and stop jobs on a Ray cluster")
+    jobs = subparsers.add_parser("jobs", help="run, list, inspect, follow and stop jobs on a Ray cluster")
     actions = jobs.add_subparsers(dest="action", required=True, metavar="ACTION")
+    run = actions.add_parser(
+        "run", help="run another hint command on the cluster (e.g. hint predict)",
+        description="Run `hint COMMAND ...` on the cluster as a Ray job, e.g. `hint jobs run "
+                    "--address http://HEAD:8265 -- predict models:/hint@champion "
+                    "/mnt/shared/tasks.jsonl --output /mnt/shared/predictions`. Its paths must be "
+                    "on storage every node reaches. `hint submit` is the way for `hint train`.")
+    run.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- COMMAND ...",
+                     help="the hint command and its arguments, after --")
+    _address_option(run)
+    run.add_argument("--wait", action="store_true",
+                     help="stream the job's logs and exit with its status (0 only if SUCCEEDED)")
+    run.add_argument("--working-dir", default=".",
+                     help="directory uploaded as the job's working directory (default: .)")
+    run.add_argument("--tracking-uri", default=None,
+                     help="MLflow tracking URI the job logs to (default: $MLFLOW_TRACKING_URI)")
+    run.add_argument("--dry-run", action="store_true", help="print the job; submit nothing")
+    run.set_defaults(func=run_command)
     for action, helptext, func in (
         ("list", "jobs on the cluster, newest last", run_list),
         ("status", "a job's status and message", run_status),
@@ -79,6 +96,30 @@ def run_submit(args) -> int:
         shared_dir=args.shared_dir,
         login=login_from_environment(),
     )
+    return _submit(request, args)
+
+
+def run_command(args) -> int:
+    from hint_platform.jobs import submit as submit_lib
+    from hint_platform.tracking.runs import login_from_environment
+
+    command = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
+    if not command:
+        raise UserError("hint jobs run needs a command: hint jobs run --address A -- predict ...")
+    if command[0] in ("submit", "jobs", "train"):
+        raise UserError(f"hint jobs run {command[0]}: use `hint submit CONFIG` for training, and "
+                        "`hint jobs` here, on this machine")
+    request = submit_lib.command_request(
+        command, working_dir=args.working_dir, run_name=command[0],
+        tracking_uri=args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"),
+        login=login_from_environment())
+    return _submit(request, args)
+
+
+def _submit(request, args) -> int:
+    """Prints the job (--dry-run), or submits it and, with --wait, follows it."""
+    from hint_platform.jobs import submit as submit_lib
+
     if args.dry_run:
         job = {"submission_id": request.submission_id, "entrypoint": request.entrypoint,
                "runtime_env": request.runtime_env, "metadata": request.metadata}
