@@ -62,7 +62,8 @@ def test_every_variant_runs_at_the_papers_size_and_lengths(size):
         if cfg.hypernetwork and cfg.uses_peft:
             assert {k: tuple(v.shape[1:]) for k, v in modules.peft.items()} == peft.shapes(cfg)
         if cfg.fusion:
-            assert modules.instruction_states.shape == (1, HYPER, cfg.d_model)
+            # the instruction as every decoder layer's cross-attention keys (once per task)
+            assert modules.instruction_key.shape == (1, cfg.num_decoder_layers, HYPER, cfg.inner_dim)
         seen[variant] = (queries, guard.ops)
     print(size, seen)
     # adapters: 48 layers x (512 + 512 columns + 2 biases); prefixes: 72 slots x 2 x 30

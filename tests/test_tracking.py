@@ -7,12 +7,13 @@ import os
 import socket
 import time
 
+import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 
 from hint_platform.config import from_dict
-from hint_platform.tracking.runs import (TrackingError, check_reachable, open_run,
-                                    resolve_tracking_uri)
+from hint_platform.tracking.runs import (TrackingError, check_reachable, experiment_run, open_run,
+                                         resolve_tracking_uri, tracking_uri_scope)
 
 
 def make_cfg(tmp_path, **run):
@@ -66,7 +67,6 @@ def test_a_scoped_tracking_uri_leaves_the_environment_as_it_was(tmp_path, monkey
     every later run of the process to the last store used."""
     import mlflow
 
-    from hint_platform.tracking.runs import tracking_uri_scope
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     uri = f"sqlite:///{tmp_path / 'a.db'}"
@@ -77,3 +77,18 @@ def test_a_scoped_tracking_uri_leaves_the_environment_as_it_was(tmp_path, monkey
     with tracking_uri_scope(uri):
         pass
     assert os.environ["MLFLOW_TRACKING_URI"] == "http://127.0.0.1:5999"
+
+
+def test_a_run_in_one_store_leaves_no_experiment_behind_for_the_next(tmp_path):
+    """An evaluation logged to one store, then a model registered in a fresh store from the same
+    process (the suite's order found it): the second run must not look for the first's
+    experiment id (mlflow.set_experiment's process-wide state did)."""
+    first, second = (f"sqlite:///{tmp_path / name / 'mlflow.db'}" for name in ("a", "b"))
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+    with experiment_run(first, "evaluations", "eval") as run:
+        mlflow.log_metric("rougeL", 1.0)
+    assert run.info.experiment_id != "0"
+    with tracking_uri_scope(second), mlflow.start_run() as other:  # as log_and_register does
+        mlflow.log_metric("x", 1.0)
+    assert other.info.experiment_id == "0"

@@ -17,7 +17,7 @@ from hint_platform import export
 from hint_platform.errors import UserError
 from hint_platform.evaluation.inference import predict_records
 from hint_platform.evaluation.metrics import EvalReport, score_predictions
-from hint_platform.tracking.runs import tracking_uri_scope
+from hint_platform.tracking.runs import experiment_run
 from pipelines import SourceSpec, iter_records
 from pipelines.sni import sni_categories
 
@@ -81,11 +81,8 @@ def log_report(report: EvalReport, out_dir: str | Path, *, tracking_uri: str, ex
                run_name: str, artifact_location: str | None = None,
                tags: dict[str, str] | None = None) -> str:
     """An MLflow run holding the evaluation's metrics and its saved files; returns the run id."""
-    with tracking_uri_scope(tracking_uri):
-        if mlflow.get_experiment_by_name(experiment) is None:
-            mlflow.create_experiment(experiment, artifact_location=artifact_location)
-        mlflow.set_experiment(experiment)
-        with mlflow.start_run(run_name=run_name, tags=tags) as run:
-            mlflow.log_metrics(report.flat_metrics())
-            mlflow.log_artifacts(str(out_dir), artifact_path="eval")
+    with experiment_run(tracking_uri, experiment, run_name, tags=tags,
+                        artifact_location=artifact_location) as run:
+        mlflow.log_metrics(report.flat_metrics())
+        mlflow.log_artifacts(str(out_dir), artifact_path="eval")
     return run.info.run_id

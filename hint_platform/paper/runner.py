@@ -125,14 +125,11 @@ def measure_lengths(stage: Resolved, tokenizer: str, progress: Callable[[str], N
                        max_target_len=d.max_target_len, on_bad_record=d.on_bad_record,
                        seed=d.seed, progress=False)
     uri = runs.resolve_tracking_uri(cfg)
-    with runs.tracking_uri_scope(uri):
-        if mlflow.get_experiment_by_name(cfg.run.experiment) is None:
-            mlflow.create_experiment(cfg.run.experiment, artifact_location=runs.artifact_location(cfg, uri))
-        mlflow.set_experiment(cfg.run.experiment)
-        with mlflow.start_run(run_name=f"lengths-{cfg.name}", tags=tags) as run:
-            mlflow.log_metrics({f"median_{k}": float(v) for k, v in manifest["medians"].items()}
-                               | {"num_examples": float(manifest["num_examples"])})
-            mlflow.log_artifact(str(Path(out) / "manifest.json"), artifact_path="data")
+    with runs.experiment_run(uri, cfg.run.experiment, f"lengths-{cfg.name}", tags=tags,
+                             artifact_location=runs.artifact_location(cfg, uri)) as run:
+        mlflow.log_metrics({f"median_{k}": float(v) for k, v in manifest["medians"].items()}
+                           | {"num_examples": float(manifest["num_examples"])})
+        mlflow.log_artifact(str(Path(out) / "manifest.json"), artifact_path="data")
     progress(f"[{cfg.name}] medians {manifest['medians']} over {manifest['num_examples']} examples")
     return StageOutcome(cfg.name, "measured", run_id=run.info.run_id)
 

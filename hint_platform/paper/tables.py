@@ -165,15 +165,12 @@ def save_and_log(assembled: Assembled, overrides: list[str], checkpoint: str | N
             csv.writer(f).writerows([assembled.breakdown_header,
                                      *[[_csv(v) for v in r] for r in assembled.breakdown]])
     uri = runs.resolve_tracking_uri(anchor)
-    with runs.tracking_uri_scope(uri):
-        if mlflow.get_experiment_by_name(anchor.run.experiment) is None:
-            mlflow.create_experiment(anchor.run.experiment,
-                                     artifact_location=runs.artifact_location(anchor, uri))
-        mlflow.set_experiment(anchor.run.experiment)
-        with mlflow.start_run(run_name=f"paper-{stem}", tags={"hint.paper.table": table.key}) as run:
-            for suffix in (".md", ".csv", "-categories.csv"):
-                if (out / f"{stem}{suffix}").is_file():
-                    mlflow.log_artifact(str(out / f"{stem}{suffix}"), artifact_path="paper")
+    with runs.experiment_run(uri, anchor.run.experiment, f"paper-{stem}",
+                             tags={"hint.paper.table": table.key},
+                             artifact_location=runs.artifact_location(anchor, uri)) as run:
+        for suffix in (".md", ".csv", "-categories.csv"):
+            if (out / f"{stem}{suffix}").is_file():
+                mlflow.log_artifact(str(out / f"{stem}{suffix}"), artifact_path="paper")
     return out, run.info.run_id
 
 

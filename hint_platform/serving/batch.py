@@ -33,7 +33,7 @@ from hint_platform.errors import UserError
 from hint_platform.evaluation.metrics import score_predictions
 from hint_platform.serving.predictor import CachedPredictor
 from hint_platform.tracking.registry import resolve_export
-from hint_platform.tracking.runs import tracking_uri_scope
+from hint_platform.tracking.runs import experiment_run
 from pipelines import SourceSpec, SpecError, iter_records, load_tokenizer
 
 FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
@@ -199,18 +199,16 @@ def predict(opts: PredictOptions, *, log_run: bool = True,
 
 
 def _log(opts: PredictOptions, summary: dict[str, Any], out: Path) -> str:
-    with tracking_uri_scope(opts.tracking_uri):
-        mlflow.set_experiment(opts.experiment)
-        with mlflow.start_run(run_name="predict") as run:
-            params = {k: v for k, v in asdict(opts).items() if k not in ("params", "tracking_uri")}
-            params["sources"] = " ".join(opts.sources)[:6000]
-            mlflow.log_params({**params, **opts.params})
-            flat = {k: v for k, v in summary.items() if isinstance(v, (int, float))}
-            metrics = summary.get("metrics", {})
-            flat.update({f"predict/{k}": v for k, v in metrics.get("overall", {}).items()})
-            for task, values in metrics.get("per_task", {}).items():
-                safe = "".join(c if c.isalnum() or c in "_-." else "_" for c in task)
-                flat.update({f"predict/task/{safe}/{k}": v for k, v in values.items()})
-            mlflow.log_metrics(flat)
-            mlflow.log_artifacts(str(out), artifact_path="predict")
+    with experiment_run(opts.tracking_uri, opts.experiment, "predict") as run:
+        params = {k: v for k, v in asdict(opts).items() if k not in ("params", "tracking_uri")}
+        params["sources"] = " ".join(opts.sources)[:6000]
+        mlflow.log_params({**params, **opts.params})
+        flat = {k: v for k, v in summary.items() if isinstance(v, (int, float))}
+        metrics = summary.get("metrics", {})
+        flat.update({f"predict/{k}": v for k, v in metrics.get("overall", {}).items()})
+        for task, values in metrics.get("per_task", {}).items():
+            safe = "".join(c if c.isalnum() or c in "_-." else "_" for c in task)
+            flat.update({f"predict/task/{safe}/{k}": v for k, v in values.items()})
+        mlflow.log_metrics(flat)
+        mlflow.log_artifacts(str(out), artifact_path="predict")
     return run.info.run_id

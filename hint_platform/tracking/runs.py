@@ -200,6 +200,20 @@ def tracking_uri_scope(uri: str | None) -> Iterator[None]:
                 os.environ[key] = value
 
 
+@contextmanager
+def experiment_run(uri: str | None, experiment: str, run_name: str, *,
+                   tags: dict[str, str] | None = None, artifact_location: str | None = None):
+    """A new MLflow run in `experiment` (created if needed) of the store at `uri`, for one
+    block. The experiment goes by id: `mlflow.set_experiment` would make it the process's active
+    experiment, and a later run on another store would look for that id there."""
+    with tracking_uri_scope(uri):
+        found = mlflow.get_experiment_by_name(experiment)
+        experiment_id = (found.experiment_id if found else
+                         mlflow.create_experiment(experiment, artifact_location=artifact_location))
+        with mlflow.start_run(run_name=run_name, experiment_id=experiment_id, tags=tags) as run:
+            yield run
+
+
 def credentials_to_env(uri: str) -> str:
     """`uri` without its user:password@, which go to MLFLOW_TRACKING_USERNAME / _PASSWORD of
     this process unless a login is set there already (MLflow's client prefers those too)."""
