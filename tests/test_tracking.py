@@ -65,9 +65,6 @@ def test_run_is_reopened_by_name_and_changed_params_become_tags(tmp_path, monkey
 def test_a_scoped_tracking_uri_leaves_the_environment_as_it_was(tmp_path, monkeypatch):
     """mlflow.set_tracking_uri writes $MLFLOW_TRACKING_URI; inside the platform that would send
     every later run of the process to the last store used."""
-    import mlflow
-
-
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     uri = f"sqlite:///{tmp_path / 'a.db'}"
     with tracking_uri_scope(uri):
