@@ -35,7 +35,6 @@ from pipelines import collate, iter_records, load_tokenizer, train_tokenizer, wr
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 LENGTHS = dict(max_input_len=1024, max_hyper_len=1024, max_target_len=256)  # the paper's SNI
-KEYS = ("hyper_input_ids", "hyper_attention_mask", "input_ids", "attention_mask", "labels")
 
 
 def sources(workdir: Path, shared: Path = SHARED) -> tuple[dict, str, str]:
@@ -72,8 +71,7 @@ def time_steps(variant: str, preset: str, vocab: int, rows: list[dict], device, 
                         activation_checkpointing=False, compile=compile_model)
     train = TrainSection(optimizer="adafactor", lr=1e-3)
     optimizer = build_optimizer(model, train)
-    batch = collate(rows)
-    micro = [{k: batch[k].to(device) for k in KEYS}]
+    micro = [{k: v.to(device) for k, v in collate(rows).items()}]
     train_step(model, optimizer, micro, train.grad_clip, train.z_loss)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     sync()

@@ -106,7 +106,7 @@ class CrossAttention(nn.Module):
 
         out = F.scaled_dot_product_attention(heads(self.q(queries)), heads(self.k(states)),
                                              heads(self.v(states)),
-                                             attn_mask=mask[:, None, None, :].bool(),
+                                             attn_mask=padding_bias(mask, states.dtype),
                                              dropout_p=self.dropout if self.training else 0.0,
                                              scale=1.0)
         return self.o(out.transpose(1, 2).flatten(2))

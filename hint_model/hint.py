@@ -91,6 +91,17 @@ class HintModel(nn.Module):
             raise ValueError(f"instruction of example {row} has {int(lengths[row])} tokens, more "
                              f"than HintConfig.max_hyper_len={self.config.max_hyper_len}")
 
+    def _check_task_rows(self, ids: Tensor, task_index: Tensor, batch: int) -> None:
+        """Instructions already grouped by task (one row each, `task_index` per example, as
+        pipelines.collate makes them on the CPU). Only shapes are checked: reading a value
+        here would wait for the device at every micro-batch."""
+        if task_index.shape != (batch,):
+            raise ValueError(f"task_index must hold one task row per example, [{batch}]; got "
+                             f"shape {tuple(task_index.shape)}")
+        if ids.shape[1] > self.config.max_hyper_len:
+            raise ValueError(f"instructions are padded to {ids.shape[1]} tokens, more than "
+                             f"HintConfig.max_hyper_len={self.config.max_hyper_len}")
+
     def _modules_for(self, ids: Tensor, mask: Tensor) -> TaskModules:
         """Encode instructions [T, L] (one per task) and generate their modules."""
         encoder = self.hyper_encoder if self.hyper_encoder is not None else self.t5.encoder
@@ -142,8 +153,12 @@ class HintModel(nn.Module):
             raise ValueError(f"variant {self.config.variant!r} needs hyper_input_ids (the "
                              "instruction) or cached modules")
         mask = _default_mask(hyper_input_ids, hyper_attention_mask)
+        if task_index is not None:
+            self._check_task_rows(hyper_input_ids, task_index, batch)
+            return self._modules_for(hyper_input_ids, mask), task_index.to(device)
         self._check_instructions(mask)
         # One generator call per UNIQUE instruction; padding is masked out of the comparison.
+        # torch.unique waits for the device: the training batches come grouped instead.
         keyed = torch.where(mask.bool(), hyper_input_ids, -1)
         unique, index = torch.unique(keyed, dim=0, return_inverse=True)
         unique_mask = (unique != -1).to(mask.dtype)
@@ -172,6 +187,9 @@ class HintModel(nn.Module):
                 labels: Tensor | None = None, decoder_input_ids: Tensor | None = None,
                 hyper_input_ids: Tensor | None = None, hyper_attention_mask: Tensor | None = None,
                 modules: TaskModules | None = None, task_index: Tensor | None = None) -> HintOutput:
+        """The instruction comes as `hyper_input_ids` (one row per example, grouped into tasks
+        here; or, with `task_index` [B], one row per task as pipelines.collate batches it) or
+        as cached `modules` (with `task_index` when they hold several tasks)."""
         attention_mask = _default_mask(input_ids, attention_mask)
         if decoder_input_ids is None:
             if labels is None:

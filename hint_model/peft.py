@@ -92,10 +92,12 @@ def prepend(k: Tensor, v: Tensor, key: Tensor, value: Tensor, index: Tensor) -> 
     return torch.cat([split_heads(key), k], dim=2), torch.cat([split_heads(value), v], dim=2)
 
 
-def extend_bias(bias: Tensor, p: AttnPeft) -> Tensor:
-    """The attention bias [B, 1 or H, Lq, Lk] with columns for what `prepend` put in front of
+def extend_bias(bias: Tensor, p: AttnPeft | None) -> Tensor:
+    """The attention bias [B, 1 or H, Lq, Lk] with columns for what `prepend` puts in front of
     the keys: the fused instruction (its padding mask), then the prefix (zeros: always
     visible, no position bias, no padding mask)."""
+    if p is None:
+        return bias
     if p.memory_key is not None:
         mask = per_example(p.memory_mask, p.index, bias)
         hidden = (1.0 - mask[:, None, None, :]) * torch.finfo(bias.dtype).min

@@ -7,6 +7,8 @@ cross-attention memory for the decoder (instruction fusion). All HINT weights co
 
 Attention is one `scaled_dot_product_attention` call with the relative position bias plus the
 padding / causal mask as an additive float mask, and scale 1 (T5 folds 1/sqrt(d) into init).
+Each stack builds that mask once for all its layers, in the form the fused kernels take
+(`kernel_mask`).
 """
 
 from __future__ import annotations
@@ -72,7 +74,8 @@ class Attention(nn.Module):
     def forward(self, x: Tensor, bias: Tensor, memory: Tensor | None = None,
                 p: AttnPeft | None = None, cache: dict | None = None) -> Tensor:
         """x [B, Lq, d]; memory [B, Lk, d] for cross-attention (None: self-attention);
-        bias broadcastable to [B, H, Lq, Lk]; cache: this attention's decoding state (self:
+        bias: a kernel_mask broadcastable to [B, H, Lq, keys], with columns for what `p` puts
+        in front of the keys (peft.extend_bias); cache: this attention's decoding state (self:
         keys/values of the tokens so far; cross: the projected memory behind the task's fused
         instruction and prefix keys/values, made once)."""
         batch, q_len, _ = x.shape
@@ -98,10 +101,8 @@ class Attention(nn.Module):
                 cache["k"], cache["v"] = k, v
         if not cross and p is not None and p.prefix_key is not None:  # the cache holds real tokens only
             k, v = peft.prepend(k, v, p.prefix_key, p.prefix_value, p.index)
-        if p is not None:
-            bias = peft.extend_bias(bias, p)
         out = F.scaled_dot_product_attention(
-            self._split(q), k, v, attn_mask=bias.to(q.dtype),
+            self._split(q), k, v, attn_mask=bias,
             dropout_p=self.dropout if self.training else 0.0, scale=1.0)
         return self.o(out.transpose(1, 2).reshape(batch, q_len, -1))
 
@@ -172,6 +173,12 @@ class Stack(nn.Module):
         offset = 0 if cache is None or "k" not in cache[0]["self"] else cache[0]["self"]["k"].shape[2]
         bias = self.position_bias(x.shape[1], offset, x.device)
         bias = bias + mask_bias if mask_bias is not None else bias
+        # Every layer's modules have the same prefix length and fused instruction
+        # (peft.split_by_block, peft.attach_memory): the masks are extended once per stack.
+        first = peft_blocks[0] if peft_blocks else BlockPeft()
+        bias = kernel_mask(peft.extend_bias(bias, first.self_attn), x.dtype)
+        if memory is not None:
+            memory_bias = kernel_mask(peft.extend_bias(memory_bias, first.cross_attn), x.dtype)
         x = self.dropout(x)
         for i, block in enumerate(self.blocks):
             args = (x, bias, memory, memory_bias, peft_blocks[i] if peft_blocks else None,
@@ -219,7 +226,25 @@ def relative_position_bucket(relative_position: Tensor, bidirectional: bool, num
 
 def padding_bias(mask: Tensor, dtype: torch.dtype) -> Tensor:
     """[B, L] 1/0 mask -> [B, 1, 1, L] additive bias (0 visible, most negative hidden)."""
-    return (1.0 - mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
+    return kernel_mask((1.0 - mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min, dtype)
+
+
+# Row alignment (elements) of an attention mask that the memory-efficient SDPA kernel takes
+# as it is; it pads a copy of any other at every call (8 in recent torch, 16 before).
+MASK_ALIGNMENT = 16
+
+
+def kernel_mask(bias: Tensor, dtype: torch.dtype) -> Tensor:
+    """`bias` as the fused SDPA kernels take an additive mask: in the activations' dtype, its
+    last dimension contiguous (a strided one, like the position bias' permuted embedding
+    rows, sends SDPA to the math kernel on a GPU) and its rows MASK_ALIGNMENT-aligned.
+    A mask already in that form is returned as it is."""
+    ready = bias.dtype == dtype and bias.stride(-1) == 1 and all(
+        stride % MASK_ALIGNMENT == 0 for stride in bias.stride()[:-1])
+    if ready:
+        return bias
+    width = bias.shape[-1]
+    return F.pad(bias.to(dtype).contiguous(), (0, -width % MASK_ALIGNMENT))[..., :width]
 
 
 class T5(nn.Module):

@@ -33,16 +33,26 @@ def _mask(seqs: Sequence[Sequence[int]], width: int) -> torch.Tensor:
 
 
 def collate(rows: Sequence[Mapping[str, Any]] | Mapping[str, Sequence], pad_id: int = PAD_ID) -> dict[str, torch.Tensor]:
-    """hyper_input_ids, hyper_attention_mask, input_ids, attention_mask, labels (-100 padded)."""
+    """The model's inputs: hyper_input_ids / hyper_attention_mask [T, L] with one row per
+    distinct instruction (in order of first appearance), task_index [B] (each example's row),
+    input_ids, attention_mask, labels (-100 padded).
+
+    Grouping by instruction happens here, on the CPU, so that the model's forward never asks
+    the accelerator which instructions are equal (torch.unique would wait for it)."""
     if isinstance(rows, Mapping):
         columns = rows
     else:
         columns = {key: [row[key] for row in rows] for key in ("hyper_input_ids", "input_ids", "labels")}
-    hyper, inputs, labels = columns["hyper_input_ids"], columns["input_ids"], columns["labels"]
+    inputs, labels = columns["input_ids"], columns["labels"]
+    rows_of: dict[tuple, int] = {}
+    task_index = [rows_of.setdefault(tuple(map(int, h)), len(rows_of))
+                  for h in columns["hyper_input_ids"]]
+    hyper = list(rows_of)
     hyper_ids, input_ids = _pad(hyper, pad_id), _pad(inputs, pad_id)
     return {
         "hyper_input_ids": hyper_ids,
         "hyper_attention_mask": _mask(hyper, hyper_ids.shape[1]),
+        "task_index": torch.tensor(task_index, dtype=torch.long),
         "input_ids": input_ids,
         "attention_mask": _mask(inputs, input_ids.shape[1]),
         "labels": _pad(labels, IGNORE_INDEX),

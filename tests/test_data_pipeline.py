@@ -66,12 +66,15 @@ def test_ray_dataset_matches_iter_records_and_gives_padded_batches(suite, ray_lo
 
 def test_collate_pads_to_the_longest_and_masks_labels():
     rows = [{"hyper_input_ids": [5, 6, 1], "input_ids": [7, 1], "labels": [9, 1]},
-            {"hyper_input_ids": [], "input_ids": [7, 8, 9, 1], "labels": [1]}]
+            {"hyper_input_ids": [], "input_ids": [7, 8, 9, 1], "labels": [1]},
+            {"hyper_input_ids": [5, 6, 1], "input_ids": [2, 1], "labels": [1]}]
     b = collate(rows)
+    # one row per distinct instruction, in order of first appearance; task_index per example
     assert b["hyper_input_ids"].tolist() == [[5, 6, 1], [0, 0, 0]]
     assert b["hyper_attention_mask"].tolist() == [[1, 1, 1], [0, 0, 0]]
-    assert b["input_ids"].tolist() == [[7, 1, 0, 0], [7, 8, 9, 1]]
-    assert b["attention_mask"].tolist() == [[1, 1, 0, 0], [1, 1, 1, 1]]
-    assert b["labels"].tolist() == [[9, 1], [1, -100]]
+    assert b["task_index"].tolist() == [0, 1, 0]
+    assert b["input_ids"].tolist() == [[7, 1, 0, 0], [7, 8, 9, 1], [2, 1, 0, 0]]
+    assert b["attention_mask"].tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 1, 0, 0]]
+    assert b["labels"].tolist() == [[9, 1], [1, -100], [1, -100]]
     empty = collate([{"hyper_input_ids": [], "input_ids": [1], "labels": [1]}])
     assert empty["hyper_input_ids"].shape == (1, 1) and empty["hyper_attention_mask"].sum() == 0

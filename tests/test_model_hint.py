@@ -95,6 +95,35 @@ def test_generator_runs_once_per_unique_instruction():
     assert calls == [3]  # one call, three unique instructions for four examples
 
 
+def grouped(b: dict) -> dict:
+    """mixed_batch as pipelines.collate batches it: one instruction row per task (0, 1, 3)
+    and each example's row as task_index."""
+    rows = torch.tensor([0, 1, 3])
+    return {**b, "hyper_input_ids": b["hyper_input_ids"][rows],
+            "hyper_attention_mask": b["hyper_attention_mask"][rows],
+            "task_index": torch.tensor([0, 1, 0, 2])}
+
+
+@pytest.mark.parametrize("variant", ["hint", "hypter"])
+def test_instructions_grouped_by_the_caller_give_the_same_logits(variant):
+    model = tiny(variant).eval()
+    calls = []
+    model.generator.register_forward_hook(lambda mod, args, out: calls.append(args[0].shape[0]))
+    with torch.no_grad():
+        each = model(**mixed_batch()).logits
+        by_task = model(**grouped(mixed_batch())).logits
+    torch.testing.assert_close(by_task, each, rtol=1e-5, atol=1e-5)
+    assert calls == [3, 3]
+
+
+def test_grouped_instructions_are_checked_by_shape():
+    b = grouped(mixed_batch())
+    with pytest.raises(ValueError, match=r"task_index must hold one task row per example, \[4\]"):
+        tiny()(**{**b, "task_index": torch.tensor([0, 1, 0])})
+    with pytest.raises(ValueError, match="padded to 6 tokens, more than HintConfig.max_hyper_len=5"):
+        tiny(max_hyper_len=5)(**b)
+
+
 def test_gradients_reach_generator_embeddings_and_tied_encoder():
     model = tiny()
     model(**mixed_batch()).loss.backward()

@@ -88,20 +88,14 @@ def reference_losses(cfg, steps: int) -> tuple[list[float], dict[int, float], to
     losses, evals = [], {}
     for step in range(1, steps + 1):
         batch = rows[((step - 1) % per_epoch) * g:((step - 1) % per_epoch + 1) * g]
-        micro = [inputs(batch[i:i + m]) for i in range(0, g, m)]
+        micro = [collate(batch[i:i + m]) for i in range(0, g, m)]
         out = train_step(model, optimizer, micro, cfg.train.grad_clip, cfg.train.z_loss)
         losses.append(float(out["loss"]))
         if evaluation and (step == steps or (every and step % every == 0)):
             with torch.no_grad():
-                evals[step] = model.eval()(**inputs(evaluation)).loss.item()
+                evals[step] = model.eval()(**collate(evaluation)).loss.item()
             model.train()
     return losses, evals, model
-
-
-def inputs(rows: list[dict]) -> dict[str, torch.Tensor]:
-    batch = collate(rows)
-    return {k: batch[k] for k in ("hyper_input_ids", "hyper_attention_mask", "input_ids",
-                                  "attention_mask", "labels")}
 
 
 def metric_history(result, key: str = "loss") -> list[tuple[int, float]]:

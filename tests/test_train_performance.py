@@ -10,14 +10,18 @@ import socket
 import pytest
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch.distributed.fsdp import FSDPModule
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from hint_model import HintConfig, HintModel
+from hint_model.t5 import MASK_ALIGNMENT
 from hint_platform.config import TrainSection
 from hint_platform.training.optim import Adafactor, build_optimizer
 from hint_platform.training.parallel import compile_blocks, parallelize
 from hint_platform.training.worker import train_step
-from pipelines import step_micro_batches
+from pipelines import collate, step_micro_batches
 
 SHAPE = dict(vocab_size=64, num_layers=1, num_decoder_layers=1)
 
@@ -54,10 +58,33 @@ def test_foreach_adafactor_equals_torch_adafactor():
         torch.testing.assert_close(mine, theirs, rtol=0, atol=1e-6, msg=name)
 
 
+# ATen ops whose output size or result is a value on the device: on a GPU each waits for it.
+SYNCING_OPS = {"_local_scalar_dense", "nonzero", "_unique2", "unique_dim", "unique_consecutive",
+               "masked_select", "is_nonzero", "equal"}
+
+
+class SyncingOps(TorchDispatchMode):
+    """Records the syncing ATen ops that run (torch.unique, a boolean index, .item() from C++)."""
+
+    def __init__(self, ignore: set[int]):
+        super().__init__()
+        self.ignore, self.calls = ignore, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        tensors = [a for a in args if isinstance(a, torch.Tensor)]
+        bool_index = func.overloadpacket is torch.ops.aten.index and any(
+            isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1])
+        if (name in SYNCING_OPS or bool_index) and not any(id(t) in self.ignore for t in tensors):
+            self.calls.append(name)
+        return func(*args, **(kwargs or {}))
+
+
 @contextlib.contextmanager
-def host_reads(ignore: set[int]):
-    """Counts reads of tensor values into Python (`.item()`, `.cpu()`, `.tolist()`, `float()`,
-    `int()`, `bool()`) on tensors not in `ignore` (ids): each would wait for a GPU."""
+def device_reads(ignore: set[int]):
+    """Counts every read of a tensor's value into Python (`.item()`, `.cpu()`, `.tolist()`,
+    `float()`, `int()`, `bool()`) and every syncing op (SYNCING_OPS) on tensors not in
+    `ignore` (ids): on a GPU each would wait for the device."""
     calls = []
     names = ("item", "cpu", "tolist", "__float__", "__int__", "__bool__")
     saved = {n: getattr(torch.Tensor, n) for n in names}
@@ -72,28 +99,53 @@ def host_reads(ignore: set[int]):
     for n in names:
         setattr(torch.Tensor, n, counting(n))
     try:
-        yield calls
+        with SyncingOps(ignore) as ops:
+            yield calls
+        calls.extend(ops.calls)
     finally:
         for n, f in saved.items():
             setattr(torch.Tensor, n, f)
 
 
-def test_train_step_reads_nothing_back_from_the_device():
+def hint_micro_batches(n: int) -> list[dict[str, torch.Tensor]]:
+    """HINT micro-batches as the worker makes them (pipelines.collate): two tasks each."""
+    g = torch.Generator().manual_seed(n)
+    tokens = lambda k: torch.randint(2, 64, (k,), generator=g).tolist()  # noqa: E731
+    out = []
+    for _ in range(n):
+        instructions = [tokens(6), tokens(4)]
+        out.append(collate([{"hyper_input_ids": instructions[i % 2], "input_ids": tokens(3 + i),
+                             "labels": tokens(2 + i % 3)} for i in range(4)]))
+    return out
+
+
+@pytest.mark.parametrize("variant", ["hint", "concat"])
+def test_train_step_reads_nothing_back_from_the_device(variant):
     """Four micro-batches, clipping and an Adafactor step, and not one value read back: the
-    loss and gradient norm stay device scalars. (The optimizer's step counters are CPU
-    scalars on a GPU too.) The concatenation baseline's model: HINT's forward itself checks
-    its instructions' lengths and groups them by task on the device (model-side reads)."""
+    loss and gradient norm stay device scalars, and HINT's forward takes its instructions
+    grouped by task (no torch.unique, no length check by value). (The optimizer's step
+    counters are CPU scalars on a GPU too.)"""
     torch.manual_seed(0)
-    model = HintModel(HintConfig.preset("tiny", variant="concat", **SHAPE))
+    model = HintModel(HintConfig.preset("tiny", variant=variant, **SHAPE))
     optimizer = build_optimizer(model, TrainSection(optimizer="adafactor"))
-    micro = [batch(i) for i in range(4)]
+    micro = hint_micro_batches(4)
     train_step(model, optimizer, micro, grad_clip=1.0, z_loss=1e-4)  # creates the state
     counters = {id(s["step"]) for s in optimizer.state.values()}
-    with host_reads(ignore=counters) as calls:
+    with device_reads(ignore=counters) as calls:
         out = train_step(model, optimizer, micro, grad_clip=1.0, z_loss=1e-4)
     assert calls == []
     assert all(isinstance(v, torch.Tensor) and v.dim() == 0 for v in out.values())
     assert torch.isfinite(out["loss"]) and out["grad_norm"] > 0
+
+
+def test_the_read_counter_sees_grouping_by_value():
+    """The counter can fail: HINT given one instruction per example groups them itself, with
+    torch.unique and a length check that read the device."""
+    model = tiny()
+    with device_reads(ignore=set()) as calls:
+        model(**batch(0))
+    assert "_unique2" in calls or "unique_dim" in calls
+    assert "__int__" in calls
 
 
 @pytest.fixture
@@ -159,3 +211,51 @@ def test_step_micro_batches_group_instructions_and_lengths():
                    for m in batches)
 
     assert padding(micro) < padding([rows[i:i + 2] for i in range(0, 8, 2)])
+
+
+class SdpaCalls(TorchFunctionMode):
+    """Records the query, keys, values and mask of every scaled_dot_product_attention call."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention:
+            self.calls.append((*args[:3], kwargs.get("attn_mask")))
+        return func(*args, **kwargs)
+
+
+def fused_kernel_refusals(q, k, v, mask) -> list[str]:
+    """What in one call would keep SDPA on a GPU from its fused kernels (the constraints of
+    torch's sdp_utils for the memory-efficient kernel), or make it copy the mask per call."""
+    found = []
+    if any(t.stride(-1) != 1 for t in (q, k, v, mask)):
+        found.append("last dimension not contiguous")
+    if mask.dtype != q.dtype or k.dtype != q.dtype or v.dtype != q.dtype:
+        found.append("dtypes differ")
+    if any(s % MASK_ALIGNMENT for s in mask.stride()[:-1]):
+        found.append("mask rows unaligned")
+    if q.shape[-1] % 8 or any(t.storage_offset() % 8 for t in (q, k, v)):
+        found.append("head dim or storage offset unaligned")
+    return found
+
+
+@pytest.mark.parametrize("variant", ["hint", "concat", "hypertune"])
+def test_attention_takes_fused_kernel_masks_built_once_per_stack(variant):
+    """Every attention call (training, with the learned position bias requiring grad) passes
+    what the fused kernels take, and the layers of a stack share one mask: the decoder's
+    permuted position bias once sent every decoder self-attention to the math kernel, and the
+    prefix columns were padded into a copy of the encoder's [B, H, L, L] mask at every layer."""
+    torch.manual_seed(0)
+    model = HintModel(HintConfig.preset("tiny", variant=variant, vocab_size=64, num_layers=3,
+                                        num_decoder_layers=3))
+    micro = hint_micro_batches(1)[0]
+    with SdpaCalls() as sdpa:
+        model(**micro).loss.backward()
+    assert sdpa.calls and all(mask is not None for *_, mask in sdpa.calls)
+    assert [fused_kernel_refusals(*call) for call in sdpa.calls] == [[]] * len(sdpa.calls)
+    # one mask each: [hyper-encoder, generator,] encoder, decoder self- and cross-attention
+    masks = {mask.data_ptr() for *_, mask in sdpa.calls}
+    assert len(masks) == (5 if model.config.hypernetwork else 3) < len(sdpa.calls)

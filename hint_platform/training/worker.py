@@ -34,7 +34,6 @@ from hint_platform.training.state import TrainState, global_batches, max_over_ra
 from hint_platform.training.throughput import Throughput
 from pipelines import collate, load_tokenizer
 
-BATCH_KEYS = ("hyper_input_ids", "hyper_attention_mask", "input_ids", "attention_mask", "labels")
 
 
 def build_model(cfg: ExperimentConfig) -> HintModel:
@@ -118,8 +117,7 @@ def to_device(rows: list[dict], device: torch.device) -> dict[str, torch.Tensor]
     """A collated micro-batch on `device`; to a GPU from pinned memory, without waiting."""
     batch = collate(rows)
     pin = device.type == "cuda"
-    return {k: (batch[k].pin_memory() if pin else batch[k]).to(device, non_blocking=True)
-            for k in BATCH_KEYS}
+    return {k: (v.pin_memory() if pin else v).to(device, non_blocking=True) for k, v in batch.items()}
 
 
 def _tokens(row: dict) -> int:
