@@ -122,14 +122,14 @@ figure() {  # figure NAME KEY: KEY's last value in step NAME's log, else nan
 if [ "$SMOKE" = 1 ]; then
   XL=tiny XXL=tiny
   T5_ARGS=(--batch 2 --input-len 32 --target-len 8 --steps 2)
-  STEP_ARGS=(--batch 2 --steps 1)
+  STEP_ARGS=(--batch 4 --micro 2 --steps 1)
   PEAK_ARGS=(--batch 2)
   RESUME_ARGS=(--steps 6 --checkpoint-every 2 --kill-after 3 --log-every 1)
   INFER_ARGS=(--dtype fp32 --repeats 1 --batch-size 4)
 else
   XL=xl XXL=xxl
   T5_ARGS=(--batch 16 --input-len 512 --target-len 128 --steps 5)
-  STEP_ARGS=(--batch 8 --steps 3)
+  STEP_ARGS=(--batch 16 --micro 8 --steps 2)  # two micro-batches a step, as the worker runs
   PEAK_ARGS=(--batch 4)
   RESUME_ARGS=(--steps 16 --checkpoint-every 8 --kill-after 10 --log-every 2)
   INFER_ARGS=(--dtype bf16 --repeats 1)
@@ -151,6 +151,7 @@ fi
 
 echo "== done in $((SECONDS - START)) s; logs in $LOGS"
 grep -h "^sdpa_backend=" "$LOGS/t5_step.log" 2>/dev/null
+echo "hint_over_concat_flops=$(figure train_step hint_over_concat_flops) (the step time ratio's floor at equal efficiency)"
 mfu=$(figure train_resume mfu)
 if [ "$(figure train_resume preset)" != "$XL" ] || [ "$mfu" = nan ]; then
   mfu=$(figure train_step mfu)  # the platform run fell back to a smaller preset, or failed

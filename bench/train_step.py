@@ -3,13 +3,21 @@
 Both read the same SNI instances with two positive examples (the paper's Def + 2 Pos): HINT's
 hypernetwork reads the definition and the examples once and the model reads the instance;
 the baseline reads everything concatenated (Tk-Instruct). Same underlying preset, the same
-step function as `hint train` (hint_platform.train.train_step), both in one run. Examples come
-from the real SNI sample in ../shared/data when it is there, else from the synthetic suite.
+step function as `hint train` (hint_platform.training.worker.train_step) over micro-batches
+cut as the worker cuts them (pipelines.step_micro_batches: rows of one instruction together),
+both in one run. Examples come from the real SNI sample in ../shared/data when it is there,
+else from the synthetic suite.
+
+HINT's step costs more FLOPs than concat's when a micro-batch holds many tasks: the generator
+runs once per distinct instruction (at xl about 2 TFLOPs for 380 tokens, more than concat's
+whole forward of one example). So the bench prints the FLOPs ratio of the two steps beside the
+time ratio, and the distinct instructions per micro-batch.
 
 CPU: the `small` preset in fp32. GPU: `xl` in bf16 under FSDP (world size 1), with MFU from
-hint_model.flops. Last line: `hint_over_concat_step=<HINT / concat step time> mfu=<x|nan>`.
+hint_model.flops. Last line: `hint_over_concat_step=<HINT / concat step time>
+hint_over_concat_flops=<HINT / concat step FLOPs> mfu=<x|nan>`.
 
-    python bench/train_step.py [--preset small] [--batch 4] [--steps 3] [--compile]
+    python bench/train_step.py [--preset small] [--batch 4] [--micro 2] [--steps 3] [--compile]
 """
 
 from __future__ import annotations
@@ -31,7 +39,8 @@ from hint_platform.training.optim import build_optimizer
 from hint_platform.training.parallel import parallelize
 from hint_platform.training.throughput import peak_flops
 from hint_platform.training.worker import train_step, training_flops
-from pipelines import collate, iter_records, load_tokenizer, train_tokenizer, write_suite
+from pipelines import (collate, iter_records, load_tokenizer, step_micro_batches,
+                       train_tokenizer, write_suite)
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 LENGTHS = dict(max_input_len=1024, max_hyper_len=1024, max_target_len=256)  # the paper's SNI
@@ -61,9 +70,9 @@ def examples(spec: dict, tokenizer: str, batch: int) -> dict[str, list[dict]]:
     return out
 
 
-def time_steps(variant: str, preset: str, vocab: int, rows: list[dict], device, steps: int,
-               compile_model: bool):
-    """Seconds per training step (after one warm-up step) and the model config."""
+def time_steps(variant: str, preset: str, vocab: int, micro_rows: list[list[dict]], device,
+               steps: int, compile_model: bool):
+    """Seconds per training step over `micro_rows` (after one warm-up step) and the model config."""
     torch.manual_seed(0)
     with device:  # initialised where it runs: an xl model's init on the CPU takes minutes
         model = HintModel(HintConfig.preset(preset, variant=variant, vocab_size=vocab))
@@ -71,7 +80,7 @@ def time_steps(variant: str, preset: str, vocab: int, rows: list[dict], device, 
                         activation_checkpointing=False, compile=compile_model)
     train = TrainSection(optimizer="adafactor", lr=1e-3)
     optimizer = build_optimizer(model, train)
-    micro = [{k: v.to(device) for k, v in collate(rows).items()}]
+    micro = [{k: v.to(device) for k, v in collate(rows).items()} for rows in micro_rows]
     train_step(model, optimizer, micro, train.grad_clip, train.z_loss)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     sync()
@@ -89,7 +98,9 @@ def main() -> None:
     gpu = torch.cuda.is_available()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="xl" if gpu else "small")
-    parser.add_argument("--batch", type=int, default=8 if gpu else 2)
+    parser.add_argument("--batch", type=int, default=8 if gpu else 2, help="examples per step")
+    parser.add_argument("--micro", type=int, default=None,
+                        help="examples per micro-batch (default: the whole batch)")
     parser.add_argument("--steps", type=int, default=5 if gpu else 2)
     parser.add_argument("--compile", action="store_true", help="compile each block (train.compile)")
     parser.add_argument("--data", type=Path, default=SHARED,
@@ -108,25 +119,30 @@ def main() -> None:
         rows = examples(spec, tokenizer, args.batch)
         vocab = load_tokenizer(tokenizer).vocab_size
     name = torch.cuda.get_device_name(device) if gpu else f"CPU ({os.cpu_count()} cores)"
-    print(f"device: {name}; preset {args.preset}; batch {args.batch}; {origin}")
-    times = {}
+    micro_size = args.micro or args.batch
+    print(f"device: {name}; preset {args.preset}; batch {args.batch} in micro-batches of "
+          f"{micro_size}; {origin}")
+    times, flops = {}, {}
     for variant in ("hint", "concat"):
         r = rows[variant]
+        micro_rows = step_micro_batches(r, micro_size)
         mean = lambda key: sum(len(x[key]) for x in r) / len(r)  # noqa: E731
-        seconds, config, loss = time_steps(variant, args.preset, vocab, r, device, args.steps,
-                                           args.compile)
-        times[variant] = seconds
-        mfu = training_flops(config, r) / seconds / peak_flops(device)
-        print(f"{variant:6s} step {seconds:.3f} s  loss {loss:.3f}  mean lengths: instruction "
-              f"{mean('hyper_input_ids'):.0f}, input {mean('input_ids'):.0f}, "
-              f"target {mean('labels'):.0f}  mfu {mfu:.3f}")
+        tasks = sum(len({tuple(x["hyper_input_ids"]) for x in m}) for m in micro_rows) / len(micro_rows)
+        seconds, config, loss = time_steps(variant, args.preset, vocab, micro_rows, device,
+                                           args.steps, args.compile)
+        times[variant], flops[variant] = seconds, training_flops(config, micro_rows)
+        mfu = flops[variant] / seconds / peak_flops(device)
+        print(f"{variant:6s} step {seconds:.3f} s  {flops[variant] / 1e12:.2f} TFLOPs  loss {loss:.3f}  "
+              f"mean lengths: instruction {mean('hyper_input_ids'):.0f}, input "
+              f"{mean('input_ids'):.0f}, target {mean('labels'):.0f}  instructions per "
+              f"micro-batch {tasks:.1f}  mfu {mfu:.3f}")
         if variant == "hint":
             hint_mfu = mfu
     if gpu:
         dist.destroy_process_group()
     print(f"hint_over_concat_step={times['hint'] / times['concat']:.3f} "
+          f"hint_over_concat_flops={flops['hint'] / flops['concat']:.3f} "
           f"mfu={'nan' if math.isnan(hint_mfu) else f'{hint_mfu:.3f}'}")
-
 
 if __name__ == "__main__":
     main()

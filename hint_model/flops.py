@@ -115,27 +115,33 @@ def kv_cache_values(cfg: HintConfig, t: int) -> int:
     return 2 * (cfg.num_layers + cfg.num_decoder_layers) * cfg.inner_dim * t
 
 
-def forward_flops(cfg: HintConfig | dict, hyper_len: int, input_len: int, target_len: int) -> float:
-    """Forward FLOPs of one training example (its own instruction, one input): for MFU.
-    A training step costs about 3x this (forward + backward)."""
+def instruction_flops(cfg: HintConfig | dict, t: int) -> float:
+    """Forward FLOPs of one task's instruction of t tokens, paid once per task (HINT: the
+    hyper-encoder, the generator and the fused keys / values; 0 without a hypernetwork). In
+    training, once per distinct instruction of a micro-batch: that is what HintModel runs."""
+    cfg = cfg if isinstance(cfg, HintConfig) else HintConfig.from_dict(cfg)
+    if not cfg.hypernetwork:
+        return 0.0
+    encoder, _ = stack_weights(cfg)
+    return float(2 * encoder * t + generator_flops(cfg, t) + fusion_kv_flops(cfg, t))
+
+
+def input_flops(cfg: HintConfig | dict, t: int, i: int, o: int) -> float:
+    """Forward FLOPs of one input of i tokens and o output tokens whose task's instruction has
+    t tokens (read by the fused cross-attention only; a concatenation model's rows carry the
+    instruction in their i input tokens)."""
     cfg = cfg if isinstance(cfg, HintConfig) else HintConfig.from_dict(cfg)
     encoder, decoder = stack_weights(cfg)
-    flops = 2 * encoder * input_len + 2 * decoder * target_len + peft_flops(cfg, input_len, target_len)
-    if cfg.hypernetwork:
-        flops += 2 * encoder * hyper_len + generator_flops(cfg, hyper_len)
-        # in training every example projects its own copy of the instruction (HintModel._encode)
-        flops += fusion_kv_flops(cfg, hyper_len) + fusion_flops(cfg, hyper_len, target_len)
-    return float(flops)
+    flops = 2 * encoder * i + 2 * decoder * o + peft_flops(cfg, i, o)
+    return float(flops + (fusion_flops(cfg, t, o) if cfg.hypernetwork else 0))
 
 
 def task_cost(cfg: HintConfig, n: int, t: int, i: int, o: int, bytes_per_value: int = 2) -> TaskCost:
     encoder, decoder = stack_weights(cfg)
     concat = 2 * encoder * n * (t + i) + 2 * decoder * n * o
-    generator, fusion_kv = generator_flops(cfg, t), fusion_kv_flops(cfg, t)
-    per_input = 2 * encoder * i + 2 * decoder * o + peft_flops(cfg, i, o) + fusion_flops(cfg, t, o)
-    hint = 2 * encoder * t + generator + fusion_kv + n * per_input
-    return TaskCost(hint=float(hint), concat=float(concat), generator=float(generator),
-                    fusion_kv=float(fusion_kv),
+    hint = instruction_flops(cfg, t) + n * input_flops(cfg, t, i, o)
+    return TaskCost(hint=float(hint), concat=float(concat), generator=float(generator_flops(cfg, t)),
+                    fusion_kv=float(fusion_kv_flops(cfg, t)),
                     hint_state_bytes=task_state_values(cfg, t) * bytes_per_value,
                     kv_cache_bytes=kv_cache_values(cfg, t) * bytes_per_value)
 

@@ -1,8 +1,9 @@
 """The Appendix C compute / memory model against values worked out by hand."""
 
 from hint_model import VARIANT_PRESETS, HintConfig
-from hint_model.flops import (component_layout, forward_flops, generator_flops, gflops_per_task,
-                              stack_weights, task_cost)
+from hint_model.flops import (component_layout, generator_flops, gflops_per_task, input_flops,
+                              instruction_flops, stack_weights, task_cost)
+from hint_platform.training.worker import training_flops
 
 # d=4, 2 heads of 2 (inner 4), gated FFN 8 wide, one encoder and one decoder layer, vocab 10,
 # adapters of 2, prefixes of 1, fusion on, component generator.
@@ -93,12 +94,18 @@ def test_decoder_generator_cost_is_linear_in_its_queries():
     assert generator_flops(big, 1024) < 2.1 * generator_flops(small, 1024)
 
 
-def test_forward_flops_of_one_training_example():
+def test_training_flops_count_each_instruction_once_per_micro_batch():
     # one task of one input: the HINT cost of test_hand_computed_task_cost with n=1
-    assert forward_flops(CFG.to_dict(), hyper_len=5, input_len=2, target_len=1) == 1600 + 4032 + 1728
+    assert instruction_flops(CFG.to_dict(), 5) + input_flops(CFG, 5, 2, 1) == 1600 + 4032 + 1728
     concat = HintConfig.from_dict({**CFG.to_dict(), "hypernetwork": False, "fusion": False,
                                    "adapters": False, "prefixes": False})
-    assert forward_flops(concat, hyper_len=5, input_len=2, target_len=1) == 2 * 160 * 2 + 2 * 264
+    assert instruction_flops(concat, 5) + input_flops(concat, 0, 2, 1) == 2 * 160 * 2 + 2 * 264
+    row = {"hyper_input_ids": [7] * 5, "input_ids": [3, 1], "labels": [1]}
+    other = {**row, "hyper_input_ids": [8] * 5}
+    # two rows of one task share its instruction's 1600 + ...; the same rows in two micro-batches don't
+    one_task = 3 * (instruction_flops(CFG, 5) + 2 * input_flops(CFG, 5, 2, 1))
+    assert training_flops(CFG, [[row, row]]) == one_task
+    assert training_flops(CFG, [[row], [row]]) == training_flops(CFG, [[row, other]]) > one_task
 
 
 def test_generator_flops_follow_the_mlp_width():

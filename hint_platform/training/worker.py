@@ -22,7 +22,7 @@ from torch import nn
 from torch.distributed.fsdp import FSDPModule
 
 from hint_model import HintModel
-from hint_model.flops import forward_flops
+from hint_model.flops import input_flops, instruction_flops
 from hint_model.loss import token_loss_sum
 from hint_platform.config import ExperimentConfig, from_dict, model_config
 from hint_platform.errors import TrainingError
@@ -124,10 +124,17 @@ def _tokens(row: dict) -> int:
     return len(row["hyper_input_ids"]) + len(row["input_ids"]) + len(row["labels"])
 
 
-def training_flops(config, rows: list[dict]) -> float:
-    """Model FLOPs of training on `rows` (forward + backward = 3x forward), padding excluded."""
-    return 3 * sum(forward_flops(config, len(r["hyper_input_ids"]), len(r["input_ids"]),
-                                 len(r["labels"])) for r in rows)
+def training_flops(config, micro_batches: list[list[dict]]) -> float:
+    """Model FLOPs of training on these micro-batches (forward + backward = 3x forward),
+    padding excluded. Each micro-batch encodes and generates once per distinct instruction,
+    as HintModel runs it (pipelines.collate groups them)."""
+    forward = 0.0
+    for rows in micro_batches:
+        instructions = {tuple(r["hyper_input_ids"]) for r in rows}
+        forward += sum(instruction_flops(config, len(t)) for t in instructions)
+        forward += sum(input_flops(config, len(r["hyper_input_ids"]), len(r["input_ids"]),
+                                   len(r["labels"])) for r in rows)
+    return 3 * forward
 
 
 def _out_of_memory(error: BaseException) -> bool:
@@ -181,7 +188,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
         rows = [r for micro_batch in micro_rows for r in micro_batch]
         state.mark([r["example_index"] for r in rows])
         skipped = max(skipped, *(r["bad_records_skipped"] for r in rows))
-        meter.add(len(rows), sum(map(_tokens, rows)), training_flops(config, rows), waited)
+        meter.add(len(rows), sum(map(_tokens, rows)), training_flops(config, micro_rows), waited)
         last = state.step == t.max_steps
         save = last or (t.checkpoint_every and state.step % t.checkpoint_every == 0)
         evaluate = bool(evaluation) and (last or (t.eval_every and state.step % t.eval_every == 0))
