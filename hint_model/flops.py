@@ -5,17 +5,20 @@ A token through a stack of N weights costs 2N FLOPs (multiply + add). Concatenat
 (T0 / Tk-Instruct) re-encode the instruction with every input; HINT encodes it once, runs the
 generator once, and pays for its PEFT modules and the fused instruction per input:
 
-  concat = 2 N_enc n (t + i) + 2 N_dec n o
+  concat = 2 (N_enc + N_mem) n (t + i) + 2 N_dec n o
   hint   = 2 N_enc t + generator(t) + fusion_kv(t)
-           + n (2 N_enc i + 2 N_dec o + peft(i, o) + fusion(t, o))
+           + n (2 (N_enc + N_mem) i + 2 N_dec o + peft(i, o) + fusion(t, o))
 
 With fusion the decoder's cross-attention keys/values of the instruction depend on the task
 alone: fusion_kv(t) is paid once per task; per input only the attention over those t more keys
 (fusion). Appendix C leaves the fusion cost out altogether; it is small, and counted here.
 `gflops_per_task` is the one number per task for every variant (HINT and the baselines).
 
-N_enc / N_dec count the matmul weights of each stack (attention + FFN; the decoder adds its
-cross-attention and the lm head); norms and the position bias are negligible and left out.
+N_enc / N_dec count the matmul weights each input / output token goes through (attention + FFN;
+the decoder's are its self-attention, the queries and outputs of its cross-attention, its FFN
+and the lm head). N_mem counts the decoder's cross-attention keys / values, which project each
+memory token once, not each output token. Norms, the position bias and the attention scores
+are left out, as in the paper's 2N per token.
 Memory: the state a task keeps between inputs (HINT: generated modules + encoded instruction)
 against a decoder-only model's KV cache of the instruction, 2 L d t values.
 """
@@ -44,13 +47,16 @@ class TaskCost:
         return self.concat / self.hint
 
 
-def stack_weights(cfg: HintConfig) -> tuple[int, int]:
-    """(N_enc, N_dec): matmul weights per token through the encoder and the decoder."""
+def stack_weights(cfg: HintConfig) -> tuple[int, int, int]:
+    """(N_enc, N_mem, N_dec): matmul weights per input token through the encoder, per memory
+    token through the decoder's cross-attention keys / values, per output token through the
+    rest of the decoder."""
     d, inner = cfg.d_model, cfg.inner_dim
     ffn = (3 if cfg.is_gated else 2) * d * cfg.d_ff
     encoder = cfg.num_layers * (4 * d * inner + ffn)
-    decoder = cfg.num_decoder_layers * (8 * d * inner + ffn) + d * cfg.vocab_size
-    return encoder, decoder
+    memory = cfg.num_decoder_layers * 2 * d * inner
+    decoder = cfg.num_decoder_layers * (6 * d * inner + ffn) + d * cfg.vocab_size
+    return encoder, memory, decoder
 
 
 def generator_flops(cfg: HintConfig, t: int) -> int:
@@ -92,7 +98,8 @@ def fusion_kv_flops(cfg: HintConfig, t: int) -> int:
     """The decoder's cross-attention keys/values of t instruction tokens (every layer)."""
     if not cfg.fusion:
         return 0
-    return cfg.num_decoder_layers * 2 * 2 * cfg.d_model * cfg.inner_dim * t
+    _, memory, _ = stack_weights(cfg)
+    return 2 * memory * t
 
 
 def fusion_flops(cfg: HintConfig, t: int, o: int) -> int:
@@ -122,7 +129,7 @@ def instruction_flops(cfg: HintConfig | dict, t: int) -> float:
     cfg = cfg if isinstance(cfg, HintConfig) else HintConfig.from_dict(cfg)
     if not cfg.hypernetwork:
         return 0.0
-    encoder, _ = stack_weights(cfg)
+    encoder, _, _ = stack_weights(cfg)
     return float(2 * encoder * t + generator_flops(cfg, t) + fusion_kv_flops(cfg, t))
 
 
@@ -131,14 +138,14 @@ def input_flops(cfg: HintConfig | dict, t: int, i: int, o: int) -> float:
     t tokens (read by the fused cross-attention only; a concatenation model's rows carry the
     instruction in their i input tokens)."""
     cfg = cfg if isinstance(cfg, HintConfig) else HintConfig.from_dict(cfg)
-    encoder, decoder = stack_weights(cfg)
-    flops = 2 * encoder * i + 2 * decoder * o + peft_flops(cfg, i, o)
+    encoder, memory, decoder = stack_weights(cfg)
+    flops = 2 * (encoder + memory) * i + 2 * decoder * o + peft_flops(cfg, i, o)
     return float(flops + (fusion_flops(cfg, t, o) if cfg.hypernetwork else 0))
 
 
 def task_cost(cfg: HintConfig, n: int, t: int, i: int, o: int, bytes_per_value: int = 2) -> TaskCost:
-    encoder, decoder = stack_weights(cfg)
-    concat = 2 * encoder * n * (t + i) + 2 * decoder * n * o
+    encoder, memory, decoder = stack_weights(cfg)
+    concat = 2 * (encoder + memory) * n * (t + i) + 2 * decoder * n * o
     hint = instruction_flops(cfg, t) + n * input_flops(cfg, t, i, o)
     return TaskCost(hint=float(hint), concat=float(concat), generator=float(generator_flops(cfg, t)),
                     fusion_kv=float(fusion_kv_flops(cfg, t)),
@@ -157,7 +164,5 @@ def gflops_per_task(cfg: HintConfig | dict, n: int, i: int, t: int, target_len: 
     cfg = cfg if isinstance(cfg, HintConfig) else HintConfig.from_dict(cfg)
     if cfg.hypernetwork:
         return task_cost(cfg, n=n, t=t, i=i, o=target_len).hint / 1e9
-    encoder, decoder = stack_weights(cfg)
     tokens = i + (0 if cfg.variant == "no_instruct" else t)
-    per_input = 2 * encoder * tokens + 2 * decoder * target_len + peft_flops(cfg, tokens, target_len)
-    return n * per_input / 1e9
+    return n * input_flops(cfg, 0, tokens, target_len) / 1e9

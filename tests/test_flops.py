@@ -14,23 +14,24 @@ CFG = HintConfig.from_dict(dict(
 
 def test_stack_weights():
     # encoder: 4*d*inner = 64 attention + 3*d*d_ff = 96 FFN
-    # decoder: 8*d*inner = 128 (self + cross) + 96 FFN + d*vocab = 40 lm head
-    assert stack_weights(CFG) == (160, 264)
+    # memory: the cross-attention's k and v, 2*d*inner = 32 per memory token
+    # decoder: 6*d*inner = 96 (self q k v o, cross q o) + 96 FFN + d*vocab = 40 lm head
+    assert stack_weights(CFG) == (160, 32, 232)
 
 
 def test_hand_computed_task_cost():
     cost = task_cost(CFG, n=3, t=5, i=2, o=1)
-    # concat: 2*160*3*(5+2) + 2*264*3*1
-    assert cost.concat == 6720 + 1584
+    # concat: 2*(160+32)*3*(5+2) + 2*232*3*1
+    assert cost.concat == 8064 + 1392
     # generator: 18 rows (adapter 4+4+2+2, prefix 3+3);
     #   mixing 4*d*d*t + 4*d*d*rows + 4*rows*t*d = 320 + 1152 + 1440;
     #   MLPs 16 rows of width 4 at 2*(16+16), 2 rows of width 2 at 2*(16+8) = 1024 + 96
     assert cost.generator == 2912 + 1120
     # fusion: the instruction's cross-attention K/V once per task, 4*d*inner*t = 320
     assert cost.fusion_kv == 320
-    # per input: 2*160*2 + 2*264*1 + adapters 4*d*a*(2+1)=96 + prefixes 4*P*inner*(2+2)=64
+    # per input: 2*(160+32)*2 + 2*232*1 + adapters 4*d*a*(2+1)=96 + prefixes 4*P*inner*(2+2)=64
     #   + attention over the t fused keys 4*t*inner*o = 80
-    per_input = 640 + 528 + 96 + 64 + 80
+    per_input = 768 + 464 + 96 + 64 + 80
     assert cost.hint == 2 * 160 * 5 + 4032 + 320 + 3 * per_input
     # state: adapters 16+4+16+8, prefixes 2*3*1*4, the instruction's cross-attention keys and
     # values 2 * 1 layer * inner * t = 40 values, 2 bytes each
@@ -74,16 +75,16 @@ def test_fusion_keys_and_values_are_paid_once_per_task():
 
 def test_gflops_per_task_of_the_baselines():
     """Concatenation reads t + i tokens per input, static PEFT adds its modules' cost on those,
-    No-Instruct reads i only (hand values on CFG's shapes: N_enc 160, N_dec 264)."""
+    No-Instruct reads i only (hand values on CFG's shapes: N_enc + N_mem 192, N_dec 232)."""
     shapes = {k: v for k, v in CFG.to_dict().items()
               if k not in ("hypernetwork", "fusion", "adapters", "prefixes", "lora", "variant")}
     concat = HintConfig.from_dict({**shapes, **VARIANT_PRESETS["concat"], "variant": "concat"})
-    assert gflops_per_task(concat, n=3, i=2, t=5, target_len=1) * 1e9 == 3 * (2 * 160 * 7 + 2 * 264)
+    assert gflops_per_task(concat, n=3, i=2, t=5, target_len=1) * 1e9 == 3 * (2 * 192 * 7 + 2 * 232)
     none = HintConfig.from_dict({**shapes, **VARIANT_PRESETS["no_instruct"], "variant": "no_instruct"})
-    assert gflops_per_task(none, n=3, i=2, t=5, target_len=1) * 1e9 == 3 * (2 * 160 * 2 + 2 * 264)
+    assert gflops_per_task(none, n=3, i=2, t=5, target_len=1) * 1e9 == 3 * (2 * 192 * 2 + 2 * 232)
     static = HintConfig.from_dict({**shapes, **VARIANT_PRESETS["static_peft"], "variant": "static_peft"})
     # adapters 4*d*a*(7+1) = 256, prefixes 4*P*inner*(7+2) = 144 per input
-    assert gflops_per_task(static, n=3, i=2, t=5, target_len=1) * 1e9 == 3 * (2 * 160 * 7 + 2 * 264 + 256 + 144)
+    assert gflops_per_task(static, n=3, i=2, t=5, target_len=1) * 1e9 == 3 * (2 * 192 * 7 + 2 * 232 + 256 + 144)
 
 
 def test_decoder_generator_cost_is_linear_in_its_queries():
@@ -96,10 +97,10 @@ def test_decoder_generator_cost_is_linear_in_its_queries():
 
 def test_training_flops_count_each_instruction_once_per_micro_batch():
     # one task of one input: the HINT cost of test_hand_computed_task_cost with n=1
-    assert instruction_flops(CFG.to_dict(), 5) + input_flops(CFG, 5, 2, 1) == 1600 + 4032 + 1728
+    assert instruction_flops(CFG.to_dict(), 5) + input_flops(CFG, 5, 2, 1) == 1600 + 4032 + 320 + 1472
     concat = HintConfig.from_dict({**CFG.to_dict(), "hypernetwork": False, "fusion": False,
                                    "adapters": False, "prefixes": False})
-    assert instruction_flops(concat, 5) + input_flops(concat, 0, 2, 1) == 2 * 160 * 2 + 2 * 264
+    assert instruction_flops(concat, 5) + input_flops(concat, 0, 2, 1) == 2 * 192 * 2 + 2 * 232
     row = {"hyper_input_ids": [7] * 5, "input_ids": [3, 1], "labels": [1]}
     other = {**row, "hyper_input_ids": [8] * 5}
     # two rows of one task share its instruction's 1600 + ...; the same rows in two micro-batches don't
