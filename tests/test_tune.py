@@ -149,7 +149,7 @@ def test_interrupted_study_resumes_without_rerunning_finished_trials(tmp_path, r
 def test_cli_errors_name_what_is_wrong(tmp_path, capsys, argv, message):
     assert cli.main([*argv, "--config", str(write_base(tmp_path))]) == 2
     assert message in capsys.readouterr().err
-    assert not (tmp_path / "runs" / "tune").exists()
+    assert not (tmp_path / "runs").exists()  # no study directory, no tracking store
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -179,6 +179,7 @@ def test_a_study_whose_data_is_missing_fails_before_ray_starts(tmp_path, monkeyp
     assert not (tmp_path / "runs").exists()
     assert cli.main(["tune", "report", "fusion"]) == 2  # a report needs results, not data
     assert "no results for study hint-3b-sni-def-fusion" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
 
 
 def test_trials_see_the_users_paths_and_a_study_of_failed_trials_is_an_error(

@@ -56,10 +56,11 @@ def run(args: argparse.Namespace) -> int:
 
 def run_report(args: argparse.Namespace) -> int:
     from hint_platform.tuning.plan import load_study_run
-    from hint_platform.tuning.report import write_report
+    from hint_platform.tuning.report import require_results, write_report
     from hint_platform.tuning.study_runs import parent_run_id
 
     study = load_study_run(args.name, args.config, args.overrides, check_data=False)
+    require_results(study)
     _print_report(study, write_report(study, parent_run_id(study)))
     return 0
 

@@ -48,11 +48,16 @@ class Row:
     scores: dict[str, float]  # SCORES keys the trial reported -> their last value
 
 
-def leaderboard(run: StudyRun) -> list[Row]:
-    """The study's trials, best first (trials without the metric last)."""
+def require_results(run: StudyRun) -> None:
+    """A study that never ran is a one-line error (before any tracking store is touched)."""
     if not (run.path / "tuner.pkl").exists():
         raise UserError(f"no results for study {run.name} under {run.path}: "
                         f"run `hint tune {run.study.name}` first")
+
+
+def leaderboard(run: StudyRun) -> list[Row]:
+    """The study's trials, best first (trials without the metric last)."""
+    require_results(run)
     analysis = ExperimentAnalysis(str(run.path))
     frames = analysis.trial_dataframes
     metric, max_steps = run.study.metric, run.base.train.max_steps
