@@ -25,7 +25,7 @@ import torch
 from transformers import T5Config, T5ForConditionalGeneration
 
 from hint_model import HintConfig, HintModel, checkpoint
-from hint_model.flops import stack_weights
+from hint_model.flops import input_flops
 from hint_platform.training.parallel import compile_blocks
 
 PEAK_BF16_FLOPS = 989e12  # H100 SXM dense bf16, for the MFU figure on GPU
@@ -146,8 +146,7 @@ def main() -> None:
         times["compiled train"] = compiled["train"]
         print(f"compiled (regional) and warmed up in {time.perf_counter() - start:.0f} s")
 
-    encoder, decoder = stack_weights(cfg)
-    step_flops = 3 * 2 * batch * (encoder * input_len + decoder * target_len)  # fwd + bwd = 3x fwd
+    step_flops = 3 * batch * input_flops(cfg, 0, input_len, target_len)  # fwd + bwd = 3x fwd
     tokens = batch * (input_len + target_len)
     for name, (hf_s, ours_s) in times.items():
         print(f"{name}: transformers {hf_s * 1e3:.1f} ms, ours {ours_s * 1e3:.1f} ms")
