@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 from hint_model import peft
 from hint_model.config import HintConfig
-from hint_model.generator import component_layout
+from hint_model.generator import component_layout, slot_queries
 
 
 @dataclass
@@ -70,13 +70,23 @@ def generator_flops(cfg: HintConfig, t: int) -> int:
     rows = sum(slots * count for slots, count, _ in layout.values())
     mlps = sum(slots * count * 2 * (d * h + h * width) for slots, count, width in layout.values())
     if cfg.generator == "component":
-        # K/V of the instruction, Q/O of the rows, scores and weighted sum.
+        # K/V of the instruction, Q/O of the rows, scores and weighted sum (Q: see
+        # generator_query_flops).
         mixing = 2 * 2 * d * d * t + 2 * 2 * d * d * rows + 2 * 2 * rows * t * d
     else:  # decoder layers without self-attention: cross-attention to the instruction + FFN
         ffn = (3 if cfg.is_gated else 2) * d * cfg.d_ff
         mixing = cfg.generator_depth * (2 * (2 * d * inner + ffn) * rows + 2 * 2 * d * inner * t
                                         + 2 * 2 * rows * t * inner)
     return mixing + mlps
+
+
+def generator_query_flops(cfg: HintConfig) -> int:
+    """The part of generator_flops that one generator call pays once for all the tasks it
+    generates: the component generator's projection of its slot queries, which are the same
+    for every task (generator.CrossAttention)."""
+    if not (cfg.hypernetwork and cfg.uses_peft) or cfg.generator != "component":
+        return 0
+    return 2 * cfg.d_model * cfg.d_model * slot_queries(cfg)
 
 
 def peft_flops(cfg: HintConfig, i: int, o: int) -> int:

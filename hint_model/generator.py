@@ -101,10 +101,13 @@ class CrossAttention(nn.Module):
                 nn.init.normal_(proj.weight, std=d ** -0.5)
 
     def forward(self, queries: Tensor, states: Tensor, mask: Tensor) -> Tensor:
+        """queries [1, Q, d] (the same for every task: projected once, then one copy per task),
+        states [T, L, d], mask [T, L] -> [T, Q, d]."""
         def heads(t: Tensor) -> Tensor:
             return t.view(t.shape[0], t.shape[1], self.num_heads, -1).transpose(1, 2)
 
-        out = F.scaled_dot_product_attention(heads(self.q(queries)), heads(self.k(states)),
+        query = heads(self.q(queries)).expand(states.shape[0], -1, -1, -1).contiguous()
+        out = F.scaled_dot_product_attention(query, heads(self.k(states)),
                                              heads(self.v(states)),
                                              attn_mask=padding_bias(mask, states.dtype),
                                              dropout_p=self.dropout if self.training else 0.0,
@@ -185,10 +188,9 @@ class ComponentGenerator(nn.Module):
         tasks, d = states.shape[0], self.cfg.d_model
         kinds = list(self.layout)
         sizes = [self.embeddings[k].shape[0] * self.embeddings[k].shape[1] for k in kinds]
-        queries = torch.cat([self.embeddings[k].flatten(0, 1) for k in kinds])
-        queries = queries.unsqueeze(0).expand(tasks, -1, -1).to(states.dtype)
+        queries = torch.cat([self.embeddings[k].flatten(0, 1) for k in kinds]).unsqueeze(0).to(states.dtype)
         if self.cfg.generator == "decoder":
-            mixed = self.decoder(queries, states, padding_bias(mask, states.dtype))
+            mixed = self.decoder(queries.expand(tasks, -1, -1), states, padding_bias(mask, states.dtype))
         else:
             mixed = self.cross_attn(queries, states, mask)
         out = {}

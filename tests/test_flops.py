@@ -1,8 +1,8 @@
 """The Appendix C compute / memory model against values worked out by hand."""
 
 from hint_model import VARIANT_PRESETS, HintConfig
-from hint_model.flops import (component_layout, generator_flops, gflops_per_task, input_flops,
-                              instruction_flops, stack_weights, task_cost)
+from hint_model.flops import (component_layout, generator_flops, generator_query_flops, gflops_per_task,
+                              input_flops, instruction_flops, stack_weights, task_cost)
 from hint_platform.training.worker import training_flops
 
 # d=4, 2 heads of 2 (inner 4), gated FFN 8 wide, one encoder and one decoder layer, vocab 10,
@@ -106,7 +106,10 @@ def test_training_flops_count_each_instruction_once_per_micro_batch():
     # two rows of one task share its instruction's 1600 + ...; the same rows in two micro-batches don't
     one_task = 3 * (instruction_flops(CFG, 5) + 2 * input_flops(CFG, 5, 2, 1))
     assert training_flops(CFG, [[row, row]]) == one_task
-    assert training_flops(CFG, [[row], [row]]) == training_flops(CFG, [[row, other]]) > one_task
+    # two tasks in one micro-batch: the generator projects its slot queries once, 2*d*d*18 rows
+    assert generator_query_flops(CFG) == 576
+    assert training_flops(CFG, [[row], [row]]) == training_flops(CFG, [[row, other]]) + 3 * 576
+    assert training_flops(CFG, [[row, other]]) > one_task
 
 
 def test_generator_flops_follow_the_mlp_width():

@@ -89,10 +89,12 @@ def test_mixed_task_batch_equals_each_example_alone(variant):
 
 def test_generator_runs_once_per_unique_instruction():
     model = tiny()
-    calls = []
+    calls, queries = [], []
     model.generator.register_forward_hook(lambda mod, args, out: calls.append(args[0].shape[0]))
+    model.generator.cross_attn.q.register_forward_hook(lambda mod, args, out: queries.append(args[0].shape[0]))
     model(**mixed_batch())
     assert calls == [3]  # one call, three unique instructions for four examples
+    assert queries == [1]  # the slot queries are the same for every task: projected once
 
 
 def grouped(b: dict) -> dict:

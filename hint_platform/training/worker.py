@@ -22,7 +22,7 @@ from torch import nn
 from torch.distributed.fsdp import FSDPModule
 
 from hint_model import HintModel
-from hint_model.flops import input_flops, instruction_flops
+from hint_model.flops import generator_query_flops, input_flops, instruction_flops
 from hint_model.loss import token_loss_sum
 from hint_platform.config import ExperimentConfig, from_dict, model_config
 from hint_platform.errors import TrainingError
@@ -132,6 +132,7 @@ def training_flops(config, micro_batches: list[list[dict]]) -> float:
     for rows in micro_batches:
         instructions = {tuple(r["hyper_input_ids"]) for r in rows}
         forward += sum(instruction_flops(config, len(t)) for t in instructions)
+        forward -= (len(instructions) - 1) * generator_query_flops(config)  # once per call
         forward += sum(input_flops(config, len(r["hyper_input_ids"]), len(r["input_ids"]),
                                    len(r["labels"])) for r in rows)
     return 3 * forward
