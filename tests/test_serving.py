@@ -182,6 +182,39 @@ def test_concurrent_requests_of_different_tasks_share_a_mixed_batch(served):
     assert _call(f"{base}/v1/stats")[1]["mixed_batches"] > before["mixed_batches"]
 
 
+def test_a_tasks_requests_stay_on_the_replica_that_holds_its_state(served):
+    """Two replicas (a second application, called through the replicas' own handle, so
+    through TaskAffinityRouter): after its first request, every request of a task finds its
+    state cached. Serve's default routing picks replicas at random: about half of these would
+    miss (all 8 hit with probability 2**-8)."""
+    from ray import serve
+
+    from hint_platform.serving import app
+
+    _, probe, tasks, uri = served
+    opts = app.ServeOptions(model="models:/hint-serve-test@champion", tracking_uri=uri, replicas=2,
+                            replica_cpus=0.5)
+    serve.run(app.build_app(opts), name="hint-two", route_prefix="/two")
+    try:
+        replicas = serve.get_deployment_handle("HintReplica", app_name="hint-two")
+        hits = [[replicas.predict.remote(instruction, inputs[:1]).result()["cache_hit"]
+                 for _ in range(3)] for instruction, inputs in tasks]
+    finally:
+        serve.delete("hint-two")
+    assert hits == [[False, True, True]] * len(tasks)
+
+
+def test_rendezvous_order_moves_only_the_tasks_of_a_removed_replica():
+    from hint_platform.serving.routing import replica_order
+
+    tasks = [f"task {i}" for i in range(200)]
+    three = {t: replica_order(t, ["a", "b", "c"]) for t in tasks}
+    two = {t: replica_order(t, ["a", "b"]) for t in tasks}
+    assert {order[0] for order in three.values()} == {"a", "b", "c"}
+    assert all(two[t][0] == three[t][0] for t in tasks if three[t][0] != "c")
+    assert all(two[t][0] == three[t][1] for t in tasks if three[t][0] == "c")
+
+
 @pytest.mark.parametrize("route,body,raw,status,reason", [
     ("/v1/predict", None, b"{not json", 400, "not JSON"),
     ("/v1/predict", [1, 2], None, 400, "must be a JSON object"),

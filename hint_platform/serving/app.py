@@ -4,7 +4,8 @@ Two deployments. `HintIngress` (one replica, no model) speaks HTTP: it checks ea
 keeps the task ids it handed out (task_id -> instruction) and answers 4xx with the reason for
 a bad one. `HintReplica` (N replicas) holds the model and a CachedPredictor whose LRU cache
 of task states is bounded in MiB; its `@serve.batch` method gathers the inputs of concurrent
-requests, of any tasks, into one mixed-task forward.
+requests, of any tasks, into one mixed-task forward. With several replicas a task's requests go
+to the replica that holds its state (serving/routing.py).
 
   POST /v1/tasks    {"instruction": str}                       -> {"task_id"}
   POST /v1/predict  {"task_id" | "instruction", "inputs": [str]} -> {"outputs", "task_id", "cache_hit"}
@@ -27,12 +28,14 @@ from dataclasses import asdict, dataclass
 
 from ray import serve
 from ray.serve import metrics
+from ray.serve.config import RequestRouterConfig
 from ray.serve.handle import DeploymentHandle
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from hint_model import TaskModules
 from hint_platform.serving.predictor import BadRequest, CachedPredictor
+from hint_platform.serving.routing import TaskAffinityRouter
 from hint_platform.tracking.registry import resolve_export
 
 
@@ -194,6 +197,7 @@ def build_app(opts: ServeOptions):
     replica = HintReplica.options(
         num_replicas=opts.replicas,
         ray_actor_options={"num_cpus": opts.replica_cpus, "num_gpus": opts.replica_gpus},
+        request_router_config=RequestRouterConfig(request_router_class=TaskAffinityRouter),
     ).bind(asdict(opts))
     return HintIngress.bind(replica, opts.max_inputs)
 
