@@ -151,7 +151,7 @@ fi
 
 echo "== done in $((SECONDS - START)) s; logs in $LOGS"
 grep -h "^sdpa_backend=" "$LOGS/t5_step.log" 2>/dev/null
-echo "hint_over_concat_flops=$(figure train_step hint_over_concat_flops) (the step time ratio's floor at equal efficiency)"
+echo "hint_over_concat_flops=$(figure train_step hint_over_concat_flops) (the step time ratio at equal efficiency per FLOP)"
 mfu=$(figure train_resume mfu)
 if [ "$(figure train_resume preset)" != "$XL" ] || [ "$mfu" = nan ]; then
   mfu=$(figure train_step mfu)  # the platform run fell back to a smaller preset, or failed
