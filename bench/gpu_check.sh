@@ -151,6 +151,7 @@ fi
 
 echo "== done in $((SECONDS - START)) s; logs in $LOGS"
 grep -h "^sdpa_backend=" "$LOGS/t5_step.log" 2>/dev/null
+grep -ho "^[a-z]* *step .*sdpa kernels [a-z,]*" "$LOGS/train_step.log" 2>/dev/null | sed 's/step .*sdpa kernels/sdpa kernels/'
 echo "hint_over_concat_flops=$(figure train_step hint_over_concat_flops) (the step time ratio at equal efficiency per FLOP)"
 mfu=$(figure train_resume mfu)
 if [ "$(figure train_resume preset)" != "$XL" ] || [ "$mfu" = nan ]; then

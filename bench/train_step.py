@@ -39,6 +39,7 @@ from hint_platform.training.optim import build_optimizer
 from hint_platform.training.parallel import parallelize
 from hint_platform.training.throughput import peak_flops
 from hint_platform.training.worker import train_step, training_flops
+from t5_step import sdpa_backends  # this folder's: the attention kernels a step runs
 from pipelines import (collate, iter_records, load_tokenizer, step_micro_batches,
                        train_tokenizer, write_suite)
 
@@ -72,7 +73,8 @@ def examples(spec: dict, tokenizer: str, batch: int) -> dict[str, list[dict]]:
 
 def time_steps(variant: str, preset: str, vocab: int, micro_rows: list[list[dict]], device,
                steps: int, compile_model: bool):
-    """Seconds per training step over `micro_rows` (after one warm-up step) and the model config."""
+    """Seconds per training step over `micro_rows` (after one warm-up step), the model config,
+    the last loss and the SDPA kernels the step runs (t5_step.sdpa_backends)."""
     torch.manual_seed(0)
     with device:  # initialised where it runs: an xl model's init on the CPU takes minutes
         model = HintModel(HintConfig.preset(preset, variant=variant, vocab_size=vocab))
@@ -81,7 +83,8 @@ def time_steps(variant: str, preset: str, vocab: int, micro_rows: list[list[dict
     train = TrainSection(optimizer="adafactor", lr=1e-3)
     optimizer = build_optimizer(model, train)
     micro = [{k: v.to(device) for k, v in collate(rows).items()} for rows in micro_rows]
-    train_step(model, optimizer, micro, train.grad_clip, train.z_loss)
+    # the warm-up step, profiled for the attention kernels it runs
+    kernels = sdpa_backends(lambda: train_step(model, optimizer, micro, train.grad_clip, train.z_loss))
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     sync()
     start = time.perf_counter()
@@ -91,7 +94,7 @@ def time_steps(variant: str, preset: str, vocab: int, micro_rows: list[list[dict
     seconds = (time.perf_counter() - start) / steps
     config = model.config
     del model, optimizer
-    return seconds, config, float(loss)
+    return seconds, config, float(loss), kernels
 
 
 def main() -> None:
@@ -128,14 +131,14 @@ def main() -> None:
         micro_rows = step_micro_batches(r, micro_size)
         mean = lambda key: sum(len(x[key]) for x in r) / len(r)  # noqa: E731
         tasks = sum(len({tuple(x["hyper_input_ids"]) for x in m}) for m in micro_rows) / len(micro_rows)
-        seconds, config, loss = time_steps(variant, args.preset, vocab, micro_rows, device,
-                                           args.steps, args.compile)
+        seconds, config, loss, kernels = time_steps(variant, args.preset, vocab, micro_rows,
+                                                    device, args.steps, args.compile)
         times[variant], flops[variant] = seconds, training_flops(config, micro_rows)
         mfu = flops[variant] / seconds / peak_flops(device)
         print(f"{variant:6s} step {seconds:.3f} s  {flops[variant] / 1e12:.2f} TFLOPs  loss {loss:.3f}  "
               f"mean lengths: instruction {mean('hyper_input_ids'):.0f}, input "
               f"{mean('input_ids'):.0f}, target {mean('labels'):.0f}  instructions per "
-              f"micro-batch {tasks:.1f}  mfu {mfu:.3f}")
+              f"micro-batch {tasks:.1f}  mfu {mfu:.3f}  sdpa kernels {kernels}")
         if variant == "hint":
             hint_mfu = mfu
     if gpu:
