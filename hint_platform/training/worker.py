@@ -35,7 +35,6 @@ from hint_platform.training.throughput import Throughput
 from pipelines import collate, load_tokenizer
 
 
-
 def build_model(cfg: ExperimentConfig) -> HintModel:
     """The model `cfg.model` asks for. `init_from` is read by content: a `config.json` with
     `model_type: t5` is a Hugging Face T5 checkpoint, anything else an export of this platform,
