@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 
@@ -69,6 +69,9 @@ class HintConfig:
     prefix_length: int = 10
     lora: bool = False
     lora_rank: int = 8
+    # The attention projections LoRA adapts (q, k, v, o); each model family maps them to its
+    # modules (GPT-2's fused c_attn included). The paper's and T2L's choice: q and v.
+    lora_targets: list[str] = field(default_factory=lambda: ["q", "v"])
     fusion: bool = True  # decoder cross-attends to [encoded instruction, encoded input]
     freeze_underlying: bool = False  # train the hypernetwork only (a tied hyper-encoder freezes too)
     max_hyper_len: int = 1024  # longest instruction (tokens) the model accepts
@@ -81,6 +84,11 @@ class HintConfig:
     @property
     def inner_dim(self) -> int:
         return self.num_heads * self.d_kv
+
+    @property
+    def kv_inner_dim(self) -> int:
+        """Width of the key / value projections' outputs."""
+        return self.inner_dim
 
     @property
     def uses_peft(self) -> bool:
@@ -128,6 +136,10 @@ class HintConfig:
     def validate(self) -> None:
         for name, expected in typing.get_type_hints(HintConfig).items():
             value = getattr(self, name)
+            if typing.get_origin(expected) is list:  # list[str]
+                if not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+                    raise HintConfigError(f"HintConfig.{name}: expected a list of strings, got {value!r}")
+                continue
             ok = isinstance(value, expected) and (expected is bool or not isinstance(value, bool))
             if expected is float and isinstance(value, int) and not isinstance(value, bool):
                 ok = True
@@ -142,6 +154,11 @@ class HintConfig:
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise HintConfigError(f"HintConfig.{name}: must be positive, got {value}")
+        unknown = [t for t in self.lora_targets if t not in LORA_TARGETS]
+        if unknown or not self.lora_targets or len(set(self.lora_targets)) < len(self.lora_targets):
+            raise HintConfigError(
+                f"HintConfig.lora_targets={self.lora_targets!r}: a non-empty list of distinct "
+                f"names from {', '.join(LORA_TARGETS)}")
         if self.feed_forward_proj not in ("gated-gelu", "relu"):
             raise HintConfigError(
                 f"HintConfig.feed_forward_proj: {self.feed_forward_proj!r} is not one of "
@@ -180,6 +197,7 @@ class HintConfig:
 
 
 GENERATORS = ("component", "decoder", "pooled")
+LORA_TARGETS = ("q", "k", "v", "o")  # the attention projections: query, key, value, output
 
 # T5 v1.1 shapes (google/t5-v1_1-*, LM-adapted); xl / xxl are the paper's HINT 3B / 11B
 # (gins/hyper_xl.gin, hyper_xxl.gin: adapters of 512, prefixes of 30; LoRA rank 512 as

@@ -99,8 +99,9 @@ def peft_flops(cfg: HintConfig, i: int, o: int) -> int:
     attention_tokens = enc * i + 2 * dec * o  # encoder self; decoder self + cross
     if cfg.prefixes:  # scores and weighted values over P more keys, per query token
         total += 2 * 2 * cfg.prefix_length * inner * attention_tokens
-    if cfg.lora:  # q and v: x A then (x A) B
-        total += 2 * 2 * cfg.lora_rank * (d + inner) * attention_tokens
+    if cfg.lora:  # each target: x A then (x A) B
+        total += sum(2 * cfg.lora_rank * sum(peft.lora_dims(cfg, t))
+                     for t in cfg.lora_targets) * attention_tokens
     return total
 
 

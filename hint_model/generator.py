@@ -38,8 +38,11 @@ from hint_model import peft
 from hint_model.config import HintConfig
 from hint_model.t5 import Attention, FeedForward, RMSNorm, Stack, padding_bias
 
-# Kinds generated one d-wide column per component (a d x r matrix), transposed into place.
-_COLUMNS = {"adapter_down", "lora_q_a", "lora_v_a"}
+# Kinds generated one column per component (an input-width x r matrix), transposed into place.
+_COLUMNS = {"adapter_down", *(f"lora_{target}_a" for target in peft.LORA_TARGETS)}
+# Kinds that start at zero in a static PEFT: its modules start as the identity.
+_ZERO = {"adapter_up", "adapter_up_bias", "adapter_down_bias",
+         *(f"lora_{target}_b" for target in peft.LORA_TARGETS)}
 
 # jax.nn.initializers.truncated_normal draws from N(0, 1) cut at +-2, whose std is this; t5x
 # divides by it so that the kept draws have the std asked for.
@@ -242,8 +245,7 @@ class StaticPeft(nn.Module):
         super().__init__()
         self.params = nn.ParameterDict()
         for kind, shape in peft.shapes(cfg).items():
-            zero = kind in ("adapter_up", "adapter_up_bias", "adapter_down_bias", "lora_q_b", "lora_v_b")
-            init = torch.zeros(1, *shape) if zero else torch.randn(1, *shape) * cfg.d_model ** -0.5
+            init = torch.zeros(1, *shape) if kind in _ZERO else torch.randn(1, *shape) * cfg.d_model ** -0.5
             self.params[kind] = nn.Parameter(init)
 
     def forward(self) -> dict[str, Tensor]:

@@ -117,15 +117,14 @@ class HintModel(nn.Module):
 
     def _instruction_keys_values(self, states: Tensor, generated: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         """The encoded instructions [T, M, d] projected by every decoder layer's cross-attention
-        (with the task's LoRA on values where it has one): [T, layers, M, inner] each. Done once
+        (with the task's LoRA on keys / values where it has one): [T, layers, M, inner] each. Done once
         per task, this is the part of the fused memory that no input changes."""
         index = torch.arange(states.shape[0], device=states.device)
         _, decoder_peft = peft.split_by_block(generated, index, self.config.num_layers,
                                               self.config.num_decoder_layers)
         keys, values = [], []
         for block, p in zip(self.t5.decoder.blocks, decoder_peft):
-            key, value = block.instruction_keys_values(
-                states, p.cross_attn.lora_v if p.cross_attn is not None else None, index)
+            key, value = block.instruction_keys_values(states, p.cross_attn)
             keys.append(key)
             values.append(value)
         return torch.stack(keys, dim=1), torch.stack(values, dim=1)

@@ -12,7 +12,10 @@ then per decoder layer its self- and cross-attention):
   adapter_down [T, La, d, a]   adapter_down_bias [T, La, a]
   adapter_up   [T, La, a, d]   adapter_up_bias   [T, La, d]
   prefix_key / prefix_value    [T, S, P, inner]
-  lora_q_a / lora_v_a [T, S, d, r]    lora_q_b / lora_v_b [T, S, r, inner]
+  lora_<t>_a [T, S, in, r]   lora_<t>_b [T, S, r, out]   for each t of cfg.lora_targets
+where (in, out) is lora_dims(cfg, t): q (d, inner), k and v (d, kv_inner: fewer outputs
+under grouped-query attention), o (inner, d).
+A decoder-only model has one attention per layer: S = La = num_layers.
 """
 
 from __future__ import annotations
@@ -21,7 +24,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
+
+from hint_model.config import LORA_TARGETS
 
 
 @dataclass
@@ -31,8 +36,11 @@ class AttnPeft:
     index: Tensor  # [batch] long: task row of each example
     prefix_key: Tensor | None = None  # [T, P, inner]
     prefix_value: Tensor | None = None
-    lora_q: tuple[Tensor, Tensor] | None = None  # A [T, d, r], B [T, r, inner]
+    # LoRA per target of cfg.lora_targets: A [T, in, r], B [T, r, out] (see lora_dims)
+    lora_q: tuple[Tensor, Tensor] | None = None
+    lora_k: tuple[Tensor, Tensor] | None = None
     lora_v: tuple[Tensor, Tensor] | None = None
+    lora_o: tuple[Tensor, Tensor] | None = None
     # Instruction fusion (decoder cross-attention only): the task's instruction projected to
     # this layer's keys / values once per task, [T, M, inner], and its padding mask [T, M].
     memory_key: Tensor | None = None
@@ -80,6 +88,12 @@ def lora(x: Tensor, ab: tuple[Tensor, Tensor], index: Tensor) -> Tensor:
     return torch.matmul(torch.matmul(x, per_example(a, index, x)), per_example(b, index, x)) / rank
 
 
+def project(linear: nn.Module, x: Tensor, p: AttnPeft | None, target: str) -> Tensor:
+    """`linear(x)`, plus the task's LoRA on it when `p` has one for `target` (q, k, v or o)."""
+    ab = None if p is None else getattr(p, f"lora_{target}")
+    return linear(x) if ab is None else linear(x) + lora(x, ab, p.index)
+
+
 def prepend(k: Tensor, v: Tensor, key: Tensor, value: Tensor, index: Tensor) -> tuple[Tensor, Tensor]:
     """Put per-task keys / values [T, M, inner] (a prefix, or the fused instruction's) in
     front of k, v [B, H, Lk, dk], each example with its task's rows."""
@@ -114,6 +128,8 @@ def split_by_block(params: dict[str, Tensor], index: Tensor, num_layers: int,
 
     Encoder layer l: adapter l, attention slot l. Decoder layer i: adapter num_layers + i
     (its self-attention slot's adapter), self slot num_layers + 2i, cross slot + 1.
+    A decoder-only model's layers are the "encoder" list here (num_decoder_layers=0): layer
+    l gets adapter l and attention slot l.
     """
 
     def attn(slot: int) -> AttnPeft | None:
@@ -121,10 +137,10 @@ def split_by_block(params: dict[str, Tensor], index: Tensor, num_layers: int,
         if "prefix_key" in params:
             found.prefix_key = params["prefix_key"][:, slot]
             found.prefix_value = params["prefix_value"][:, slot]
-        if "lora_q_a" in params:
-            found.lora_q = (params["lora_q_a"][:, slot], params["lora_q_b"][:, slot])
-            found.lora_v = (params["lora_v_a"][:, slot], params["lora_v_b"][:, slot])
-        return found if found.prefix_key is not None or found.lora_q is not None else None
+        targets = [t for t in LORA_TARGETS if f"lora_{t}_a" in params]
+        for t in targets:
+            setattr(found, f"lora_{t}", (params[f"lora_{t}_a"][:, slot], params[f"lora_{t}_b"][:, slot]))
+        return found if found.prefix_key is not None or targets else None
 
     def adapt(layer: int) -> AdapterPeft | None:
         if "adapter_down" not in params:
@@ -163,6 +179,13 @@ def shapes(cfg) -> dict[str, tuple[int, ...]]:
                    prefix_value=(slots, cfg.prefix_length, inner))
     if cfg.lora:
         r = cfg.lora_rank
-        out.update(lora_q_a=(slots, d, r), lora_q_b=(slots, r, inner),
-                   lora_v_a=(slots, d, r), lora_v_b=(slots, r, inner))
+        for target in cfg.lora_targets:
+            d_in, d_out = lora_dims(cfg, target)
+            out.update({f"lora_{target}_a": (slots, d_in, r), f"lora_{target}_b": (slots, r, d_out)})
     return out
+
+
+def lora_dims(cfg, target: str) -> tuple[int, int]:
+    """(in, out) widths of the projection that LoRA target q / k / v / o adapts."""
+    return {"q": (cfg.d_model, cfg.inner_dim), "k": (cfg.d_model, cfg.kv_inner_dim),
+            "v": (cfg.d_model, cfg.kv_inner_dim), "o": (cfg.inner_dim, cfg.d_model)}[target]

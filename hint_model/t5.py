@@ -79,18 +79,14 @@ class Attention(nn.Module):
         keys/values of the tokens so far; cross: the projected memory behind the task's fused
         instruction and prefix keys/values, made once)."""
         batch, q_len, _ = x.shape
-        q = self.q(x)
-        if p is not None and p.lora_q is not None:
-            q = q + peft.lora(x, p.lora_q, p.index)
+        q = peft.project(self.q, x, p, "q")
         cross = memory is not None
         if cross and cache is not None and "k" in cache:
             k, v = cache["k"], cache["v"]
         else:
             source = memory if cross else x
-            k, v = self._split(self.k(source)), self.v(source)
-            if p is not None and p.lora_v is not None:
-                v = v + peft.lora(source, p.lora_v, p.index)
-            v = self._split(v)
+            k = self._split(peft.project(self.k, source, p, "k"))
+            v = self._split(peft.project(self.v, source, p, "v"))
             if p is not None and p.memory_key is not None:  # the task's fused instruction
                 k, v = peft.prepend(k, v, p.memory_key, p.memory_value, p.index)
             if cross and p is not None and p.prefix_key is not None:  # constant: cached with the memory
@@ -104,7 +100,7 @@ class Attention(nn.Module):
         out = F.scaled_dot_product_attention(
             self._split(q), k, v, attn_mask=bias,
             dropout_p=self.dropout if self.training else 0.0, scale=1.0)
-        return self.o(out.transpose(1, 2).reshape(batch, q_len, -1))
+        return peft.project(self.o, out.transpose(1, 2).reshape(batch, q_len, -1), p, "o")
 
     def _split(self, t: Tensor) -> Tensor:
         return t.view(t.shape[0], t.shape[1], self.num_heads, self.d_kv).transpose(1, 2)
@@ -140,16 +136,15 @@ class Block(nn.Module):
             y = y + peft.adapter(h, p.adapter)
         return x + self.dropout(y)
 
-    def instruction_keys_values(self, states: Tensor, lora_v=None, index: Tensor | None = None
+    def instruction_keys_values(self, states: Tensor, p: AttnPeft | None = None
                                 ) -> tuple[Tensor, Tensor]:
-        """This decoder block's cross-attention keys and values of encoded instructions [T, M, d]:
-        the part of the fused memory that depends on the task alone (hint.py computes it once
-        per task). A method of the block, so that a sharding wrapper can gather the block's
-        weights for it as it does for `forward`."""
-        value = self.cross_attn.v(states)
-        if lora_v is not None:
-            value = value + peft.lora(states, lora_v, index)
-        return self.cross_attn.k(states), value
+        """This decoder block's cross-attention keys and values of encoded instructions [T, M, d]
+        (with the task's LoRA on k / v in `p`, one task row per instruction): the part of the
+        fused memory that depends on the task alone (hint.py computes it once per task). A
+        method of the block, so that a sharding wrapper can gather the block's weights for it
+        as it does for `forward`."""
+        return (peft.project(self.cross_attn.k, states, p, "k"),
+                peft.project(self.cross_attn.v, states, p, "v"))
 
 
 class Stack(nn.Module):

@@ -72,9 +72,12 @@ def test_all_zero_modules_give_the_plain_t5(variant):
     assert torch.equal(hint, plain)
 
 
-@pytest.mark.parametrize("variant", ["hint", "lora_only", "generator_decoder", "hypter"])
-def test_mixed_task_batch_equals_each_example_alone(variant):
-    model = tiny(variant).eval()
+@pytest.mark.parametrize("variant, overrides", [
+    ("hint", {}), ("lora_only", {}), ("generator_decoder", {}), ("hypter", {}),
+    ("lora_only", dict(lora_targets=["k", "o"])),
+])
+def test_mixed_task_batch_equals_each_example_alone(variant, overrides):
+    model = tiny(variant, **overrides).eval()
     b = mixed_batch()
     with torch.no_grad():
         together = model(**b).logits
@@ -85,6 +88,33 @@ def test_mixed_task_batch_equals_each_example_alone(variant):
                           input_ids=b["input_ids"][i:i + 1], attention_mask=b["attention_mask"][i:i + 1],
                           labels=b["labels"][i:i + 1]).logits
             torch.testing.assert_close(together[i:i + 1], alone, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("variant", ["lora_only", "hint"])
+def test_every_lora_target_is_generated_and_applied(variant):
+    # q, k, v, o on every attention (with fusion, k and v also on the fused instruction's keys
+    # and values): each target's modules change the logits, and per example as alone.
+    model = tiny(variant, lora=True, lora_targets=["q", "k", "v", "o"]).eval()
+    assert set(model.generator.layout) >= {f"lora_{t}_{m}" for t in "qkvo" for m in "ab"}
+    assert model.generator.layout["lora_o_a"] == (6, 4, 64)  # 6 slots, rank 4, input inner = 64
+    b = mixed_batch()
+    modules = model.generate_modules(b["hyper_input_ids"][:1], b["hyper_attention_mask"][:1])
+    inputs = dict(input_ids=b["input_ids"][:1], attention_mask=b["attention_mask"][:1],
+                  labels=b["labels"][:1])
+    with torch.no_grad():
+        full = model(**inputs, modules=modules).logits
+        for target in "qkvo":
+            without = TaskModules({k: v for k, v in modules.peft.items() if f"_{target}_" not in k},
+                                  modules.instruction_key, modules.instruction_value,
+                                  modules.instruction_mask)
+            assert not torch.allclose(model(**inputs, modules=without).logits, full), target
+
+
+def test_lora_targets_are_checked():
+    with pytest.raises(HintConfigError, match=r"lora_targets=\['q', 'x'\]: a non-empty list of distinct names from q, k, v, o"):
+        HintConfig.preset("tiny", lora_targets=["q", "x"])
+    with pytest.raises(HintConfigError, match="HintConfig.lora_targets: expected a list of strings"):
+        HintConfig.preset("tiny", lora_targets="qv")
 
 
 def test_generator_runs_once_per_unique_instruction():
