@@ -15,7 +15,10 @@ then per decoder layer its self- and cross-attention):
   lora_<t>_a [T, S, in, r]   lora_<t>_b [T, S, r, out]   for each t of cfg.lora_targets
 where (in, out) is lora_dims(cfg, t): q (d, inner), k and v (d, kv_inner: fewer outputs
 under grouped-query attention), o (inner, d).
-A decoder-only model has one attention per layer: S = La = num_layers.
+
+A decoder-only model (HintConfig.is_decoder_only) has one attention and one FFN per layer
+(La = S = num_layers); its keys / values (and prefixes) are kv_inner wide (grouped-query
+attention).
 """
 
 from __future__ import annotations
@@ -41,8 +44,9 @@ class AttnPeft:
     lora_k: tuple[Tensor, Tensor] | None = None
     lora_v: tuple[Tensor, Tensor] | None = None
     lora_o: tuple[Tensor, Tensor] | None = None
-    # Instruction fusion (decoder cross-attention only): the task's instruction projected to
-    # this layer's keys / values once per task, [T, M, inner], and its padding mask [T, M].
+    # Instruction fusion (T5: decoder cross-attention): the task's instruction projected to
+    # this layer's keys / values once per task, [T, M, inner], and its padding mask [T, M]. A
+    # decoder-only model's self-attention takes them as a key/value prefix of the input.
     memory_key: Tensor | None = None
     memory_value: Tensor | None = None
     memory_mask: Tensor | None = None
@@ -128,8 +132,6 @@ def split_by_block(params: dict[str, Tensor], index: Tensor, num_layers: int,
 
     Encoder layer l: adapter l, attention slot l. Decoder layer i: adapter num_layers + i
     (its self-attention slot's adapter), self slot num_layers + 2i, cross slot + 1.
-    A decoder-only model's layers are the "encoder" list here (num_decoder_layers=0): layer
-    l gets adapter l and attention slot l.
     """
 
     def attn(slot: int) -> AttnPeft | None:
@@ -142,17 +144,32 @@ def split_by_block(params: dict[str, Tensor], index: Tensor, num_layers: int,
             setattr(found, f"lora_{t}", (params[f"lora_{t}_a"][:, slot], params[f"lora_{t}_b"][:, slot]))
         return found if found.prefix_key is not None or targets else None
 
-    def adapt(layer: int) -> AdapterPeft | None:
-        if "adapter_down" not in params:
-            return None
-        return AdapterPeft(index, params["adapter_down"][:, layer],
-                           params["adapter_down_bias"][:, layer], params["adapter_up"][:, layer],
-                           params["adapter_up_bias"][:, layer])
-
-    encoder = [BlockPeft(adapt(l), attn(l)) for l in range(num_layers)]
-    decoder = [BlockPeft(adapt(num_layers + i), attn(num_layers + 2 * i), attn(num_layers + 2 * i + 1))
-               for i in range(num_decoder_layers)]
+    encoder = [BlockPeft(_adapter(params, index, l), attn(l)) for l in range(num_layers)]
+    decoder = [BlockPeft(_adapter(params, index, num_layers + i), attn(num_layers + 2 * i),
+                         attn(num_layers + 2 * i + 1)) for i in range(num_decoder_layers)]
     return encoder, decoder
+
+
+def _adapter(params: dict[str, Tensor], index: Tensor, layer: int) -> AdapterPeft | None:
+    if "adapter_down" not in params:
+        return None
+    return AdapterPeft(index, params["adapter_down"][:, layer], params["adapter_down_bias"][:, layer],
+                       params["adapter_up"][:, layer], params["adapter_up_bias"][:, layer])
+
+
+def split_by_layer(params: dict[str, Tensor], index: Tensor, num_layers: int) -> list[BlockPeft]:
+    """A decoder-only model's share per layer: adapter l and attention slot l (self_attn)."""
+    return split_by_block(params, index, num_layers, 0)[0]
+
+
+def attach_prefix(blocks: list[BlockPeft], key: Tensor, value: Tensor, mask: Tensor,
+                  index: Tensor) -> None:
+    """Give every layer's self-attention of a decoder-only model its layer of the task's
+    instruction keys / values ([T, layers, M, kv_inner]) and mask [T, M], in front of the input."""
+    for i, block in enumerate(blocks):
+        block.self_attn = block.self_attn or AttnPeft(index=index)
+        block.self_attn.memory_key, block.self_attn.memory_value = key[:, i], value[:, i]
+        block.self_attn.memory_mask = mask
 
 
 def attach_memory(decoder: list[BlockPeft], key: Tensor, value: Tensor, mask: Tensor,
@@ -165,9 +182,15 @@ def attach_memory(decoder: list[BlockPeft], key: Tensor, value: Tensor, mask: Te
         block.cross_attn.memory_mask = mask
 
 
+def lora_dims(cfg, target: str) -> tuple[int, int]:
+    """(in, out) widths of the projection that LoRA target q / k / v / o adapts."""
+    return {"q": (cfg.d_model, cfg.inner_dim), "k": (cfg.d_model, cfg.kv_inner_dim),
+            "v": (cfg.d_model, cfg.kv_inner_dim), "o": (cfg.inner_dim, cfg.d_model)}[target]
+
+
 def shapes(cfg) -> dict[str, tuple[int, ...]]:
     """The shape of each generated kind for one task (no leading task dimension)."""
-    d, inner = cfg.d_model, cfg.inner_dim
+    d, inner = cfg.d_model, cfg.kv_inner_dim
     layers, slots = cfg.num_layers + cfg.num_decoder_layers, cfg.num_slots
     out: dict[str, tuple[int, ...]] = {}
     if cfg.adapters:
@@ -183,9 +206,3 @@ def shapes(cfg) -> dict[str, tuple[int, ...]]:
             d_in, d_out = lora_dims(cfg, target)
             out.update({f"lora_{target}_a": (slots, d_in, r), f"lora_{target}_b": (slots, r, d_out)})
     return out
-
-
-def lora_dims(cfg, target: str) -> tuple[int, int]:
-    """(in, out) widths of the projection that LoRA target q / k / v / o adapts."""
-    return {"q": (cfg.d_model, cfg.inner_dim), "k": (cfg.d_model, cfg.kv_inner_dim),
-            "v": (cfg.d_model, cfg.kv_inner_dim), "o": (cfg.inner_dim, cfg.d_model)}[target]
