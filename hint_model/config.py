@@ -136,7 +136,8 @@ class HintConfig:
         if variant not in VARIANT_PRESETS:
             raise HintConfigError(
                 f"unknown variant {variant!r}; valid: {', '.join(VARIANT_PRESETS)}")
-        fields = {**SIZE_PRESETS[size], **VARIANT_PRESETS[variant], "variant": variant}
+        model_type = {**SIZE_PRESETS[size], **overrides}.get("model_type", "t5")
+        fields = {**SIZE_PRESETS[size], **variant_fields(variant, model_type), "variant": variant}
         return cls.from_dict({**fields, **overrides})
 
     @classmethod
@@ -211,6 +212,12 @@ class HintConfig:
             raise HintConfigError(
                 f"HintConfig.generator='decoder' starts as a T5 decoder's cross-attention layers; "
                 f"a {self.model_type} model has none (use the component generator)")
+        if (self.is_decoder_only and self.hypernetwork and self.uses_peft
+                and (self.word_embed_proj_dim or self.d_model) != self.d_model):
+            raise HintConfigError(
+                f"HintConfig.word_embed_proj_dim={self.word_embed_proj_dim}: the generator reads "
+                f"d_model={self.d_model} wide states, and this OPT's final states are projected "
+                "to word_embed_proj_dim (a hypernetwork variant needs an OPT without it)")
         if self.generator == "pooled" and (self.prefixes or self.lora) and self.hypernetwork:
             raise HintConfigError(
                 "HintConfig.generator='pooled' (Hypter-like) generates adapters only; "
@@ -325,3 +332,15 @@ VARIANT_PRESETS: dict[str, dict[str, Any]] = {
     "hypertune": dict(generator="decoder", adapters=False, prefixes=True, lora=False, fusion=False,
                       tied_hyper_encoder=True, freeze_underlying=True),
 }
+
+# On a decoder-only base HINT also generates LoRA (Text-to-LoRA's q / v, cfg.lora_targets)
+# beside the paper's adapters and prefixes: the variants that keep the paper's PEFT kinds.
+DECODER_ONLY_LORA = ("hint", "hint_no_fusion", "untied_encoder", "frozen_underlying")
+
+
+def variant_fields(variant: str, model_type: str) -> dict[str, Any]:
+    """The fields variant preset `variant` sets on a model of `model_type`."""
+    fields = dict(VARIANT_PRESETS[variant])
+    if model_type != "t5" and variant in DECODER_ONLY_LORA:
+        fields["lora"] = True
+    return fields

@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hint_model import checkpoint, decoding, peft
-from hint_model.config import SIZE_PRESETS, VARIANT_PRESETS, HintConfig, HintConfigError
+from hint_model.config import (SIZE_PRESETS, VARIANT_PRESETS, HintConfig, HintConfigError,
+                               variant_fields)
 from hint_model.generator import SlotDecoder, StaticPeft, build_generator
 from hint_model.loss import sequence_logprob
 from hint_model.t5 import T5, Stack, padding_bias
@@ -365,7 +366,7 @@ def as_variant(cfg: HintConfig, variant: str | None, overrides: dict) -> HintCon
         switches = {k for preset in VARIANT_PRESETS.values() for k in preset} - sizes
         defaults = HintConfig()
         fields.update({k: getattr(defaults, k) for k in switches})
-        fields.update(VARIANT_PRESETS[variant], variant=variant)
+        fields.update(variant_fields(variant, fields["model_type"]), variant=variant)
     return HintConfig.from_dict({**fields, **overrides})
 
 

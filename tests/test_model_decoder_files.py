@@ -62,12 +62,12 @@ def test_unsupported_model_type_lists_the_supported(tmp_path):
         HintModel.from_hf_checkpoint(tmp_path)
 
 
-@pytest.mark.parametrize("variant,message", [
-    ("hypertune", "generator='decoder'.*a gpt2 model has none"),
-    ("hint", "needs a hypernetwork"),
+@pytest.mark.parametrize("family,variant,message", [
+    ("gpt2", "hypertune", "generator='decoder'.*a gpt2 model has none"),
+    ("opt-proj", "hint", "word_embed_proj_dim=32: the generator reads d_model=64 wide states"),
 ])
-def test_impossible_variant_refused_before_any_weight_is_read(tmp_path, variant, message):
-    reference("gpt2", tmp_path)
+def test_impossible_variant_refused_before_any_weight_is_read(tmp_path, family, variant, message):
+    reference(family, tmp_path)
     (tmp_path / "model.safetensors").write_bytes(b"not safetensors")  # reading it would fail otherwise
     with pytest.raises(HintConfigError, match=message):
         HintModel.from_hf_checkpoint(tmp_path, variant=variant)
