@@ -93,6 +93,12 @@ class HintConfig:
         return self.model_type != "t5"
 
     @property
+    def caches_instruction(self) -> bool:
+        """A decoder-only model without a hypernetwork that reads its instruction as a
+        key/value prefix computed once per task (concat, static_peft; not no_instruct)."""
+        return self.is_decoder_only and not self.hypernetwork and self.variant != "no_instruct"
+
+    @property
     def is_gated(self) -> bool:
         return self.feed_forward_proj.startswith("gated-") or self.model_type == "llama"
 
