@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hint_model import checkpoint, decoding, gpt2, llama, opt, peft, peft_export
+from hint_model import checkpoint, decoding, gpt2, llama, opt, peft
 from hint_model.causal import CausalLM
 from hint_model.config import SIZE_PRESETS, HintConfig
 from hint_model.generator import StaticPeft, build_generator
@@ -232,16 +232,6 @@ class DecoderHintModel(HintModel, decoder_only=True):
                                     input_ids.device)
 
     # ---- files ----
-
-    def save_peft_adapter(self, modules: TaskModules, directory: str | Path,
-                          base_model_name_or_path: str, provenance: dict[str, str]) -> Path:
-        """One task's generated LoRA (a `lora_only` model's TaskModules) as a PEFT adapter
-        directory that `peft.PeftModel.from_pretrained` and vLLM load over the base; other
-        variants are refused (peft_export.check_exportable). `provenance` (the instruction's
-        SHA-256, the base's revision, the model's registry name / version or run id) is
-        written to hint_provenance.json."""
-        return peft_export.save_adapter(self.config, modules, directory, base_model_name_or_path,
-                                        provenance)
 
     @classmethod
     def from_hf_decoder(cls, directory: str | Path, variant: str = "concat", size: str | None = None,

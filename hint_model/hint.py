@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hint_model import checkpoint, decoding, peft
+from hint_model import checkpoint, decoding, peft, peft_export
 from hint_model.config import (SIZE_PRESETS, VARIANT_PRESETS, HintConfig, HintConfigError,
                                variant_fields)
 from hint_model.generator import SlotDecoder, StaticPeft, build_generator
@@ -289,6 +289,16 @@ class HintModel(nn.Module):
         """config.json + model.safetensors. Pass `state_dict` when the model is sharded (a
         full state dict gathered by the caller)."""
         checkpoint.save_pretrained(self.config, state_dict or self.state_dict(), directory)
+
+    def save_peft_adapter(self, modules: TaskModules, directory: str | Path,
+                          base_model_name_or_path: str, provenance: dict[str, str]) -> Path:
+        """One task's generated LoRA (a decoder-only `lora_only` model's TaskModules) as a PEFT
+        adapter directory that `peft.PeftModel.from_pretrained` and vLLM load over the base;
+        other variants and T5 are refused, saying why (peft_export.check_exportable).
+        `provenance` (the instruction's SHA-256, the base's revision, the model's registry name
+        / version or run id) is written to hint_provenance.json."""
+        return peft_export.save_adapter(self.config, modules, directory, base_model_name_or_path,
+                                        provenance)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, variant: str | None = None,

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from hint_model import HintConfig, HintModel
+from hint_model import HintConfig, HintModel, peft
 from hint_model.flops import (decoder_weights, gflops_per_task, kv_cache_values, peft_flops,
                               task_cost, task_state_values)
 from hint_model.memory import activation_values, meta_model, parameter_counts, training_memory
@@ -37,6 +37,27 @@ def test_opt_projections_and_peft_by_hand():
     adapters, prefixes = 4 * 64 * 8 * tokens, 4 * 4 * 64 * tokens
     lora = 2 * 4 * ((64 + 64) + (64 + 32) + (64 + 32) + (64 + 64)) * tokens
     assert peft_flops(cfg, 3, 2) == adapters + prefixes + lora == 20480 + 10240 + 35840
+
+
+def test_decoder_hint_flops_and_task_state_by_hand():
+    # lora_only on llama-tiny (rank 4 on q, v; one slot per layer): the base reads the
+    # instruction once (no head), the component generator writes 2 layers x 4 components of
+    # q_a, q_b, v_a (64 wide) and v_b (kv_inner 32 wide); every input pays its LoRA.
+    cfg = HintConfig.preset("llama-tiny", variant="lora_only", vocab_size=100)
+    t, rows = 5, 2 * 4 * 4
+    mlps = 2 * 4 * 2 * (64 * 64 + 64 * 64) * 3 + 2 * 4 * 2 * (64 * 64 + 64 * 32)
+    mixing = 2 * 2 * 64 * 64 * t + 2 * 2 * 64 * 64 * rows + 2 * 2 * rows * t * 64
+    cost = task_cost(cfg, n=10, t=t, i=3, o=2)
+    assert cost.generator == mixing + mlps
+    lora = 2 * 4 * ((64 + 64) + (64 + 32)) * 2 * (3 + 2)
+    assert cost.hint == 2 * 73728 * t + mixing + mlps + 10 * (2 * 80128 * (3 + 2) + lora)
+    # task state: the generated LoRA, 2 layers x (q: 64x4 + 4x64, v: 64x4 + 4x32) values,
+    # against the cached keys / values of the instruction, 2 L kv_inner t
+    assert task_state_values(cfg, t) == 2 * (512 + 384) == 1792
+    assert kv_cache_values(cfg, t) == 640
+    hint = HintConfig.preset("llama-tiny", variant="hint", vocab_size=100)  # + adapters, prefixes, fusion
+    assert hint.lora and task_state_values(hint, t) == sum(
+        torch.Size(s).numel() for s in peft.shapes(hint).values()) + kv_cache_values(hint, t)
 
 
 def test_paper_sizes_on_the_meta_device():

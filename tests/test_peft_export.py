@@ -11,7 +11,7 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from hint_model import HintModel, TaskModules
+from hint_model import HintConfig, HintModel, TaskModules
 from hint_model.peft_export import PROVENANCE, AdapterExportError, instruction_sha256
 
 # family -> LoRA targets: GPT-2 stacks q and v in its fused c_attn (r = 2 x rank) and pads
@@ -92,6 +92,13 @@ def test_variants_that_are_not_a_lora_are_refused(tmp_path, variant, why):
         model.save_peft_adapter(model.generate_modules(instruction), tmp_path / "adapter",
                                 base_model_name_or_path="b", provenance={})
     assert not (tmp_path / "adapter").exists()
+
+
+def test_a_t5_is_refused(tmp_path):
+    model = HintModel(HintConfig.preset("tiny", variant="lora_only", vocab_size=50))
+    modules = model.generate_modules(torch.randint(2, 50, (1, 4)))
+    with pytest.raises(AdapterExportError, match="a t5 model has no causal-LM PEFT adapter"):
+        model.save_peft_adapter(modules, tmp_path / "a", base_model_name_or_path="b", provenance={})
 
 
 def test_bad_rank_and_target_directory_are_named(tmp_path):
