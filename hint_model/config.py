@@ -2,7 +2,8 @@
 
 The underlying model is a T5 (model_type "t5") or a decoder-only one ("gpt2", "opt", "llama";
 Mistral and Qwen2 load as "llama"). Two kinds of named presets compose: a size preset (tiny ...
-xxl: the T5 shape and the PEFT sizes; gpt2-xl, opt-13b, llama-*: a decoder-only shape) and a variant preset (hint, its ablations, and the baselines: which parts exist).
+xxl: the T5 shape and the PEFT sizes; gpt2-xl, opt-13b, llama-*: a decoder-only shape) and a
+variant preset (hint, its ablations, and the baselines: which parts exist).
 `HintConfig.preset("tiny", variant="hint", vocab_size=1000)` applies size, then variant, then
 the overrides, and validates the result.
 """
