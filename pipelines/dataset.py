@@ -46,7 +46,7 @@ from pipelines.bad_records import BadRecords
 from pipelines.budget import TokenBudget
 from pipelines.example import Example
 from pipelines.spec import SourceSpec, SpecError
-from pipelines.tokenizer import cut, load_tokenizer, tokenizer_from_proto
+from pipelines.tokenizer import Tokenizer, cut, load_tokenizer, tokenizer_from_proto
 
 log = logging.getLogger(__name__)
 BLOCK_ROWS = 256
@@ -130,6 +130,14 @@ def _fit(ids: list[int], max_len: int, eos_id: int | None) -> list[int]:
     return ids if len(ids) <= max_len else cut(ids, max_len, eos_id)
 
 
+def with_bos(tok: Tokenizer, hyper_ids: list[int], input_ids: list[int]) -> tuple[list[int], list[int]]:
+    """The causal layout's instruction and input ids with the tokenizer's BOS (if any) before
+    the sequence's start: the instruction, else the input (counted in the lengths they were cut
+    to by the caller)."""
+    bos = list(tok.bos_ids)
+    return (bos + hyper_ids, input_ids) if hyper_ids else (hyper_ids, bos + input_ids)
+
+
 def tokenize_block(block: pa.Table, proto: bytes, max_input_len: int, max_hyper_len: int,
                    max_target_len: int, causal: bool = False) -> pa.Table:
     """Text block -> row block. An empty instruction becomes no tokens at all (no EOS); an empty
@@ -148,10 +156,10 @@ def tokenize_block(block: pa.Table, proto: bytes, max_input_len: int, max_hyper_
         end = tok.eos_id if eos else None
         out[name] = [encoded[i] if i in encoded else _fit(tokens[i], max_len - len(bos), end)
                      if tokens[i] is not None else empty for i in range(len(texts))]
-    if causal and tok.bos_ids:  # the sequence's start: the instruction, else the input
-        for i, hyper in enumerate(out["hyper_input_ids"]):
-            part = "hyper_input_ids" if hyper else "input_ids"
-            out[part][i] = list(tok.bos_ids) + out[part][i]
+    if causal:
+        for i in range(len(out["hyper_input_ids"])):
+            out["hyper_input_ids"][i], out["input_ids"][i] = with_bos(
+                tok, out["hyper_input_ids"][i], out["input_ids"][i])
     for name, _ in _common:
         out[name] = block.column(name)
     return pa.table(out, schema=ROW_SCHEMA)

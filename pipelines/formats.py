@@ -93,6 +93,13 @@ def sni_concat_instruction(definition: str, positives: list[dict], k: int, fits_
     return definition_block + "".join(kept)
 
 
+def sni_concat_prompt(input_text: str) -> str:
+    """Tk-Instruct's instance and output cue, which follow the instruction part in a
+    decoder-only model's prompt (the target, tokenised apart, follows the cue)."""
+    _, instance, cue = sni_concat_parts("", [], 0, input_text)
+    return instance + cue.rstrip()
+
+
 def _definition_block(definition: str) -> str:
     return _period("Definition: " + definition.strip()) + "\n\n"
 

@@ -133,11 +133,11 @@ def causal_instance(input_text: str, budget: TokenBudget) -> str | list[int]:
     """A decoder-only concat model's input: Tk-Instruct's instance and output cue, whose
     instruction part is the task's prefix (`task_hyper`). Too long: token ids, the instance cut
     so that the cue stays (as tk_instruct_input keeps it)."""
+    prompt = formats.sni_concat_prompt(input_text)
+    if budget.fits_input(prompt):
+        return prompt
     _, instance, cue = formats.sni_concat_parts("", [], 0, input_text)
-    cue = cue.rstrip()  # the target follows (tokenised apart, it starts a word)
-    if budget.fits_input(instance + cue):
-        return instance + cue
-    instance_ids, cue_ids = (budget.tokenizer.encode(p, eos=False) for p in (instance, cue))
+    instance_ids, cue_ids = (budget.tokenizer.encode(p, eos=False) for p in (instance, cue.rstrip()))
     return instance_ids[:budget.max_input_len - len(cue_ids)] + cue_ids
 
 

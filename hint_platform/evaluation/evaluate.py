@@ -34,7 +34,8 @@ def evaluate_export(export_dir: str | Path, cfg, *, batch_size: int = 16, max_ne
     model, tokenizer = export.load(export_dir)
     records = list(iter_records(specs, str(export.tokenizer_dir(export_dir)), max_input_len=cfg.data.max_input_len,
                                 max_hyper_len=cfg.data.max_hyper_len, max_target_len=cfg.data.max_target_len,
-                                on_bad_record=cfg.data.on_bad_record, seed=cfg.data.seed))
+                                on_bad_record=cfg.data.on_bad_record, seed=cfg.data.seed,
+                                causal=model.config.is_decoder_only))
     predictions = predict_records(model, tokenizer, records, batch_size=batch_size,
                                   max_new_tokens=max_new_tokens or cfg.data.max_target_len, progress=progress)
     tasks = {p["task"] for p in predictions}
