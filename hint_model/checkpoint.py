@@ -1,4 +1,5 @@
-"""Files: Hugging Face T5 checkpoints in, our own export format in and out.
+"""Files: Hugging Face checkpoints in (T5, and the decoder-only families through their
+`key_map`s), our own export format in and out.
 
 Hugging Face: `config.json` + `model.safetensors`, or `model.safetensors.index.json` and its
 shards. Every tensor goes through a strict key map: a missing key, a key we do not know, or a
@@ -60,11 +61,11 @@ def hf_name(ours: str) -> str:
 def read_t5_checkpoint(directory: str | Path) -> tuple[dict, dict[str, Tensor]]:
     """(HintConfig fields of the T5 shape, tensors by Hugging Face name) of a T5 directory."""
     directory = Path(directory)
-    hf = _read_config(directory)
+    hf = read_json(directory)
     if hf.get("model_type") != "t5":
         raise CheckpointError(f"{directory / CONFIG}: model_type is {hf.get('model_type')!r}, "
                               "expected 't5'")
-    return t5_fields(hf, _read_hf_tensors(directory), where=directory / CONFIG)
+    return t5_fields(hf, read_hf_tensors(directory), where=directory / CONFIG)
 
 
 def t5_fields(hf: dict, state: dict[str, Tensor], where: str | Path = "T5 config") -> tuple[dict, dict[str, Tensor]]:
@@ -116,6 +117,48 @@ def load_t5_weights(t5: nn.Module, state: dict[str, Tensor], directory: str | Pa
             ours[name].copy_(state[theirs])
 
 
+# A decoder-only family's map: Hugging Face name -> (our parameter names, whether the file stores
+# them transposed). Several names are concatenated along their first dimension (GPT-2's fused
+# c_attn = q | k | v); "transposed" is GPT-2's Conv1D, whose weights are [in, out].
+KeyMap = dict[str, tuple[tuple[str, ...], bool]]
+
+
+def hf_tensors(key_map: KeyMap, ours: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Our tensors under their Hugging Face names and layouts (the inverse of load_mapped)."""
+    out = {}
+    for theirs, (names, transposed) in key_map.items():
+        t = torch.cat([ours[n] for n in names]) if len(names) > 1 else ours[names[0]]
+        out[theirs] = t.T if transposed and t.dim() == 2 else t
+    return out
+
+
+def load_mapped(module: nn.Module, key_map: KeyMap, state: dict[str, Tensor], where: str | Path,
+                tied_head: bool) -> None:
+    """Copy Hugging Face tensors into `module` through its key map, all or nothing: a missing
+    tensor, one we do not know or one of another shape is an error naming it. A tied model's
+    `lm_head.weight` is dropped when present: the embedding is its head (as transformers ties it)."""
+    ours = module.state_dict()
+    expected = {k: tuple(v.shape) for k, v in hf_tensors(
+        key_map, {k: v.to("meta") for k, v in ours.items()}).items()}
+    missing = sorted(set(expected) - set(state))
+    if missing:
+        raise CheckpointError(f"{where}: missing {len(missing)} tensor(s), first {missing[0]!r}")
+    ignored = {"lm_head.weight"} if tied_head else set()
+    unknown = sorted(set(state) - set(expected) - ignored)
+    if unknown:
+        raise CheckpointError(f"{where}: unexpected tensor {unknown[0]!r} (not part of a model "
+                              f"with this config; {len(unknown)} in all)")
+    for name, shape in expected.items():
+        if tuple(state[name].shape) != shape:
+            raise CheckpointError(f"{where}: {name} has shape {tuple(state[name].shape)}, the "
+                                  f"config gives {shape}")
+    with torch.no_grad():
+        for theirs, (names, transposed) in key_map.items():
+            t = state[theirs].T if transposed and state[theirs].dim() == 2 else state[theirs]
+            for name, part in zip(names, t.split([ours[n].shape[0] for n in names])):
+                ours[name].copy_(part)
+
+
 def save_pretrained(cfg: HintConfig, state_dict: dict[str, Tensor], directory: str | Path) -> None:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -131,10 +174,11 @@ def read_pretrained(directory: str | Path) -> tuple[HintConfig, dict[str, Tensor
 def read_config(directory: str | Path) -> HintConfig:
     """The HintConfig of an export, without reading its weights."""
     directory = Path(directory)
-    data = _read_config(directory)
+    data = read_json(directory)
     if data.get("format") != "hint":
-        hint = (" (a Hugging Face T5 checkpoint: use HintModel.from_t5_checkpoint)"
-                if data.get("model_type") == "t5" else "")
+        loader = "from_t5_checkpoint" if data.get("model_type") == "t5" else "from_hf_checkpoint"
+        hint = (f" (a Hugging Face {data['model_type']} checkpoint: use HintModel.{loader})"
+                if data.get("model_type") else "")
         raise CheckpointError(f"{directory / CONFIG}: not a hint model export{hint}")
     try:
         return HintConfig.from_dict(data["config"])
@@ -219,7 +263,9 @@ def _grouped(keys: list[str]) -> list[str]:
     return named if len(named) <= 8 else [*named[:8], f"... ({len(named) - 8} more groups)"]
 
 
-def _read_config(directory: Path) -> dict:
+def read_json(directory: str | Path) -> dict:
+    """The config.json of a checkpoint directory, as a dict."""
+    directory = Path(directory)
     if not directory.is_dir():
         raise CheckpointError(f"checkpoint directory not found: {directory}")
     path = directory / CONFIG
@@ -234,7 +280,9 @@ def _read_config(directory: Path) -> dict:
     return data
 
 
-def _read_hf_tensors(directory: Path) -> dict[str, Tensor]:
+def read_hf_tensors(directory: str | Path) -> dict[str, Tensor]:
+    """Every tensor of a Hugging Face directory (one safetensors file or sharded); pickle refused."""
+    directory = Path(directory)
     if (directory / WEIGHTS).is_file():
         return _read_safetensors(directory / WEIGHTS)
     index = directory / INDEX

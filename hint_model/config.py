@@ -1,7 +1,8 @@
-"""HintConfig: one dataclass for the underlying T5 and the hypernetwork around it.
+"""HintConfig: one dataclass for the underlying model and the hypernetwork around it.
 
-Two kinds of named presets compose: a size preset (tiny ... xxl: the T5 shape and the PEFT
-sizes) and a variant preset (hint, its ablations, and the baselines: which parts exist).
+The underlying model is a T5 (model_type "t5") or a decoder-only one ("gpt2", "opt", "llama";
+Mistral and Qwen2 load as "llama"). Two kinds of named presets compose: a size preset (tiny ...
+xxl: the T5 shape and the PEFT sizes; gpt2-xl, opt-13b, llama-*: a decoder-only shape) and a variant preset (hint, its ablations, and the baselines: which parts exist).
 `HintConfig.preset("tiny", variant="hint", vocab_size=1000)` applies size, then variant, then
 the overrides, and validates the result.
 """
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 
@@ -20,18 +21,28 @@ class HintConfigError(ValueError):
 
 @dataclass
 class HintConfig:
-    # --- underlying T5 (field names follow Hugging Face's T5Config where one exists) ---
+    # --- underlying model (field names follow Hugging Face's configs where one exists) ---
+    model_type: str = "t5"  # t5 | gpt2 | opt | llama (MODEL_TYPES)
     vocab_size: int = 32128
     d_model: int = 512
     d_kv: int = 64  # head dim; inner attention width is num_heads * d_kv
     d_ff: int = 1024
-    num_layers: int = 8  # encoder
-    num_decoder_layers: int = 8
+    num_layers: int = 8  # T5: encoder; decoder-only: its layers
+    num_decoder_layers: int = 8  # 0 for a decoder-only model
     num_heads: int = 6
     relative_attention_num_buckets: int = 32
     relative_attention_max_distance: int = 128
-    feed_forward_proj: str = "gated-gelu"  # T5 v1.1; "relu" for T5 v1.0
+    # The FFN's activation, one of ACTIVATIONS[model_type]: T5 v1.1 "gated-gelu", v1.0 "relu";
+    # gpt2 "gelu_new" (tanh) or "gelu"; opt "relu"; llama "silu" (always gated: SwiGLU).
+    feed_forward_proj: str = "gated-gelu"
     layer_norm_epsilon: float = 1e-6
+    # --- decoder-only models only ---
+    num_key_value_heads: int | None = None  # grouped-query attention (llama); None: num_heads
+    max_position_embeddings: int = 2048  # longest sequence (learned positions: their table)
+    rope_theta: float = 10000.0  # llama's rotary base
+    attention_bias: bool = False  # llama family: bias on q/k/v (Qwen2)
+    do_layer_norm_before: bool = True  # opt: pre-LN; False: post-LN (OPT-350m)
+    word_embed_proj_dim: int | None = None  # opt: embedding width, projected to d_model; None: d_model
     # Dropout is off unless a config asks (tests and the demo stay deterministic); the paper's
     # configs set the reference's. dropout_rate: the T5 stacks and the generator's attention,
     # the reference's DROPOUT_RATE, 0.1 fine-tuning (gins/t0.gin), 0.0 pretraining
@@ -69,18 +80,34 @@ class HintConfig:
     prefix_length: int = 10
     lora: bool = False
     lora_rank: int = 8
+    # The attention projections LoRA adapts (q, k, v, o; each family maps them to its modules,
+    # GPT-2's fused c_attn included). T5 adapts q and v only, as the reference.
+    lora_targets: list[str] = field(default_factory=lambda: ["q", "v"])
     fusion: bool = True  # decoder cross-attends to [encoded instruction, encoded input]
     freeze_underlying: bool = False  # train the hypernetwork only (a tied hyper-encoder freezes too)
     max_hyper_len: int = 1024  # longest instruction (tokens) the model accepts
     max_target_len: int = 256  # the output length it is trained for: generation's default
 
     @property
+    def is_decoder_only(self) -> bool:
+        return self.model_type != "t5"
+
+    @property
     def is_gated(self) -> bool:
-        return self.feed_forward_proj.startswith("gated-")
+        return self.feed_forward_proj.startswith("gated-") or self.model_type == "llama"
 
     @property
     def inner_dim(self) -> int:
         return self.num_heads * self.d_kv
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_heads if self.num_key_value_heads is None else self.num_key_value_heads
+
+    @property
+    def kv_inner_dim(self) -> int:
+        """Width of the keys / values (smaller than inner_dim under grouped-query attention)."""
+        return self.kv_heads * self.d_kv
 
     @property
     def uses_peft(self) -> bool:
@@ -98,7 +125,8 @@ class HintConfig:
 
     @property
     def num_slots(self) -> int:
-        """Attention slots: each encoder layer, then per decoder layer its self and cross."""
+        """Attention slots: each encoder layer, then per decoder layer its self and cross (a
+        decoder-only model: one per layer)."""
         return self.num_layers + 2 * self.num_decoder_layers
 
     @classmethod
@@ -128,24 +156,25 @@ class HintConfig:
     def validate(self) -> None:
         for name, expected in typing.get_type_hints(HintConfig).items():
             value = getattr(self, name)
+            if typing.get_origin(expected) is list:
+                if not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+                    raise HintConfigError(f"HintConfig.{name}: expected a list of strings, got {value!r}")
+                continue
             ok = isinstance(value, expected) and (expected is bool or not isinstance(value, bool))
             if expected is float and isinstance(value, int) and not isinstance(value, bool):
                 ok = True
             if not ok:
                 raise HintConfigError(f"HintConfig.{name}: expected "
                                       f"{getattr(expected, '__name__', expected)}, got {value!r}")
-        positive = ("vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_decoder_layers",
-                    "num_heads", "relative_attention_num_buckets",
+        positive = ("vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_heads",
+                    "num_key_value_heads", "max_position_embeddings", "word_embed_proj_dim", "relative_attention_num_buckets",
                     "relative_attention_max_distance", "generator_layers", "adapter_size",
                     "prefix_length", "lora_rank", "max_hyper_len", "max_target_len")
         for name in positive + ("generator_mlp_dim", "generator_heads"):
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise HintConfigError(f"HintConfig.{name}: must be positive, got {value}")
-        if self.feed_forward_proj not in ("gated-gelu", "relu"):
-            raise HintConfigError(
-                f"HintConfig.feed_forward_proj: {self.feed_forward_proj!r} is not one of "
-                "gated-gelu, relu")
+        self._validate_model_type()
         if self.generator not in GENERATORS:
             raise HintConfigError(
                 f"HintConfig.generator: {self.generator!r} is not one of {', '.join(GENERATORS)}")
@@ -173,12 +202,55 @@ class HintConfig:
                 raise HintConfigError(
                     f"HintConfig.generator_heads={self.generator_heads} must divide "
                     f"d_model={self.d_model}")
+        if self.is_decoder_only and self.hypernetwork and self.generator == "decoder":
+            raise HintConfigError(
+                f"HintConfig.generator='decoder' starts as a T5 decoder's cross-attention layers; "
+                f"a {self.model_type} model has none (use the component generator)")
         if self.generator == "pooled" and (self.prefixes or self.lora) and self.hypernetwork:
             raise HintConfigError(
                 "HintConfig.generator='pooled' (Hypter-like) generates adapters only; "
                 "set prefixes=False and lora=False")
 
 
+    def _validate_model_type(self) -> None:
+        """The fields whose valid values depend on the underlying model's family."""
+        if self.model_type not in ACTIVATIONS:
+            raise HintConfigError(f"HintConfig.model_type: {self.model_type!r} is not one of "
+                                  f"{', '.join(ACTIVATIONS)}")
+        if self.feed_forward_proj not in ACTIVATIONS[self.model_type]:
+            raise HintConfigError(
+                f"HintConfig.feed_forward_proj: {self.feed_forward_proj!r} is not one of "
+                f"{', '.join(ACTIVATIONS[self.model_type])} (model_type {self.model_type!r})")
+        if self.is_decoder_only != (self.num_decoder_layers == 0):
+            raise HintConfigError(
+                f"HintConfig.num_decoder_layers={self.num_decoder_layers}: must be 0 for a "
+                f"decoder-only model and positive for a T5 (model_type {self.model_type!r})")
+        if self.num_heads % self.kv_heads:
+            raise HintConfigError(f"HintConfig.num_key_value_heads={self.num_key_value_heads} "
+                                  f"must divide num_heads={self.num_heads}")
+        if self.model_type in ("gpt2", "opt") and self.inner_dim != self.d_model:
+            raise HintConfigError(f"HintConfig: {self.model_type} needs num_heads * d_kv == d_model; "
+                                  f"got {self.num_heads} * {self.d_kv} != {self.d_model}")
+        family_only = dict(num_key_value_heads=("llama", None), attention_bias=("llama", False),
+                           do_layer_norm_before=("opt", True), word_embed_proj_dim=("opt", None))
+        for name, (family, default) in family_only.items():
+            if getattr(self, name) != default and self.model_type != family:
+                raise HintConfigError(f"HintConfig.{name}={getattr(self, name)!r} is for "
+                                      f"model_type {family!r} only (this is {self.model_type!r})")
+        targets = ("q", "v") if self.model_type == "t5" else LORA_TARGETS
+        if (not self.lora_targets or len(set(self.lora_targets)) != len(self.lora_targets)
+                or not set(self.lora_targets) <= set(targets)
+                or (self.model_type == "t5" and sorted(self.lora_targets) != ["q", "v"])):
+            raise HintConfigError(
+                f"HintConfig.lora_targets: {self.lora_targets!r}; a {self.model_type} model takes "
+                f"distinct names of {', '.join(targets)}" + (" (T5: exactly q and v)"
+                                                            if self.model_type == "t5" else ""))
+
+
+# model_type -> the activations its FFN may have (feed_forward_proj)
+ACTIVATIONS: dict[str, tuple[str, ...]] = {
+    "t5": ("gated-gelu", "relu"), "gpt2": ("gelu_new", "gelu"), "opt": ("relu",), "llama": ("silu",)}
+LORA_TARGETS = ("q", "k", "v", "o")
 GENERATORS = ("component", "decoder", "pooled")
 
 # T5 v1.1 shapes (google/t5-v1_1-*, LM-adapted); xl / xxl are the paper's HINT 3B / 11B
@@ -197,6 +269,26 @@ SIZE_PRESETS: dict[str, dict[str, Any]] = {
                num_decoder_layers=24, adapter_size=512, prefix_length=30, lora_rank=512),
     "xxl": dict(d_model=4096, d_kv=64, num_heads=64, d_ff=10240, num_layers=24,
                 num_decoder_layers=24, adapter_size=512, prefix_length=30, lora_rank=512),
+    # Decoder-only shapes. gpt2-xl and opt-13b: the paper's Table 1 baselines (gpt2-xl and
+    # facebook/opt-13b's config.json); the PEFT sizes are T5-large's (adapters, prefixes) and
+    # Text-to-LoRA's rank 8.
+    "gpt2-xl": dict(model_type="gpt2", vocab_size=50257, d_model=1600, d_kv=64, num_heads=25,
+                    d_ff=6400, num_layers=48, num_decoder_layers=0, max_position_embeddings=1024,
+                    feed_forward_proj="gelu_new", layer_norm_epsilon=1e-5,
+                    tie_word_embeddings=True, pad_token_id=50256, eos_token_id=50256,
+                    adapter_size=256, prefix_length=30, lora_rank=8),
+    "opt-13b": dict(model_type="opt", vocab_size=50272, d_model=5120, d_kv=128, num_heads=40,
+                    d_ff=20480, num_layers=40, num_decoder_layers=0, max_position_embeddings=2048,
+                    feed_forward_proj="relu", layer_norm_epsilon=1e-5, tie_word_embeddings=True,
+                    pad_token_id=1, eos_token_id=2, adapter_size=256, prefix_length=30, lora_rank=8),
+    # Llama-style (RMSNorm, RoPE, SwiGLU, grouped-query attention): tiny for tests, small for
+    # the demo's from-scratch decoder rows.
+    "llama-tiny": dict(model_type="llama", d_model=64, d_kv=16, num_heads=4, num_key_value_heads=2,
+                       d_ff=128, num_layers=2, num_decoder_layers=0, feed_forward_proj="silu",
+                       adapter_size=8, prefix_length=4, lora_rank=4),
+    "llama-small": dict(model_type="llama", d_model=256, d_kv=64, num_heads=4,
+                        num_key_value_heads=2, d_ff=688, num_layers=4, num_decoder_layers=0,
+                        feed_forward_proj="silu", adapter_size=32, prefix_length=8, lora_rank=8),
 }
 
 _NO_HYPER = dict(hypernetwork=False, fusion=False)

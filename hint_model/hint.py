@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from hint_model import checkpoint, decoding, peft
 from hint_model.config import SIZE_PRESETS, VARIANT_PRESETS, HintConfig, HintConfigError
 from hint_model.generator import SlotDecoder, StaticPeft, build_generator
+from hint_model.loss import sequence_logprob
 from hint_model.t5 import T5, Stack, padding_bias
 from hint_model.task_modules import TaskModules
 
@@ -29,6 +30,21 @@ class HintOutput:
 
 
 class HintModel(nn.Module):
+    """HINT around a T5; `HintModel(cfg)` of a decoder-only cfg.model_type builds the
+    decoder-only subclass (decoder_hint.DecoderHintModel), which registers itself here."""
+
+    _decoder_only: type[HintModel] | None = None
+
+    def __init_subclass__(cls, decoder_only: bool = False, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if decoder_only:
+            HintModel._decoder_only = cls
+
+    def __new__(cls, cfg: HintConfig | None = None, *args, **kwargs):
+        if cls is HintModel and cfg is not None and cfg.is_decoder_only:
+            cls = HintModel._decoder_only
+        return super().__new__(cls)
+
     def __init__(self, cfg: HintConfig):
         super().__init__()
         cfg.validate()
@@ -70,8 +86,9 @@ class HintModel(nn.Module):
     def generate_modules(self, hyper_input_ids: Tensor | None = None,
                          hyper_attention_mask: Tensor | None = None) -> TaskModules:
         """The modules of ONE task (hyper inputs of batch size 1). Variants without a
-        hypernetwork return their static modules (or none) and ignore the inputs."""
-        if not self.config.hypernetwork:
+        hypernetwork return their static modules (or none) and ignore the inputs (a
+        decoder-only one reads them as the instruction's key/value prefix)."""
+        if not self._reads_instruction(hyper_input_ids):
             return self._static_modules()
         if hyper_input_ids is None or hyper_input_ids.shape[0] != 1:
             got = None if hyper_input_ids is None else tuple(hyper_input_ids.shape)
@@ -80,6 +97,11 @@ class HintModel(nn.Module):
         mask = _default_mask(hyper_input_ids, hyper_attention_mask)
         self._check_instructions(mask)
         return self._modules_for(hyper_input_ids, mask)
+
+    def _reads_instruction(self, hyper_input_ids: Tensor | None) -> bool:
+        """Whether this batch's instructions make modules (a T5 without a hypernetwork reads
+        its instruction in the input, concatenated by the data)."""
+        return self.config.hypernetwork
 
     def _check_instructions(self, mask: Tensor) -> None:
         """Per example of the batch: not empty, not longer than max_hyper_len."""
@@ -147,7 +169,7 @@ class HintModel(nn.Module):
                 raise ValueError(f"modules hold {modules.num_tasks} tasks; pass one task's modules "
                                  "or each example's task row as task_index")
             return modules, torch.zeros(batch, dtype=torch.long, device=device)
-        if not self.config.hypernetwork:
+        if not self._reads_instruction(hyper_input_ids):
             return self._static_modules(), torch.zeros(batch, dtype=torch.long, device=device)
         if hyper_input_ids is None:
             raise ValueError(f"variant {self.config.variant!r} needs hyper_input_ids (the "
@@ -217,9 +239,7 @@ class HintModel(nn.Module):
         logits = self(input_ids, attention_mask, labels=None, decoder_input_ids=self.shift_right(labels),
                       hyper_input_ids=hyper_input_ids, hyper_attention_mask=hyper_attention_mask,
                       modules=modules, task_index=task_index).logits
-        logprobs = torch.log_softmax(logits.float(), dim=-1)
-        picked = logprobs.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-        return (picked * (labels != -100)).sum(1)
+        return sequence_logprob(logits, labels)
 
     @torch.no_grad()
     def generate(self, input_ids: Tensor, attention_mask: Tensor | None = None,
@@ -231,10 +251,7 @@ class HintModel(nn.Module):
         the model's target length (HintConfig.max_target_len). The decoder's cache holds the
         self-attention keys/values of the tokens so far and the cross-attention keys/values of
         the memory, made once; prefixes are prepended at attention time."""
-        max_new_tokens = self.config.max_target_len if max_new_tokens is None else max_new_tokens
-        if num_beams < 1 or max_new_tokens < 0:
-            raise ValueError(f"generate: num_beams must be >= 1 and max_new_tokens >= 0; got "
-                             f"{num_beams}, {max_new_tokens}")
+        max_new_tokens = self._new_tokens(max_new_tokens, num_beams)
         attention_mask = _default_mask(input_ids, attention_mask)
         modules, index = self._condition(input_ids.shape[0], input_ids.device, hyper_input_ids,
                                          hyper_attention_mask, modules, task_index)
@@ -258,6 +275,13 @@ class HintModel(nn.Module):
             return decoding.greedy(step, batch, max_new_tokens, pad, eos, input_ids.device)
         return decoding.beam_search(step, reorder, batch, num_beams, max_new_tokens, pad, eos,
                                     input_ids.device)
+
+    def _new_tokens(self, max_new_tokens: int | None, num_beams: int) -> int:
+        max_new_tokens = self.config.max_target_len if max_new_tokens is None else max_new_tokens
+        if num_beams < 1 or max_new_tokens < 0:
+            raise ValueError(f"generate: num_beams must be >= 1 and max_new_tokens >= 0; got "
+                             f"{num_beams}, {max_new_tokens}")
+        return max_new_tokens
 
     # ---- files ----
 
@@ -302,6 +326,16 @@ class HintModel(nn.Module):
         with torch.device("meta"):
             ours = {k: tuple(v.shape) for k, v in cls(target).state_dict().items()}
         return target, checkpoint.match_shapes(ours, shapes, Path(directory) / checkpoint.WEIGHTS)
+
+    @classmethod
+    def from_hf_checkpoint(cls, directory: str | Path, variant: str = "hint",
+                           size: str | None = None, **overrides) -> "HintModel":
+        """A Hugging Face checkpoint directory as the underlying model, by its config.json's
+        model_type: t5 (from_t5_checkpoint), or a decoder-only family (gpt2, opt, llama,
+        mistral, qwen2: DecoderHintModel.from_hf_decoder); the hypernetwork starts fresh."""
+        if checkpoint.read_json(directory).get("model_type") == "t5":
+            return cls.from_t5_checkpoint(directory, variant, size, **overrides)
+        return HintModel._decoder_only.from_hf_decoder(directory, variant, size, **overrides)
 
     @classmethod
     def from_t5_checkpoint(cls, directory: str | Path, variant: str = "hint",

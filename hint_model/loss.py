@@ -25,3 +25,11 @@ def token_loss_sum(logits: Tensor, labels: Tensor, z_loss: float = 0.0) -> Tenso
         log_z = torch.logsumexp(logits, dim=-1)
         total = total + z_loss * (log_z.square() * (labels != -100)).sum()
     return total
+
+
+def sequence_logprob(logits: Tensor, labels: Tensor) -> Tensor:
+    """[B] sum of the log-probabilities of the labels (-100 ignored), in fp32: rank
+    classification's score. logits [B, L, V] aligned with labels [B, L]."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    picked = logprobs.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return (picked * (labels != -100)).sum(1)

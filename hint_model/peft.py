@@ -13,6 +13,10 @@ then per decoder layer its self- and cross-attention):
   adapter_up   [T, La, a, d]   adapter_up_bias   [T, La, d]
   prefix_key / prefix_value    [T, S, P, inner]
   lora_q_a / lora_v_a [T, S, d, r]    lora_q_b / lora_v_b [T, S, r, inner]
+
+A decoder-only model (HintConfig.is_decoder_only) has one attention and one FFN per layer
+(La = S = num_layers); its keys / values are kv_inner wide (grouped-query attention), and LoRA
+goes on each of cfg.lora_targets (q, k, v, o): lora_<t>_a [T, S, in, r], lora_<t>_b [T, S, r, out].
 """
 
 from __future__ import annotations
@@ -33,8 +37,11 @@ class AttnPeft:
     prefix_value: Tensor | None = None
     lora_q: tuple[Tensor, Tensor] | None = None  # A [T, d, r], B [T, r, inner]
     lora_v: tuple[Tensor, Tensor] | None = None
-    # Instruction fusion (decoder cross-attention only): the task's instruction projected to
-    # this layer's keys / values once per task, [T, M, inner], and its padding mask [T, M].
+    lora_k: tuple[Tensor, Tensor] | None = None  # decoder-only models (cfg.lora_targets)
+    lora_o: tuple[Tensor, Tensor] | None = None
+    # Instruction fusion (T5: decoder cross-attention): the task's instruction projected to
+    # this layer's keys / values once per task, [T, M, inner], and its padding mask [T, M]. A
+    # decoder-only model's self-attention takes them as a key/value prefix of the input.
     memory_key: Tensor | None = None
     memory_value: Tensor | None = None
     memory_mask: Tensor | None = None
@@ -126,17 +133,45 @@ def split_by_block(params: dict[str, Tensor], index: Tensor, num_layers: int,
             found.lora_v = (params["lora_v_a"][:, slot], params["lora_v_b"][:, slot])
         return found if found.prefix_key is not None or found.lora_q is not None else None
 
-    def adapt(layer: int) -> AdapterPeft | None:
-        if "adapter_down" not in params:
-            return None
-        return AdapterPeft(index, params["adapter_down"][:, layer],
-                           params["adapter_down_bias"][:, layer], params["adapter_up"][:, layer],
-                           params["adapter_up_bias"][:, layer])
-
-    encoder = [BlockPeft(adapt(l), attn(l)) for l in range(num_layers)]
-    decoder = [BlockPeft(adapt(num_layers + i), attn(num_layers + 2 * i), attn(num_layers + 2 * i + 1))
-               for i in range(num_decoder_layers)]
+    encoder = [BlockPeft(_adapter(params, index, l), attn(l)) for l in range(num_layers)]
+    decoder = [BlockPeft(_adapter(params, index, num_layers + i), attn(num_layers + 2 * i),
+                         attn(num_layers + 2 * i + 1)) for i in range(num_decoder_layers)]
     return encoder, decoder
+
+
+def _adapter(params: dict[str, Tensor], index: Tensor, layer: int) -> AdapterPeft | None:
+    if "adapter_down" not in params:
+        return None
+    return AdapterPeft(index, params["adapter_down"][:, layer], params["adapter_down_bias"][:, layer],
+                       params["adapter_up"][:, layer], params["adapter_up_bias"][:, layer])
+
+
+def split_by_layer(params: dict[str, Tensor], index: Tensor, num_layers: int) -> list[BlockPeft]:
+    """A decoder-only model's share per layer: adapter l and attention slot l (self_attn)."""
+
+    def attn(layer: int) -> AttnPeft | None:
+        found = AttnPeft(index=index)
+        if "prefix_key" in params:
+            found.prefix_key = params["prefix_key"][:, layer]
+            found.prefix_value = params["prefix_value"][:, layer]
+        for target in "qkvo":
+            if f"lora_{target}_a" in params:
+                setattr(found, f"lora_{target}", (params[f"lora_{target}_a"][:, layer],
+                                                  params[f"lora_{target}_b"][:, layer]))
+        loras = (found.lora_q, found.lora_k, found.lora_v, found.lora_o)
+        return found if found.prefix_key is not None or any(loras) else None
+
+    return [BlockPeft(_adapter(params, index, layer), attn(layer)) for layer in range(num_layers)]
+
+
+def attach_prefix(blocks: list[BlockPeft], key: Tensor, value: Tensor, mask: Tensor,
+                  index: Tensor) -> None:
+    """Give every layer's self-attention of a decoder-only model its layer of the task's
+    instruction keys / values ([T, layers, M, kv_inner]) and mask [T, M], in front of the input."""
+    for i, block in enumerate(blocks):
+        block.self_attn = block.self_attn or AttnPeft(index=index)
+        block.self_attn.memory_key, block.self_attn.memory_value = key[:, i], value[:, i]
+        block.self_attn.memory_mask = mask
 
 
 def attach_memory(decoder: list[BlockPeft], key: Tensor, value: Tensor, mask: Tensor,
@@ -149,9 +184,15 @@ def attach_memory(decoder: list[BlockPeft], key: Tensor, value: Tensor, mask: Te
         block.cross_attn.memory_mask = mask
 
 
+def lora_dims(cfg, target: str) -> tuple[int, int]:
+    """(in, out) widths of the projection that LoRA target q / k / v / o adapts."""
+    return {"q": (cfg.d_model, cfg.inner_dim), "k": (cfg.d_model, cfg.kv_inner_dim),
+            "v": (cfg.d_model, cfg.kv_inner_dim), "o": (cfg.inner_dim, cfg.d_model)}[target]
+
+
 def shapes(cfg) -> dict[str, tuple[int, ...]]:
     """The shape of each generated kind for one task (no leading task dimension)."""
-    d, inner = cfg.d_model, cfg.inner_dim
+    d, inner = cfg.d_model, cfg.kv_inner_dim
     layers, slots = cfg.num_layers + cfg.num_decoder_layers, cfg.num_slots
     out: dict[str, tuple[int, ...]] = {}
     if cfg.adapters:
@@ -163,6 +204,7 @@ def shapes(cfg) -> dict[str, tuple[int, ...]]:
                    prefix_value=(slots, cfg.prefix_length, inner))
     if cfg.lora:
         r = cfg.lora_rank
-        out.update(lora_q_a=(slots, d, r), lora_q_b=(slots, r, inner),
-                   lora_v_a=(slots, d, r), lora_v_b=(slots, r, inner))
+        for target in cfg.lora_targets:
+            d_in, d_out = lora_dims(cfg, target)
+            out.update({f"lora_{target}_a": (slots, d_in, r), f"lora_{target}_b": (slots, r, d_out)})
     return out
