@@ -264,3 +264,12 @@ def test_decoder_stages_train_from_their_checkpoint_in_the_causal_layout(decoder
         export = json.loads((storage / name / "export" / "config.json").read_text())["config"]
         assert export["model_type"] == name.split("-")[0] and export["variant"] == "concat"
         assert (storage / name / "export" / "tokenizer" / "tokenizer.json").is_file()
+
+
+def test_a_decoder_cell_evaluated_before_skips_its_sweep(decoder_rehearsal, capsys):
+    """`hint paper run` finds each decoder-only cell's evaluation and starts no sweep."""
+    _, args = decoder_rehearsal
+    capsys.readouterr()
+    assert cli.main(["paper", "run", "table1", *args, *[f"--row={r}" for r in DECODERS]]) == 0
+    out = capsys.readouterr().out
+    assert out.count("swept and evaluated before") == 4 and "table1 (xl): 4 skipped\n" in out
