@@ -69,10 +69,11 @@ class Attention(nn.Module):
         self.dropout = cfg.dropout_rate
 
     def forward(self, x: Tensor, mask: Tensor, rope: tuple[Tensor, Tensor] | None,
-                p: AttnPeft | None = None, cache: dict | None = None) -> Tensor:
+                p: AttnPeft | None = None, cache: dict | None = None, past: int = 0) -> Tensor:
         """x [B, L, d]; mask: [B, 1, L, keys] with columns for p's prefix and instruction
-        (peft.extend_bias); cache: this layer's keys / values of the tokens so far, extended
-        in place (prefix and instruction are put in front at every call, never cached)."""
+        (peft.extend_bias); cache: this layer's keys / values, of which the first `past` are
+        the tokens before x, extended in place (a call run again, as activation checkpointing
+        does, writes the same); prefix and instruction are put in front, never cached."""
         batch, length, _ = x.shape
         q = self._split(project(self.q, x, p, "q"), self.num_heads)
         k = self._split(project(self.k, x, p, "k"), self.kv_heads)
@@ -80,8 +81,9 @@ class Attention(nn.Module):
         if rope is not None:
             q, k = rotate(q, *rope), rotate(k, *rope)
         if cache is not None:
-            if "k" in cache:
-                k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
+            if past:
+                k = torch.cat([cache["k"][:, :, :past], k], dim=2)
+                v = torch.cat([cache["v"][:, :, :past], v], dim=2)
             cache["k"], cache["v"] = k, v
         if p is not None and p.memory_key is not None:  # the task's instruction
             k, v = peft.prepend(k, v, p.memory_key, p.memory_value, p.index)
@@ -130,10 +132,10 @@ class Block(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout_rate)
 
     def forward(self, x: Tensor, mask: Tensor, rope: tuple[Tensor, Tensor] | None,
-                p: BlockPeft | None = None, cache: dict | None = None) -> Tensor:
+                p: BlockPeft | None = None, cache: dict | None = None, past: int = 0) -> Tensor:
         p = p or BlockPeft()
         h = x if self.post_norm else self.attn_norm(x)
-        x = x + self.dropout(self.attn(h, mask, rope, p.self_attn, cache))
+        x = x + self.dropout(self.attn(h, mask, rope, p.self_attn, cache, past))
         h = self.attn_norm(x) if self.post_norm else self.ffn_norm(x)
         y = self.ffn(h)
         if p.adapter is not None:
@@ -171,9 +173,10 @@ class CausalLM(nn.Module):
         # Every layer's modules have the same prefix length and instruction: one mask for all.
         first = peft_blocks[0].self_attn if peft_blocks else None
         mask = kernel_mask(peft.extend_bias(causal_bias(key_mask, x.shape[1], x.dtype), first), x.dtype)
+        past = key_mask.shape[1] - x.shape[1]  # tokens already in the cache
         for i, block in enumerate(self.blocks):
             args = (x, mask, rope, peft_blocks[i] if peft_blocks else None,
-                    None if cache is None else cache[i])
+                    None if cache is None else cache[i], past)
             if self.checkpointing and self.training:
                 x = checkpoint(block, *args, use_reentrant=False)
             else:

@@ -2,7 +2,8 @@
 
 The underlying model is a T5 (model_type "t5") or a decoder-only one ("gpt2", "opt", "llama";
 Mistral and Qwen2 load as "llama"). Two kinds of named presets compose: a size preset (tiny ...
-xxl: the T5 shape and the PEFT sizes; gpt2-xl, opt-13b, llama-*: a decoder-only shape) and a variant preset (hint, its ablations, and the baselines: which parts exist).
+xxl: the T5 shape and the PEFT sizes; gpt2-xl, opt-13b, llama-*: a decoder-only shape) and a
+variant preset (hint, its ablations, and the baselines: which parts exist).
 `HintConfig.preset("tiny", variant="hint", vocab_size=1000)` applies size, then variant, then
 the overrides, and validates the result.
 """
@@ -91,6 +92,12 @@ class HintConfig:
     @property
     def is_decoder_only(self) -> bool:
         return self.model_type != "t5"
+
+    @property
+    def caches_instruction(self) -> bool:
+        """A decoder-only model without a hypernetwork that reads its instruction as a
+        key/value prefix computed once per task (concat, static_peft; not no_instruct)."""
+        return self.is_decoder_only and not self.hypernetwork and self.variant != "no_instruct"
 
     @property
     def is_gated(self) -> bool:

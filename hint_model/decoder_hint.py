@@ -57,7 +57,7 @@ class DecoderHintModel(HintModel, decoder_only=True):
     # ---- the task side ----
 
     def _reads_instruction(self, hyper_input_ids: Tensor | None) -> bool:
-        return hyper_input_ids is not None and self.config.variant != "no_instruct"
+        return self.config.hypernetwork or (hyper_input_ids is not None and self.config.caches_instruction)
 
     def _modules_for(self, ids: Tensor, mask: Tensor) -> TaskModules:
         """Instructions [T, M] (one per task) -> each layer's keys / values of them, read with
@@ -90,8 +90,16 @@ class DecoderHintModel(HintModel, decoder_only=True):
                                modules.instruction_mask, index)
         return blocks
 
-    def _positions(self, modules: TaskModules, index: Tensor, input_ids: Tensor) -> Tensor:
-        """[B, L]: an input after its task's instruction starts at the instruction's length."""
+    def _positions(self, modules: TaskModules, index: Tensor, input_ids: Tensor,
+                   new_tokens: int = 0) -> Tensor:
+        """[B, L]: an input after its task's instruction starts at the instruction's length.
+        Checked by shapes (no wait for the device) against the positions the model has, with
+        `new_tokens` more to generate."""
+        width = 0 if modules.instruction_mask is None else modules.instruction_mask.shape[1]
+        if width + input_ids.shape[1] + new_tokens > self.config.max_position_embeddings:
+            raise ValueError(
+                f"instruction ({width}) + input ({input_ids.shape[1]}) + new tokens ({new_tokens}) "
+                f"exceed HintConfig.max_position_embeddings={self.config.max_position_embeddings}")
         positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand(input_ids.shape[0], -1)
         if modules.instruction_mask is None:
             return positions
@@ -117,10 +125,10 @@ class DecoderHintModel(HintModel, decoder_only=True):
         return HintOutput(logits=logits, loss=loss)
 
     def _prefill(self, input_ids: Tensor, attention_mask: Tensor, modules: TaskModules,
-                 index: Tensor, blocks: list, cache: list[dict]) -> tuple[Tensor, Tensor]:
+                 index: Tensor, blocks: list, cache: list[dict], new_tokens: int) -> tuple[Tensor, Tensor]:
         """Run right-padded prompts into `cache`: (each row's states at its last real token
         [B, d], the position its next token takes [B])."""
-        positions = self._positions(modules, index, input_ids)
+        positions = self._positions(modules, index, input_ids, new_tokens)
         states = self.base(input_ids, positions, attention_mask, blocks, cache)
         rows, last = torch.arange(input_ids.shape[0], device=input_ids.device), attention_mask.sum(1) - 1
         return states[rows, last], positions[rows, last] + 1
@@ -133,7 +141,8 @@ class DecoderHintModel(HintModel, decoder_only=True):
         modules, index = self._condition(input_ids.shape[0], input_ids.device, hyper_input_ids,
                                          hyper_attention_mask, modules, task_index)
         blocks, cache = self._layer_peft(modules, index), self.base.new_cache()
-        last, start = self._prefill(input_ids, attention_mask, modules, index, blocks, cache)
+        last, start = self._prefill(input_ids, attention_mask, modules, index, blocks, cache,
+                                    labels.shape[1])
         states = [last[:, None]]
         if labels.shape[1] > 1:
             given = labels[:, :-1]
@@ -155,7 +164,8 @@ class DecoderHintModel(HintModel, decoder_only=True):
         modules, index = self._condition(input_ids.shape[0], input_ids.device, hyper_input_ids,
                                          hyper_attention_mask, modules, task_index)
         blocks, cache = self._layer_peft(modules, index), self.base.new_cache()
-        last, position = self._prefill(input_ids, attention_mask, modules, index, blocks, cache)
+        last, position = self._prefill(input_ids, attention_mask, modules, index, blocks, cache,
+                                       max_new_tokens)
         first, key_mask = self.base.logits(last), attention_mask
         if num_beams > 1:  # an example's beams share its prompt: its rows repeated
             first, position, key_mask = (t.repeat_interleave(num_beams, dim=0)
@@ -209,7 +219,7 @@ class DecoderHintModel(HintModel, decoder_only=True):
         fields.update(pad_token_id=_token_id(hf, "pad_token_id", hf.get("eos_token_id")),
                       eos_token_id=_token_id(hf, "eos_token_id", 0))
         size = size or next((name for name, s in SIZE_PRESETS.items()
-                             if s.get("model_type", "t5") != "t5" and s["d_model"] == fields["d_model"]),
+                             if "model_type" in s and s["d_model"] == fields["d_model"]),
                             "llama-tiny")
         # the size preset's shape fields back to their defaults: the checkpoint's shape replaces it
         reset = {k: HintConfig.__dataclass_fields__[k].default for k in SIZE_PRESETS.get(size, {})

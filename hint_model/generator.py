@@ -242,7 +242,8 @@ class StaticPeft(nn.Module):
         super().__init__()
         self.params = nn.ParameterDict()
         for kind, shape in peft.shapes(cfg).items():
-            zero = kind in ("adapter_up", "adapter_up_bias", "adapter_down_bias", "lora_q_b", "lora_v_b")
+            zero = kind in ("adapter_up", "adapter_up_bias", "adapter_down_bias") or (
+                kind.startswith("lora_") and kind.endswith("_b"))
             init = torch.zeros(1, *shape) if zero else torch.randn(1, *shape) * cfg.d_model ** -0.5
             self.params[kind] = nn.Parameter(init)
 

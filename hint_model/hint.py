@@ -347,7 +347,7 @@ class HintModel(nn.Module):
         decoder generator's layers start as the checkpoint's encoder / decoder (seed_from_t5)."""
         t5_fields, state = checkpoint.read_t5_checkpoint(directory)
         size = size or next((name for name, s in SIZE_PRESETS.items()
-                             if s["d_model"] == t5_fields["d_model"]), "small")
+                             if "model_type" not in s and s["d_model"] == t5_fields["d_model"]), "small")
         cfg = HintConfig.preset(size, variant=variant, **{**t5_fields, **overrides})
         model = cls(cfg)
         checkpoint.load_t5_weights(model.t5, state, directory)

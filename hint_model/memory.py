@@ -35,9 +35,14 @@ from hint_model.hint import HintModel
 class ParameterCounts:
     total: int
     trainable: int
-    t5: int
-    hyper_encoder: int  # 0 when tied to the T5 encoder
+    underlying: int  # the T5 or the decoder-only base
+    hyper_encoder: int  # 0 when tied to the underlying model
     generator: int  # the hypernetwork's generator, or the static PEFT modules
+
+    @property
+    def t5(self) -> int:
+        """The underlying model's parameters (named for the T5 it was first)."""
+        return self.underlying
 
 
 def meta_model(cfg: HintConfig) -> HintModel:
@@ -54,7 +59,7 @@ def parameter_counts(cfg: HintConfig, model: nn.Module | None = None) -> Paramet
 
     return ParameterCounts(
         total=count(model), trainable=sum(p.numel() for p in model.parameters() if p.requires_grad),
-        t5=count(model.t5), hyper_encoder=count(model.hyper_encoder),
+        underlying=count(model.t5 if hasattr(model, "t5") else model.base), hyper_encoder=count(model.hyper_encoder),
         generator=count(model.generator) + count(model.static_peft))
 
 
@@ -89,14 +94,20 @@ def activation_values(cfg: HintConfig, batch: int, hyper_len: int, input_len: in
     """
     d, inner, ff = cfg.d_model, cfg.inner_dim, cfg.d_ff * (2 if cfg.is_gated else 1)
     a = cfg.adapter_size if cfg.adapters else 0
-    attn = 2 * d + 4 * inner  # norm out, q k v, attention out, o out
+    attn = 2 * d + 2 * inner + 2 * cfg.kv_inner_dim  # norm out, q k v, attention out, o out
     ffn = d + 2 * ff + 2 * a  # norm out, FFN intermediates (x2: activation + its input), adapter
-    memory = input_len + (hyper_len if cfg.fusion else 0)
     # (tokens, full values per token, layers) of every stack that runs
-    stacks = [(batch * input_len, attn + ffn, cfg.num_layers),
-              (batch * target_len, attn + (2 * d + 2 * inner) + ffn, cfg.num_decoder_layers)]
-    cross_kv = batch * memory * 2 * inner  # the decoder's K/V of its memory, per layer
-    if cfg.hypernetwork:
+    if cfg.is_decoder_only:  # one causal pass over prompt + target (and the instruction's)
+        stacks = [(batch * (input_len + target_len), attn + ffn, cfg.num_layers)]
+        cross_kv, outputs = 0, batch * (input_len + target_len)
+        reads_instruction = cfg.hypernetwork or cfg.variant != "no_instruct"
+    else:
+        memory = input_len + (hyper_len if cfg.fusion else 0)
+        stacks = [(batch * input_len, attn + ffn, cfg.num_layers),
+                  (batch * target_len, attn + (2 * d + 2 * inner) + ffn, cfg.num_decoder_layers)]
+        cross_kv, outputs = batch * memory * 2 * inner, batch * target_len  # the decoder's K/V per layer
+        reads_instruction = cfg.hypernetwork
+    if reads_instruction:
         stacks.append((batch * hyper_len, attn + ffn - 2 * a, cfg.num_layers))
     generator = 0
     if cfg.hypernetwork and cfg.uses_peft and cfg.generator != "pooled":
@@ -109,7 +120,7 @@ def activation_values(cfg: HintConfig, batch: int, hyper_len: int, input_len: in
             generator = rows * (4 * d + mlp) + batch * hyper_len * 2 * inner
     generated = batch * sum(math.prod(s) for s in peft.shapes(cfg).values()) * (
         2 if cfg.hypernetwork else 0)  # the generated modules and the MLP outputs before scaling
-    logits = batch * target_len * cfg.vocab_size * 3  # bf16 logits, fp32 copy for the loss
+    logits = outputs * cfg.vocab_size * 3  # bf16 logits, fp32 copy for the loss
     if checkpointing:
         kept = sum(tokens * d * layers for tokens, _, layers in stacks)
         peak = max(tokens * full for tokens, full, _ in stacks) + cross_kv

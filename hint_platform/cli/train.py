@@ -63,7 +63,7 @@ def size_lines(cfg: config.ExperimentConfig) -> list[str]:
     gib = 2 ** 30
     return [
         f"model {m.variant} ({cfg.model.preset} shapes): {n.total / 1e9:.3f}B parameters, "
-        f"{n.trainable / 1e9:.3f}B trained; T5 {n.t5 / 1e9:.3f}B, hyper-encoder "
+        f"{n.trainable / 1e9:.3f}B trained; {m.model_type} {n.underlying / 1e9:.3f}B, hyper-encoder "
         f"{n.hyper_encoder / 1e9:.3f}B, generator {n.generator / 1e9:.3f}B",
         f"memory per GPU ({t.num_workers} workers, FSDP, Adafactor, micro-batch "
         f"{t.micro_batch_size}, lengths {d.max_hyper_len}/{d.max_input_len}/{d.max_target_len}, "
