@@ -34,6 +34,7 @@ def test_predictor_caches_the_instruction_and_answers_as_the_whole_prompt(opt_ex
     tok = load_tokenizer(export.tokenizer_dir(opt_export))
     instruction, inputs = "Answer with the first word of the sentence.", ["the cat sat.", "a dog ran far."]
     outputs = predictor.predict([instruction] * 2, inputs)
+    assert predictor.predict([instruction], inputs[:1]) == outputs[:1]
     assert (predictor.cache.stats.misses, predictor.cache.stats.hits) == (1, 1)
     key = predictor.task_key(instruction)
     assert key[0] == tok.bos_ids[0] and tok.eos_id not in key[1:]
