@@ -9,7 +9,7 @@ from transformers import PreTrainedTokenizerFast
 from hint_model import HintConfig, HintModel
 from hint_platform import export
 from pipelines import SourceSpec, SpecError, collate, formats, iter_records, load_tokenizer
-from tests.byte_bpe import sni_texts, train_byte_bpe
+from tests.tiny_decoders import sni_texts, train_byte_bpe
 
 TEXT = "Definition: Answer with the word in the sentence.\nOutput: shakespeare"
 ALGEBRA = "task664_mmmlu_answer_generation_abstract_algebra"

@@ -6,14 +6,13 @@ import json
 
 import pytest
 import torch
-from transformers import OPTConfig, OPTForCausalLM
 
 from hint_model import HintModel
 from hint_platform import config, export
 from hint_platform.evaluation.evaluate import evaluate_export
 from hint_platform.serving.predictor import CachedPredictor
 from pipelines import formats, load_tokenizer
-from tests.byte_bpe import sni_texts, train_byte_bpe
+from tests.tiny_decoders import save_tiny_decoder, sni_texts, train_byte_bpe
 
 
 @pytest.fixture(scope="module")
@@ -21,10 +20,7 @@ def opt_export(shared_data, tmp_path_factory):
     """A tiny random OPT (BOS `</s>`, pad `<pad>`) with a tokenizer trained here, exported as a
     concat model."""
     checkpoint = train_byte_bpe(sni_texts(shared_data / "sni"), tmp_path_factory.mktemp("opt"), "opt")
-    torch.manual_seed(0)
-    OPTForCausalLM(OPTConfig(vocab_size=400, max_position_embeddings=1024, hidden_size=32, num_hidden_layers=2,
-                             ffn_dim=64, num_attention_heads=2, word_embed_proj_dim=32, pad_token_id=1,
-                             bos_token_id=2, eos_token_id=2)).save_pretrained(checkpoint)
+    save_tiny_decoder("opt", checkpoint)
     model = HintModel.from_hf_checkpoint(checkpoint, variant="concat", max_target_len=6)
     return export.write(model, tmp_path_factory.mktemp("export"), checkpoint)
 

@@ -28,6 +28,7 @@ from hint_platform import cli
 from hint_platform.paper import plan, runner
 from hint_platform.paper.stages import resolve
 from hint_platform.tracking import runs
+from tests.tiny_decoders import save_tiny_decoder, sni_texts, train_byte_bpe
 
 D_MODEL = 64  # the tiny preset's width: T5's 32k vocabulary makes the embedding the model
 
@@ -194,21 +195,8 @@ DECODERS = {"GPT-2 XL": "gpt2", "OPT-13B": "opt"}
 
 def tiny_decoder(family: str, out: Path, shared_data: Path) -> Path:
     """A tiny random GPT-2 or OPT saved as transformers saves it, with its tokenizer's files."""
-    from transformers import GPT2Config, GPT2LMHeadModel, OPTConfig, OPTForCausalLM
-
-    from tests.byte_bpe import sni_texts, train_byte_bpe
-
     train_byte_bpe(sni_texts(shared_data / "sni"), out, family)
-    torch.manual_seed(0)
-    if family == "gpt2":
-        model = GPT2LMHeadModel(GPT2Config(vocab_size=400, n_positions=1024, n_embd=32, n_layer=2,
-                                           n_head=2, bos_token_id=0, eos_token_id=0))
-    else:
-        model = OPTForCausalLM(OPTConfig(vocab_size=400, max_position_embeddings=1024, hidden_size=32,
-                                         num_hidden_layers=2, ffn_dim=64, num_attention_heads=2,
-                                         word_embed_proj_dim=32, pad_token_id=1, bos_token_id=2,
-                                         eos_token_id=2))
-    model.save_pretrained(out, safe_serialization=True)
+    save_tiny_decoder(family, out)
     return out
 
 

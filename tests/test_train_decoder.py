@@ -4,31 +4,17 @@ prompt's prefix; FSDP2 per decoder block gives the unsharded model's gradients."
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, OPTConfig, OPTForCausalLM
 
 from hint_model import HintModel
 from hint_platform.training.parallel import parallelize
 from hint_platform.training.worker import loss_sum
 from pipelines import collate
 from tests.test_train_performance import one_rank_group  # noqa: F401  (a fixture)
+from tests.tiny_decoders import save_tiny_decoder
 
 ROWS = [{"hyper_input_ids": [2, 11, 12, 13, 14], "input_ids": [20, 21, 22], "labels": [30, 31, 2]},
         {"hyper_input_ids": [2, 11, 12, 13, 14], "input_ids": [23], "labels": [32, 2]},
         {"hyper_input_ids": [2, 15, 16], "input_ids": [24, 25, 26, 27], "labels": [33, 34, 35, 2]}]
-
-
-def hf_model(family: str, directory):
-    torch.manual_seed(0)
-    if family == "gpt2":
-        model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=64, n_embd=32, n_layer=2, n_head=2,
-                                           eos_token_id=2, bos_token_id=2))
-    else:
-        model = OPTForCausalLM(OPTConfig(vocab_size=64, max_position_embeddings=64, hidden_size=32,
-                                         num_hidden_layers=2, ffn_dim=64, num_attention_heads=2,
-                                         word_embed_proj_dim=32, pad_token_id=1, bos_token_id=2,
-                                         eos_token_id=2))
-    model.save_pretrained(directory, safe_serialization=True)
-    return model.eval()
 
 
 @pytest.mark.parametrize("family", ["gpt2", "opt"])
@@ -36,7 +22,7 @@ def test_causal_loss_is_transformers_loss_over_the_target(family, tmp_path):
     """Per row, transformers on instruction + input + target with labels only on the target
     (it shifts them itself) gives the summed loss our step computes from the causal batch, in
     which the instruction is the prefix read apart."""
-    reference = hf_model(family, tmp_path)
+    reference = save_tiny_decoder(family, tmp_path, vocab_size=64, positions=64)
     model = HintModel.from_hf_checkpoint(tmp_path, variant="concat").eval()
     batch = collate(ROWS, pad_id=0, causal=True)
     with torch.no_grad():
@@ -55,7 +41,7 @@ def test_fsdp_per_decoder_block_gives_the_plain_gradients(family, tmp_path, one_
     """The instruction's pass leaves its keys / values in each block's cache, read by the
     input's pass: FSDP2 must gather the block's weights for their backward too (without it,
     backward fails on freed storage), and the gradients are the unsharded model's."""
-    hf_model(family, tmp_path)
+    save_tiny_decoder(family, tmp_path, vocab_size=64, positions=64)
     batch = collate(ROWS, pad_id=0, causal=True)
     grads = []
     for fsdp in (False, True):

@@ -1,6 +1,7 @@
-"""Small byte-level BPE tokenizers trained in a test (no hub here): GPT-2's kind (one special
-token, `<|endoftext|>`, that ends sequences; no BOS, no pad) and OPT's (`<s>` `<pad>` `</s>`
-`<unk>`, with `</s>` put before every sequence by the post-processor, as OPT's tokenizer does)."""
+"""Tiny decoder-only checkpoints written in a test (no hub here): byte-level BPE tokenizers of
+GPT-2's kind (one special token, `<|endoftext|>`, that ends sequences; no BOS, no pad) and OPT's
+(`<s>` `<pad>` `</s>` `<unk>`, with `</s>` put before every sequence by the post-processor, as
+OPT's tokenizer does), and random GPT-2 / OPT models saved as transformers saves them."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ import json
 from collections.abc import Iterable
 from pathlib import Path
 
+import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import GPT2Config, GPT2LMHeadModel, OPTConfig, OPTForCausalLM
 
 SPECIAL = {"gpt2": ["<|endoftext|>"], "opt": ["<s>", "<pad>", "</s>", "<unk>"]}
 
@@ -47,3 +50,19 @@ def sni_texts(sni_dir: Path) -> list[str]:
             texts += [example["input"], example["output"] if isinstance(example["output"], str)
                       else " ".join(example["output"])]
     return texts
+
+
+def save_tiny_decoder(family: str, out: Path, vocab_size: int = 400, positions: int = 1024):
+    """A random 2-layer GPT-2 or OPT, 32 wide, with the special ids of train_byte_bpe's
+    tokenizers (GPT-2: `<|endoftext|>` 0; OPT: pad 1, BOS = EOS `</s>` 2), saved in `out`."""
+    torch.manual_seed(0)
+    if family == "gpt2":
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=vocab_size, n_positions=positions, n_embd=32,
+                                           n_layer=2, n_head=2, bos_token_id=0, eos_token_id=0))
+    else:
+        model = OPTForCausalLM(OPTConfig(vocab_size=vocab_size, max_position_embeddings=positions,
+                                         hidden_size=32, num_hidden_layers=2, ffn_dim=64,
+                                         num_attention_heads=2, word_embed_proj_dim=32,
+                                         pad_token_id=1, bos_token_id=2, eos_token_id=2))
+    model.save_pretrained(out, safe_serialization=True)
+    return model.eval()
