@@ -11,6 +11,7 @@ paths (`train.max_steps=20`, `model.variant=concat`) and are parsed as YAML scal
 from __future__ import annotations
 
 import dataclasses
+import json
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,6 +61,10 @@ class TrainSection:
     max_steps: int = 1000  # optimizer steps
     optimizer: str = "adafactor"  # adafactor | adamw
     lr: float = 1e-3
+    # The learning rate over the steps: linear warmup from 0 over `warmup_steps`, then constant
+    # (the paper's Adafactor runs) or linear decay to 0 at max_steps (Appendix D's AdamW runs).
+    lr_schedule: str = "constant"  # constant | linear
+    warmup_steps: int = 0
     weight_decay: float = 0.0
     grad_clip: float = 1.0  # global gradient-norm clipping; 0 disables it (the paper configs)
     # t5x's z-loss on the logits, z_loss * logsumexp(logits)**2 per target token (reference
@@ -112,6 +117,7 @@ class ExperimentConfig:
 _CHOICES = {
     "data.on_bad_record": ("error", "skip"),
     "train.optimizer": ("adafactor", "adamw"),
+    "train.lr_schedule": ("constant", "linear"),
 }
 
 
@@ -167,6 +173,23 @@ def model_config(cfg: ExperimentConfig, vocab_size: int | None = None) -> HintCo
         return HintConfig.preset(m.preset, variant=m.variant, **overrides)
     except (HintConfigError, TypeError) as e:
         raise ConfigError(f"model: {e}") from None
+
+
+def is_decoder_only(cfg: ExperimentConfig) -> bool:
+    """Whether the model `cfg` trains is decoder-only, which decides the data's layout (the
+    causal one of `pipelines`: the platform chooses it from the model, never the user). The
+    model is `model.init_from`'s when that is a local directory (a Hugging Face checkpoint's
+    `model_type`, or an export's HintConfig), else the preset's with the overrides."""
+    init_from = Path(cfg.model.init_from or "") / "config.json"
+    if cfg.model.init_from and "://" not in cfg.model.init_from and init_from.is_file():
+        try:
+            data = json.loads(init_from.read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"model.init_from: {init_from} is not valid JSON: {e}") from None
+        export = data.get("format") == "hint"
+        model_type = data.get("config", {}).get("model_type", "t5") if export else data.get("model_type")
+        return model_type != "t5"
+    return model_config(cfg).is_decoder_only
 
 
 def _build(cls, data: Any, prefix: str):
@@ -230,7 +253,7 @@ def _check(cfg: ExperimentConfig) -> None:
     for key in positive:
         if flat[key] <= 0:
             raise ConfigError(f"{key}: must be positive, got {flat[key]}")
-    for key in ("train.z_loss", "train.grad_clip"):
+    for key in ("train.z_loss", "train.grad_clip", "train.warmup_steps"):
         if flat[key] < 0:
             raise ConfigError(f"{key}: must be 0 or more, got {flat[key]}")
     t = cfg.train

@@ -24,7 +24,7 @@ from pipelines import files
 from pipelines.bad_records import BadRecords
 from pipelines.example import Example
 from pipelines.spec import MIN_SEGMENT, SourceSpec, SpecError
-from pipelines.tokenizer import EOS_ID, Tokenizer
+from pipelines.tokenizer import Tokenizer
 
 TASK = "c4"
 
@@ -67,22 +67,23 @@ def _drain(buffer: list[int], encoded: list[list[int]], segment_len: int) -> Ite
             del buffer[:segment_len]
 
 
-def split_segment(segment: list[int], rng: random.Random) -> tuple[list[int], list[int], list[int]]:
+def split_segment(segment: list[int], rng: random.Random, eos_id: int) -> tuple[list[int], list[int], list[int]]:
     """(x1, x2, x3) of the `pretrain` format (module docstring), EOS appended to each."""
     end = len(segment) - 2
     s1 = rng.randrange(1, end)
     s2 = rng.randrange(s1, end)
-    return segment[:s1] + [EOS_ID], segment[s1:s2] + [EOS_ID], segment[s2:] + [EOS_ID]
+    return segment[:s1] + [eos_id], segment[s1:s2] + [eos_id], segment[s2:] + [eos_id]
 
 
-def split_segment_4part(segment: list[int], rng: random.Random) -> tuple[list[int], list[int], list[int]]:
+def split_segment_4part(segment: list[int], rng: random.Random,
+                        eos_id: int) -> tuple[list[int], list[int], list[int]]:
     """(hyper, input, target) of the `caclm` format (module docstring), EOS appended to each."""
     n = len(segment)
     s1 = rng.randrange(1, n - 4)
     s2 = rng.randrange(s1, n - 3)
     s3 = rng.randrange(s2, n - 2)
-    return (segment[:s1] + [EOS_ID] + segment[s3:] + [EOS_ID], segment[s1:s2] + [EOS_ID],
-            segment[s2:s3] + [EOS_ID])
+    return (segment[:s1] + [eos_id] + segment[s3:] + [eos_id], segment[s1:s2] + [eos_id],
+            segment[s2:s3] + [eos_id])
 
 
 def examples(spec: SourceSpec, tokenizer: Tokenizer, bad: BadRecords, seed: int) -> Iterator[Example]:
@@ -90,5 +91,5 @@ def examples(spec: SourceSpec, tokenizer: Tokenizer, bad: BadRecords, seed: int)
     split = split_segment_4part if spec.format == "caclm" else split_segment
     for segment in segments(documents(spec.path, bad), tokenizer, spec.segment_len,
                             min_len=MIN_SEGMENT[spec.format]):
-        hyper, text, target = split(segment, rng)
+        hyper, text, target = split(segment, rng, tokenizer.eos_id)
         yield Example(task=TASK, hyper=hyper, input=text, target=target)

@@ -3,6 +3,13 @@
 `collate` takes a list of rows (dicts) or a columnar batch (a dict of arrays, what Ray Data's
 `iter_batches` / `iter_torch_batches(collate_fn=...)` hand over). `step_micro_batches` cuts the
 rows of one training step so that each micro-batch holds few instructions and little padding.
+
+Two layouts, so that `model(**batch).logits` lines up with `batch["labels"]` for both model
+kinds: T5's (the decoder's inputs are the labels shifted right, the model's job), and the
+causal one of a decoder-only model (`causal=True`): the row's input (the prompt without the
+instruction) followed by its target but the last token, right-padded, with
+`labels = [-100] * (len(prompt) - 1) + target`, so `labels[:, j]` is the token after
+`input_ids[:, j]` and the loss covers the target and its EOS only (Appendix D).
 """
 
 from __future__ import annotations
@@ -11,8 +18,6 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
-
-from pipelines.tokenizer import PAD_ID
 
 IGNORE_INDEX = -100
 
@@ -32,10 +37,12 @@ def _mask(seqs: Sequence[Sequence[int]], width: int) -> torch.Tensor:
     return (torch.arange(width)[None, :] < lengths[:, None]).long()
 
 
-def collate(rows: Sequence[Mapping[str, Any]] | Mapping[str, Sequence], pad_id: int = PAD_ID) -> dict[str, torch.Tensor]:
+def collate(rows: Sequence[Mapping[str, Any]] | Mapping[str, Sequence], pad_id: int = 0, *,
+            causal: bool = False) -> dict[str, torch.Tensor]:
     """The model's inputs: hyper_input_ids / hyper_attention_mask [T, L] with one row per
     distinct instruction (in order of first appearance), task_index [B] (each example's row),
-    input_ids, attention_mask, labels (-100 padded).
+    input_ids, attention_mask, labels (-100 padded); `causal`: the decoder-only layout (module
+    docstring). `pad_id`: the tokenizer's (padding is masked: any id of the vocabulary does).
 
     Grouping by instruction happens here, on the CPU, so that the model's forward never asks
     the accelerator which instructions are equal (torch.unique would wait for it)."""
@@ -44,6 +51,8 @@ def collate(rows: Sequence[Mapping[str, Any]] | Mapping[str, Sequence], pad_id: 
     else:
         columns = {key: [row[key] for row in rows] for key in ("hyper_input_ids", "input_ids", "labels")}
     inputs, labels = columns["input_ids"], columns["labels"]
+    if causal:
+        inputs, labels = _causal(inputs, labels)
     rows_of: dict[tuple, int] = {}
     task_index = [rows_of.setdefault(tuple(map(int, h)), len(rows_of))
                   for h in columns["hyper_input_ids"]]
@@ -57,6 +66,18 @@ def collate(rows: Sequence[Mapping[str, Any]] | Mapping[str, Sequence], pad_id: 
         "attention_mask": _mask(inputs, input_ids.shape[1]),
         "labels": _pad(labels, IGNORE_INDEX),
     }
+
+
+def _causal(prompts: Sequence[Sequence[int]], targets: Sequence[Sequence[int]]) -> tuple[list, list]:
+    inputs, labels = [], []
+    for prompt, target in zip(prompts, targets):
+        prompt, target = list(prompt), list(target)
+        if not prompt or not target:
+            raise ValueError("collate(causal=True): every row needs a non-empty input and target "
+                             f"(got {len(prompt)} input and {len(target)} target tokens)")
+        inputs.append(prompt + target[:-1])
+        labels.append([IGNORE_INDEX] * (len(prompt) - 1) + target)
+    return inputs, labels
 
 
 def instruction_then_length(row: Mapping[str, Any]) -> tuple:

@@ -3,7 +3,8 @@
 Stages: read -> parse -> format (one sequential stream: it is what fixes the order) ->
 tokenise (Ray Data `map_batches`, in parallel) -> rows:
 
-    hyper_input_ids, input_ids, labels   int lists, EOS-terminated, truncated on tokens
+    hyper_input_ids, input_ids, labels   int lists, EOS-terminated, truncated on tokens (the
+                                         causal layout: see below)
     task                                 task name
     example_index                        position in the mixed stream (0-based)
     references                           all accepted outputs (SNI; [] otherwise)
@@ -17,6 +18,14 @@ Mixing: each step draws a source with probability proportional to its weight; wi
 evaluation generates each task's modules once). An exhausted task or source drops out; the
 stream ends when all are exhausted. Same specs and seed, same rows in the same order (what lets
 training resume by a bitmap of consumed example_index values, hint_platform/training/state.py).
+
+The causal layout (`causal=True`, for a decoder-only model: the platform chooses it from the
+model, never the user): the instruction and the input end WITHOUT an EOS (the prompt goes on),
+the first non-empty of them starts with the tokenizer's BOS (OPT's, Llama's; GPT-2 has none),
+the target ends with the EOS. SNI `concat` then puts Tk-Instruct's instruction part
+(definition + examples) in `hyper_input_ids` and the instance with its `Output:` cue in
+`input_ids`, so that the model can compute the instruction's key/values once per task
+(pipelines.sni). `collate(rows, causal=True)` makes the batches.
 """
 
 from __future__ import annotations
@@ -36,8 +45,8 @@ from pipelines import c4, p3, sni
 from pipelines.bad_records import BadRecords
 from pipelines.budget import TokenBudget
 from pipelines.example import Example
-from pipelines.spec import SourceSpec
-from pipelines.tokenizer import EOS_ID, load_tokenizer, tokenizer_from_proto
+from pipelines.spec import SourceSpec, SpecError
+from pipelines.tokenizer import Tokenizer, cut, load_tokenizer, tokenizer_from_proto
 
 log = logging.getLogger(__name__)
 BLOCK_ROWS = 256
@@ -63,6 +72,9 @@ def _task_streams(spec: SourceSpec, budget: TokenBudget, bad: BadRecords, seed: 
     if spec.kind == "sni":
         return [stream for _, stream in sni.task_streams(spec, budget, bad, seed)]
     if spec.kind == "c4":
+        if budget.causal:
+            raise SpecError("c4: the pretraining formats are T5 HINT's (EOS-separated parts); "
+                            "this model is decoder-only")
         return [c4.examples(spec, budget.tokenizer, bad, seed)]
     return [stream for _, stream in p3.task_streams(spec, budget, bad, seed)]
 
@@ -113,24 +125,41 @@ def text_blocks(specs: list[SourceSpec], budget: TokenBudget, *, on_bad_record: 
         yield pa.table(columns, schema=TEXT_SCHEMA)
 
 
-def _fit(ids: list[int], max_len: int) -> list[int]:
-    return ids if len(ids) <= max_len else ids[: max_len - 1] + [EOS_ID]
+def _fit(ids: list[int], max_len: int, eos_id: int | None) -> list[int]:
+    """Ids a reader gave, cut to max_len (EOS-terminated again when they were)."""
+    return ids if len(ids) <= max_len else cut(ids, max_len, eos_id)
+
+
+def with_bos(tok: Tokenizer, hyper_ids: list[int], input_ids: list[int]) -> tuple[list[int], list[int]]:
+    """The causal layout's instruction and input ids with the tokenizer's BOS (if any) before
+    the sequence's start: the instruction, else the input (counted in the lengths they were cut
+    to by the caller)."""
+    bos = list(tok.bos_ids)
+    return (bos + hyper_ids, input_ids) if hyper_ids else (hyper_ids, bos + input_ids)
 
 
 def tokenize_block(block: pa.Table, proto: bytes, max_input_len: int, max_hyper_len: int,
-                   max_target_len: int) -> pa.Table:
-    """Text block -> row block. An empty instruction becomes no tokens at all (no EOS)."""
+                   max_target_len: int, causal: bool = False) -> pa.Table:
+    """Text block -> row block. An empty instruction becomes no tokens at all (no EOS); an empty
+    input or target only the EOS (in the causal layout: an empty input no tokens)."""
     tok = tokenizer_from_proto(proto)
     out = {}
     for part, name, max_len in (("hyper", "hyper_input_ids", max_hyper_len),
                                 ("input", "input_ids", max_input_len),
                                 ("target", "labels", max_target_len)):
+        eos = part == "target" or not causal
+        bos = tok.bos_ids if causal and part != "target" else ()
         texts, tokens = block.column(part).to_pylist(), block.column(f"{part}_tokens").to_pylist()
         todo = [i for i, t in enumerate(texts) if t]
-        encoded = dict(zip(todo, tok.encode_batch([texts[i] for i in todo], max_len)))
-        empty = [] if part == "hyper" else [EOS_ID]
-        out[name] = [encoded[i] if i in encoded else _fit(tokens[i], max_len) if tokens[i] is not None else empty
-                     for i in range(len(texts))]
+        encoded = dict(zip(todo, tok.encode_batch([texts[i] for i in todo], max_len - len(bos), eos)))
+        empty = [tok.eos_id] if part != "hyper" and eos else []
+        end = tok.eos_id if eos else None
+        out[name] = [encoded[i] if i in encoded else _fit(tokens[i], max_len - len(bos), end)
+                     if tokens[i] is not None else empty for i in range(len(texts))]
+    if causal:
+        for i in range(len(out["hyper_input_ids"])):
+            out["hyper_input_ids"][i], out["input_ids"][i] = with_bos(
+                tok, out["hyper_input_ids"][i], out["input_ids"][i])
     for name, _ in _common:
         out[name] = block.column(name)
     return pa.table(out, schema=ROW_SCHEMA)
@@ -138,18 +167,19 @@ def tokenize_block(block: pa.Table, proto: bytes, max_input_len: int, max_hyper_
 
 def iter_records(specs: Sequence[SourceSpec | dict], tokenizer_dir: str, *, max_input_len: int = 1024,
                  max_hyper_len: int = 1024, max_target_len: int = 256, on_bad_record: str = "error",
-                 seed: int = 0, bad: BadRecords | None = None) -> Iterator[dict]:
+                 seed: int = 0, bad: BadRecords | None = None, causal: bool = False) -> Iterator[dict]:
     """The rows of build_dataset, in the same order, in this process (no Ray). Pass `bad` to
     read the skip counts (per file / task) when the iterator is done."""
     tok = load_tokenizer(tokenizer_dir)
-    budget = TokenBudget(tok, max_input_len, max_hyper_len, max_target_len)
+    budget = TokenBudget(tok, max_input_len, max_hyper_len, max_target_len, causal)
     for block in text_blocks(as_specs(specs), budget, on_bad_record=on_bad_record, seed=seed, bad=bad):
-        yield from tokenize_block(block, tok.proto, max_input_len, max_hyper_len, max_target_len).to_pylist()
+        yield from tokenize_block(block, tok.proto, max_input_len, max_hyper_len, max_target_len,
+                                  causal).to_pylist()
 
 
 def build_dataset(specs: Sequence[SourceSpec | dict], tokenizer_dir: str, *, max_input_len: int = 1024,
                   max_hyper_len: int = 1024, max_target_len: int = 256, on_bad_record: str = "error",
-                  seed: int = 0):
+                  seed: int = 0, causal: bool = False):
     """A ray.data.Dataset of the rows (see the module docstring), in deterministic order.
 
     One read task produces the mixed text stream (reading and formatting are cheap, and one
@@ -159,11 +189,12 @@ def build_dataset(specs: Sequence[SourceSpec | dict], tokenizer_dir: str, *, max
     """
     specs = as_specs(specs)
     tok = load_tokenizer(tokenizer_dir)
-    source = _MixedStream(specs, tok.proto, (max_input_len, max_hyper_len, max_target_len), on_bad_record, seed)
+    source = _MixedStream(specs, tok.proto, (max_input_len, max_hyper_len, max_target_len, causal),
+                          on_bad_record, seed)
     ds = ray.data.read_datasource(source, override_num_blocks=1).map_batches(
         tokenize_block, batch_format="pyarrow", batch_size=BLOCK_ROWS, zero_copy_batch=True,
-        fn_kwargs={"proto": tok.proto, "max_input_len": max_input_len,
-                   "max_hyper_len": max_hyper_len, "max_target_len": max_target_len})
+        fn_kwargs={"proto": tok.proto, "max_input_len": max_input_len, "max_hyper_len": max_hyper_len,
+                   "max_target_len": max_target_len, "causal": causal})
     ds.context.execution_options.preserve_order = True
     return ds
 
@@ -171,17 +202,17 @@ def build_dataset(specs: Sequence[SourceSpec | dict], tokenizer_dir: str, *, max
 class _MixedStream(Datasource):
     """A Ray Data source with one read task: the mixed text stream, streamed in blocks."""
 
-    def __init__(self, specs, proto, lengths, on_bad_record, seed):
-        self.args = (specs, proto, lengths, on_bad_record, seed)
+    def __init__(self, specs, proto, limits, on_bad_record, seed):
+        self.args = (specs, proto, limits, on_bad_record, seed)
 
     def estimate_inmemory_data_size(self):
         return None
 
     def get_read_tasks(self, parallelism, per_task_row_limit=None, data_context=None):
-        specs, proto, lengths, on_bad_record, seed = self.args
+        specs, proto, limits, on_bad_record, seed = self.args
 
         def read():
-            yield from text_blocks(specs, TokenBudget(tokenizer_from_proto(proto), *lengths),
+            yield from text_blocks(specs, TokenBudget(tokenizer_from_proto(proto), *limits),
                                    on_bad_record=on_bad_record, seed=seed)
 
         meta = BlockMetadata(num_rows=None, size_bytes=None, exec_stats=None, input_files=None)

@@ -74,17 +74,46 @@ def sni_concat_parts(definition: str, positives: list[dict], k: int, input_text:
                      fits_input: Fits = _fits_anything) -> tuple[str, str, str]:
     """Tk-Instruct's input in three parts: (definition + examples, the instance, the output cue).
     Examples are kept while the whole input fits, as ni_collator.py decides it."""
-    definition_block = _period("Definition: " + definition.strip()) + "\n\n"
+    definition_block = _definition_block(definition)
     instance = "Now complete the following example -\n" + _period(f"Input: {input_text.strip()}")
     cue = "\nOutput: "
+    # The collator measures the kept examples joined by " " (and then joins them with "").
+    kept = _kept_examples(positives, k, lambda blocks: fits_input(
+        definition_block + " ".join(blocks[:-1]) + blocks[-1] + instance + cue))
+    return definition_block + "".join(kept), instance, cue
+
+
+def sni_concat_instruction(definition: str, positives: list[dict], k: int, fits_hyper: Fits) -> str:
+    """Tk-Instruct's instruction part (definition + examples) for a decoder-only model, which
+    reads it as a prefix whose key/values are computed once per task: so the examples kept are
+    those that fit the instruction's own length, whatever the instance (ni_collator.py lets each
+    instance decide, which would make the prefix differ from input to input)."""
+    definition_block = _definition_block(definition)
+    kept = _kept_examples(positives, k, lambda blocks: fits_hyper(definition_block + "".join(blocks)))
+    return definition_block + "".join(kept)
+
+
+def sni_concat_prompt(input_text: str) -> str:
+    """Tk-Instruct's instance and output cue, which follow the instruction part in a
+    decoder-only model's prompt (the target, tokenised apart, follows the cue)."""
+    _, instance, cue = sni_concat_parts("", [], 0, input_text)
+    return instance + cue.rstrip()
+
+
+def _definition_block(definition: str) -> str:
+    return _period("Definition: " + definition.strip()) + "\n\n"
+
+
+def _kept_examples(positives: list[dict], k: int, fits: Callable[[list[str]], bool]) -> list[str]:
+    """Tk-Instruct's positive example blocks, up to k, until the first that `fits` refuses
+    (it gets the blocks kept so far plus the next one)."""
     kept: list[str] = []
     for number, example in enumerate(positives[:k], start=1):
         block = positive_example(number, example) + "\n"
-        # The collator measures the kept examples joined by " " (and then joins them with "").
-        if not fits_input(definition_block + " ".join(kept) + block + instance + cue):
+        if not fits(kept + [block]):
             break
         kept.append(block)
-    return definition_block + "".join(kept), instance, cue
+    return kept
 
 
 def sni_concat(definition: str, positives: list[dict], k: int, input_text: str,

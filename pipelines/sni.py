@@ -21,7 +21,6 @@ from pipelines.bad_records import BadRecords
 from pipelines.budget import TokenBudget
 from pipelines.example import Example
 from pipelines.spec import SourceSpec, SpecError
-from pipelines.tokenizer import EOS_ID
 
 log = logging.getLogger(__name__)
 
@@ -116,13 +115,30 @@ def task_hyper(spec: SourceSpec, task: dict, budget: TokenBudget) -> str:
     if spec.format == "def_pos":
         return formats.sni_def_pos_hyper(task["Definition"], task.get("Positive Examples") or [],
                                          spec.num_pos, budget.fits_hyper)
+    if spec.format == "concat" and budget.causal:
+        return formats.sni_concat_instruction(task["Definition"], task.get("Positive Examples") or [],
+                                              spec.num_pos, budget.fits_hyper)
     return ""
 
 
 def model_input(spec: SourceSpec, task: dict, input_text: str, budget: TokenBudget) -> str | list[int]:
     if spec.format != "concat":
         return formats.no_instruct(input_text)[1]
+    if budget.causal:
+        return causal_instance(input_text, budget)
     return tk_instruct_input(task, spec.num_pos, input_text, budget)
+
+
+def causal_instance(input_text: str, budget: TokenBudget) -> str | list[int]:
+    """A decoder-only concat model's input: Tk-Instruct's instance and output cue, whose
+    instruction part is the task's prefix (`task_hyper`). Too long: token ids, the instance cut
+    so that the cue stays (as tk_instruct_input keeps it)."""
+    prompt = formats.sni_concat_prompt(input_text)
+    if budget.fits_input(prompt):
+        return prompt
+    _, instance, cue = formats.sni_concat_parts("", [], 0, input_text)
+    instance_ids, cue_ids = (budget.tokenizer.encode(p, eos=False) for p in (instance, cue.rstrip()))
+    return instance_ids[:budget.max_input_len - len(cue_ids)] + cue_ids
 
 
 def tk_instruct_input(task: dict, k: int, input_text: str, budget: TokenBudget) -> str | list[int]:
@@ -139,7 +155,7 @@ def tk_instruct_input(task: dict, k: int, input_text: str, budget: TokenBudget) 
     head, instance, cue = (budget.tokenizer.encode(p, eos=False) for p in parts)
     room = budget.max_input_len - 1 - len(cue)
     head = head[:max(room // 2, room - len(instance))]
-    return head + instance[:room - len(head)] + cue + [EOS_ID]
+    return head + instance[:room - len(head)] + cue + [budget.tokenizer.eos_id]
 
 
 def task_streams(spec: SourceSpec, budget: TokenBudget, bad: BadRecords,

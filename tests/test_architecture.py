@@ -21,7 +21,7 @@ ALLOWED = {
 # Rooms of hint_platform that no other room may enter: the CLI sits on top of everything,
 # recipes (the demo) and paper (the paper's tables) run whole chains, and nothing below
 # tuning/jobs/serving knows of them.
-TOP_ROOMS = {"cli": set(), "recipes": {"cli"}, "paper": {"cli"}, "tuning": {"cli", "recipes"},
+TOP_ROOMS = {"cli": set(), "recipes": {"cli"}, "paper": {"cli"}, "tuning": {"cli", "recipes", "paper"},
              "jobs": {"cli", "recipes", "paper"}, "serving": {"cli", "recipes", "tracking"}}
 LAZY_OK = "hint_platform.cli"
 

@@ -67,14 +67,14 @@ def test_c4_packing_and_split(shared_data, t5):
     assert sum(s.count(1) for s in segments) == 30  # each of the 30 documents ends in EOS
     rng = random.Random(0)
     for seg in segments:
-        x1, x2, x3 = c4.split_segment(seg, rng)
+        x1, x2, x3 = c4.split_segment(seg, rng, t5.eos_id)
         assert len(x1) + len(x2) + len(x3) == len(seg) + 3  # lengths add up, one EOS each
         assert x1[-1] == x2[-1] == x3[-1] == 1
         assert x1[:-1] + x2[:-1] + x3[:-1] == seg
         assert len(x1) >= 2 and len(x3) >= 2
-    again = [c4.split_segment(seg, random.Random(0)) for seg in segments[:1]]
-    assert again[0] == c4.split_segment(segments[0], random.Random(0))
-    assert {len(c4.split_segment(segments[0], random.Random(s))[0]) for s in range(10)} != {len(again[0][0])}
+    again = [c4.split_segment(seg, random.Random(0), t5.eos_id) for seg in segments[:1]]
+    assert again[0] == c4.split_segment(segments[0], random.Random(0), t5.eos_id)
+    assert {len(c4.split_segment(segments[0], random.Random(s), t5.eos_id)[0]) for s in range(10)} != {len(again[0][0])}
 
 
 def test_c4_examples_are_reproducible(shared_data, t5):

@@ -9,7 +9,6 @@ import statistics
 import pytest
 
 from pipelines import BadRecords, SourceSpec, SpecError, TokenBudget, c4, iter_records, load_tokenizer, p3, sni
-from pipelines.tokenizer import EOS_ID
 
 ALGEBRA = "task664_mmmlu_answer_generation_abstract_algebra"
 DEFINITION = "The following are multiple choice questions (with answers) about  abstract algebra."
@@ -75,7 +74,7 @@ def test_tk_instruct_never_cuts_the_instance_or_the_output_cue(shared_data, t5):
     cue = t5.encode("Output:", eos=False)
     definition = t5.encode(f"Definition: {json.loads((shared_data / 'sni' / 'tasks' / f'{XSUM}.json').read_text())['Definition'][0].strip()}", eos=False)
     for ex in long:
-        assert len(ex.input) == 256 and ex.input[-len(cue) - 1:] == cue + [EOS_ID]
+        assert len(ex.input) == 256 and ex.input[-len(cue) - 1:] == cue + [t5.eos_id]
         assert ex.input[:len(definition)] == definition
         assert "Now complete the following example - Input:" in t5.decode(ex.input).replace("\n", " ")
 
@@ -89,6 +88,7 @@ def test_tk_instruct_rows_all_end_in_the_output_cue_on_the_real_test_tasks(share
 
 
 DRAWS = 20_000
+EOS = 1  # an id outside the segments' range 100..
 L = 512
 
 
@@ -97,7 +97,7 @@ def test_c4_split_points_are_nested_draws():
     gives L/3 each, and P(x1 < L/4) = 0.44 instead of 0.25)."""
     rng = random.Random(0)
     segment = list(range(100, 100 + L))
-    parts = [c4.split_segment(segment, rng) for _ in range(DRAWS)]
+    parts = [c4.split_segment(segment, rng, EOS) for _ in range(DRAWS)]
     x1, x2, x3 = ([len(p[i]) - 1 for p in parts] for i in range(3))
     assert abs(statistics.mean(x1) / L - 0.5) < 0.01
     assert abs(statistics.mean(x2) / L - 0.25) < 0.01 and abs(statistics.mean(x3) / L - 0.25) < 0.01
@@ -113,9 +113,9 @@ def test_caclm_four_parts():
     segment = list(range(100, 100 + L))
     sizes = []
     for _ in range(DRAWS):
-        hyper, text, target = c4.split_segment_4part(segment, rng)
-        s1 = hyper.index(EOS_ID)
-        assert hyper[-1] == text[-1] == target[-1] == EOS_ID
+        hyper, text, target = c4.split_segment_4part(segment, rng, EOS)
+        s1 = hyper.index(EOS)
+        assert hyper[-1] == text[-1] == target[-1] == EOS
         assert hyper[:s1] + text[:-1] + target[:-1] + hyper[s1 + 1:-1] == segment
         sizes.append((s1, len(text) - 1, len(target) - 1, len(hyper) - 2 - s1))
     a, b, c, d = (statistics.mean(s[i] for s in sizes) / L for i in range(4))

@@ -18,6 +18,8 @@ from hint_model import VARIANT_PRESETS
 from hint_platform import cli, config
 from hint_platform.paper import plan, runner
 from hint_platform.paper.stages import chain_commands, resolve, split_overrides
+from hint_platform.training.preflight import check
+from hint_platform.tuning.plan import load_study_run
 from pipelines.spec import SourceSpec, SpecError
 from test_infra import INFRA, train_commands
 
@@ -34,14 +36,19 @@ def test_every_paper_config_is_a_stage_of_the_description():
 
 @pytest.mark.parametrize("name", PAPER_CONFIGS)
 def test_each_config_is_its_stage_as_shipped(name):
-    """The stage named like the config needs no override: same size, variant, start."""
+    """The stage named like the config needs no override: same size, variant, start (a
+    decoder-only baseline: the same at every size, from its Hugging Face checkpoint)."""
     cfg = config.load(name)
-    (stage, size), = [(s, size) for s, size in AT_SIZES
-                      if s.config_name(size) == name and s.run_name(size) == cfg.name]
-    assert cfg.model.preset == size
+    stage, size = [(s, size) for s, size in AT_SIZES
+                   if s.config_name(size) == name and s.run_name(size) == cfg.name][0]
     assert cfg.model.variant == stage.variant
-    start = (f"runs/{stage.start.run_name(size)}/export" if stage.start
-             else f"checkpoints/t5-{size}-lm-adapt")
+    if stage.own_config:
+        assert config.model_config(cfg).is_decoder_only and cfg.model.preset == name.split("/")[1][:7]
+        start = f"checkpoints/{cfg.model.preset}"
+    else:
+        assert cfg.model.preset == size
+        start = (f"runs/{stage.start.run_name(size)}/export" if stage.start
+                 else f"checkpoints/t5-{size}-lm-adapt")
     assert (cfg.model.init_from, cfg.data.tokenizer) == (start, start), name
     assert resolve(stage, size).overrides == []
 
@@ -58,6 +65,7 @@ def test_every_stage_resolves_into_a_valid_run(stage, size):
             assert getattr(spec, key) == (value.format(dir=spec.path.rsplit("/", 1)[0])
                                           if isinstance(value, str) else value)
     expected = (resolve(stage.start, size).export_dir if stage.start
+                else config.load(stage.config_name(size)).model.init_from if stage.own_config
                 else f"checkpoints/t5-{size}-lm-adapt")
     assert cfg.model.init_from == expected
     if stage.start is None and stage.setup.startswith(("sni", "p3")):
@@ -102,6 +110,35 @@ def test_paper_list_names_every_table_and_its_runs_at_both_sizes(capsys):
     for size in ("3b", "11b"):
         assert f"hint-{size}-pretrain-c4 " in out and f"tk-instruct-{size}-sni-def " in out
     assert "hypertune-3b-sni-def " in out and "from hypertune-3b-pretrain-c4" in out
+    for name in ("gpt2-xl-sni-def", "gpt2-xl-sni-def-2pos", "opt-13b-sni-def", "opt-13b-sni-def-2pos"):
+        assert f"{name} " in out and f"paper/{name} concat, from its Hugging Face checkpoint" in out
+    assert "[best of `hint tune decoder_baselines`]" in out and "not models of this platform" not in out
+
+
+@pytest.mark.parametrize("name", [c for c in PAPER_CONFIGS if c.startswith(("paper/gpt2", "paper/opt"))])
+def test_decoder_baseline_configs_pass_dry_run(name, capsys):
+    """As shipped (the checkpoint not there yet: noted, not refused): the decoder-only model's
+    parameters and memory, Appendix D's optimiser and schedule, lengths within its positions."""
+    assert cli.main(["train", name, "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "model.init_from: " in out and "lr_schedule: linear" in out
+    cfg = config.load(name)
+    assert (cfg.train.optimizer, cfg.train.warmup_steps, cfg.train.global_batch_size) == ("adamw", 1000, 32)
+    model = config.model_config(cfg)
+    d = cfg.data
+    assert d.max_hyper_len + d.max_input_len + d.max_target_len <= model.max_position_embeddings
+    with pytest.raises(config.ConfigError, match="longer than its"):
+        check(cfg.with_overrides({"data.max_input_len": model.max_position_embeddings}))
+
+
+def test_decoder_stages_are_sweeps_whose_study_validates():
+    """The decoder-only cells are the best of `decoder_baselines` over their own config: every
+    point of the sweep builds (3 epochs x 3 learning rates, Appendix D)."""
+    stages = [s for s in plan.TABLE1.evaluated() if s.study]
+    assert len(stages) == 4 and {s.study for s in stages} == {"decoder_baselines"}
+    for stage in stages:
+        run = load_study_run(stage.study, stage.config_name("xl"), check_data=False)
+        assert run.expected_trials(1) == 9 and run.study.metric == "eval/rougeL" and run.study.mode == "max"
 
 
 def test_unknown_tables_rows_and_sizes_are_user_errors(capsys):

@@ -3,7 +3,11 @@ sizes, steps and paths overridden: a tiny Hugging Face T5 (written here, with th
 spiece.model) as the "LM-adapted checkpoint" -> C4 pretraining -> SNI Def and Def + 2 Pos.
 fine-tuning and evaluation on the real test tasks -> P3 joint and split on the rendered / raw
 files, rank classification on SuperGLUE -> `hint paper table`. Each stage must have consumed the
-previous stage's export; a second `hint paper run` must skip everything."""
+previous stage's export; a second `hint paper run` must skip everything.
+
+The decoder-only baselines of Table 1 at toy size: a tiny random GPT-2 and a tiny OPT written
+here as Hugging Face saves them, each with a byte-level BPE tokenizer trained here, fine-tuned
+(`fit`, one point of their sweep) on the real SNI sample, evaluated, in `hint paper table`."""
 
 from __future__ import annotations
 
@@ -21,9 +25,10 @@ from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
 from hint_platform import cli
-from hint_platform.paper import plan
+from hint_platform.paper import plan, runner
 from hint_platform.paper.stages import resolve
 from hint_platform.tracking import runs
+from tests.tiny_decoders import save_tiny_decoder, sni_texts, train_byte_bpe
 
 D_MODEL = 64  # the tiny preset's width: T5's 32k vocabulary makes the embedding the model
 
@@ -183,3 +188,76 @@ def test_hint_eval_of_an_export_gives_the_tables_figure(rehearsal, shared_data, 
                      "--no-mlflow", "--max-new-tokens=8", f"--out={tmp_path}"]) == 0
     overall = json.loads((tmp_path / "metrics.json").read_text())["overall"]
     assert overall["rougeL"] == pytest.approx(number(hint["Def ROUGE-L"]), abs=0.01)
+
+
+DECODERS = {"GPT-2 XL": "gpt2", "OPT-13B": "opt"}
+
+
+def tiny_decoder(family: str, out: Path, shared_data: Path) -> Path:
+    """A tiny random GPT-2 or OPT saved as transformers saves it, with its tokenizer's files."""
+    train_byte_bpe(sni_texts(shared_data / "sni"), out, family)
+    save_tiny_decoder(family, out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def decoder_rehearsal(ray_local, shared_data, tmp_path_factory):
+    """Each decoder-only stage of Table 1 trained with `fit` (the platform's path, one point of
+    its sweep) and evaluated as `hint paper run` evaluates a cell, then `hint paper table`."""
+    storage = tmp_path_factory.mktemp("decoders") / "runs"
+    sni = {"kind": "sni", "path": str(shared_data / "sni"), "split": "mini", "format": "concat"}
+    args = ["train.num_workers=1", "train.cpus_per_worker=0.5", "train.use_gpu=false",
+            "train.global_batch_size=4", "train.micro_batch_size=4", "train.max_steps=2",
+            "train.warmup_steps=1", "train.activation_checkpointing=false", "train.checkpoint_every=0",
+            "train.log_every=1", "train.eval_examples=4", "data.max_input_len=128",
+            "data.max_hyper_len=256", "data.max_target_len=8", f"run.storage_path={storage}"]
+    rows = [row for row in plan.TABLE1.rows if row.label in DECODERS]
+    for row in rows:
+        checkpoint = tiny_decoder(DECODERS[row.label], tmp_path_factory.mktemp(DECODERS[row.label]), shared_data)
+        for _, stage in row.cells:
+            sources = [{**sni, "max_per_task": 2}], [{**sni, "part": "test", "max_per_task": 3}]
+            args += [f"{stage.setup}:model.init_from={checkpoint}", f"{stage.setup}:data.tokenizer={checkpoint}",
+                     f"{stage.setup}:data.train={json.dumps(sources[0])}",
+                     f"{stage.setup}:data.eval={json.dumps(sources[1])}"]
+    start = time.monotonic()
+    for row in rows:
+        for _, stage in row.cells:
+            resolved = resolve(stage, "xl", args)
+            runner.train(resolved, print)
+            runner.evaluate_stage(resolved, print)
+    wall = time.monotonic() - start
+    with capture() as out:
+        assert cli.main(["paper", "table", "table1", *args, *[f"--row={r}" for r in DECODERS]]) == 0
+    print(f"\ndecoder rehearsal: runs {wall:.0f}s\n{out.getvalue()}")
+    return storage, args
+
+
+def test_decoder_baselines_are_in_table1(decoder_rehearsal):
+    storage, _ = decoder_rehearsal
+    rows = {r["model"]: r for r in table_csv(storage, "table1")}
+    assert list(rows) == list(DECODERS)
+    for row in rows.values():
+        for column in ("Def", "Def + 2 Pos."):
+            assert 0 <= number(row[f"{column} ROUGE-L"]) <= 100 and number(row[f"{column} GFLOPs"]) > 0
+    # The instruction is the prompt's prefix, read once a task: Def + 2 Pos. costs more per task.
+    assert number(rows["OPT-13B"]["Def + 2 Pos. GFLOPs"]) > number(rows["OPT-13B"]["Def GFLOPs"])
+
+
+def test_decoder_stages_train_from_their_checkpoint_in_the_causal_layout(decoder_rehearsal):
+    storage, _ = decoder_rehearsal
+    for name in ("gpt2-xl-sni-def", "opt-13b-sni-def-2pos"):
+        logged = params(storage, name, experiment="decoder-baselines")
+        assert (logged["model.variant"], logged["train.optimizer"], logged["train.lr_schedule"]) == (
+            "concat", "adamw", "linear")
+        export = json.loads((storage / name / "export" / "config.json").read_text())["config"]
+        assert export["model_type"] == name.split("-")[0] and export["variant"] == "concat"
+        assert (storage / name / "export" / "tokenizer" / "tokenizer.json").is_file()
+
+
+def test_a_decoder_cell_evaluated_before_skips_its_sweep(decoder_rehearsal, capsys):
+    """`hint paper run` finds each decoder-only cell's evaluation and starts no sweep."""
+    _, args = decoder_rehearsal
+    capsys.readouterr()
+    assert cli.main(["paper", "run", "table1", *args, *[f"--row={r}" for r in DECODERS]]) == 0
+    out = capsys.readouterr().out
+    assert out.count("swept and evaluated before") == 4 and "table1 (xl): 4 skipped\n" in out

@@ -10,7 +10,7 @@ import importlib
 
 from tune_spaces.study import Study
 
-STUDIES = ("generator", "peft_size", "peft_type", "fusion", "pretraining")
+STUDIES = ("generator", "peft_size", "peft_type", "fusion", "pretraining", "decoder_baselines")
 
 
 def load_study(name: str) -> Study:

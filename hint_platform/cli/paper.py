@@ -24,7 +24,8 @@ def register(subparsers) -> None:
         a = sub.add_parser(
             action, help=helptext, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
             description=helptext + ". Overrides: `key=value` for every stage, `SETUP:key=value` "
-                        "for the stages on config paper/hint-<size>-SETUP (e.g. sni-def:data.train=...).")
+                        "for the stages on config paper/hint-<size>-SETUP (e.g. sni-def:data.train=...) "
+                        "or paper/SETUP (the decoder-only baselines: gpt2-xl-sni-def:model.init_from=...).")
         a.add_argument("table", help="table1, table2, table3, table4, peft, table6, generator, table7, flops")
         a.add_argument("overrides", nargs="*", metavar="[SETUP:]KEY=VALUE", help="config overrides")
         a.add_argument("--size", choices=("xl", "xxl"), default="xl", help="3B (xl) or 11B (xxl)")
@@ -66,8 +67,10 @@ def run_list(args: argparse.Namespace) -> int:
             kind = {"runs": "evaluated", "lengths": "measured"}.get(t.kind)
             print(f"  {size} ({plan.SIZES[size]}): {len(stages)} run(s)" if stages else f"  {size}")
             for s in stages:
-                start = s.start.run_name(size) if s.start else "LM-adapted T5"
+                start = (s.start.run_name(size) if s.start else
+                         "its Hugging Face checkpoint" if s.own_config else "LM-adapted T5")
                 mark = f"  [{kind}]" if kind and s.name in evaluated else ""
+                mark += f"  [best of `hint tune {s.study}`]" if s.study else ""
                 print(f"    {s.run_name(size):<40} {s.config_name(size)} {s.variant}, from {start}{mark}")
         print()
     return 0

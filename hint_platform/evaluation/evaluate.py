@@ -12,7 +12,7 @@ from typing import Callable
 
 import mlflow
 
-from hint_model.flops import gflops_per_task
+from hint_model.flops import gflops_per_task, task_cost
 from hint_platform import export
 from hint_platform.errors import UserError
 from hint_platform.evaluation.inference import predict_records
@@ -34,7 +34,8 @@ def evaluate_export(export_dir: str | Path, cfg, *, batch_size: int = 16, max_ne
     model, tokenizer = export.load(export_dir)
     records = list(iter_records(specs, str(export.tokenizer_dir(export_dir)), max_input_len=cfg.data.max_input_len,
                                 max_hyper_len=cfg.data.max_hyper_len, max_target_len=cfg.data.max_target_len,
-                                on_bad_record=cfg.data.on_bad_record, seed=cfg.data.seed))
+                                on_bad_record=cfg.data.on_bad_record, seed=cfg.data.seed,
+                                causal=model.config.is_decoder_only))
     predictions = predict_records(model, tokenizer, records, batch_size=batch_size,
                                   max_new_tokens=max_new_tokens or cfg.data.max_target_len, progress=progress)
     tasks = {p["task"] for p in predictions}
@@ -47,21 +48,32 @@ def evaluate_export(export_dir: str | Path, cfg, *, batch_size: int = 16, max_ne
             p3_datasets.update({t: spec.dataset for t in tasks if t.startswith(f"{spec.dataset}/")})
     report = score_predictions(predictions, categories, p3_datasets)
     report.overall["gflops_per_task"] = mean_gflops_per_task(model.config, records)
+    if model.config.caches_instruction:  # a decoder-only concat model: what its cache saves
+        report.overall["gflops_per_task_uncached"] = mean_gflops_per_task(model.config, records, cached=False)
+        tasks = task_lengths(records)
+        report.overall["kv_cache_mib"] = sum(task_cost(model.config, 1, t, i, o).kv_cache_bytes
+                                             for _, t, i, o in tasks) / len(tasks) / 2**20
     return report
 
 
-def mean_gflops_per_task(model_config, records: list[dict]) -> float:
-    """Mean inference GFLOPs per task (hint_model.flops.gflops_per_task, the paper's Appendix C)
-    at each task's mean token lengths, as the records give them: a concatenation record's input
-    already holds the instruction (and its hypernetwork input is empty)."""
+def task_lengths(records: list[dict]) -> list[tuple[int, int, int, int]]:
+    """(inputs, instruction, input, output tokens) of each task, its mean token lengths as the
+    records give them: a T5 concatenation record's input already holds the instruction (and its
+    hypernetwork input is empty); a decoder-only one's instruction is apart."""
     by_task: dict[str, list[dict]] = defaultdict(list)
     for r in records:
         by_task[r["task"]].append(r)
-    costs = []
-    for rows in by_task.values():
-        n = len(rows)
-        t, i, o = (round(sum(len(r[k]) for r in rows) / n) for k in ("hyper_input_ids", "input_ids", "labels"))
-        costs.append(gflops_per_task(model_config, n, i=i, t=t, target_len=o))
+    return [(len(rows), *(round(sum(len(r[k]) for r in rows) / len(rows))
+                          for k in ("hyper_input_ids", "input_ids", "labels")))
+            for rows in by_task.values()]
+
+
+def mean_gflops_per_task(model_config, records: list[dict], cached: bool = True) -> float:
+    """Mean inference GFLOPs per task (hint_model.flops.gflops_per_task, the paper's Appendix C)
+    at each task's lengths; `cached=False`: a decoder-only concat model re-reading the
+    instruction with every input (the paper's convention for its decoder-only rows)."""
+    costs = [gflops_per_task(model_config, n, i=i, t=t, target_len=o, cached_instruction=cached)
+             for n, t, i, o in task_lengths(records)]
     return sum(costs) / len(costs)
 
 

@@ -24,8 +24,10 @@ def group_by_instruction(records: Iterable[dict]) -> dict[tuple[str, tuple[int, 
 
 @torch.no_grad()
 def task_modules(model, hyper_input_ids: tuple[int, ...]):
-    """The task's modules, generated once (variants without a hypernetwork: their static ones)."""
-    if not model.config.hypernetwork:
+    """The task's modules, generated once: a hypernetwork's, or the instruction's key/values
+    of a decoder-only concat model (its prompt's prefix); variants that read no instruction
+    apart: their static ones."""
+    if not (model.config.hypernetwork or hyper_input_ids):
         return model.generate_modules()
     if not hyper_input_ids:
         raise ValueError(f"variant {model.config.variant!r} needs an instruction; the record has none")

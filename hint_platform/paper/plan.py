@@ -8,6 +8,11 @@ LM-adapted T5 checkpoint). Names are templates in `{size}` (3b / 11b); a stage n
 config is the config as shipped (checked by tests/test_paper_plan.py, with every config of
 configs/paper/ and every RayJob entrypoint of infra/kuberay/).
 
+The decoder-only baselines of Table 1 (GPT-2 XL, OPT-13B, Appendix D) are of one size each:
+their stages have configs of their own (`paper/<setup>`, starting from the Hugging Face
+checkpoint the config names), and their chain is a Tune sweep (`study`): the cell is the best
+trial by held-out ROUGE-L.
+
 Variant names are hint_model's VARIANT_PRESETS, format names pipelines.spec's FORMATS: a preset
 or format that lands later is a one-line change below. Rows follow the paper's tables; where the
 paper is silent the reference repository (allenai/hyper-task-descriptions) decides, cited.
@@ -29,12 +34,14 @@ class Stage:
     variant: str = "hint"
     sources: tuple[tuple[str, Any], ...] = ()  # fields set on every train and eval source
     overrides: tuple[str, ...] = ()  # any other `key=value`
+    own_config: bool = False  # the config is paper/<setup>, the same at every size
+    study: str = ""  # a tune_spaces study over the config: the cell is its best trial
 
     def run_name(self, size: str) -> str:
         return self.name.format(size=SIZES[size])
 
     def config_name(self, size: str) -> str:
-        return f"paper/hint-{SIZES[size]}-{self.setup}"
+        return f"paper/{self.setup}" if self.own_config else f"paper/hint-{SIZES[size]}-{self.setup}"
 
     def chain(self) -> list["Stage"]:
         """The stages this one needs, itself last."""
@@ -105,6 +112,13 @@ def from_t5(name: str, setup: str, variant: str, sources=(), overrides=()) -> St
     return Stage(name, setup, None, variant, tuple(sources), tuple(overrides))
 
 
+def decoder_baseline(model: str, setup: str, num_pos: int) -> Stage:
+    """A decoder-only model fully fine-tuned with the Tk-Instruct string (Appendix D), from the
+    Hugging Face checkpoint its config names; the cell: the best of the decoder_baselines sweep."""
+    return Stage(f"{model}-{setup}", f"{model}-{setup}", None, "concat", _concat(num_pos),
+                 own_config=True, study="decoder_baselines")
+
+
 # --- Table 1: SNI, Def and Def + 2 Pos. ---
 HINT_DEF = Stage("hint-{size}-sni-def", "sni-def", PRETRAIN)
 HINT_DEF_2POS = Stage("hint-{size}-sni-def-2pos", "sni-def-2pos", PRETRAIN)
@@ -129,9 +143,15 @@ TABLE1 = Table(
             ("Def", Stage("hypertune-{size}-sni-def", "sni-def", HYPERTUNE_PRETRAIN, "hypertune")),
             ("Def + 2 Pos.", Stage("hypertune-{size}-sni-def-2pos", "sni-def-2pos", HYPERTUNE_PRETRAIN, "hypertune")))),
         Row("HINT", (("Def", HINT_DEF), ("Def + 2 Pos.", HINT_DEF_2POS))),
+        Row("GPT-2 XL", (("Def", decoder_baseline("gpt2-xl", "sni-def", 0)),
+                         ("Def + 2 Pos.", decoder_baseline("gpt2-xl", "sni-def-2pos", 2)))),
+        Row("OPT-13B", (("Def", decoder_baseline("opt-13b", "sni-def", 0)),
+                        ("Def + 2 Pos.", decoder_baseline("opt-13b", "sni-def-2pos", 2)))),
     ),
     note="Tk-Instruct / + PEFT / No-Instruct / Hypter start from the LM-adapted T5; HyperTune "
-         "and HINT from their own C4 pretraining. GPT-2 and OPT rows are not models of this platform.")
+         "and HINT from their own C4 pretraining; GPT-2 XL and OPT-13B (the same at both sizes) "
+         "from their Hugging Face checkpoints, each cell the best of its decoder_baselines sweep "
+         "(GFLOPs per task: with the instruction's key/values computed once per task).")
 
 # --- Table 2: P3 (T0's held-out datasets, rank classification) ---
 HINT_P3_JOINT = Stage("hint-{size}-p3-joint", "p3-joint", PRETRAIN)

@@ -3,7 +3,8 @@ evaluation (`evaluate_export`), or as one Ray job on a cluster that runs the sam
 
 Resuming. A stage whose MLflow run FINISHED and whose export exists is skipped; any other
 stage runs `fit`, which resumes a run of the same name and storage path from its latest
-checkpoint. An evaluation whose MLflow run (tagged with the stage and the storage path)
+checkpoint. A stage whose chain is a sweep (the decoder-only baselines) runs its Tune study,
+which resumes as `hint tune` does, and evaluates the best trial's export. An evaluation whose MLflow run (tagged with the stage and the storage path)
 FINISHED is skipped too. So `hint paper run TABLE` after an interruption picks up where it was.
 
 MLflow tags, what `hint paper table` finds the cells by: `hint.paper.stage` (the run name),
@@ -21,13 +22,16 @@ import mlflow
 from mlflow.tracking import MlflowClient
 
 from hint_platform import export
-from hint_platform.errors import UserError
+from hint_platform.errors import TrainingError, UserError
 from hint_platform.evaluation import evaluate
 from hint_platform.jobs import submit
 from hint_platform.paper.plan import Table
 from hint_platform.paper.stages import Resolved, lm_adapted, resolve
 from hint_platform.tracking import runs
 from hint_platform.training.driver import fit
+from hint_platform.tuning import study_runs
+from hint_platform.tuning.plan import load_study_run
+from hint_platform.tuning.runner import run_study
 from pipelines import SourceSpec, prepare
 
 STAGE_TAG = "hint.paper.stage"
@@ -68,6 +72,9 @@ def run_local(table: Table, size: str, overrides: list[str], *, checkpoint: str 
                 tokenizer = lm_adapted(size, overrides, checkpoint)
                 outcomes.append(measure_lengths(stage, tokenizer, progress))
             continue
+        if stage.stage.study:
+            outcomes.append(sweep(stage, progress))
+            continue
         outcomes.append(train(stage, progress))
         if stage.stage.name in evaluated:
             outcomes.append(evaluate_stage(stage, progress))
@@ -87,11 +94,34 @@ def train(stage: Resolved, progress: Callable[[str], None]) -> StageOutcome:
     return StageOutcome(cfg.name, "trained", result.export_dir, result.mlflow_run_id)
 
 
-def evaluate_stage(stage: Resolved, progress: Callable[[str], None]) -> StageOutcome:
-    """`hint eval` of the stage's export on its config's eval sources, logged with the tags a
-    table finds it by."""
+def sweep(stage: Resolved, progress: Callable[[str], None]) -> StageOutcome:
+    """A stage whose cell is the best trial of its study: `hint tune STUDY --config CONFIG` with
+    the stage's overrides (resuming as that does), then the best trial's export evaluated as the
+    stage's (the tags a table finds)."""
     cfg = stage.cfg
-    export_dir = runs.storage_dir(cfg) / cfg.name / "export"
+    done = tagged_run(cfg, paper_tags(stage, "eval"))
+    if done is not None and done.info.status == "FINISHED":
+        progress(f"[{cfg.name}] swept and evaluated before: MLflow run {done.info.run_id}")
+        return StageOutcome(cfg.name, "skipped", run_id=done.info.run_id)
+    study = load_study_run(stage.stage.study, stage.config, stage.overrides)
+    progress(f"[{cfg.name}] sweeping: hint tune {stage.stage.study} --config {stage.config} "
+             f"{shlex.join(stage.overrides)}")
+    if not run_study(study):
+        raise TrainingError(f"study {study.name} was interrupted: run the same command again to resume it")
+    best = study_runs.best_trial_id(study)
+    if best is None:
+        raise TrainingError(f"study {study.name}: no trial reported {study.study.metric} "
+                            f"(report: {study.path / 'report'})")
+    progress(f"[{cfg.name}] best trial {best}")
+    return evaluate_stage(stage, progress, study.path / "train" / f"{study.name}-{best}" / "export")
+
+
+def evaluate_stage(stage: Resolved, progress: Callable[[str], None],
+                   export_dir: Path | None = None) -> StageOutcome:
+    """`hint eval` of the stage's export (or `export_dir`) on its config's eval sources, logged
+    with the tags a table finds it by."""
+    cfg = stage.cfg
+    export_dir = export_dir or runs.storage_dir(cfg) / cfg.name / "export"
     tags = paper_tags(stage, "eval")
     done = tagged_run(cfg, tags)
     if done is not None and done.info.status == "FINISHED":

@@ -76,13 +76,15 @@ def resolve(stage: Stage, size: str, overrides: list[str] = (), *, checkpoint: s
     if stage.variant != shipped.model.variant:
         mine.append(f"model.variant={stage.variant}")
     mine += stage.overrides
-    if stage.sources:
-        for part in ("train", "eval"):
-            sources = getattr(shipped.data, part)
-            if sources:
-                mine.append(f"data.{part}={json.dumps([source_fields(stage, s) for s in sources])}")
+    for part in ("train", "eval"):
+        sources = getattr(shipped.data, part)
+        changed = [source_fields(stage, s) for s in sources]
+        if changed != sources:
+            mine.append(f"data.{part}={json.dumps(changed)}")
     if stage.start:
         init = resolve(stage.start, size, overrides, checkpoint=checkpoint).export_dir
+    elif stage.own_config:  # a decoder-only model: the checkpoint its config names
+        init = shipped.model.init_from
     else:
         init = lm_adapted(size, list(overrides), checkpoint)
     if init != shipped.model.init_from:

@@ -118,7 +118,8 @@ def read_rows(sources: list[str], export_dir: Path, max_input_len: int) -> pa.Ta
             tables.append(_file_rows(source))
         else:
             records = iter_records([source], str(tokenizer_dir), max_input_len=max_input_len,
-                                   max_hyper_len=cfg.max_hyper_len, max_target_len=cfg.max_target_len)
+                                   max_hyper_len=cfg.max_hyper_len, max_target_len=cfg.max_target_len,
+                                   causal=cfg.is_decoder_only)
             tok = load_tokenizer(tokenizer_dir)
             rows = [{"id": f"{r['task']}#{r['example_index']}", "task": r["task"], "instruction": "",
                      "input": tok.decode(r["input_ids"]), "hyper_input_ids": r["hyper_input_ids"],

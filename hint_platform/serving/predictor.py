@@ -104,21 +104,30 @@ class CachedPredictor:
     # ---- text -> tokens ----
 
     def texts(self, instruction: str, input_text: str) -> tuple[str, str]:
-        """(hypernetwork text, model text) in the SNI format the model's variant trains on."""
+        """(instruction text, model text) in the SNI format the model's variant trains on. A
+        decoder-only concat model reads Tk-Instruct's instruction part as its prompt's prefix,
+        whose key/values are the task's state (pipelines.dataset, the causal layout)."""
         cfg = self.model.config
         if cfg.hypernetwork:
             return formats.sni_def(instruction, input_text)
         if cfg.variant == "no_instruct":
             return formats.no_instruct(input_text)
+        if cfg.is_decoder_only:
+            return (formats.sni_concat_instruction(instruction, [], 0, lambda text: True),
+                    formats.sni_concat_prompt(input_text))
         return formats.sni_concat(instruction, [], 0, input_text)
 
     def task_key(self, instruction: str) -> TaskKey:
-        """The instruction's tokens, checked: not empty, at most max_hyper_len tokens."""
+        """The instruction's tokens (none for a variant that reads no instruction apart), checked:
+        not empty, at most max_hyper_len tokens."""
         if not isinstance(instruction, str) or not instruction.strip():
             raise BadRequest("instruction is empty")
-        if not self.model.config.hypernetwork:
+        text = self.texts(instruction, "")[0]
+        if not text:
             return ()
-        tokens = self.tokenizer.encode(self.texts(instruction, "")[0])
+        tokens = self.tokenizer.encode(text)
+        if self.model.config.is_decoder_only:  # the causal layout: BOS first, no EOS
+            tokens = list(self.tokenizer.bos_ids) + tokens[:-1]
         limit = self.model.config.max_hyper_len
         if len(tokens) > limit:
             raise BadRequest(f"instruction has {len(tokens)} tokens, more than the model's "
@@ -128,7 +137,11 @@ class CachedPredictor:
     def input_ids(self, instruction: str, input_text: str) -> list[int]:
         if not isinstance(input_text, str):
             raise BadRequest(f"input must be a string, got {type(input_text).__name__}")
-        return self.tokenizer.encode(self.texts(instruction, input_text)[1], self.max_input_len)
+        hyper, text = self.texts(instruction, input_text)
+        if not self.model.config.is_decoder_only:
+            return self.tokenizer.encode(text, self.max_input_len)
+        bos = [] if hyper else list(self.tokenizer.bos_ids)  # the prompt's start (causal layout)
+        return bos + self.tokenizer.encode(text, self.max_input_len - len(bos), eos=False)
 
     # ---- task states ----
 

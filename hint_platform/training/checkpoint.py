@@ -7,7 +7,8 @@ A checkpoint directory holds
   - `train_state.safetensors` (rank 0): the step, the epoch and the data position, a bitmap
     over `example_index` of the examples consumed in the current epoch, gathered from all ranks;
   - `model_config.json` (rank 0): the model's HintConfig, checked before loading so that a
-    checkpoint of another model shape is refused with a clear error.
+    checkpoint of another model shape is refused with a clear error;
+  - `scheduler.json` (rank 0): the learning-rate schedule's state (the step it is at).
 No pickle: tensors go through DCP and safetensors, the rest is JSON.
 
 `export_model` gathers the trained weights for the export (its layout: hint_platform/export.py).
@@ -24,6 +25,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.optim.lr_scheduler import LRScheduler
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -37,6 +39,7 @@ from hint_platform.training.state import TrainState
 
 TRAIN_STATE = "train_state.safetensors"
 MODEL_CONFIG = "model_config.json"
+SCHEDULER = "scheduler.json"
 
 
 class ResumeError(UserError):
@@ -44,7 +47,7 @@ class ResumeError(UserError):
 
 
 def save_checkpoint(directory: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    state: TrainState, model_config: dict) -> None:
+                    scheduler: LRScheduler, state: TrainState, model_config: dict) -> None:
     """Collective: every rank calls it with its own `directory` (Ray Train merges them)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -55,13 +58,14 @@ def save_checkpoint(directory: str | Path, model: nn.Module, optimizer: torch.op
         save_file({"step": torch.tensor([state.step]), "epoch": torch.tensor([state.epoch]),
                    "consumed": state.consumed.to(torch.uint8)}, str(directory / TRAIN_STATE))
         (directory / MODEL_CONFIG).write_text(json.dumps(model_config, indent=2, sort_keys=True))
+        (directory / SCHEDULER).write_text(json.dumps(scheduler.state_dict()))
 
 
 def load_checkpoint(directory: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    model_config: dict) -> TrainState:
-    """Restores model and optimizer in place (collective) and returns the train state."""
+                    scheduler: LRScheduler, model_config: dict) -> TrainState:
+    """Restores model, optimizer and schedule in place (collective) and returns the train state."""
     directory = Path(directory)
-    for name in (TRAIN_STATE, MODEL_CONFIG, ".metadata"):
+    for name in (TRAIN_STATE, MODEL_CONFIG, SCHEDULER, ".metadata"):
         if not (directory / name).is_file():
             raise ResumeError(f"checkpoint {directory}: {name} is missing; "
                                   "not a checkpoint of `hint train`, or an incomplete one")
@@ -85,6 +89,9 @@ def load_checkpoint(directory: str | Path, model: nn.Module, optimizer: torch.op
                               f"{type(e).__name__}: {e}") from e
     set_state_dict(model, optimizer, model_state_dict=state_dict["model"],
                    optim_state_dict=state_dict["optim"])
+    scheduler.load_state_dict(json.loads((directory / SCHEDULER).read_text()))
+    for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):
+        group["lr"] = lr  # the next step's rate, whatever the optimizer state carried
     return _read_train_state(directory)
 
 

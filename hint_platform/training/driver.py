@@ -37,7 +37,7 @@ import ray
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from hint_platform.config import ConfigError, ExperimentConfig
+from hint_platform.config import ConfigError, ExperimentConfig, is_decoder_only
 from hint_platform.errors import DataError, UserError
 from hint_platform.tracking import runs
 from hint_platform.training.checkpoint import latest_train_state
@@ -151,7 +151,7 @@ def eval_rows(cfg: ExperimentConfig) -> list[dict]:
         return []
     rows = iter_records(data.eval, data.tokenizer, max_input_len=data.max_input_len,
                         max_hyper_len=data.max_hyper_len, max_target_len=data.max_target_len,
-                        on_bad_record=data.on_bad_record, seed=data.seed)
+                        on_bad_record=data.on_bad_record, seed=data.seed, causal=is_decoder_only(cfg))
     keys = ("hyper_input_ids", "input_ids", "labels")
     kept = [{k: row[k] for k in keys} for row in itertools.islice(rows, cfg.train.eval_examples)]
     if not kept:
@@ -165,7 +165,8 @@ def training_dataset(cfg: ExperimentConfig):
     return build_dataset(
         [SourceSpec.from_dict(s) for s in data.train], data.tokenizer,
         max_input_len=data.max_input_len, max_hyper_len=data.max_hyper_len,
-        max_target_len=data.max_target_len, on_bad_record=data.on_bad_record, seed=data.seed)
+        max_target_len=data.max_target_len, on_bad_record=data.on_bad_record, seed=data.seed,
+        causal=is_decoder_only(cfg))
 
 
 class RemainingEpoch:

@@ -1,7 +1,8 @@
-"""Optimizer and gradient handling: Adafactor at a constant learning rate (the paper) or AdamW.
+"""Optimizer and gradient handling: Adafactor at a constant learning rate (the paper's HINT and
+T5 runs) or AdamW with linear warmup and decay (its decoder-only baselines, Appendix D).
 
 Gradient accumulation is the train loop's job (it sums micro-batch gradients); this module
-builds the optimizer and clips the accumulated gradient.
+builds the optimizer and its learning-rate schedule and clips the accumulated gradient.
 """
 
 from __future__ import annotations
@@ -23,6 +24,25 @@ def build_optimizer(model: nn.Module, train: TrainSection) -> torch.optim.Optimi
     if train.optimizer == "adafactor":
         return Adafactor(params, lr=train.lr, weight_decay=train.weight_decay)
     return torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, train: TrainSection) -> torch.optim.lr_scheduler.LambdaLR:
+    """`train.lr` times `lr_factor` at each step; stepped once per optimizer step. Its state
+    (the step it is at) travels in the checkpoints (training/checkpoint.py)."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, train.warmup_steps, train.max_steps, train.lr_schedule))
+
+
+def lr_factor(step: int, warmup_steps: int, max_steps: int, schedule: str) -> float:
+    """The learning rate of optimizer step `step` (0-based) as a fraction of `train.lr`: linear
+    warmup over the first `warmup_steps` (the first step already moves: 1/warmup), then 1
+    (`constant`) or linear decay that reaches 0 at `max_steps` (`linear`, as transformers'
+    get_linear_schedule_with_warmup)."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    return max(0.0, (max_steps - step) / max(1, max_steps - warmup_steps))
 
 
 class Adafactor(torch.optim.Optimizer):

@@ -44,9 +44,23 @@ def parallelize(model: nn.Module, *, device: torch.device, fsdp: bool,
         fully_shard(block, mesh=mesh, mp_policy=mp)
         if isinstance(block, Block) and hasattr(block, "cross_attn"):  # fusion's per-task pass
             register_fsdp_forward_method(block, "instruction_keys_values")
+        if model.config.is_decoder_only:
+            block.register_forward_hook(_cached_keys_values_gather_in_backward, with_kwargs=True)
     fully_shard(model, mesh=mesh, mp_policy=mp)
     _prefetch_next_blocks(model)
     return model
+
+
+def _cached_keys_values_gather_in_backward(block: nn.Module, args: tuple, kwargs: dict, output) -> None:
+    """A decoder-only block run over an instruction leaves the instruction's keys / values in
+    its `cache` argument, and the input's pass reads them as a prefix: gradients reach the
+    block's parameters through them, not through its output, where FSDP2 hooks its
+    all-gather for backward (T5's pass returns them: `instruction_keys_values`, registered
+    above). So they get FSDP's pre-backward hook as outputs do; their gradients are then
+    reduced at the end of backward, as for any unit that runs backward twice."""
+    cache = args[4] if len(args) > 4 else kwargs.get("cache")
+    if cache and torch.is_grad_enabled():
+        block._get_fsdp_state()._register_pre_backward_hook(tuple(cache.values()))
 
 
 def _prefetch_next_blocks(model: nn.Module) -> None:

@@ -78,12 +78,19 @@ def check(cfg: ExperimentConfig, relative_to: str | Path | None = None) -> Check
     init_from = cfg.model.init_from and _absolute(cfg.model.init_from, base)
     if init_from:
         absolute["model.init_from"] = str(init_from)
+    positions = model.max_position_embeddings if model.is_decoder_only else None
     if isinstance(init_from, Path):  # a URI is the workers' to read
         if init_from.exists():
-            model, note = _check_init_from(cfg, init_from, model)
+            model, note, positions = _check_init_from(cfg, init_from, model)
             notes += note
         else:
             missing.append(f"model.init_from: {init_from}")
+    d = cfg.data
+    if positions and d.max_hyper_len + d.max_input_len + d.max_target_len > positions:
+        raise ConfigError(
+            f"data.max_hyper_len + data.max_input_len + data.max_target_len = "
+            f"{d.max_hyper_len} + {d.max_input_len} + {d.max_target_len} tokens: a decoder-only "
+            f"model reads them as one sequence, longer than its {positions} positions; lower them")
     tokenizer = cfg.data.tokenizer and _absolute(cfg.data.tokenizer, base) or init_from
     if not tokenizer:
         raise ConfigError("data.tokenizer: not set (set it, or model.init_from to a model "
@@ -113,29 +120,33 @@ def check(cfg: ExperimentConfig, relative_to: str | Path | None = None) -> Check
 
 
 def _check_init_from(cfg: ExperimentConfig, init_from: Path,
-                     model: HintConfig) -> tuple[HintConfig, list[str]]:
-    """`model.init_from` read by content, as the workers will: a Hugging Face T5 checkpoint
+                     model: HintConfig) -> tuple[HintConfig, list[str], int | None]:
+    """`model.init_from` read by content, as the workers will: a Hugging Face checkpoint
     (`model` stands), or an export of this platform, loaded into the config's variant (checked
-    on shapes only): the model config it makes, and what loading it drops or initialises."""
+    on shapes only): the model config it makes, what loading it drops or initialises, and the
+    positions of a decoder-only model (None for T5)."""
     config_file = init_from / "config.json"
     if not config_file.is_file():
         raise ConfigError(f"model.init_from: {init_from} has no config.json; expected a Hugging "
-                          "Face T5 checkpoint or the export of a run")
+                          "Face checkpoint or the export of a run")
     try:
         data = json.loads(config_file.read_text())
     except json.JSONDecodeError as e:
         raise ConfigError(f"model.init_from: {config_file} is not valid JSON: {e}") from None
-    if data.get("model_type") == "t5":
-        return model, []
+    if data.get("format") != "hint":  # a Hugging Face checkpoint: GPT-2 calls them n_positions
+        positions = None if data.get("model_type") == "t5" else (
+            data.get("n_positions") or data.get("max_position_embeddings"))
+        return model, [], positions
     try:
         model, report = HintModel.plan_from_pretrained(init_from, variant=cfg.model.variant,
                                                    **cfg.model.overrides)
     except (CheckpointError, ValueError) as e:
         raise ConfigError(f"model.init_from: {e}") from None
     source = data.get("config", {}).get("variant")
+    positions = model.max_position_embeddings if model.is_decoder_only else None
     if source == cfg.model.variant and not (report.dropped or report.initialised):
-        return model, []
-    return model, [f"model.init_from: a {source!r} export loaded as {cfg.model.variant!r}: {report}"]
+        return model, [], positions
+    return model, [f"model.init_from: a {source!r} export loaded as {cfg.model.variant!r}: {report}"], positions
 
 
 def _absolute(path: str, base: Path) -> Path | str:

@@ -28,7 +28,7 @@ from hint_platform.config import ExperimentConfig, from_dict, model_config
 from hint_platform.errors import TrainingError
 from hint_platform.tracking.runs import RunLogger
 from hint_platform.training.checkpoint import export_model, load_checkpoint, save_checkpoint
-from hint_platform.training.optim import build_optimizer, clip_gradients
+from hint_platform.training.optim import build_optimizer, build_scheduler, clip_gradients
 from hint_platform.training.parallel import parallelize
 from hint_platform.training.state import TrainState, global_batches, max_over_ranks
 from hint_platform.training.throughput import Throughput
@@ -36,15 +36,16 @@ from pipelines import collate, load_tokenizer
 
 
 def build_model(cfg: ExperimentConfig) -> HintModel:
-    """The model `cfg.model` asks for. `init_from` is read by content: a `config.json` with
-    `model_type: t5` is a Hugging Face T5 checkpoint, anything else an export of this platform,
-    loaded into the config's variant (what it drops or initialises is printed to the worker's
-    log; training/preflight.py checked it and told the user before the run)."""
+    """The model `cfg.model` asks for. `init_from` is read by content: a `config.json` with a
+    `model_type` is a Hugging Face checkpoint (T5, GPT-2, OPT, Llama, Mistral, Qwen2), anything
+    else an export of this platform, loaded into the config's variant (what it drops or
+    initialises is printed to the worker's log; training/preflight.py checked it and told the
+    user before the run)."""
     section = cfg.model
     if section.init_from:
         hf = json.loads((Path(section.init_from) / "config.json").read_text())
-        if hf.get("model_type") == "t5":
-            return HintModel.from_t5_checkpoint(section.init_from, variant=section.variant,
+        if hf.get("format") != "hint":
+            return HintModel.from_hf_checkpoint(section.init_from, variant=section.variant,
                                                 **{"max_target_len": cfg.data.max_target_len,
                                                    **section.overrides})
         model = HintModel.from_pretrained(section.init_from, variant=section.variant,
@@ -55,16 +56,21 @@ def build_model(cfg: ExperimentConfig) -> HintModel:
     return HintModel(model_config(cfg, vocab_size=load_tokenizer(cfg.data.tokenizer).vocab_size))
 
 
-def loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], z_loss: float = 0.0) -> torch.Tensor:
-    """The summed token loss of a collated batch (cross-entropy, plus the z-loss if asked)."""
-    # decoder inputs without labels: the model would also compute a mean loss we don't use
-    logits = model(**batch, decoder_input_ids=model.shift_right(batch["labels"])).logits
-    return token_loss_sum(logits, batch["labels"], z_loss)
+def loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], z_loss: float = 0.0,
+             causal: bool = False) -> torch.Tensor:
+    """The summed token loss of a collated batch (cross-entropy, plus the z-loss if asked). In
+    both layouts (pipelines.collate) the logits line up with the labels: T5's decoder reads the
+    labels shifted right, a decoder-only model's batch is already its prompt and target."""
+    # Without labels: the model would also compute a mean loss we don't use.
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    if not causal:
+        inputs["decoder_input_ids"] = model.shift_right(batch["labels"])
+    return token_loss_sum(model(**inputs).logits, batch["labels"], z_loss)
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer,
                micro_batches: list[dict[str, torch.Tensor]], grad_clip: float,
-               z_loss: float) -> dict[str, torch.Tensor]:
+               z_loss: float, causal: bool = False) -> dict[str, torch.Tensor]:
     """One optimizer step over this worker's micro-batches (already collated, on device).
 
     Each micro-batch's summed token loss is divided by the target tokens of the whole global
@@ -81,7 +87,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer,
     for i, batch in enumerate(micro_batches):
         if isinstance(model, FSDPModule):  # reduce gradients once, after the last micro-batch
             model.set_requires_gradient_sync(i == len(micro_batches) - 1)
-        loss = loss_sum(model, batch, z_loss)
+        loss = loss_sum(model, batch, z_loss, causal)
         (loss * (world / tokens)).backward()
         summed += loss.detach()
     grad_norm = clip_gradients(model, grad_clip)
@@ -92,7 +98,8 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer,
     return {"loss": summed / tokens, "grad_norm": grad_norm}
 
 
-def eval_loss(model: nn.Module, rows: list[dict], micro: int, device: torch.device) -> float:
+def eval_loss(model: nn.Module, rows: list[dict], micro: int, device: torch.device, pad_id: int = 0,
+              causal: bool = False) -> float:
     """The mean token loss of `rows`, without dropout or gradients. The ranks take turns at the
     micro-batches and sum their losses and tokens. FSDP's forward is collective, so every rank
     runs as many: one past the last batch runs the first again and discards the result."""
@@ -102,8 +109,8 @@ def eval_loss(model: nn.Module, rows: list[dict], micro: int, device: torch.devi
     model.eval()
     with torch.no_grad():
         for i in range(rank, world * math.ceil(len(batches) / world), world):
-            batch = to_device(batches[i % len(batches)], device)
-            loss = loss_sum(model, batch)
+            batch = to_device(batches[i % len(batches)], device, pad_id, causal)
+            loss = loss_sum(model, batch, causal=causal)
             if i < len(batches):
                 sums += torch.stack([loss.cpu(), (batch["labels"] != -100).sum().cpu().float()])
     model.train()
@@ -112,9 +119,10 @@ def eval_loss(model: nn.Module, rows: list[dict], micro: int, device: torch.devi
     return (sums[0] / sums[1]).item()
 
 
-def to_device(rows: list[dict], device: torch.device) -> dict[str, torch.Tensor]:
+def to_device(rows: list[dict], device: torch.device, pad_id: int = 0,
+              causal: bool = False) -> dict[str, torch.Tensor]:
     """A collated micro-batch on `device`; to a GPU from pinned memory, without waiting."""
-    batch = collate(rows)
+    batch = collate(rows, pad_id, causal=causal)
     pin = device.type == "cuda"
     return {k: (v.pin_memory() if pin else v).to(device, non_blocking=True) for k, v in batch.items()}
 
@@ -156,11 +164,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     model = parallelize(model, device=device, fsdp=t.fsdp,
                         activation_checkpointing=t.activation_checkpointing, compile=t.compile)
     optimizer = build_optimizer(model, t)
+    scheduler = build_scheduler(optimizer, t)
     state = TrainState()
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as directory:
-            state = load_checkpoint(directory, model, optimizer, config.to_dict())
+            state = load_checkpoint(directory, model, optimizer, scheduler, config.to_dict())
+    # The batches' layout and padding follow the model and its tokenizer.
+    causal, pad_id = config.is_decoder_only, load_tokenizer(cfg.data.tokenizer).pad_id
     logger = RunLogger(loop_config["tracking_uri"], loop_config["run_id"], rank == 0)
     micro = t.micro_batch_size
     accum = t.global_batch_size // (world * micro)
@@ -175,8 +186,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     while state.step < t.max_steps:
         micro_rows, waited = next(steps)
         try:
-            out = train_step(model, optimizer, [to_device(r, device) for r in micro_rows],
-                             t.grad_clip, t.z_loss)
+            out = train_step(model, optimizer, [to_device(r, device, pad_id, causal) for r in micro_rows],
+                             t.grad_clip, t.z_loss, causal)
         except (torch.OutOfMemoryError, RuntimeError) as e:
             if not _out_of_memory(e):
                 raise
@@ -184,6 +195,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
                 f"out of memory at train.micro_batch_size={micro} on {device}: lower "
                 "train.micro_batch_size (gradient accumulation keeps train.global_batch_size) "
                 "or set train.activation_checkpointing=true") from e
+        lr = scheduler.get_last_lr()[0]  # this step's
+        scheduler.step()
         state.step += 1
         rows = [r for micro_batch in micro_rows for r in micro_batch]
         state.mark([r["example_index"] for r in rows])
@@ -198,15 +211,16 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
         if not math.isfinite(out["loss"]):
             raise TrainingError(f"loss is {out['loss']} at step {state.step}; "
                                 "lower train.lr or check the data")
-        metrics = {**out, **meter.summary(), "epoch": float(state.epoch), "step": state.step,
+        metrics = {**out, **meter.summary(), "lr": lr,
+                   "epoch": float(state.epoch), "step": state.step,
                    "data_bad_records_skipped": max_over_ranks(skipped)}
         if evaluate:
-            metrics["eval_loss"] = eval_loss(model, evaluation, micro, device)
+            metrics["eval_loss"] = eval_loss(model, evaluation, micro, device, pad_id, causal)
             meter.restart()  # evaluation time is not training throughput
         logger.log_metrics(metrics, step=state.step)
         if save:
             with tempfile.TemporaryDirectory() as directory:
-                save_checkpoint(directory, model, optimizer, state, config.to_dict())
+                save_checkpoint(directory, model, optimizer, scheduler, state, config.to_dict())
                 ray.train.report(metrics, checkpoint=Checkpoint.from_directory(directory))
         else:
             ray.train.report(metrics)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from mlflow.entities import Param
 from mlflow.tracking import MlflowClient
 
-from hint_platform.config import ExperimentConfig, model_config
+from hint_platform.config import ExperimentConfig, flatten, model_config
 from hint_platform.tracking import runs
 from hint_platform.tuning.plan import OPTIONS, StudyRun
 
@@ -114,13 +114,23 @@ def mark_best(run: StudyRun, parent_id: str, best_trial_id: str | None, metric: 
         client.log_metric(parent_id, f"best_{metric}", value)
 
 
+def best_trial_id(run: StudyRun) -> str | None:
+    """The trial the study's report named best (mark_best), or None."""
+    parent = parent_run_id(run)
+    if parent is None:
+        return None
+    return MlflowClient(run.tracking_uri).get_run(parent).data.tags.get(f"{BEST_TAG}_trial")
+
+
 def close_parent_run(run: StudyRun, parent_id: str, finished: bool) -> None:
     runs.set_terminated(run.tracking_uri, parent_id, "FINISHED" if finished else "KILLED")
 
 
 def trial_outcome(t, max_steps: int) -> str:
     """How Tune trial `t` ended: done | stopped early (by ASHA) | failed; else its status
-    (pending | running | paused)."""
+    (pending | running | paused). `max_steps` is the base config's; a study that sweeps
+    `train.max_steps` (the epochs) gives each trial its own."""
     if t.status == "TERMINATED":
-        return "done" if t.last_result.get(TIME_ATTR, 0) >= max_steps else "stopped early"
+        own = flatten(t.config).get("train.max_steps", max_steps)
+        return "done" if t.last_result.get(TIME_ATTR, 0) >= own else "stopped early"
     return "failed" if t.status == "ERROR" else t.status.lower()
