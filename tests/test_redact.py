@@ -171,3 +171,16 @@ def test_ordinary_text_is_unchanged(text):
 def test_a_kubernetes_env_entry_is_masked_as_a_mapping():
     env = [{"name": "PGPASSWORD", "value": "x-123"}, {"name": "PGHOST", "value": "db"}]
     assert redact(env) == [{"name": "PGPASSWORD", "value": MASK}, {"name": "PGHOST", "value": "db"}]
+
+
+def test_mlflow_is_called_only_through_the_login_helpers():
+    """MLflow prints and raises with the tracking URI it was given: every client and every
+    tracking URI goes through hint_platform/tracking/runs.py (mlflow_client,
+    tracking_uri_scope), which hands MLflow the URI without its password."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent / "hint_platform"
+    direct = [f"{p.relative_to(root)}:{n}" for p in root.rglob("*.py") if p.name != "runs.py"
+              for n, line in enumerate(p.read_text().splitlines(), 1)
+              if "MlflowClient(" in line or "set_tracking_uri(" in line]
+    assert not direct, direct
