@@ -27,6 +27,7 @@ from hint_platform import config, storage
 from hint_platform.config import ConfigError
 from hint_platform.errors import UserError
 from hint_platform.tracking import runs
+from hint_platform.training.checkpoint import latest_train_state
 from hint_platform.training.preflight import check
 
 BIN = Path(sys.executable).parent
@@ -122,8 +123,6 @@ def test_a_run_checkpoints_exports_reads_and_resumes_in_the_bucket(s3, tmp_path,
 
     train("train.max_steps=3")  # the same run, longer: it resumes from step 2 in the bucket
     latest = runs.storage_root(config.from_dict(cfg)) + "/remote"
-    from hint_platform.training.checkpoint import latest_train_state
-
     assert latest_train_state(latest).step == 3
     first = [c for c in bucket_files(s3, "runs/remote") if c.endswith("train_state.safetensors")]
     steps = sorted(int(load(storage.read_bytes(f"s3://{BUCKET}/runs/remote/{c}"))["step"]) for c in first)
