@@ -9,7 +9,7 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
-# The install step; infra/docker/Dockerfile runs the same pip command.
+# The install step (the image installs infra/docker/requirements.lock instead: no test tools).
 install: $(BIN)/python
 	$(BIN)/pip install -q -e '.[test]'
 

@@ -1,7 +1,9 @@
 """infra/ holds together: every manifest parses, every RayJob entrypoint is a `hint train` of a
 config of this repository that validates (a dry run of the real CLI) and touches only shared
-storage, the clusters have the GPUs and volumes those configs ask for, and the image installs
-the package with the same pip command as the Makefile."""
+storage, the clusters have the GPUs and volumes those configs ask for, the image installs the
+locked dependencies and no test tools, every pod runs unprivileged on a read-only root, every
+image is pinned, and the namespace denies every connection it does not allow. Parsed, not run
+(no Docker or Kubernetes here)."""
 
 from __future__ import annotations
 
@@ -111,27 +113,185 @@ def test_configs_named_in_infra_docs_exist():
         assert name in config.shipped_configs(), name
 
 
-def pip_install(line: str) -> str:
-    return re.sub(r"^\S*pip ", "pip ", line.strip())
+def dockerfile_steps(path: Path) -> list[tuple[str, str]]:
+    """(instruction, arguments) of a Dockerfile, continuation lines joined, comments dropped."""
+    text = re.sub(r"\\\n\s*", " ", path.read_text())
+    steps = []
+    for line in text.splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            instruction, _, args = line.strip().partition(" ")
+            steps.append((instruction.upper(), args.strip()))
+    return steps
 
 
-def test_image_installs_like_the_makefile():
-    makefile = (REPO / "Makefile").read_text()
-    target = makefile.split("\ninstall:", 1)[1].split("\n\n", 1)[0]
-    (make_pip,) = [pip_install(l) for l in target.splitlines() if "pip install" in l]
-    dockerfile = (INFRA / "docker" / "Dockerfile").read_text()
-    (image_pip,) = [pip_install(l.removeprefix("RUN ")) for l in dockerfile.splitlines()
-                    if l.startswith("RUN") and "pip install" in l]
-    assert image_pip == make_pip == "pip install -q -e '.[test]'"
-    assert f"WORKDIR {IMAGE_ROOT}" in dockerfile
-    copied = {w for l in dockerfile.splitlines() if l.startswith("COPY")
-              for w in l.split()[1:-1] if not w.startswith("--")}
+LOCK = INFRA / "docker" / "requirements.lock"
+
+
+def locked() -> dict[str, str]:
+    pins = {}
+    for line in LOCK.read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, sep, version = line.partition("==")
+            assert sep and re.fullmatch(r"[\w.!]+", version), f"not an exact pin: {line!r}"
+            pins[name.lower().replace("_", "-")] = version
+    return pins
+
+
+def test_image_installs_the_lock_and_no_test_tools():
+    """The image installs the package's dependencies from requirements.lock (each at an exact
+    version), then the package as a wheel; no test extra, no editable install."""
+    steps = dockerfile_steps(INFRA / "docker" / "Dockerfile")
+    installs = [args for kind, args in steps if kind == "RUN" and "pip install" in args]
+    assert len(installs) == 2, installs
+    assert "-r /tmp/requirements.lock" in installs[0]
+    assert "--no-deps /tmp/wheels/*.whl" in installs[1]
+    assert ("COPY", "infra/docker/requirements.lock /tmp/requirements.lock") in steps
+    assert not [a for a in installs if "[test]" in a or " -e " in a or "pytest" in a]
+    pins = locked()
+    assert len(pins) > 100 and not {"pytest", "pytest-timeout", "moto", "hint"} & set(pins)
+    pyproject = (REPO / "pyproject.toml").read_text()
+    dependencies = re.search(r"^dependencies = \[(.*?)^\]", pyproject, re.S | re.M).group(1)
+    for requirement in re.findall(r'^\s*"([^"]+)"', dependencies, re.M):
+        name = re.match(r"[\w.-]+", requirement).group(0).lower()
+        assert name in pins, f"{name} of pyproject.toml is not in the lock"
+        exact = re.search(r"==([\w.]+)", requirement)
+        assert not exact or pins[name] == exact.group(1), (name, pins[name], requirement)
+
+
+def test_image_sources_belong_to_root_and_the_job_user_is_not_root():
+    steps = dockerfile_steps(INFRA / "docker" / "Dockerfile")
+    final = steps[max(i for i, (kind, _) in enumerate(steps) if kind == "FROM"):]
+    assert ("WORKDIR", IMAGE_ROOT) in final
+    user = None
+    copied = set()
+    for kind, args in final:
+        if kind == "USER":
+            user = args
+        if kind == "COPY" and not args.startswith("--from"):
+            words = args.split()
+            assert not [w for w in words if w.startswith("--chown")], args
+            copied |= set(words[:-1])
+            if words[-1].startswith(("./", IMAGE_ROOT)):
+                assert user == "root", f"{args}: copied into {IMAGE_ROOT} as {user}"
+    assert user == "ray", "the image's last USER is the job user, not root"
     for source in copied:
         assert (REPO / source).exists(), source
-    pyproject = (REPO / "pyproject.toml").read_text()
-    packages = re.search(r"include = \[(.*?)\]", pyproject).group(1)
+    packages = re.search(r"include = \[(.*?)\]", (REPO / "pyproject.toml").read_text()).group(1)
     for package in re.findall(r'"(\w+)\*"', packages):
         assert package in copied, f"package {package} is not copied into the image"
+    mlflow_steps = dockerfile_steps(INFRA / "mlflow" / "Dockerfile")
+    assert mlflow_steps[-1] == ("USER", "10001"), "the MLflow image ends as root"
+
+
+def images() -> list[tuple[str, str]]:
+    """(where, image) of every image the infra names: pods, compose services, cluster launcher,
+    Dockerfiles."""
+    found = []
+
+    def walk(where, node):
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key == "image" and isinstance(value, str):
+                    found.append((where, value))
+                else:
+                    walk(where, value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(where, value)
+
+    for path in YAMLS:
+        for doc in documents(path):
+            walk(path.name, doc)
+    for path in INFRA.rglob("Dockerfile"):
+        found += [(str(path.relative_to(INFRA)), args.split()[0])
+                  for kind, args in dockerfile_steps(path) if kind == "FROM"]
+    return found
+
+
+def test_every_image_is_pinned_by_digest_or_exact_version():
+    found = images()
+    assert len(found) > 10
+    for where, image in found:
+        if "@sha256:" in image:
+            continue
+        tag = image.rsplit(":", 1)[1] if ":" in image.rsplit("/", 1)[-1] else ""
+        # An exact release: 2.60.0-py311-cu128, v3.17.2, PostgreSQL's 16.9, MinIO's RELEASE.<date>.
+        assert re.fullmatch(r"v?\d+\.\d+(\.\d+)?(-[\w.-]+)?|RELEASE\.[\dTZ-]+", tag), \
+            f"{where}: {image} is not pinned"
+
+
+def pod_templates() -> dict[str, dict]:
+    """Every pod the manifests start, by name: RayCluster groups, Deployments, StatefulSets, Jobs."""
+    pods = {}
+    for name, cluster in kube("RayCluster").items():
+        spec = cluster["spec"]
+        pods[f"{name}/head"] = spec["headGroupSpec"]["template"]
+        for group in spec["workerGroupSpecs"]:
+            pods[f"{name}/{group['groupName']}"] = group["template"]
+    for kind in ("Deployment", "StatefulSet", "Job"):
+        for name, doc in kube(kind).items():
+            pods[f"{kind}/{name}"] = doc["spec"]["template"]
+    return pods
+
+
+def test_every_pod_runs_unprivileged_on_a_read_only_root():
+    pods = pod_templates()
+    assert len(pods) == 7, sorted(pods)
+    for name, template in pods.items():
+        pod = template["spec"]
+        security = pod.get("securityContext", {})
+        assert security.get("runAsNonRoot") is True and security.get("runAsUser", 0) > 0, name
+        assert security.get("seccompProfile") == {"type": "RuntimeDefault"}, name
+        volumes = {v["name"]: v for v in pod.get("volumes", [])}
+        for container in pod["containers"]:
+            context = container.get("securityContext", {})
+            assert context.get("allowPrivilegeEscalation") is False, name
+            assert context.get("capabilities", {}).get("drop") == ["ALL"], name
+            assert context.get("readOnlyRootFilesystem") is True, name
+            mounts = {m["mountPath"]: volumes.get(m["name"], {}) for m in container.get("volumeMounts", [])}
+            assert "emptyDir" in mounts.get("/tmp", {}), f"{name}: no writable /tmp"
+            if name.startswith("hint-"):  # Ray pods: the libraries' caches too
+                assert "emptyDir" in mounts["/home/ray/.cache"], name
+
+
+def reachable(target: dict[str, str], source: dict[str, str], source_namespace: str, port: int) -> bool:
+    """Whether a pod with labels `source` in `source_namespace` may open a connection to port
+    `port` of a pod with labels `target` in namespace hint, under every NetworkPolicy here
+    (Kubernetes' semantics: a pod no policy selects admits everything; one that some policy
+    selects admits what one of them allows)."""
+    selecting = [p for p in kube("NetworkPolicy").values()
+                 if p["metadata"]["namespace"] == "hint" and "Ingress" in p["spec"]["policyTypes"]
+                 and selects(p["spec"]["podSelector"], target)]
+    if not selecting:
+        return True
+    for policy in selecting:
+        for rule in policy["spec"].get("ingress", []):
+            ports = [p["port"] for p in rule.get("ports", [])]
+            if (not ports or port in ports) and admitted({"metadata": policy["metadata"],
+                                                          "spec": {"ingress": [rule]}},
+                                                         source, source_namespace):
+                return True
+    return False
+
+
+def test_the_namespace_denies_by_default_and_allows_only_what_ray_needs():
+    (deny,) = [p for p in kube("NetworkPolicy").values() if p["spec"]["podSelector"] == {}]
+    assert deny["metadata"]["namespace"] == "hint" and "Ingress" in deny["spec"]["policyTypes"]
+    assert not deny["spec"].get("ingress")
+    other = {"app": "something-else"}
+    assert not reachable(other, other, "hint", 80)  # a pod no one allowed: nothing reaches it
+    for name in kube("RayCluster"):
+        head = {"ray.io/cluster": name, "ray.io/node-type": "head"}
+        worker = {"ray.io/cluster": name, "ray.io/node-type": "worker"}
+        stranger = {"ray.io/cluster": "hint-11b" if name == "hint-3b" else "hint-3b",
+                    "ray.io/node-type": "worker"}
+        for port in (6379, 8265, 10002):  # GCS, dashboard, a worker port
+            assert reachable(head, worker, "hint", port) and reachable(worker, head, "hint", port)
+            assert not reachable(head, worker, "default", port), (name, port)
+            assert not reachable(worker, stranger, "hint", port), (name, port)
+        for port in (8000, 8265):  # Serve and the dashboard: the namespace only
+            assert reachable(head, other, "hint", port) and not reachable(head, other, "default", port)
+        assert not reachable(head, other, "hint", 6379) and not reachable(worker, other, "hint", 8000)
 
 
 COMPOSE = INFRA / "mlflow" / "compose.yaml"
@@ -222,7 +382,7 @@ def selects(selector: dict, labels: dict[str, str]) -> bool:
 
 def admitted(policy: dict, labels: dict[str, str], namespace: str) -> bool:
     """Whether a pod with `labels` in `namespace` may open a connection under `policy`."""
-    for rule in policy["spec"]["ingress"]:
+    for rule in policy["spec"].get("ingress", []):
         for peer in rule.get("from", []):
             pods, namespaces = peer.get("podSelector"), peer.get("namespaceSelector")
             same_ns = namespace == policy["metadata"]["namespace"]
@@ -237,8 +397,9 @@ def test_mlflow_is_cluster_internal_and_admits_only_the_ray_pods():
     service = kube("Service")["mlflow"]
     assert service["spec"].get("type", "ClusterIP") == "ClusterIP"
     server_labels = kube("Deployment")["mlflow"]["spec"]["template"]["metadata"]["labels"]
-    policies = [p for p in kube("NetworkPolicy").values() if selects(p["spec"]["podSelector"], server_labels)]
-    assert len(policies) == 1, "no NetworkPolicy (or more than one) guards the MLflow server"
+    policies = [p for p in kube("NetworkPolicy").values()
+                if p["spec"]["podSelector"] and selects(p["spec"]["podSelector"], server_labels)]
+    assert len(policies) == 1, "no NetworkPolicy (or more than one) admits to the MLflow server"
     (policy,) = policies
     assert policy["spec"]["policyTypes"] == ["Ingress"]
     for name, cluster in kube("RayCluster").items():
@@ -254,7 +415,7 @@ def test_mlflow_is_cluster_internal_and_admits_only_the_ray_pods():
                               ({"ray.io/cluster": "hint-3b"}, "default"), ({}, "default")):
         assert not admitted(policy, labels, namespace), (labels, namespace)
     postgres = [p for p in kube("NetworkPolicy").values()
-                if selects(p["spec"]["podSelector"], {"app": "mlflow-postgres"})]
+                if p["spec"]["podSelector"] and selects(p["spec"]["podSelector"], {"app": "mlflow-postgres"})]
     assert postgres and admitted(postgres[0], server_labels, "hint")
     assert not admitted(postgres[0], {"ray.io/cluster": "hint-3b"}, "hint")
 

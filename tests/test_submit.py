@@ -74,10 +74,19 @@ def test_relative_paths_are_refused_until_on_shared_storage(tmp_path):
                 "data.train[0].path='data/natural-instructions'", "data.eval[0].path="):
         assert key in str(refused.value)
 
-    request = submit.build_request(paper, [], working_dir=REPO, shared_dir="s3://bucket/hint")
+    request = submit.build_request(paper, [], working_dir=REPO, shared_dir="/mnt/shared")
+    args = dict(a.split("=", 1) for a in shlex.split(request.entrypoint)[3:])
+    assert args["run.storage_path"] == "/mnt/shared/runs"
+    assert args["model.init_from"] == "/mnt/shared/runs/hint-3b-pretrain-c4/export"
+    assert [s["path"] for s in json.loads(args["data.train"])] == ["/mnt/shared/data/natural-instructions"]
+    # An object store takes checkpoints, exports and data; a model to start from is read from a
+    # directory (test_storage.py): refused before anything is sent, naming the key.
+    with pytest.raises(UserError, match="model.init_from=s3://bucket/hint/runs/.*local or mounted directory"):
+        submit.build_request(paper, [], working_dir=REPO, shared_dir="s3://bucket/hint")
+    request = submit.build_request(paper, ["model.init_from=/mnt/shared/t5", "data.tokenizer=/mnt/shared/t5"],
+                                   working_dir=REPO, shared_dir="s3://bucket/hint")
     args = dict(a.split("=", 1) for a in shlex.split(request.entrypoint)[3:])
     assert args["run.storage_path"] == "s3://bucket/hint/runs"
-    assert args["model.init_from"] == "s3://bucket/hint/runs/hint-3b-pretrain-c4/export"
     assert [s["path"] for s in json.loads(args["data.train"])] == ["s3://bucket/hint/data/natural-instructions"]
     with pytest.raises(UserError, match="--shared-dir shared: expected an absolute path"):
         submit.build_request(paper, [], working_dir=REPO, shared_dir="shared")
@@ -150,19 +159,29 @@ def test_token_comes_from_env_then_file(tmp_path, monkeypatch):
 PASSWORD = "pw-for-the-job-0123"
 
 
-def test_the_mlflow_login_travels_in_the_runtime_env_only(tmp_path):
+def test_no_login_travels_with_the_job(tmp_path, monkeypatch):
+    """The job logs in as the cluster's nodes do (their secret store); the login set here stays
+    here, and a secret in the tracking URI or an --env variable is refused, naming where it
+    belongs. The Jobs API shows a job's runtime env to everyone: test_submit_cluster.py."""
     config = write_config(tmp_path)
-    login = {"MLFLOW_TRACKING_USERNAME": "hint", "MLFLOW_TRACKING_PASSWORD": PASSWORD}
-    request = submit.build_request(config, [], working_dir=tmp_path, tracking_uri="https://mlflow.internal",
-                             login=login)
-    assert request.runtime_env["env_vars"] == {"MLFLOW_TRACKING_URI": "https://mlflow.internal", **login}
-    # A URI's own user:password@ leaves the URI (it would be printed and logged) for the login.
-    request = submit.build_request(config, [], working_dir=tmp_path,
-                             tracking_uri=f"http://hint:{PASSWORD}@mlflow:5000")
-    assert request.runtime_env["env_vars"] == {"MLFLOW_TRACKING_URI": "http://mlflow:5000", **login}
-    assert PASSWORD not in request.entrypoint + json.dumps(request.metadata)
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "hint")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", PASSWORD)
+    request = submit.build_request(config, [], working_dir=tmp_path, tracking_uri="https://mlflow.internal")
+    assert request.runtime_env["env_vars"] == {"MLFLOW_TRACKING_URI": "https://mlflow.internal"}
+    assert PASSWORD not in json.dumps(request.runtime_env) + request.entrypoint + json.dumps(request.metadata)
     # No tracking URI from here: the cluster's own MLflow settings (and login) apply.
-    assert submit.build_request(config, [], working_dir=tmp_path, login=login).runtime_env["env_vars"] == {}
+    assert submit.build_request(config, [], working_dir=tmp_path).runtime_env["env_vars"] == {}
+    for kwargs, where in (({"tracking_uri": f"http://hint:{PASSWORD}@mlflow:5000"}, "the tracking URI"),
+                          ({"env_vars": {"HF_TOKEN": PASSWORD}}, "--env"),
+                          ({"env_vars": {"MLFLOW_TRACKING_PASSWORD": PASSWORD}}, "--env"),
+                          ({"env_vars": {"PGPASSWORD": PASSWORD}}, "--env")):
+        with pytest.raises(UserError, match=f"{where}: holds a secret") as e:
+            submit.build_request(config, [], working_dir=tmp_path, **kwargs)
+        assert PASSWORD not in str(e.value) and "hint-mlflow-client" in str(e.value)
+    for flag in ([f"--token={PASSWORD}"], ["--token", PASSWORD]):
+        with pytest.raises(UserError, match="the command: holds a secret"):
+            submit.command_request(["predict", "m", "x.jsonl", *flag], working_dir=tmp_path,
+                                   run_name="predict")
 
 
 @pytest.mark.parametrize("override", [
@@ -179,20 +198,22 @@ def test_a_secret_in_the_entrypoint_is_refused(tmp_path, override):
         submit.build_request(in_file, [], working_dir=tmp_path)
 
 
-def test_dry_run_prints_the_job_with_the_login_masked(tmp_path, monkeypatch, capsys):
+def test_dry_run_prints_the_job_and_refuses_a_secret(tmp_path, monkeypatch, capsys):
     from hint_platform import cli
 
     config = write_config(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "hint")
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", PASSWORD)
-    assert cli.main(["submit", str(config), "--working-dir", str(tmp_path), "--dry-run",
-                     "--tracking-uri", "http://mlflow:5000", "--env", f"HF_TOKEN={PASSWORD}x"]) == 0
+    argv = ["submit", str(config), "--working-dir", str(tmp_path), "--dry-run",
+            "--tracking-uri", "http://mlflow:5000"]
+    assert cli.main([*argv, "--env", "HF_HOME=/mnt/shared/hf"]) == 0
     out = capsys.readouterr().out
     job = json.loads(out)
-    assert job["runtime_env"]["env_vars"] == {
-        "HF_TOKEN": "***", "MLFLOW_TRACKING_URI": "http://mlflow:5000",
-        "MLFLOW_TRACKING_USERNAME": "hint", "MLFLOW_TRACKING_PASSWORD": "***"}
+    assert job["runtime_env"]["env_vars"] == {"HF_HOME": "/mnt/shared/hf", "MLFLOW_TRACKING_URI": "http://mlflow:5000"}
     assert PASSWORD not in out and job["entrypoint"] == "hint train configs/tiny.yaml"
+    assert cli.main([*argv, "--env", f"HF_TOKEN={PASSWORD}x"]) == 2
+    captured = capsys.readouterr()
+    assert "--env: holds a secret" in captured.err and PASSWORD not in captured.err + captured.out
 
 
 def test_jobs_run_sends_another_hint_command(tmp_path, monkeypatch, capsys):
@@ -209,7 +230,27 @@ def test_jobs_run_sends_another_hint_command(tmp_path, monkeypatch, capsys):
     job = json.loads(out)
     assert shlex.split(job["entrypoint"]) == ["hint", *argv]
     assert job["runtime_env"]["working_dir"] == str(tmp_path)
-    assert job["runtime_env"]["env_vars"]["MLFLOW_TRACKING_PASSWORD"] == "***" and PASSWORD not in out
+    assert job["runtime_env"]["env_vars"] == {"MLFLOW_TRACKING_URI": "http://mlflow:5000"}
+    assert PASSWORD not in out
     for refused, message in (([], "needs a command"), (["train", "x.yaml"], "use `hint submit CONFIG`")):
         assert cli.main(["jobs", "run", "--dry-run", "--", *refused]) == 2
         assert message in capsys.readouterr().err
+
+
+def test_an_unexpected_error_prints_its_traceback_without_the_password(tmp_path):
+    """MLflow's and requests' errors name the URL they failed on: `hint` masks its password in
+    the traceback of an error it did not expect (the process's excepthook)."""
+    import subprocess
+    import sys
+
+    url = f"http://hint:{PASSWORD}@127.0.0.1:1/api/2.0/mlflow/runs/get"
+    code = ("import sys\n"
+            "from hint_platform import cli\n"
+            "from hint_platform.cli import configs\n"
+            "def fail(args):\n"
+            f"    raise ConnectionError('API request to {url} failed')\n"
+            "configs.run = fail\n"
+            "sys.exit(cli.main(['configs']))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 1 and "ConnectionError: API request to http://hint:***@127.0.0.1:1" in done.stderr
+    assert PASSWORD not in done.stderr + done.stdout

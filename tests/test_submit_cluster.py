@@ -1,8 +1,9 @@
 """`hint submit` and `hint jobs` against a real two-node Ray cluster and the session's real,
 authenticated MLflow server (tests/conftest.py), all on 127.0.0.1 (no `ray_local`: this cluster
 has its own ports and temp dir, and `hint` runs as a subprocess because the test process may
-already hold a Ray of its own). The nodes know no MLflow login: jobs get it from `hint submit`,
-in their runtime environment, and their logs never show it.
+already hold a Ray of its own). The nodes hold the MLflow login in their environment, as the
+KubeRay pods do from the cluster's secret store; `hint submit` sends none (the Jobs API shows a
+job's runtime environment to everyone), and no log shows it.
 
 Every process started here is stopped by its session id at the end: each `ray start --block`
 leads its own session, so a node's processes (raylet, GCS, workers) are exactly that session.
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import re
 import secrets
@@ -195,7 +197,8 @@ class Setup:
 
 @pytest.fixture(scope="module")
 def setup(mlflow_server):
-    """A head (2 CPUs) and a second node (4 CPUs), token auth on; no MLflow login on the nodes.
+    """A head (2 CPUs) and a second node (4 CPUs), token auth on; the nodes log in to MLflow as
+    `hint` through their environment (infra/kuberay: the Secret hint-mlflow-client).
 
     A short temp dir of our own: Ray's socket paths under it must stay within 107 bytes."""
     from pipelines import train_tokenizer, write_suite
@@ -211,6 +214,7 @@ def setup(mlflow_server):
                RAY_TRAIN_ENABLE_PRINT_PATCH="0",
                RAY_agent_register_timeout_ms="120000",  # slow starts on a busy 2-core machine
                RAY_health_check_period_ms="1000")  # a killed node is noticed sooner
+    env.update(mlflow_server.env("hint"))
     (root / "home").mkdir()
     cluster = LocalRayCluster(root / "ray", env)
     s = Setup(cluster, env, mlflow_server.uri, root, suite, str(root / "tok"), mlflow_server)
@@ -240,7 +244,7 @@ def hint(setup, monkeypatch):
     monkeypatch.setenv("HOME", setup.env["HOME"])  # no ~/.ray/auth_token of this machine's
     monkeypatch.delenv("RAY_AUTH_TOKEN_PATH", raising=False)
 
-    for key, value in setup.login.items():  # what a submission hands to its job
+    for key, value in setup.login.items():  # the user's own login: it stays on this machine
         monkeypatch.setenv(key, value)
 
     def run(*args: str, token: str = TOKEN) -> Result:
@@ -328,16 +332,19 @@ def test_hint_jobs_on_that_job(setup, finished_job, hint):
     assert status.stdout.startswith(f"{job_id} SUCCEEDED"), status.stderr
     logs = hint("jobs", "logs", job_id, *address)
     assert "steps: 6" in logs.stdout, logs.stdout[-2000:]
-    # The job logged in as `hint` (its run is in MLflow), yet neither its logs nor the Ray logs of
-    # its driver and workers hold the password; Ray's runtime-env agent alone records the
-    # runtime environment it set up (infra/README.md).
+    # The job logged in as `hint` (its run is in MLflow) with its nodes' login: the job as the
+    # Jobs API shows it to anyone (runtime env included), its logs and every Ray log of the
+    # cluster (the runtime-env agent's included) hold no password.
     password = s.login["MLFLOW_TRACKING_PASSWORD"]
+    info = requests.get(f"{s.cluster.address}/api/jobs/{job_id}", headers=AUTH, timeout=30).json()
+    assert info["runtime_env"]["env_vars"] == {"MLFLOW_TRACKING_URI": s.tracking_uri}, info["runtime_env"]
+    assert password not in json.dumps(info)
     raw = requests.get(f"{s.cluster.address}/api/jobs/{job_id}/logs", headers=AUTH, timeout=30).json()["logs"]
     assert "steps: 6" in raw and password not in raw + logs.stdout + finished_job["output"]
     ray_logs = [p for p in (s.cluster.root / "session_latest" / "logs").rglob("*") if p.is_file()]
     holding = {p.name for p in ray_logs if password.encode() in p.read_bytes()}
     assert len(ray_logs) > 20 and {p.name for p in ray_logs if p.name.startswith("job-driver")}
-    assert not [n for n in holding if not n.startswith("runtime_env_agent")], holding
+    assert not holding, holding
     stop = hint("jobs", "stop", job_id, *address)
     assert stop.returncode == 0 and "not running" in stop.stdout
     unknown = hint("jobs", "status", "hint-nope", *address)

@@ -25,7 +25,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _redacted_traceback(kind, error, tb) -> None:
+    """sys.excepthook: an unexpected error's traceback, secrets masked (MLflow's and requests'
+    errors name the URL they failed on, a password in it included)."""
+    import traceback
+
+    from hint_platform.redact import env_secrets, redact_text
+
+    text = "".join(traceback.format_exception(kind, error, tb))
+    sys.stderr.write(redact_text(text, env_secrets(os.environ)))
+
+
 def main(argv: list[str] | None = None) -> int:
+    sys.excepthook = _redacted_traceback
     parser = build_parser()
     # Options and `key=value` overrides mix in any order: argparse leaves overrides that follow
     # an option unparsed; they join the command's own.

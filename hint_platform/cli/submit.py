@@ -32,11 +32,12 @@ def register(subparsers) -> None:
                    "config's relative paths (runs, data, checkpoints) are put under it")
     p.add_argument("--tracking-uri", default=None,
                    help="MLflow tracking URI the job logs to, as the cluster reaches it "
-                   "(default: $MLFLOW_TRACKING_URI here, if set); the job logs in with "
-                   "$MLFLOW_TRACKING_USERNAME/_PASSWORD (or _TOKEN) as set here, passed in its "
-                   "runtime environment and never printed")
+                   "(default: $MLFLOW_TRACKING_URI here, if set; no password in it). The job "
+                   "logs in as the cluster's nodes do: MLFLOW_TRACKING_USERNAME/_PASSWORD (or "
+                   "_TOKEN) from the cluster's secret store (infra/kuberay), never from here")
     p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
-                   help="environment variable for the job (repeatable)")
+                   help="environment variable for the job (repeatable; no secrets: the Jobs "
+                   "API shows them to everyone)")
     p.add_argument("--dry-run", action="store_true",
                    help="validate and print the job (secrets masked); submit nothing")
     p.set_defaults(func=run_submit)
@@ -82,7 +83,6 @@ def _address_option(parser: argparse.ArgumentParser) -> None:
 
 def run_submit(args) -> int:
     from hint_platform.jobs import submit as submit_lib
-    from hint_platform.tracking.runs import login_from_environment
 
     env_vars = {}
     for item in args.env:
@@ -94,14 +94,12 @@ def run_submit(args) -> int:
         args.config, args.overrides, working_dir=args.working_dir, name=args.name,
         tracking_uri=args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"), env_vars=env_vars,
         shared_dir=args.shared_dir,
-        login=login_from_environment(),
     )
     return _submit(request, args)
 
 
 def run_command(args) -> int:
     from hint_platform.jobs import submit as submit_lib
-    from hint_platform.tracking.runs import login_from_environment
 
     command = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
     if not command:
@@ -111,8 +109,7 @@ def run_command(args) -> int:
                         "`hint jobs` here, on this machine")
     request = submit_lib.command_request(
         command, working_dir=args.working_dir, run_name=command[0],
-        tracking_uri=args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"),
-        login=login_from_environment())
+        tracking_uri=args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"))
     return _submit(request, args)
 
 

@@ -2,10 +2,14 @@
 
 A submitted job runs the platform's own entrypoint, `hint train CONFIG key=value ...`, on the
 cluster. Its runtime environment carries the working directory (code and configs; not
-virtualenvs, run outputs or data), the MLflow tracking URI and login, and the user's environment
-variables. Secrets travel only there: a config or override that holds one is refused (the
-entrypoint is shown to everyone who lists the cluster's jobs), and what `hint` prints of a job
-is redacted.
+virtualenvs, run outputs or data), the MLflow tracking URI and the user's environment variables.
+No secret travels with a job: its entrypoint, metadata and runtime environment are shown to
+everyone who lists the cluster's jobs (the Jobs API, the dashboard) and land in Ray's logs (the
+runtime-env agent logs every environment it sets up). The job logs in to MLflow as the cluster
+does: MLFLOW_TRACKING_USERNAME / _PASSWORD (or _TOKEN) in the environment of its nodes, from the
+cluster's own secret store (infra/kuberay mounts the Secret hint-mlflow-client into every pod).
+A config, override, tracking URI or `--env` variable that holds a secret is refused, naming
+where it belongs; what `hint` prints of a job is redacted.
 What can be checked from the laptop is checked before anything is sent: the config validates
 as `hint train --dry-run` validates it (training/preflight.py: the model section, the sources,
 what needs no data; inputs that this machine does not see are the cluster's), every path the run
@@ -34,7 +38,7 @@ from ray.job_submission import JobSubmissionClient
 
 from hint_platform import config as config_lib
 from hint_platform.errors import UserError
-from hint_platform.redact import redact, split_credentials
+from hint_platform.redact import redact
 from hint_platform.tracking.runs import PASSWORD_ENV, TOKEN_ENV, TRACKING_URI_ENV, USERNAME_ENV
 from hint_platform.training.preflight import check
 
@@ -46,6 +50,13 @@ WORKING_DIR_EXCLUDES = [
 ]
 
 FINISHED = ("SUCCEEDED", "FAILED", "STOPPED")
+
+_SECRET_HELP = (
+    "a job's entrypoint and runtime environment are shown to everyone who can list the cluster's "
+    "jobs and land in Ray's logs. Put the secret in the cluster's own secret store, as the pods' "
+    f"environment: the MLflow login as {USERNAME_ENV} and {PASSWORD_ENV} (or {TOKEN_ENV}) from the "
+    "Secret hint-mlflow-client that infra/kuberay/*-cluster.yaml mounts; any other secret likewise "
+    "(a Secret, env valueFrom.secretKeyRef in the RayCluster). The job reads it from there")
 
 _TOKEN_HELP = ("set RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH, or ~/.ray/auth_token) to the cluster's "
                "token: `ray get-auth-token` on the head node prints it")
@@ -70,15 +81,13 @@ def build_request(
     tracking_uri: str | None = None,
     env_vars: dict[str, str] | None = None,
     shared_dir: str | None = None,
-    login: dict[str, str] | None = None,
 ) -> JobRequest:
     """Validate the experiment and build the job. Raises UserError, naming what is wrong.
 
     `shared_dir` (a shared filesystem path or a URI every node reaches) is where the config's
     relative paths go: `runs` becomes `<shared_dir>/runs`, as overrides in the entrypoint.
-    With a `tracking_uri`, the job logs in to it as `login` says (MLFLOW_TRACKING_USERNAME /
-    _PASSWORD or _TOKEN, as set here), else as the URI's own user:password@, which leaves the
-    URI; `env_vars` given explicitly win. Without one, the cluster's own MLflow settings apply.
+    With a `tracking_uri` (no password in it), the job logs to that server, logged in as the
+    cluster's nodes are; without one, the cluster's own MLflow settings apply.
     """
     working_dir = Path(working_dir).resolve()
     config_path = config_lib.find(config_path).resolve()
@@ -107,36 +116,34 @@ def build_request(
 
     leaked = [key for key, value in redact(cfg.flat()).items() if value != cfg.flat()[key]]
     if leaked:
-        raise UserError(
-            f"{', '.join(leaked)}: a secret in the job's config or entrypoint is shown to everyone "
-            "who can list the cluster's jobs and lands in its logs. Remove it, and log in to "
-            f"MLflow with {USERNAME_ENV} and {PASSWORD_ENV} (or {TOKEN_ENV}) set here: hint submit "
-            "hands them to the job in its runtime environment, unshown")
+        raise UserError(f"{', '.join(leaked)}: a secret in the job's config or entrypoint; "
+                        + _SECRET_HELP)
 
     relative = config_path.relative_to(working_dir).as_posix()
     request = command_request(["train", relative, *overrides], working_dir=working_dir,
-                              run_name=cfg.name, tracking_uri=tracking_uri, env_vars=env_vars,
-                              login=login)
+                              run_name=cfg.name, tracking_uri=tracking_uri, env_vars=env_vars)
     request.metadata["hint_config"] = relative
     return request
 
 
 def command_request(argv: list[str], *, working_dir: str | Path, run_name: str,
-                    tracking_uri: str | None = None, env_vars: dict[str, str] | None = None,
-                    login: dict[str, str] | None = None) -> JobRequest:
-    """The job that runs `hint ARGV...` with the working directory, the tracking URI and its
-    login (as build_request says), and the environment variables (checked by the caller:
-    `hint train`'s config, `hint paper run`'s plan)."""
+                    tracking_uri: str | None = None,
+                    env_vars: dict[str, str] | None = None) -> JobRequest:
+    """The job that runs `hint ARGV...` with the working directory, the tracking URI and the
+    environment variables; refused when any of them, or ARGV, holds a secret (ARGV's config is
+    the caller's to check: `hint train`'s, `hint paper run`'s plan)."""
     env = dict(env_vars or {})
     if tracking_uri:
-        clean, user, password = split_credentials(tracking_uri)
-        env[TRACKING_URI_ENV] = clean
-        from_uri = {USERNAME_ENV: user, PASSWORD_ENV: password or ""} if user else {}
-        for key, value in (login or from_uri).items():
-            env.setdefault(key, value)
+        env[TRACKING_URI_ENV] = tracking_uri
+    entrypoint = shlex.join(["hint", *argv])
+    shown = {"the command": entrypoint, "--env": {k: v for k, v in env.items() if k != TRACKING_URI_ENV},
+             "the tracking URI": tracking_uri}
+    leaked = [where for where, value in shown.items() if redact(value) != value]
+    if leaked:
+        raise UserError(f"{', '.join(leaked)}: holds a secret; " + _SECRET_HELP)
     return JobRequest(
         submission_id=f"hint-{run_name}-{uuid.uuid4().hex[:8]}",
-        entrypoint=shlex.join(["hint", *argv]),
+        entrypoint=entrypoint,
         runtime_env={"working_dir": str(Path(working_dir).resolve()),
                      "excludes": WORKING_DIR_EXCLUDES, "env_vars": env},
         metadata={"hint_run": run_name},

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
-from mlflow.tracking import MlflowClient
 
 from hint_platform import export
 from hint_platform.errors import TrainingError, UserError
@@ -174,15 +173,15 @@ def tagged_run(cfg, tags: dict[str, str]):
     """The newest MLflow run of `cfg`'s experiment and storage path with these tags, or None."""
     uri = runs.resolve_tracking_uri(cfg)
     runs.check_reachable(uri)
-    client = MlflowClient(tracking_uri=uri)
-    experiment = client.get_experiment_by_name(cfg.run.experiment)
-    if experiment is None:
-        return None
     wanted = {**{k: v for k, v in tags.items() if k != EXPORT_TAG},
               runs.STORAGE_TAG: str(runs.storage_dir(cfg))}
     where = " and ".join(f"tags.`{k}` = '{v}'" for k, v in wanted.items())
-    found = client.search_runs([experiment.experiment_id], filter_string=where,
-                               order_by=["attributes.start_time DESC"], max_results=1)
+    with runs.mlflow_client(uri) as client:
+        experiment = client.get_experiment_by_name(cfg.run.experiment)
+        if experiment is None:
+            return None
+        found = client.search_runs([experiment.experiment_id], filter_string=where,
+                                   order_by=["attributes.start_time DESC"], max_results=1)
     return found[0] if found else None
 
 
@@ -201,8 +200,7 @@ def paper_job(table: Table, size: str, overrides: list[str], *, shared_dir: str 
     argv += [f"--shared-dir={shared_dir}"] if shared_dir else []
     argv += [f"--checkpoint={checkpoint}"] if checkpoint else []
     return submit.command_request(argv, working_dir=working_dir, tracking_uri=tracking_uri,
-                                  run_name=f"paper-{table.key}-{size}",
-                                  login=runs.login_from_environment())
+                                  run_name=f"paper-{table.key}-{size}")
 
 
 def submit_table(request: submit.JobRequest, address: str | None, wait: bool = True) -> int:

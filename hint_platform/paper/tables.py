@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlflow
-from mlflow.tracking import MlflowClient
 
 from hint_model.flops import gflops_per_task, task_cost
 from hint_platform.config import model_config
@@ -98,12 +97,12 @@ def _breakdown(assembled: Assembled, found: dict, uri: str) -> None:
     """Rows: categories; columns: each cell; values: the headline metric, read from each
     evaluation's saved metrics.json (MLflow metric keys lose a category's slashes)."""
     metric = assembled.table.metrics[0]
-    client = MlflowClient(tracking_uri=uri)
     per_cell = {}
-    for cell, run in found.items():
-        with tempfile.TemporaryDirectory() as tmp:
-            path = client.download_artifacts(run.info.run_id, "eval/metrics.json", tmp)
-            per_cell[cell] = json.loads(Path(path).read_text())["per_category"]
+    with runs.mlflow_client(uri) as client:
+        for cell, run in found.items():
+            with tempfile.TemporaryDirectory() as tmp:
+                path = client.download_artifacts(run.info.run_id, "eval/metrics.json", tmp)
+                per_cell[cell] = json.loads(Path(path).read_text())["per_category"]
     categories = sorted({c for table in per_cell.values() for c in table})
     if not categories:
         return

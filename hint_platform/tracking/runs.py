@@ -19,6 +19,7 @@ import requests
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from hint_platform import storage
 from hint_platform.config import ExperimentConfig
 from hint_platform.errors import UserError
 from hint_platform.redact import redact, split_credentials
@@ -34,11 +35,6 @@ USERNAME_ENV, PASSWORD_ENV, TOKEN_ENV = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRA
 CREDENTIAL_ENVS = (USERNAME_ENV, PASSWORD_ENV, TOKEN_ENV)
 
 
-def login_from_environment() -> dict[str, str]:
-    """The MLflow login this process has ($MLFLOW_TRACKING_USERNAME/PASSWORD or _TOKEN)."""
-    return {k: os.environ[k] for k in CREDENTIAL_ENVS if os.environ.get(k)}
-
-
 _LOGIN_HELP = (f"set {USERNAME_ENV} and {PASSWORD_ENV} to your account on it "
                f"(or {TOKEN_ENV} to a token); infra/README.md says who creates accounts")
 
@@ -47,17 +43,35 @@ class TrackingError(UserError):
     """The tracking store cannot be used: the message names the URI (its password masked)."""
 
 
+def storage_root(cfg: ExperimentConfig) -> str:
+    """Where the runs go: an absolute local (or mounted) path, or an s3:// / gs:// URI (Ray
+    Train's checkpoints and the export go there; hint_platform/storage.py)."""
+    if storage.is_uri(cfg.run.storage_path):
+        return storage.check_uri(cfg.run.storage_path, "run.storage_path")
+    return str(Path(cfg.run.storage_path).expanduser().resolve())
+
+
 def storage_dir(cfg: ExperimentConfig) -> Path:
-    """The run directory, absolute (Ray Train needs an absolute storage path)."""
-    return Path(cfg.run.storage_path).expanduser().resolve()
+    """The run directory, absolute, for the commands that keep their files on this machine's
+    filesystem (a shared mount included): an object store URI is refused, before any work."""
+    if storage.is_uri(cfg.run.storage_path):
+        raise UserError(f"run.storage_path={cfg.run.storage_path}: this command keeps its files "
+                        "in a local or mounted directory (only training writes its checkpoints "
+                        "and export to an object store); set run.storage_path to such a path")
+    return Path(storage_root(cfg))
 
 
 def resolve_tracking_uri(cfg: ExperimentConfig) -> str:
-    """cfg.run.tracking_uri, else $MLFLOW_TRACKING_URI, else SQLite under the run directory."""
+    """cfg.run.tracking_uri, else $MLFLOW_TRACKING_URI, else SQLite under the run directory
+    (a local one: SQLite cannot live in an object store)."""
     if cfg.run.tracking_uri:
         return cfg.run.tracking_uri
     if os.environ.get(TRACKING_URI_ENV):
         return os.environ[TRACKING_URI_ENV]
+    if storage.is_uri(cfg.run.storage_path):
+        raise TrackingError(f"run.storage_path={cfg.run.storage_path} is an object store, where "
+                            "the default SQLite tracking store cannot live: set run.tracking_uri "
+                            f"(or ${TRACKING_URI_ENV}) to a tracking server or a local sqlite:/// file")
     return f"sqlite:///{storage_dir(cfg) / 'mlflow.db'}"
 
 
@@ -81,19 +95,40 @@ def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
                             "(use http(s)://, sqlite:///, file:// or databricks)")
 
 
+def login_env(uri: str) -> dict[str, str]:
+    """The login to `uri` as the variables MLflow's client reads: this process's
+    $MLFLOW_TRACKING_USERNAME/PASSWORD first, then $MLFLOW_TRACKING_TOKEN, then the URI's own
+    user:password@ ({} when there is none)."""
+    _, uri_user, uri_password = split_credentials(uri)
+    if os.environ.get(USERNAME_ENV) and os.environ.get(PASSWORD_ENV):
+        return {USERNAME_ENV: os.environ[USERNAME_ENV], PASSWORD_ENV: os.environ[PASSWORD_ENV]}
+    if os.environ.get(TOKEN_ENV):
+        return {TOKEN_ENV: os.environ[TOKEN_ENV]}
+    if uri_user:
+        return {USERNAME_ENV: uri_user, PASSWORD_ENV: uri_password or ""}
+    return {}
+
+
 def login(uri: str) -> tuple[dict, str | None]:
     """The requests arguments (auth or headers) MLflow's client would log in to `uri` with, and
-    who that is for messages (no secret): $MLFLOW_TRACKING_USERNAME/PASSWORD first, then
-    $MLFLOW_TRACKING_TOKEN, then the URI's own user:password@."""
-    _, uri_user, uri_password = split_credentials(uri)
-    user, password = os.environ.get(USERNAME_ENV), os.environ.get(PASSWORD_ENV)
-    if user and password:
-        return {"auth": (user, password)}, f"user {user!r} ({USERNAME_ENV}, {PASSWORD_ENV})"
-    if os.environ.get(TOKEN_ENV):
-        return {"headers": {"Authorization": f"Bearer {os.environ[TOKEN_ENV]}"}}, TOKEN_ENV
-    if uri_user:
-        return {"auth": (uri_user, uri_password or "")}, f"user {uri_user!r} (of the tracking URI)"
-    return {}, None
+    who that is for messages (no secret), in login_env's order."""
+    env = login_env(uri)
+    if TOKEN_ENV in env:
+        return {"headers": {"Authorization": f"Bearer {env[TOKEN_ENV]}"}}, TOKEN_ENV
+    if USERNAME_ENV not in env:
+        return {}, None
+    from_env = os.environ.get(USERNAME_ENV) and os.environ.get(PASSWORD_ENV)
+    source = f"{USERNAME_ENV}, {PASSWORD_ENV}" if from_env else "of the tracking URI"
+    return {"auth": (env[USERNAME_ENV], env[PASSWORD_ENV])}, f"user {env[USERNAME_ENV]!r} ({source})"
+
+
+def use_login(env: dict[str, str]) -> None:
+    """Logs this process in as `env` (login_env's variables) for every later MLflow call: a Ray
+    worker of a run, which gets its driver's login by object reference, never in its config
+    or runtime environment (both are shown by Ray's dashboard and APIs)."""
+    for key in CREDENTIAL_ENVS:
+        os.environ.pop(key, None)
+    os.environ.update(env)
 
 
 def _check_server(uri: str, timeout_s: float) -> None:
@@ -128,6 +163,8 @@ def artifact_location(cfg: ExperimentConfig, uri: str) -> str | None:
     """
     if uri.startswith(("http://", "https://", "databricks")):
         return None
+    if storage.is_uri(cfg.run.storage_path) and uri.startswith("sqlite:///"):  # beside the store
+        return (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts" / cfg.run.experiment).as_uri()
     return (storage_dir(cfg) / "mlartifacts" / cfg.run.experiment).as_uri()
 
 
@@ -153,10 +190,10 @@ def _open_run(cfg: ExperimentConfig, uri: str, client) -> str:
     experiment_id = (experiment.experiment_id if experiment else
                      client.create_experiment(cfg.run.experiment,
                                               artifact_location=artifact_location(cfg, uri)))
-    storage = str(storage_dir(cfg))
+    where = storage_root(cfg)
     found = client.search_runs(
         [experiment_id],
-        filter_string=f"tags.`{RUN_NAME_TAG}` = '{cfg.name}' and tags.`{STORAGE_TAG}` = '{storage}'",
+        filter_string=f"tags.`{RUN_NAME_TAG}` = '{cfg.name}' and tags.`{STORAGE_TAG}` = '{where}'",
         max_results=1,
     )
     if found:
@@ -164,7 +201,7 @@ def _open_run(cfg: ExperimentConfig, uri: str, client) -> str:
         client.update_run(run.info.run_id, status="RUNNING")
     else:
         run = client.create_run(experiment_id, run_name=cfg.name,
-                                tags={RUN_NAME_TAG: cfg.name, STORAGE_TAG: storage})
+                                tags={RUN_NAME_TAG: cfg.name, STORAGE_TAG: where})
     logged = run.data.params if found else {}
     # A resumed run keeps the params it started with (MLflow refuses to change a param); a
     # changed value, e.g. a longer train.max_steps, is recorded as a tag instead.

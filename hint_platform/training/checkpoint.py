@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, load_file, save_file
 from torch import nn
 from torch.optim.lr_scheduler import LRScheduler
 from torch.distributed.checkpoint.state_dict import (
@@ -33,7 +33,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
-from hint_platform import export
+from hint_platform import export, storage
 from hint_platform.errors import UserError
 from hint_platform.training.state import TrainState
 
@@ -96,26 +96,34 @@ def load_checkpoint(directory: str | Path, model: nn.Module, optimizer: torch.op
 
 
 def _read_train_state(directory: Path) -> TrainState:
+    return _train_state(lambda: load_file(str(directory / TRAIN_STATE)), directory)
+
+
+def _train_state(read, where) -> TrainState:
     try:
-        saved = load_file(str(directory / TRAIN_STATE))
+        saved = read()
         return TrainState(step=int(saved["step"]), epoch=int(saved["epoch"]),
                           consumed=saved["consumed"].bool())
     except Exception as e:
-        raise ResumeError(f"checkpoint {directory}: {TRAIN_STATE} cannot be read: "
+        raise ResumeError(f"checkpoint {where}: {TRAIN_STATE} cannot be read: "
                               f"{type(e).__name__}: {e}") from e
 
 
-def latest_train_state(run_dir: str | Path) -> TrainState | None:
+def latest_train_state(run_dir: str) -> TrainState | None:
     """The train state of the run's latest registered checkpoint, as Ray Train's checkpoint
     manager recorded it (the same checkpoint `ray.train.get_checkpoint()` gives the workers),
-    or None before the first checkpoint."""
-    snapshot = Path(run_dir) / "checkpoint_manager_snapshot.json"
-    if not snapshot.is_file():
+    or None before the first checkpoint. `run_dir` is a path or an object store URI."""
+    snapshot = storage.read_bytes(f"{run_dir}/checkpoint_manager_snapshot.json")
+    if snapshot is None:
         return None
-    latest = json.loads(snapshot.read_text()).get("latest_checkpoint_result")
+    latest = json.loads(snapshot).get("latest_checkpoint_result")
     if not latest:
         return None
-    return _read_train_state(Path(run_dir) / latest["checkpoint_dir_name"])
+    where = f"{run_dir}/{latest['checkpoint_dir_name']}"
+    saved = storage.read_bytes(f"{where}/{TRAIN_STATE}")
+    if saved is None:
+        raise ResumeError(f"checkpoint {where}: {TRAIN_STATE} is missing")
+    return _train_state(lambda: load(saved), where)
 
 
 def export_model(model: nn.Module, directory: str | Path, tokenizer_dir: str | Path) -> None:

@@ -31,7 +31,6 @@ from __future__ import annotations
 import itertools
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import ray
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
@@ -39,6 +38,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from hint_platform.config import ConfigError, ExperimentConfig, is_decoder_only
 from hint_platform.errors import DataError, UserError
+from hint_platform.redact import split_credentials
 from hint_platform.tracking import runs
 from hint_platform.training.checkpoint import latest_train_state
 from hint_platform.training.preflight import resolve
@@ -80,29 +80,34 @@ def fit(cfg: ExperimentConfig, *, run_config_callbacks: list | None = None) -> T
     uri = runs.resolve_tracking_uri(cfg)
     runs.check_reachable(uri)  # and that it lets us in: before reading data or starting Ray
     evaluation = eval_rows(cfg)
-    storage = runs.storage_dir(cfg)
+    storage = runs.storage_root(cfg)  # a path or an object store URI (hint_platform/storage.py)
     run_id = runs.open_run(cfg, uri)
     # Reports wait on the controller's poll (default 2 s); the driver's value reaches the
     # controller and workers.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
     if not ray.is_initialized():
         start_ray()
-    run_dir = storage / cfg.name
+    run_dir = f"{storage}/{cfg.name}"
     ingest = DataConfig.default_ingest_options()
     # Ray Train replaces the datasets' execution options: keep their deterministic order
     # (what makes a resumed run see the rows an uninterrupted one would).
     ingest.preserve_order = True
+    # No secret in the loop config: Ray keeps it with the controller's and workers' specs. The
+    # workers log in as this driver did, by an object reference to its login.
+    clean_uri = split_credentials(uri)[0]
+    worker_cfg = cfg.with_overrides({"run.tracking_uri": clean_uri}) if cfg.run.tracking_uri else cfg
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": cfg.to_dict(), "tracking_uri": uri, "run_id": run_id,
-                           "export_dir": str(run_dir / "export"), "eval_rows": evaluation},
+        train_loop_config={"config": worker_cfg.to_dict(), "tracking_uri": clean_uri,
+                           "mlflow_login": ray.put(runs.login_env(uri)), "run_id": run_id,
+                           "export_dir": f"{run_dir}/export", "eval_rows": evaluation},
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers,
                                      use_gpu=cfg.train.use_gpu,
                                      resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
         # On GPUs, NCCL for the model's collectives and gloo for the loop's small CPU ones
         # (data exhausted on every rank, consumed-example bitmaps): NCCL refuses CPU tensors.
         torch_config=TorchConfig(backend="cpu:gloo,cuda:nccl" if cfg.train.use_gpu else "gloo"),
-        run_config=RunConfig(name=cfg.name, storage_path=str(storage),
+        run_config=RunConfig(name=cfg.name, storage_path=storage,
                              failure_config=FailureConfig(max_failures=cfg.train.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
                              callbacks=run_config_callbacks),
@@ -118,7 +123,7 @@ def fit(cfg: ExperimentConfig, *, run_config_callbacks: list | None = None) -> T
     runs.close_run(uri, run_id, ok=True)
     final = result.return_value or {}
     return TrainResult(
-        run_dir=str(result.path),
+        run_dir=run_dir,
         export_dir=final.get("export_dir"),
         checkpoint_path=result.checkpoint.path if result.checkpoint else None,
         tracking_uri=uri,
@@ -174,7 +179,7 @@ class RemainingEpoch:
     examples it consumed. Ray Train calls it at every start of the worker group, first or after
     a failure, so the rows left are split equally over the workers."""
 
-    def __init__(self, cfg: ExperimentConfig, run_dir: Path):
+    def __init__(self, cfg: ExperimentConfig, run_dir: str):
         self.cfg = cfg
         self.run_dir = run_dir
 

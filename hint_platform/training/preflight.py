@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hint_model import CheckpointError, HintConfig, HintModel
-from hint_platform import export
+from hint_platform import export, storage
 from hint_platform.config import ConfigError, ExperimentConfig, model_config
 from hint_platform.errors import UserError
 from pipelines import SourceSpec
@@ -59,6 +59,8 @@ def check(cfg: ExperimentConfig, relative_to: str | Path | None = None) -> Check
         raise ConfigError("train.fsdp=false trains in one process: set train.num_workers=1")
     missing: list[str] = []
     notes: list[str] = []
+    if "://" in cfg.run.storage_path:
+        storage.check_uri(cfg.run.storage_path, "run.storage_path")
     absolute: dict = {"run.storage_path": str(_absolute(cfg.run.storage_path, base))}
     for split in ("train", "eval"):
         sources = [dict(s) for s in getattr(cfg.data, split)]
@@ -75,11 +77,17 @@ def check(cfg: ExperimentConfig, relative_to: str | Path | None = None) -> Check
                     else Path(source["path"]).exists()):
                 missing.append(f"{where}.path: {source['path']}")
         absolute[f"data.{split}"] = sources
+    for key in ("model.init_from", "data.tokenizer"):
+        # Read with from_pretrained / sentencepiece, which take local files only.
+        if cfg.flat()[key] and "://" in cfg.flat()[key]:
+            raise ConfigError(f"{key}={cfg.flat()[key]}: a model and its tokenizer are read from a "
+                              "local or mounted directory (a shared volume on a cluster), not an "
+                              "object store; copy it there")
     init_from = cfg.model.init_from and _absolute(cfg.model.init_from, base)
     if init_from:
         absolute["model.init_from"] = str(init_from)
     positions = model.max_position_embeddings if model.is_decoder_only else None
-    if isinstance(init_from, Path):  # a URI is the workers' to read
+    if init_from:
         if init_from.exists():
             model, note, positions = _check_init_from(cfg, init_from, model)
             notes += note
@@ -95,9 +103,7 @@ def check(cfg: ExperimentConfig, relative_to: str | Path | None = None) -> Check
     if not tokenizer:
         raise ConfigError("data.tokenizer: not set (set it, or model.init_from to a model "
                           "directory that holds its tokenizer)")
-    if isinstance(tokenizer, str):  # a URI
-        absolute["data.tokenizer"] = tokenizer
-    elif not tokenizer.exists():
+    if not tokenizer.exists():
         if cfg.data.tokenizer:
             absolute["data.tokenizer"] = str(tokenizer)
             missing.append(f"data.tokenizer: {tokenizer}")

@@ -25,8 +25,9 @@ from hint_model import HintModel
 from hint_model.flops import generator_query_flops, input_flops, instruction_flops
 from hint_model.loss import token_loss_sum
 from hint_platform.config import ExperimentConfig, from_dict, model_config
+from hint_platform import storage
 from hint_platform.errors import TrainingError
-from hint_platform.tracking.runs import RunLogger
+from hint_platform.tracking.runs import RunLogger, use_login
 from hint_platform.training.checkpoint import export_model, load_checkpoint, save_checkpoint
 from hint_platform.training.optim import build_optimizer, build_scheduler, clip_gradients
 from hint_platform.training.parallel import parallelize
@@ -172,6 +173,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
             state = load_checkpoint(directory, model, optimizer, scheduler, config.to_dict())
     # The batches' layout and padding follow the model and its tokenizer.
     causal, pad_id = config.is_decoder_only, load_tokenizer(cfg.data.tokenizer).pad_id
+    use_login(ray.get(loop_config["mlflow_login"]))
     logger = RunLogger(loop_config["tracking_uri"], loop_config["run_id"], rank == 0)
     micro = t.micro_batch_size
     accum = t.global_batch_size // (world * micro)
@@ -224,8 +226,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
                 ray.train.report(metrics, checkpoint=Checkpoint.from_directory(directory))
         else:
             ray.train.report(metrics)
-    export_dir = loop_config["export_dir"]
-    export_model(model, export_dir, cfg.data.tokenizer)
-    logger.log_artifacts(export_dir, "export")
+    export_dir = loop_config["export_dir"]  # a path, or an object store URI: uploaded by rank 0
+    with storage.local_dir(export_dir, upload=rank == 0) as local:
+        export_model(model, local, cfg.data.tokenizer)
+        logger.log_artifacts(local, "export")
     logger.close()
     return {"export_dir": export_dir, "steps_done": state.step} if rank == 0 else None

@@ -15,12 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
-from mlflow.tracking import MlflowClient
 from ray.tune import ExperimentAnalysis
 
 from hint_model import flops
 from hint_platform.config import model_config
 from hint_platform.errors import UserError
+from hint_platform.tracking import runs
 from hint_platform.tuning import study_runs
 from hint_platform.tuning.plan import StudyRun, apply_point, point_label
 
@@ -131,7 +131,8 @@ def write_report(run: StudyRun, parent_run_id: str | None) -> Path:
         best = rows[0] if rows and not math.isnan(rows[0].metric) else None
         study_runs.mark_best(run, parent_run_id, best and best.trial_id, metric,
                              best and best.metric)
-        MlflowClient(run.tracking_uri).log_artifacts(parent_run_id, str(out), "report")
+        with runs.mlflow_client(run.tracking_uri) as client:
+            client.log_artifacts(parent_run_id, str(out), "report")
     return out
 
 

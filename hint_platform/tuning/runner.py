@@ -34,7 +34,6 @@ from typing import Any, Callable
 
 import ray
 from mlflow.entities import Metric
-from mlflow.tracking import MlflowClient
 from ray import tune
 from ray.tune import ExperimentAnalysis
 from ray.tune.integration.ray_train import TuneReportCallback
@@ -43,6 +42,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from hint_platform.config import ExperimentConfig, from_dict
 from hint_platform.errors import USER_ERRORS, TrainingError
 from hint_platform.evaluation.evaluate import evaluate_export
+from hint_platform.tracking import runs
 from hint_platform.training.driver import fit, start_ray
 from hint_platform.training.preflight import resolve
 from hint_platform.tuning import study_runs
@@ -58,8 +58,9 @@ def fit_trial(cfg: ExperimentConfig) -> None:
         return
     report = evaluate_export(result.export_dir, cfg, max_new_tokens=cfg.data.max_target_len)
     timestamp = int(time.time() * 1000)
-    MlflowClient(result.tracking_uri).log_batch(result.mlflow_run_id, metrics=[
-        Metric(k, v, timestamp, result.steps_done) for k, v in report.flat_metrics().items()])
+    with runs.mlflow_client(result.tracking_uri) as client:
+        client.log_batch(result.mlflow_run_id, metrics=[
+            Metric(k, v, timestamp, result.steps_done) for k, v in report.flat_metrics().items()])
     tune.report({f"eval/{k}": v for k, v in report.overall.items()} | {"step": result.steps_done})
 
 

@@ -7,7 +7,6 @@ logs into the child; this module keeps the bookkeeping around it (tags, outcomes
 from __future__ import annotations
 
 from mlflow.entities import Param
-from mlflow.tracking import MlflowClient
 
 from hint_platform.config import ExperimentConfig, flatten, model_config
 from hint_platform.tracking import runs
@@ -27,23 +26,24 @@ _RUN_STATUS = {"done": "FINISHED", "stopped early": "KILLED", "failed": "FAILED"
 def open_parent_run(run: StudyRun) -> str:
     """Creates the study's parent run, or reopens it when the study resumes. The study's
     options are logged once, when it starts: a resumed study keeps them (so does Tune)."""
-    client = MlflowClient(run.tracking_uri)
     run_id = runs.open_run(run.base.with_overrides({"name": run.name}), run.tracking_uri)
-    client.set_tag(run_id, STUDY_TAG, run.study.name)
-    client.set_tag(run_id, "mlflow.note.content", run.study.question)
-    client.set_tag(run_id, "hint.tune.dir", str(run.path))
-    logged = client.get_run(run_id).data.params
-    values = {"metric": run.study.metric, "mode": run.study.mode, "space": repr(run.study.space)}
-    values.update({key: run.option(key) for key in OPTIONS})
-    for key, value in values.items():
-        if f"tune.{key}" not in logged:
-            client.log_param(run_id, f"tune.{key}", str(value)[:runs.MAX_PARAM_CHARS])
+    with runs.mlflow_client(run.tracking_uri) as client:
+        client.set_tag(run_id, STUDY_TAG, run.study.name)
+        client.set_tag(run_id, "mlflow.note.content", run.study.question)
+        client.set_tag(run_id, "hint.tune.dir", str(run.path))
+        logged = client.get_run(run_id).data.params
+        values = {"metric": run.study.metric, "mode": run.study.mode, "space": repr(run.study.space)}
+        values.update({key: run.option(key) for key in OPTIONS})
+        for key, value in values.items():
+            if f"tune.{key}" not in logged:
+                client.log_param(run_id, f"tune.{key}", str(value)[:runs.MAX_PARAM_CHARS])
     return run_id
 
 
 def logged_num_samples(run: StudyRun, parent_id: str) -> int:
     """The num_samples the study started with (a resumed study keeps it)."""
-    return int(MlflowClient(run.tracking_uri).get_run(parent_id).data.params["tune.num_samples"])
+    with runs.mlflow_client(run.tracking_uri) as client:
+        return int(client.get_run(parent_id).data.params["tune.num_samples"])
 
 
 def open_child_run(cfg: ExperimentConfig, parent_id: str, trial_id: str, point: str) -> str:
@@ -52,66 +52,66 @@ def open_child_run(cfg: ExperimentConfig, parent_id: str, trial_id: str, point: 
     names, so MLflow's compare view lines up e.g. adapter_size whoever set it."""
     uri = cfg.run.tracking_uri
     run_id = runs.open_run(cfg, uri)
-    client = MlflowClient(uri)
-    client.set_tag(run_id, PARENT_TAG, parent_id)
-    client.set_tag(run_id, TRIAL_TAG, trial_id)
-    client.set_tag(run_id, POINT_TAG, point)
-    logged = client.get_run(run_id).data.params
-    client.log_batch(run_id, params=[
-        Param(f"model.config.{k}", str(v)) for k, v in model_config(cfg).to_dict().items()
-        if f"model.config.{k}" not in logged])
+    with runs.mlflow_client(uri) as client:
+        client.set_tag(run_id, PARENT_TAG, parent_id)
+        client.set_tag(run_id, TRIAL_TAG, trial_id)
+        client.set_tag(run_id, POINT_TAG, point)
+        logged = client.get_run(run_id).data.params
+        client.log_batch(run_id, params=[
+            Param(f"model.config.{k}", str(v)) for k, v in model_config(cfg).to_dict().items()
+            if f"model.config.{k}" not in logged])
     return run_id
 
 
 def parent_run_id(run: StudyRun) -> str | None:
     """The study's MLflow parent run, if the study has started."""
     runs.check_reachable(run.tracking_uri)
-    client = MlflowClient(run.tracking_uri)
-    experiment = client.get_experiment_by_name(run.base.run.experiment)
-    if experiment is None:
-        return None
-    found = client.search_runs(
-        [experiment.experiment_id],
-        filter_string=f"tags.`{runs.RUN_NAME_TAG}` = '{run.name}' and "
-                      f"tags.`{runs.STORAGE_TAG}` = '{runs.storage_dir(run.base)}'",
-        max_results=1)
+    with runs.mlflow_client(run.tracking_uri) as client:
+        experiment = client.get_experiment_by_name(run.base.run.experiment)
+        if experiment is None:
+            return None
+        found = client.search_runs(
+            [experiment.experiment_id],
+            filter_string=f"tags.`{runs.RUN_NAME_TAG}` = '{run.name}' and "
+                          f"tags.`{runs.STORAGE_TAG}` = '{runs.storage_dir(run.base)}'",
+            max_results=1)
     return found[0].info.run_id if found else None
 
 
 def child_runs(run: StudyRun, parent_id: str) -> list:
     """The study's trial runs in MLflow, oldest first."""
-    client = MlflowClient(run.tracking_uri)
-    experiment = client.get_experiment_by_name(run.base.run.experiment)
-    return client.search_runs([experiment.experiment_id],
-                              filter_string=f"tags.`{PARENT_TAG}` = '{parent_id}'",
-                              order_by=["attributes.start_time ASC"])
+    with runs.mlflow_client(run.tracking_uri) as client:
+        experiment = client.get_experiment_by_name(run.base.run.experiment)
+        return client.search_runs([experiment.experiment_id],
+                                  filter_string=f"tags.`{PARENT_TAG}` = '{parent_id}'",
+                                  order_by=["attributes.start_time ASC"])
 
 
 def close_child_runs(run: StudyRun, parent_id: str, trials) -> None:
     """Closes each ended trial's MLflow run with how the trial ended, and tags it. A trial that
     ASHA stopped was killed mid-training: its run may be left running, or marked failed by the
     interrupted training."""
-    client = MlflowClient(run.tracking_uri)
-    by_trial = {r.data.tags.get(TRIAL_TAG): r for r in child_runs(run, parent_id)}
-    for t in trials:
-        child = by_trial.get(t.trial_id)
-        if child is None or t.status not in ENDED:
-            continue
-        outcome = trial_outcome(t, run.base.train.max_steps)
-        client.set_tag(child.info.run_id, OUTCOME_TAG, outcome)
-        runs.set_terminated(run.tracking_uri, child.info.run_id, _RUN_STATUS[outcome])
+    with runs.mlflow_client(run.tracking_uri) as client:
+        by_trial = {r.data.tags.get(TRIAL_TAG): r for r in child_runs(run, parent_id)}
+        for t in trials:
+            child = by_trial.get(t.trial_id)
+            if child is None or t.status not in ENDED:
+                continue
+            outcome = trial_outcome(t, run.base.train.max_steps)
+            client.set_tag(child.info.run_id, OUTCOME_TAG, outcome)
+            runs.set_terminated(run.tracking_uri, child.info.run_id, _RUN_STATUS[outcome])
 
 
 def mark_best(run: StudyRun, parent_id: str, best_trial_id: str | None, metric: str,
               value: float | None) -> None:
     """Tags the best trial's child (and only it) and names it on the parent."""
-    client = MlflowClient(run.tracking_uri)
-    for child in child_runs(run, parent_id):
-        is_best = best_trial_id is not None and child.data.tags.get(TRIAL_TAG) == best_trial_id
-        client.set_tag(child.info.run_id, BEST_TAG, str(is_best).lower())
-    if best_trial_id is not None:
-        client.set_tag(parent_id, f"{BEST_TAG}_trial", best_trial_id)
-        client.log_metric(parent_id, f"best_{metric}", value)
+    with runs.mlflow_client(run.tracking_uri) as client:
+        for child in child_runs(run, parent_id):
+            is_best = best_trial_id is not None and child.data.tags.get(TRIAL_TAG) == best_trial_id
+            client.set_tag(child.info.run_id, BEST_TAG, str(is_best).lower())
+        if best_trial_id is not None:
+            client.set_tag(parent_id, f"{BEST_TAG}_trial", best_trial_id)
+            client.log_metric(parent_id, f"best_{metric}", value)
 
 
 def best_trial_id(run: StudyRun) -> str | None:
@@ -119,7 +119,8 @@ def best_trial_id(run: StudyRun) -> str | None:
     parent = parent_run_id(run)
     if parent is None:
         return None
-    return MlflowClient(run.tracking_uri).get_run(parent).data.tags.get(f"{BEST_TAG}_trial")
+    with runs.mlflow_client(run.tracking_uri) as client:
+        return client.get_run(parent).data.tags.get(f"{BEST_TAG}_trial")
 
 
 def close_parent_run(run: StudyRun, parent_id: str, finished: bool) -> None:
