@@ -101,3 +101,26 @@ def default_cache_bytes(model, device: torch.device | str | None = None) -> int:
                     "instruction (%d tokens, %.0f MiB): long instructions will not be cached",
                     bound / 2**20, device, model.config.max_hyper_len, state / 2**20)
     return bound
+
+
+def model_process_resources(cluster: dict[str, float], gpus: float | None = None,
+                            cpus: float = 1.0) -> dict[str, float]:
+    """The Ray options of a task or actor that will run a model, on a cluster with these
+    resources (`ray.cluster_resources()`): `gpus` GPUs (default one) and one CPU when the
+    cluster has GPUs, else `cpus` CPUs."""
+    if cluster.get("GPU", 0) > 0:
+        return {"num_gpus": 1.0 if gpus is None else gpus, "num_cpus": 1.0}
+    return {"num_cpus": cpus}
+
+
+def model_process_count(cluster: dict[str, float], resources: dict[str, float],
+                        requested: int | None, work_units: int) -> int:
+    """How many model processes to start: `requested` (default: one per GPU share on a GPU
+    cluster, one on a CPU cluster), at most as many as the cluster's GPUs hold, at most one per
+    unit of work (a task), at least one."""
+    gpus = resources.get("num_gpus", 0)
+    fits = int(cluster.get("GPU", 0) // gpus) if gpus else None
+    count = requested or fits or 1
+    if fits is not None:
+        count = min(count, fits)
+    return max(1, min(count, work_units))

@@ -79,3 +79,18 @@ def test_a_ray_worker_without_a_gpu_runs_on_the_cpu(ray_local):
 
     assert ray_local.get(where.remote()) == ([], "cpu")
     assert placement.assigned_gpu_ids() is None  # the driver: not a Ray worker
+
+
+def test_model_processes_ask_for_gpus_when_the_cluster_has_them():
+    gpu_cluster, cpu_cluster = {"CPU": 64.0, "GPU": 8.0}, {"CPU": 4.0}
+    one_gpu = placement.model_process_resources(gpu_cluster)
+    assert one_gpu == {"num_gpus": 1.0, "num_cpus": 1.0}
+    assert placement.model_process_resources(gpu_cluster, gpus=0.5)["num_gpus"] == 0.5
+    assert placement.model_process_resources(cpu_cluster, gpus=1, cpus=0.5) == {"num_cpus": 0.5}
+    # One per GPU by default, never more than the GPUs hold, never more than the tasks.
+    assert placement.model_process_count(gpu_cluster, one_gpu, None, 100) == 8
+    assert placement.model_process_count(gpu_cluster, one_gpu, 20, 100) == 8
+    assert placement.model_process_count(gpu_cluster, one_gpu, None, 3) == 3
+    assert placement.model_process_count(gpu_cluster, {"num_gpus": 0.5}, None, 100) == 16
+    assert placement.model_process_count(cpu_cluster, {"num_cpus": 1.0}, None, 100) == 1
+    assert placement.model_process_count(cpu_cluster, {"num_cpus": 1.0}, 3, 2) == 2
