@@ -352,7 +352,7 @@ def test_hint_predict_killed_actor_then_the_rerun_resumes_with_every_row_once(ex
     import ray._private.state as ray_state
 
     from hint_platform.serving import batch_output
-    from hint_platform.serving.batch import PredictOptions, predict
+    from hint_platform.serving.batch import PredictOptions, predict, read_rows
 
     out, _, tasks = export
     rows = [{"id": f"r{i}", "instruction": tasks[i % 4][0], "input": f"{tasks[i % 4][1][i % 6]} {i}"}
@@ -360,7 +360,8 @@ def test_hint_predict_killed_actor_then_the_rerun_resumes_with_every_row_once(ex
     (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     opts = PredictOptions(model=str(out), sources=[str(tmp_path / "rows.jsonl")], output=str(tmp_path / "pred"),
                           batch_size=1, num_beams=2, max_new_tokens=24, max_restarts=0, max_task_retries=0)
-    work = batch_output.work_dir((tmp_path / "pred").resolve(), batch_output.fingerprint(opts.job()))
+    rows_table = read_rows(opts.sources, out, opts.max_input_len)
+    work = batch_output.work_dir((tmp_path / "pred").resolve(), batch_output.fingerprint(opts.job(rows_table)))
     killed: list[int] = []
     ended = threading.Event()
 

@@ -73,12 +73,21 @@ class PredictOptions:
     max_task_retries: int = 1  # per batch, after its actor died
     params: dict[str, Any] = field(default_factory=dict)
 
-    def job(self) -> dict[str, Any]:
-        """What decides the predictions (a rerun with the same resumes): not the batching."""
+    def __post_init__(self):
+        if self.max_restarts < 0 or self.max_task_retries < 0:  # -1 is Ray's "forever"
+            raise UserError(f"max_restarts and max_task_retries must be >= 0, got {self.max_restarts} "
+                            f"and {self.max_task_retries}")
+
+    def job(self, rows: pa.Table) -> dict[str, Any]:
+        """What decides the predictions (a rerun with the same resumes): the model, the rows'
+        contents and the generation options; not the batching."""
         model = self.model if self.model.startswith("models:/") else str(Path(self.model).resolve())
-        sources = [s if s.startswith("{") else str(Path(s).resolve()) for s in self.sources]
-        return {"model": model, "sources": sources, "max_new_tokens": self.max_new_tokens,
-                "num_beams": self.num_beams, "max_input_len": self.max_input_len, "dtype": self.dtype}
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_stream(sink, rows.schema) as writer:
+            writer.write_table(rows)
+        return {"model": model, "rows": hashlib.sha256(sink.getvalue()).hexdigest(),
+                "max_new_tokens": self.max_new_tokens, "num_beams": self.num_beams,
+                "max_input_len": self.max_input_len, "dtype": self.dtype}
 
 
 class PredictActor:
@@ -206,9 +215,6 @@ def predict(opts: PredictOptions, *, log_run: bool = True,
     """Runs the job on the current Ray, or resumes it; returns a summary (paths, metrics, run
     id). With `log_run` and a tracking URI, the job is an MLflow run (parameters, metrics, files)."""
     start = time.perf_counter()
-    if opts.max_restarts < 0 or opts.max_task_retries < 0:  # -1 is Ray's "forever"
-        raise UserError(f"max_restarts and max_task_retries must be >= 0, got {opts.max_restarts} "
-                        f"and {opts.max_task_retries}")
     export_dir = resolve_export(opts.model, opts.tracking_uri)
     table = read_rows(opts.sources, export_dir, opts.max_input_len)
     check_rows(table, export_dir)
@@ -218,7 +224,7 @@ def predict(opts: PredictOptions, *, log_run: bool = True,
         raise UserError(f"sources {', '.join(opts.sources)}: row id {twice[0]!r} appears more than once")
     out = Path(opts.output).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    job = batch_output.fingerprint(opts.job())
+    job = batch_output.fingerprint(opts.job(table))
     finished = batch_output.finished(out, job)
     if finished is not None:
         progress(f"{out}: this job finished before ({finished['rows']} rows); nothing to do")
