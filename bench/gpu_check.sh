@@ -46,7 +46,7 @@ cd "$(dirname "$0")/.."
 SMOKE=${GPU_CHECK_SMOKE:-0}
 PY=${PYTHON:-python3}
 if [ "$SMOKE" = 1 ]; then  # a loaded 2-core CPU compiles and trains slowly: larger limits
-  BUDGET=${GPU_CHECK_BUDGET_S:-3600} SCALE=6
+  BUDGET=${GPU_CHECK_BUDGET_S:-3600} SCALE=8
 else
   BUDGET=${GPU_CHECK_BUDGET_S:-480} SCALE=1
 fi
