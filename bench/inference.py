@@ -7,8 +7,10 @@ the medians over the real task files in ../shared/data/sni (T5 tokenizer in
 (TaskModules: PEFT weights + the fused instruction's cross-attention keys / values) and then
 reads the input alone. Both decode exactly the output length (EOS is never emitted), greedy,
 with the decoder's KV cache, in batches of --batch-size. Time for n = 1, 10, 100 inputs (the
-state's generation is inside HINT's time), and the paper's Figure 4 (Section 6.2): time for
-100 inputs as the instruction grows with 0, 1, 2, 4, 8 positive examples. On CPU the time is
+state's generation is inside HINT's time) at each of --output-lens (the median output, 2 tokens
+on the SNI sample, where a step is latency-bound; on GPU also 256, the length the paper's SNI
+evaluation decodes to, reference gins/ni_eval.gin), and the paper's Figure 4 (Section 6.2): time
+for 100 inputs as the instruction grows with 0, 1, 2, 4, 8 positive examples. On CPU the time is
 this process's CPU time with --threads torch threads (default 1): on a shared machine wall
 time measures the neighbours' load; on GPU it is wall time (synchronised). Both plots are
 PNGs; with $MLFLOW_TRACKING_URI set they and the figures are logged to MLflow (experiment
@@ -18,6 +20,7 @@ hint-bench).
   python bench/inference.py --preset xl --dtype bf16    # GPU
 
 Last line: hint_speedup_at_1=<x> hint_speedup_at_10=<x> hint_speedup_at_100=<x> flops_ratio_at_100=<x>
+(at the median output length) [hint_speedup_at_100_o<O>=<x> flops_ratio_at_100_o<O>=<x> per other length]
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ T5_TOKENIZER = REPO.parent / "shared" / "data" / "tokenizer" / "t5"
 # one positive example block, instance input, output), in T5 tokens.
 FALLBACK = {"definition": 17, "positive_example": 80, "input": 64, "output": 2}
 SHOTS = (0, 1, 2, 4, 8)
+PAPER_OUTPUT_LEN = 256  # what the paper's SNI evaluation decodes to (reference gins/ni_eval.gin)
 
 
 def sni_lengths() -> tuple[dict[str, float], str]:
@@ -113,6 +117,20 @@ def best_of(fn, repeats: int) -> float:
     return min(fn() for _ in range(repeats))
 
 
+def n_series(hint, concat, ns, t: int, i: int, o: int, batch: int, device, repeats: int) -> dict[str, list[float]]:
+    """Time for each n of `ns` inputs of one task, both models, outputs of o tokens."""
+    times: dict[str, list[float]] = {"HINT (state cached)": [], "concatenation": []}
+    for n in ns:
+        h = best_of(lambda: run_hint(hint, n, t, i, o, batch, device), repeats)
+        c = best_of(lambda: run_concat(concat, n, t, i, o, batch, device), repeats)
+        times["HINT (state cached)"].append(h)
+        times["concatenation"].append(c)
+        flops = task_cost(hint.config, n, t, i, o)
+        print(f"output {o:>3}, n={n:>3}: hint {h:7.3f} s  concat {c:7.3f} s  speedup {c / h:5.2f}  "
+              f"(FLOPs ratio {flops.speedup:5.2f})", flush=True)
+    return times
+
+
 def plot(path: Path, xs, series: dict[str, list[float]], xlabel: str, title: str, log: bool) -> None:
     import matplotlib
 
@@ -143,6 +161,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="best of this many runs per point")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--out", default="runs/bench/inference", help="where the plots go")
+    parser.add_argument("--output-lens", default=None,
+                        help=f"comma-separated output lengths; 'median' is the SNI median (default: median on "
+                             f"CPU, median,{PAPER_OUTPUT_LEN} on GPU)")
     args = parser.parse_args()
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -155,23 +176,20 @@ def main() -> None:
     lengths, where = sni_lengths()
     shot_len = {k: round(lengths["definition"] + k * lengths["positive_example"]) for k in SHOTS}
     t, i, o = shot_len[2], round(lengths["input"]), max(1, round(lengths["output"]))
+    spec = args.output_lens or ("median," + str(PAPER_OUTPUT_LEN) if gpu else "median")
+    output_lens = [o if x.strip() == "median" else int(x) for x in spec.split(",")]
     timing = "wall time" if gpu else f"process CPU time, {args.threads} thread(s)"
     print(f"{preset} {str(dtype).removeprefix('torch.')} on {device} ({timing}), batch {batch}; {where}: "
-          f"instruction (Def + 2 Pos) {t}, input {i}, output {o} tokens", flush=True)
+          f"instruction (Def + 2 Pos) {t}, input {i}, output {o} tokens (median); output lengths "
+          f"timed: {', '.join(map(str, output_lens))}", flush=True)
     hint, concat = build(preset, dtype, device)
     run_hint(hint, 2, t, i, o, batch, device)  # warm-up: allocator, kernels
     run_concat(concat, 2, t, i, o, batch, device)
 
     ns = (1, 10, 100)
-    times: dict[str, list[float]] = {"HINT (state cached)": [], "concatenation": []}
-    for n in ns:
-        h = best_of(lambda: run_hint(hint, n, t, i, o, batch, device), args.repeats)
-        c = best_of(lambda: run_concat(concat, n, t, i, o, batch, device), args.repeats)
-        times["HINT (state cached)"].append(h)
-        times["concatenation"].append(c)
-        flops = task_cost(hint.config, n, t, i, o)
-        print(f"n={n:>3}: hint {h:7.3f} s  concat {c:7.3f} s  speedup {c / h:5.2f}  "
-              f"(FLOPs ratio {flops.speedup:5.2f})", flush=True)
+    series = {length: n_series(hint, concat, ns, t, i, length, batch, device, args.repeats) for length in output_lens}
+    times = series[output_lens[0]]
+    o = output_lens[0]
 
     shots: dict[str, list[float]] = {"HINT (state cached)": [], "concatenation": []}
     for k in SHOTS:
@@ -206,8 +224,13 @@ def main() -> None:
             mlflow.log_artifact(str(latency_png), "plots")
             mlflow.log_artifact(str(shots_png), "plots")
         print(f"MLflow run {run.info.run_id}: plots/{latency_png.name}, plots/{shots_png.name}")
+    others = ""
+    for length in output_lens[1:]:
+        h, c = series[length]["HINT (state cached)"][-1], series[length]["concatenation"][-1]
+        others += (f" hint_speedup_at_100_o{length}={c / h:.2f} "
+                   f"flops_ratio_at_100_o{length}={task_cost(hint.config, 100, t, i, length).speedup:.2f}")
     print(f"hint_speedup_at_1={speedups[1]:.2f} hint_speedup_at_10={speedups[10]:.2f} "
-          f"hint_speedup_at_100={speedups[100]:.2f} flops_ratio_at_100={ratio:.2f}")
+          f"hint_speedup_at_100={speedups[100]:.2f} flops_ratio_at_100={ratio:.2f}{others}")
 
 
 if __name__ == "__main__":

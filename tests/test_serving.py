@@ -61,6 +61,22 @@ def test_predictor_outputs_equal_model_generate(export):
     assert predictor.cache.stats.hits == 3
 
 
+def test_predictor_in_bf16_equals_the_bf16_model_and_caches_the_longest_instruction(export):
+    out, _, tasks = export
+    predictor = CachedPredictor(out, dtype="bfloat16", batch_size=4)
+    assert next(predictor.model.parameters()).dtype == torch.bfloat16 and predictor.device.type == "cpu"
+    instruction, inputs = tasks[0][0], tasks[0][1][:3]
+    hyper, _ = predictor.texts(instruction, "")
+    hyper_ids = torch.tensor([predictor.tokenizer.encode(hyper)])
+    for text, output in zip(inputs, predictor.predict([instruction] * 3, inputs)):
+        ids = torch.tensor([predictor.tokenizer.encode(predictor.texts(instruction, text)[1])])
+        tokens = predictor.model.generate(ids, hyper_input_ids=hyper_ids)
+        assert output == predictor.tokenizer.decode(tokens[0].tolist()).strip()
+    longest = tuple(range(5, 5 + MAX_HYPER))  # the default bound is sized to hold it
+    state, hit = predictor.task_state(longest)
+    assert not hit and longest in predictor.cache and predictor.cache.stats.capacity_bytes >= state.nbytes
+
+
 def test_cache_evicts_least_recently_used_at_its_bound(export):
     out, _, tasks = export
     probe = CachedPredictor(out)
@@ -247,8 +263,12 @@ def test_hint_predict_equals_model_generate_row_for_row(export, ray_local, tmp_p
     (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     spec = f"{{kind: sni, path: {suite.root}/sni, split: synthetic, max_per_task: 2}}"
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    (tmp_path / "pred").mkdir()
+    (tmp_path / "pred" / "old-run.parquet").write_text("an earlier job's file")
+    secret = "pw-of-the-warehouse-0123"
     summary = predict(PredictOptions(model=str(out), sources=[str(tmp_path / "rows.jsonl"), spec],
-                                     output=str(tmp_path / "pred"), tracking_uri=uri, batch_size=3),
+                                     output=str(tmp_path / "pred"), tracking_uri=uri, batch_size=3,
+                                     params={"source_db": f"postgresql://etl:{secret}@db:5432/rows"}),
                       progress=lambda line: None)
     got = pd.read_parquet(tmp_path / "pred" / "predictions.parquet")
     assert list(got.columns) == ["id", "task", "input", "prediction", "references"]
@@ -276,8 +296,14 @@ def test_hint_predict_equals_model_generate_row_for_row(export, ray_local, tmp_p
     metrics = json.loads((tmp_path / "pred" / "metrics.json").read_text())
     assert set(metrics["per_task"]) == set(got["task"])
     assert 0 <= metrics["overall"]["rougeL"] <= 100
-    run = mlflow.MlflowClient(tracking_uri=uri).get_run(summary["mlflow_run_id"])
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    run = client.get_run(summary["mlflow_run_id"])
     assert run.data.params["num_beams"] == "1" and run.data.metrics["rows"] == len(got)
+    assert secret not in json.dumps(run.data.params) and "etl:***@db" in run.data.params["source_db"]
+    logged = {f.path for f in client.list_artifacts(run.info.run_id, "predict")}
+    assert logged == {"predict/predictions.parquet", "predict/metrics.json"}  # not the old run's file
+    assert sorted(p.name for p in (tmp_path / "pred").iterdir()) == [
+        "metrics.json", "old-run.parquet", "predictions.parquet", "summary.json"]  # no work dir left
     assert run.data.metrics["predict/rougeL"] == metrics["overall"]["rougeL"]
 
 
@@ -293,3 +319,76 @@ def test_hint_predict_names_a_bad_source_before_starting_ray(export, tmp_path, c
     with pytest.raises(Exception, match="missing column"):
         from hint_platform.serving.batch import read_rows
         read_rows([str(tmp_path / "rows.jsonl")], export[0], 64)
+
+
+def test_hint_predict_checks_every_row_before_any_model_work(export, tmp_path):
+    from hint_platform.errors import UserError
+    from hint_platform.serving.batch import PredictOptions, predict
+
+    out, _, tasks = export
+    rows = [{"id": "fine", "instruction": tasks[0][0], "input": "x"},
+            {"id": "long-one", "instruction": "word " * 200, "input": "x"}]
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    opts = PredictOptions(model=str(out), sources=[str(tmp_path / "rows.jsonl")], output=str(tmp_path / "pred"))
+    with pytest.raises(UserError, match=f"row long-one: instruction has .* tokens, more than the model's "
+                                        f"max_hyper_len={MAX_HYPER}"):
+        predict(opts, log_run=False)  # no Ray call before this: the check runs on the driver
+    (tmp_path / "rows.jsonl").write_text(json.dumps({"instruction": " ", "input": "x"}) + "\n")
+    with pytest.raises(UserError, match="rows.jsonl: row 0: empty instruction"):
+        predict(opts, log_run=False)
+    assert not (tmp_path / "pred").exists()
+
+
+def test_hint_predict_killed_actor_then_the_rerun_resumes_with_every_row_once(export, ray_local, tmp_path):
+    """A real actor process SIGKILLed mid-job (its PID from Ray's GCS actor table): with
+    max_restarts=0 the job fails instead of retrying; the parts written stay; the same command
+    again predicts only the missing rows and publishes each row exactly once."""
+    import os
+    import signal
+    import threading
+    import time
+
+    import pandas as pd
+    import ray._private.state as ray_state
+
+    from hint_platform.serving import batch_output
+    from hint_platform.serving.batch import PredictOptions, predict, read_rows
+
+    out, _, tasks = export
+    rows = [{"id": f"r{i}", "instruction": tasks[i % 4][0], "input": f"{tasks[i % 4][1][i % 6]} {i}"}
+            for i in range(96)]
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    opts = PredictOptions(model=str(out), sources=[str(tmp_path / "rows.jsonl")], output=str(tmp_path / "pred"),
+                          batch_size=1, num_beams=2, max_new_tokens=24, max_restarts=0, max_task_retries=0)
+    rows_table = read_rows(opts.sources, out, opts.max_input_len)
+    work = batch_output.work_dir((tmp_path / "pred").resolve(), batch_output.fingerprint(opts.job(rows_table)))
+    killed: list[int] = []
+    ended = threading.Event()
+
+    def kill_an_actor_mid_job():
+        while not ended.is_set() and not (work.is_dir() and batch_output.parts(work)):
+            time.sleep(0.02)
+        for actor in ray_state.actors().values():
+            if "PredictActor" in actor["ActorClassName"] and actor["State"] == "ALIVE":
+                os.kill(actor["Pid"], signal.SIGKILL)
+                killed.append(len(batch_output.parts(work)))
+
+    killer = threading.Thread(target=kill_an_actor_mid_job)
+    killer.start()
+    try:
+        with pytest.raises(Exception):  # noqa: B017 (Ray Data wraps the actor's death in its own errors)
+            predict(opts, log_run=False, progress=lambda line: None)
+    finally:
+        ended.set()
+        killer.join()
+    assert killed and 0 < killed[0] < 96 // 4
+    written = batch_output.written_ids(work)
+    assert 0 < len(written) < len(rows) and not (tmp_path / "pred" / "predictions.parquet").exists()
+
+    summary = predict(opts, log_run=False, progress=lambda line: None)
+    assert summary["resumed_rows"] == len(written) and summary["rows"] == len(rows)
+    got = pd.read_parquet(tmp_path / "pred" / "predictions.parquet")
+    assert sorted(got["id"]) == sorted(r["id"] for r in rows)  # every row, each once
+    assert not work.exists()
+    again = predict(opts, log_run=False, progress=lambda line: None)  # done: nothing to redo
+    assert again["job"] == summary["job"] and len(pd.read_parquet(tmp_path / "pred" / "predictions.parquet")) == len(rows)

@@ -19,6 +19,7 @@ import torch
 from hint_model import TaskModules
 from hint_platform import export
 from hint_platform.errors import UserError
+from hint_platform.placement import default_cache_bytes
 from hint_platform.evaluation.inference import task_modules
 from pipelines import formats
 from pipelines.collate import pad_sequences
@@ -91,12 +92,17 @@ class CachedPredictor:
     """(instruction, input) -> output text, generating each task's state once.
 
     `max_new_tokens` defaults to the model's target length; `num_beams` > 1 is beam search.
+    `cache_mib` defaults to `placement.default_cache_bytes` (sized from the model and the device).
     """
 
-    def __init__(self, export_dir: str | Path, *, cache_mib: float = 256.0, max_new_tokens: int | None = None,
-                 num_beams: int = 1, batch_size: int = 16, max_input_len: int = 1024):
-        self.model, self.tokenizer = export.load(export_dir)
-        self.cache = TaskStateCache(int(cache_mib * 2**20))
+    def __init__(self, export_dir: str | Path, *, cache_mib: float | None = None, max_new_tokens: int | None = None,
+                 num_beams: int = 1, batch_size: int = 16, max_input_len: int = 1024,
+                 device: torch.device | str | None = None, dtype: str | None = None):
+        # On the GPU Ray assigned to this process (bf16 there), else the CPU: placement.py.
+        self.model, self.tokenizer = export.load(export_dir, device=device, dtype=dtype)
+        self.device = next(self.model.parameters()).device
+        capacity = default_cache_bytes(self.model) if cache_mib is None else int(cache_mib * 2**20)
+        self.cache = TaskStateCache(capacity)
         self.max_new_tokens = max_new_tokens or self.model.config.max_target_len
         self.num_beams, self.batch_size, self.max_input_len = num_beams, batch_size, max_input_len
         self.batches = self.mixed_batches = 0  # forwards run, and how many mixed several tasks
@@ -169,15 +175,16 @@ class CachedPredictor:
                 if id(state) not in rows:
                     rows[id(state)] = len(unique)
                     unique.append(state)
-            index = torch.tensor([rows[id(s)] for s, _ in chunk])
+            index = torch.tensor([rows[id(s)] for s, _ in chunk], device=self.device)
             input_ids, mask = pad_sequences([ids for _, ids in chunk], self.tokenizer.pad_id)
+            input_ids, mask = input_ids.to(self.device), mask.to(self.device)
             modules = unique[0] if len(unique) == 1 else TaskModules.stack(unique)
             self.batches += 1
             self.mixed_batches += len(unique) > 1
             tokens = self.model.generate(input_ids, mask, modules=modules,
                                          task_index=None if len(unique) == 1 else index,
                                          max_new_tokens=self.max_new_tokens, num_beams=self.num_beams)
-            outputs += [self.tokenizer.decode(row).strip() for row in tokens.tolist()]
+            outputs += [self.tokenizer.decode(row).strip() for row in tokens.cpu().tolist()]
         return outputs
 
     def predict_tokens(self, keys: list[TaskKey], input_ids: list[list[int]]) -> list[str]:
