@@ -11,10 +11,13 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import torch
 from torch import Tensor, nn
 
-from hint_model import HintModel
+from hint_model import HintConfig, HintModel
+from hint_model.checkpoint import read_config
 from hint_platform.errors import UserError
+from hint_platform.placement import inference_device, inference_dtype
 from pipelines import Tokenizer, load_tokenizer
 from pipelines.tokenizer import MODEL_FILE
 
@@ -46,9 +49,22 @@ def tokenizer_dir(directory: str | Path) -> Path:
     raise UserError(f"{directory}: no tokenizer ({MODEL_FILE} in it or in {TOKENIZER}/)")
 
 
-def load(directory: str | Path) -> tuple[HintModel, Tokenizer]:
-    """The exported model (in eval mode) and its tokenizer."""
+def model_config(directory: str | Path) -> HintConfig:
+    """The export's model config, without reading its weights."""
     directory = Path(directory)
     if not (directory / CONFIG).is_file():
         raise UserError(f"{directory}: not a model export (no {CONFIG})")
-    return HintModel.from_pretrained(directory).eval(), load_tokenizer(tokenizer_dir(directory))
+    return read_config(directory)
+
+
+def load(directory: str | Path, device: torch.device | str | None = None,
+         dtype: torch.dtype | str | None = None) -> tuple[HintModel, Tokenizer]:
+    """The exported model, in eval mode on `device` (default: `placement.inference_device()`, the
+    GPU Ray assigned to this process) in `dtype` (default: bf16 on CUDA, fp32 on the CPU), and
+    its tokenizer."""
+    model_config(directory)  # a clear error for a directory that is not an export
+    device = torch.device(device) if device is not None else inference_device()
+    with torch.device(device):  # parameters made there: no full fp32 copy in host memory
+        model = HintModel.from_pretrained(directory)
+    model = model.to(dtype=inference_dtype(device, dtype)).eval()
+    return model, load_tokenizer(tokenizer_dir(directory))

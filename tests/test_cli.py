@@ -184,7 +184,7 @@ def test_data_prepare_then_stats(tmp_path, capsys):
     assert code == 2 and "no manifest.json" in err
 
 
-def test_eval_an_export_on_held_out_tasks(tmp_path, capsys):
+def test_eval_an_export_on_held_out_tasks(tmp_path, capsys, ray_local):
     import json
     import shutil
 

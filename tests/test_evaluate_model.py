@@ -93,3 +93,32 @@ def test_gflops_per_task_hint_reads_the_instruction_once(suite):
     t, i, o = (round(sum(len(r[k]) for r in one_task) / n) for k in ("hyper_input_ids", "input_ids", "labels"))
     assert mean_gflops_per_task(hint_cfg, one_task) == pytest.approx(task_cost(hint_cfg, n, t, i, o).hint / 1e9)
     assert mean_gflops_per_task(hint_cfg, hint_rows) < mean_gflops_per_task(concat_cfg, concat_rows)
+
+
+def test_evaluation_runs_in_ray_workers_and_scores_as_in_process(suite, ray_local, tmp_path):
+    """`evaluate_export` (hint eval, hint paper run) loads the model in Ray workers, never in
+    the driver, spreads the tasks over them, and gives the in-process evaluation's metrics."""
+    import os
+    import shutil
+
+    from hint_platform import config, export
+    from hint_platform.evaluation.evaluate import evaluate_export
+    from hint_platform.evaluation.workers import EvalWorkers
+
+    s, tok_dir = suite
+    tok = load_tokenizer(tok_dir)
+    _model(tok.vocab_size).save_pretrained(tmp_path / "export")
+    shutil.copytree(tok_dir, tmp_path / "export" / "tokenizer")
+    spec = s.sni_spec(part="test", max_per_task=3)
+    cfg = config.load("demo/finetune", [f"data.eval=[{json.dumps(spec)}]", "data.max_hyper_len=64",
+                                        "data.max_input_len=32", "data.max_target_len=16"])
+    report = evaluate_export(tmp_path / "export", cfg, batch_size=2, max_new_tokens=6,
+                             workers=EvalWorkers(count=2, cpus=0.5))
+    assert len(report.workers) == 2 and os.getpid() not in {w["pid"] for w in report.workers}
+    assert {w["device"] for w in report.workers} == {"cpu"}
+
+    model, _ = export.load(tmp_path / "export", device="cpu")
+    records = list(iter_records([spec], tok_dir, max_input_len=32, max_hyper_len=64, max_target_len=16))
+    here = score_predictions(predict_records(model, tok, records, batch_size=2, max_new_tokens=6))
+    assert report.predictions == here.predictions
+    assert {k: v for k, v in report.overall.items() if k != "gflops_per_task"} == here.overall

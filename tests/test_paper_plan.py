@@ -16,6 +16,7 @@ import yaml
 
 from hint_model import VARIANT_PRESETS
 from hint_platform import cli, config
+from hint_platform.evaluation.workers import EvalWorkers
 from hint_platform.paper import plan, runner
 from hint_platform.paper.stages import chain_commands, resolve, split_overrides
 from pipelines.spec import SourceSpec, SpecError
@@ -123,12 +124,17 @@ def test_a_paper_run_on_a_cluster_is_one_checked_job(capsys):
     assert "only shared storage" in err and "run.storage_path='runs'" in err
     table = plan.TABLE2.only(["HINT (split)"])
     request = runner.paper_job(table, "xxl", ["train.max_steps=5"], shared_dir="/mnt/shared",
-                               checkpoint=None, tracking_uri="http://mlflow:5000")
+                               checkpoint=None, tracking_uri="http://mlflow:5000",
+                               workers=EvalWorkers(count=4, gpus=0.5))
     argv = shlex.split(request.entrypoint)
+    assert "--eval-workers=4" in argv and "--eval-gpus=0.5" in argv
+    stages = dict(part.split(": ", 1) for part in request.metadata["hint_stage_gpus"].split("; "))
+    assert stages["hint-11b-p3-split"].startswith("train 32") and stages["hint-11b-p3-split"].endswith("eval 2 (0.5 per worker)")
     assert argv[:6] == ["hint", "paper", "run", "table2", "--size", "xxl"]
     assert "--row=HINT (split)" in argv and "--shared-dir=/mnt/shared" in argv
     args, extra = cli.build_parser().parse_known_args(argv[1:])
     assert (args.table, args.size, args.row) == ("table2", "xxl", ["HINT (split)"])
+    assert (args.eval_workers, args.eval_gpus) == (4, 0.5)
     assert args.overrides + extra == ["train.max_steps=5"]  # as cli.main joins them
     assert request.runtime_env["env_vars"]["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
     # the address is checked only after the plan: an unreachable one is a clear error

@@ -71,6 +71,22 @@ def test_predictor_outputs_equal_model_generate(export):
     assert predictor.cache.stats.hits == 3
 
 
+def test_predictor_in_bf16_equals_the_bf16_model_and_caches_the_longest_instruction(export):
+    out, _, tasks = export
+    predictor = CachedPredictor(out, dtype="bfloat16", batch_size=4)
+    assert next(predictor.model.parameters()).dtype == torch.bfloat16 and predictor.device.type == "cpu"
+    instruction, inputs = tasks[0][0], tasks[0][1][:3]
+    hyper, _ = predictor.texts(instruction, "")
+    hyper_ids = torch.tensor([predictor.tokenizer.encode(hyper)])
+    for text, output in zip(inputs, predictor.predict([instruction] * 3, inputs)):
+        ids = torch.tensor([predictor.tokenizer.encode(predictor.texts(instruction, text)[1])])
+        tokens = predictor.model.generate(ids, hyper_input_ids=hyper_ids)
+        assert output == predictor.tokenizer.decode(tokens[0].tolist()).strip()
+    longest = tuple(range(5, 5 + MAX_HYPER))  # the default bound is sized to hold it
+    state, hit = predictor.task_state(longest)
+    assert not hit and longest in predictor.cache and predictor.cache.stats.capacity_bytes >= state.nbytes
+
+
 def test_cache_evicts_least_recently_used_at_its_bound(export):
     out, _, tasks = export
     probe = CachedPredictor(out)

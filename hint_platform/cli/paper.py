@@ -41,6 +41,9 @@ def register(subparsers) -> None:
             a.add_argument("--tracking-uri", help="MLflow URI the job logs to, as the cluster "
                                                   "reaches it (default: $MLFLOW_TRACKING_URI)")
             a.add_argument("--no-wait", action="store_true", help="submit and return")
+            a.add_argument("--eval-workers", type=int, help="Ray workers of each evaluation, one model "
+                                                            "each (default: one per GPU of the cluster)")
+            a.add_argument("--eval-gpus", type=float, help="GPUs per evaluation worker (default 1)")
 
 
 def _table(key: str, rows: list[str] = ()):
@@ -74,16 +77,19 @@ def run_list(args: argparse.Namespace) -> int:
 
 
 def run_run(args: argparse.Namespace) -> int:
+    from hint_platform.evaluation.workers import EvalWorkers
     from hint_platform.paper import runner
 
     table = _table(args.table, args.row)
+    workers = EvalWorkers(count=args.eval_workers, gpus=args.eval_gpus)
     if args.address:
         request = runner.paper_job(table, args.size, args.overrides, shared_dir=args.shared_dir,
-                                   checkpoint=args.checkpoint,
+                                   checkpoint=args.checkpoint, workers=workers,
                                    tracking_uri=args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"))
         return runner.submit_table(request, args.address, wait=not args.no_wait)
     outcomes = runner.run_local(table, args.size, args.overrides, checkpoint=args.checkpoint,
-                                shared_dir=args.shared_dir, progress=lambda line: print(line, flush=True))
+                                shared_dir=args.shared_dir, workers=workers,
+                                progress=lambda line: print(line, flush=True))
     done = {}
     for o in outcomes:
         done[o.action] = done.get(o.action, 0) + 1

@@ -28,7 +28,9 @@ def register(subparsers) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--replicas", type=int, default=1, help="model replicas (one model and cache each)")
-    p.add_argument("--cache-mib", type=float, default=256.0, help="task-state cache per replica (0: off)")
+    p.add_argument("--cache-mib", type=float, default=None,
+                   help="task states per replica, kept and in flight (0: none kept; default: sized from the "
+                        "model and the device's free memory)")
     p.add_argument("--max-new-tokens", type=int, default=None,
                    help="longest output (default: the model's target length); a request may ask for fewer")
     p.add_argument("--num-beams", type=int, default=1,
@@ -80,7 +82,8 @@ def run(args: argparse.Namespace) -> int:
         signal.signal(sig, lambda *_: stop.set())
     try:
         url = app.run(opts, host=args.host, port=args.port)
-        print(f"hint serve: {args.model} on {url} ({args.replicas} replica(s), cache {args.cache_mib:g} MiB "
+        cache = "sized from the model and device" if args.cache_mib is None else f"{args.cache_mib:g} MiB"
+        print(f"hint serve: {args.model} on {url} ({args.replicas} replica(s), task-state cache {cache} "
               f"each); POST {url}/v1/predict, GET {url}/v1/health. Ctrl-C stops.", flush=True)
         stop.wait()
     finally:

@@ -1,5 +1,6 @@
 """Evaluating a model export on an experiment config's evaluation sources (`hint eval`, the
-demo): predictions task by task (inference.py), metrics per task, category and overall
+demo, `hint paper run`, a study's trials): predictions task by task in Ray workers
+(workers.py over inference.py), metrics per task, category and overall
 (metrics.py), inference GFLOPs per task (hint_model.flops), saved and logged to MLflow.
 """
 
@@ -15,28 +16,32 @@ import mlflow
 from hint_model.flops import gflops_per_task
 from hint_platform import export
 from hint_platform.errors import UserError
-from hint_platform.evaluation.inference import predict_records
 from hint_platform.evaluation.metrics import EvalReport, score_predictions
+from hint_platform.evaluation.workers import EvalWorkers, predict_on_ray
 from hint_platform.tracking.runs import experiment_run
 from pipelines import SourceSpec, iter_records
 from pipelines.sni import sni_categories
 
 
 def evaluate_export(export_dir: str | Path, cfg, *, batch_size: int = 16, max_new_tokens: int | None = None,
+                    workers: EvalWorkers | None = None,
                     progress: Callable[[str], None] | None = None) -> EvalReport:
     """The export's model on the evaluation sources of experiment config `cfg` (data.eval, the
     lengths), tokenised with the export's own tokenizer. SNI tasks are grouped by category.
     Outputs are decoded up to `max_new_tokens`, by default the config's target length (the
-    reference evaluates up to 256, gins/ni_eval.gin)."""
+    reference evaluates up to 256, gins/ni_eval.gin). The model runs in Ray workers
+    (`workers`, default: one per GPU of the cluster), never here: this process reads the
+    records and scores the predictions."""
     specs = [SourceSpec.from_dict(d, where=f"data.eval[{i}]") for i, d in enumerate(cfg.data.eval)]
     if not specs:
         raise UserError("data.eval lists no evaluation sources (add e.g. {kind: sni, path: ..., part: test})")
-    model, tokenizer = export.load(export_dir)
+    model_config = export.model_config(export_dir)
     records = list(iter_records(specs, str(export.tokenizer_dir(export_dir)), max_input_len=cfg.data.max_input_len,
                                 max_hyper_len=cfg.data.max_hyper_len, max_target_len=cfg.data.max_target_len,
                                 on_bad_record=cfg.data.on_bad_record, seed=cfg.data.seed))
-    predictions = predict_records(model, tokenizer, records, batch_size=batch_size,
-                                  max_new_tokens=max_new_tokens or cfg.data.max_target_len, progress=progress)
+    predictions, placed = predict_on_ray(export_dir, records, workers or EvalWorkers(), batch_size=batch_size,
+                                         max_new_tokens=max_new_tokens or cfg.data.max_target_len,
+                                         progress=progress)
     tasks = {p["task"] for p in predictions}
     categories: dict[str, str] = {}
     p3_datasets: dict[str, str] = {}
@@ -46,7 +51,8 @@ def evaluate_export(export_dir: str | Path, cfg, *, batch_size: int = 16, max_ne
         if spec.kind == "p3":
             p3_datasets.update({t: spec.dataset for t in tasks if t.startswith(f"{spec.dataset}/")})
     report = score_predictions(predictions, categories, p3_datasets)
-    report.overall["gflops_per_task"] = mean_gflops_per_task(model.config, records)
+    report.overall["gflops_per_task"] = mean_gflops_per_task(model_config, records)
+    report.workers = placed
     return report
 
 

@@ -29,8 +29,12 @@ def task_modules(model, hyper_input_ids: tuple[int, ...]):
         return model.generate_modules()
     if not hyper_input_ids:
         raise ValueError(f"variant {model.config.variant!r} needs an instruction; the record has none")
-    ids = torch.tensor([hyper_input_ids], dtype=torch.long)
+    ids = torch.tensor([hyper_input_ids], dtype=torch.long, device=model_device(model))
     return model.generate_modules(ids, torch.ones_like(ids))
+
+
+def model_device(model) -> torch.device:
+    return next(model.parameters()).device
 
 
 @torch.no_grad()
@@ -41,8 +45,9 @@ def generate_outputs(model, tokenizer, modules, input_ids: list[list[int]], *,
     outputs = []
     for start in range(0, len(input_ids), batch_size):
         ids, mask = pad_sequences(input_ids[start:start + batch_size], tokenizer.pad_id)
-        tokens = model.generate(ids, mask, modules=modules, max_new_tokens=max_new_tokens)
-        outputs += [tokenizer.decode(row) for row in tokens.tolist()]
+        device = model_device(model)
+        tokens = model.generate(ids.to(device), mask.to(device), modules=modules, max_new_tokens=max_new_tokens)
+        outputs += [tokenizer.decode(row) for row in tokens.cpu().tolist()]
     return [o.strip() for o in outputs]
 
 
@@ -55,7 +60,8 @@ def choose_answers(model, tokenizer, modules, records: list[dict], *, batch_size
         chunk = pairs[start:start + batch_size]
         ids, mask = pad_sequences([p[0] for p in chunk], tokenizer.pad_id)
         labels, _ = pad_sequences([tokenizer.encode(choice) for _, choice in chunk], IGNORE_INDEX)
-        scores += model.score(ids, mask, labels, modules=modules).tolist()
+        device = model_device(model)
+        scores += model.score(ids.to(device), mask.to(device), labels.to(device), modules=modules).float().cpu().tolist()
     choices, at = [], 0
     for r in records:
         n = len(r["answer_choices"])

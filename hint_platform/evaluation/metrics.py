@@ -84,6 +84,7 @@ class EvalReport:
     per_task: dict[str, dict[str, float]]
     per_category: dict[str, dict[str, float]] = field(default_factory=dict)
     predictions: list[dict[str, Any]] = field(default_factory=list)
+    workers: list[dict[str, Any]] = field(default_factory=list)  # where the model ran: pid, node, device
 
     def flat_metrics(self, prefix: str = "eval") -> dict[str, float]:
         """`eval/rougeL`, `eval/task/<task>/rougeL`, ...: names MLflow accepts as metric keys."""

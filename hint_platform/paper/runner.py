@@ -18,16 +18,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
+import ray
 from mlflow.tracking import MlflowClient
 
 from hint_platform import export
 from hint_platform.errors import UserError
 from hint_platform.evaluation import evaluate
+from hint_platform.evaluation.workers import EvalWorkers
 from hint_platform.jobs import submit
 from hint_platform.paper.plan import Table
 from hint_platform.paper.stages import Resolved, lm_adapted, resolve
 from hint_platform.tracking import runs
-from hint_platform.training.driver import fit
+from hint_platform.training.driver import fit, start_ray
 from pipelines import SourceSpec, prepare
 
 STAGE_TAG = "hint.paper.stage"
@@ -53,7 +55,7 @@ def plan_for(table: Table, size: str, overrides: list[str], checkpoint: str | No
 
 
 def run_local(table: Table, size: str, overrides: list[str], *, checkpoint: str | None = None,
-              shared_dir: str | None = None,
+              shared_dir: str | None = None, workers: EvalWorkers | None = None,
               progress: Callable[[str], None] = print) -> list[StageOutcome]:
     """Trains, evaluates (or measures) every stage of `table` that has not finished."""
     if table.kind == "flops":
@@ -70,7 +72,7 @@ def run_local(table: Table, size: str, overrides: list[str], *, checkpoint: str 
             continue
         outcomes.append(train(stage, progress))
         if stage.stage.name in evaluated:
-            outcomes.append(evaluate_stage(stage, progress))
+            outcomes.append(evaluate_stage(stage, progress, workers))
     return outcomes
 
 
@@ -87,7 +89,8 @@ def train(stage: Resolved, progress: Callable[[str], None]) -> StageOutcome:
     return StageOutcome(cfg.name, "trained", result.export_dir, result.mlflow_run_id)
 
 
-def evaluate_stage(stage: Resolved, progress: Callable[[str], None]) -> StageOutcome:
+def evaluate_stage(stage: Resolved, progress: Callable[[str], None],
+                   workers: EvalWorkers | None = None) -> StageOutcome:
     """`hint eval` of the stage's export on its config's eval sources, logged with the tags a
     table finds it by."""
     cfg = stage.cfg
@@ -98,7 +101,11 @@ def evaluate_stage(stage: Resolved, progress: Callable[[str], None]) -> StageOut
         progress(f"[{cfg.name}] evaluated before: MLflow run {done.info.run_id}")
         return StageOutcome(cfg.name, "skipped", str(export_dir), done.info.run_id)
     progress(f"[{cfg.name}] evaluating on {len(cfg.data.eval)} source(s)")
-    report = evaluate.evaluate_export(export_dir, cfg, max_new_tokens=cfg.data.max_target_len)
+    if not ray.is_initialized():  # the stage's training ran before: start Ray for its evaluation
+        start_ray()
+    # Ray workers, one per GPU of the cluster (workers.py): this process only coordinates.
+    report = evaluate.evaluate_export(export_dir, cfg, max_new_tokens=cfg.data.max_target_len,
+                                      workers=workers, progress=progress)
     out = evaluate.save_report(report, runs.storage_dir(cfg) / "eval" / cfg.name)
     uri = runs.resolve_tracking_uri(cfg)
     run_id = evaluate.log_report(report, out, tracking_uri=uri, experiment=cfg.run.experiment,
@@ -156,12 +163,30 @@ def tagged_run(cfg, tags: dict[str, str]):
     return found[0] if found else None
 
 
+def stage_gpus(stages: list[Resolved], evaluated: set[str], workers: EvalWorkers) -> dict[str, str]:
+    """The GPUs each stage asks the cluster for: its training's workers (`train.num_workers`
+    with `train.use_gpu`), and its evaluation's (`workers`: one per GPU of the cluster unless
+    set). The job's driver itself holds none: it only coordinates."""
+    needs = {}
+    for stage in stages:
+        t = stage.cfg.train
+        needs[stage.name] = f"train {t.num_workers if t.use_gpu else 0}"
+        if stage.stage.name in evaluated:
+            per = 1.0 if workers.gpus is None else workers.gpus
+            count = "every GPU" if workers.count is None else f"{workers.count * per:g}"
+            needs[stage.name] += f", eval {count} ({per:g} per worker)"
+    return needs
+
+
 def paper_job(table: Table, size: str, overrides: list[str], *, shared_dir: str | None,
-              checkpoint: str | None, tracking_uri: str | None, working_dir: str = ".") -> submit.JobRequest:
+              checkpoint: str | None, tracking_uri: str | None, working_dir: str = ".",
+              workers: EvalWorkers | None = None) -> submit.JobRequest:
     """The Ray job that runs this `hint paper run` on a cluster, checked here first: every
-    stage's config validates and reads and writes only shared storage."""
-    unshared = [(s.name, key, path) for s in plan_for(table, size, overrides, checkpoint, shared_dir)
-                for key, path in submit.unshared_paths(s.cfg)]
+    stage's config validates and reads and writes only shared storage. The evaluation workers'
+    GPUs travel as options; the GPUs of every stage are in the job's metadata."""
+    workers = workers or EvalWorkers()
+    stages = plan_for(table, size, overrides, checkpoint, shared_dir)
+    unshared = [(s.name, key, path) for s in stages for key, path in submit.unshared_paths(s.cfg)]
     if unshared:
         raise UserError("a paper run on a cluster reads and writes only shared storage; not shared: "
                         + "; ".join(f"{name}: {key}={path!r}" for name, key, path in unshared[:5])
@@ -170,9 +195,15 @@ def paper_job(table: Table, size: str, overrides: list[str], *, shared_dir: str 
     argv += [f"--row={row.label}" for row in table.rows]
     argv += [f"--shared-dir={shared_dir}"] if shared_dir else []
     argv += [f"--checkpoint={checkpoint}"] if checkpoint else []
-    return submit.command_request(argv, working_dir=working_dir, tracking_uri=tracking_uri,
-                                  run_name=f"paper-{table.key}-{size}",
-                                  login=runs.login_from_environment())
+    argv += [f"--eval-workers={workers.count}"] if workers.count is not None else []
+    argv += [f"--eval-gpus={workers.gpus:g}"] if workers.gpus is not None else []
+    request = submit.command_request(argv, working_dir=working_dir, tracking_uri=tracking_uri,
+                                     run_name=f"paper-{table.key}-{size}",
+                                     login=runs.login_from_environment())
+    evaluated = {s.name for s in table.evaluated()}
+    request.metadata["hint_stage_gpus"] = "; ".join(
+        f"{name}: {need}" for name, need in stage_gpus(stages, evaluated, workers).items())
+    return request
 
 
 def submit_table(request: submit.JobRequest, address: str | None, wait: bool = True) -> int:

@@ -68,7 +68,7 @@ class ServeOptions:
     model: str
     tracking_uri: str | None = None
     replicas: int = 1
-    cache_mib: float = 256.0
+    cache_mib: float | None = None  # None: placement.default_cache_bytes (from the model and device)
     max_new_tokens: int | None = None  # None: the model's target length; a request may ask for fewer
     num_beams: int = 1  # a request may ask for fewer
     max_batch_size: int = 16

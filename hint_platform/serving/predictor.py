@@ -21,6 +21,7 @@ import torch
 from hint_model import TaskModules
 from hint_platform import export
 from hint_platform.errors import UserError
+from hint_platform.placement import default_cache_bytes
 from hint_platform.evaluation.inference import task_modules
 from pipelines import formats
 from pipelines.collate import pad_sequences
@@ -173,17 +174,22 @@ class CachedPredictor:
     """(instruction, input) -> output text, generating each task's state once.
 
     `max_new_tokens` (default: the model's target length) and `num_beams` (> 1: beam search)
-    are the defaults and the bounds of what a request may ask for (`generation`).
+    are the defaults and the bounds of what a request may ask for (`generation`). `cache_mib`
+    defaults to `placement.default_cache_bytes` (sized from the model and the device).
     """
 
-    def __init__(self, export_dir: str | Path, *, cache_mib: float = 256.0, max_new_tokens: int | None = None,
-                 num_beams: int = 1, batch_size: int = 16, max_input_len: int = 1024):
+    def __init__(self, export_dir: str | Path, *, cache_mib: float | None = None, max_new_tokens: int | None = None,
+                 num_beams: int = 1, batch_size: int = 16, max_input_len: int = 1024,
+                 device: torch.device | str | None = None, dtype: str | None = None):
         for name, value in (("max_new_tokens", max_new_tokens), ("num_beams", num_beams),
                             ("batch_size", batch_size), ("max_input_len", max_input_len)):
             if value is not None and value < 1:
                 raise UserError(f"{name} must be >= 1, got {value}")
-        self.model, self.tokenizer = export.load(export_dir)
-        self.cache = TaskStateCache(int(cache_mib * 2**20))
+        # On the GPU Ray assigned to this process (bf16 there), else the CPU: placement.py.
+        self.model, self.tokenizer = export.load(export_dir, device=device, dtype=dtype)
+        self.device = next(self.model.parameters()).device
+        capacity = default_cache_bytes(self.model) if cache_mib is None else int(cache_mib * 2**20)
+        self.cache = TaskStateCache(capacity)
         self.default = Generation(max_new_tokens or self.model.config.max_target_len, num_beams)
         self.batch_size, self.max_input_len = batch_size, max_input_len
         self.batches = self.mixed_batches = 0  # forwards run, and how many mixed several tasks
@@ -273,6 +279,7 @@ class CachedPredictor:
                 rows[id(state)] = len(unique)
                 unique.append(state)
         input_ids, mask = pad_sequences([ids for _, ids in items], self.tokenizer.pad_id)
+        input_ids, mask = input_ids.to(self.device), mask.to(self.device)
         self.batches += 1
         if len(unique) == 1:
             tokens = self.model.generate(input_ids, mask, modules=unique[0], **asdict(generation))
@@ -281,10 +288,11 @@ class CachedPredictor:
             modules = TaskModules.stack(unique)
             with self.cache.stacked(modules.nbytes):
                 tokens = self.model.generate(input_ids, mask, modules=modules,
-                                             task_index=torch.tensor([rows[id(s)] for s, _ in items]),
+                                             task_index=torch.tensor([rows[id(s)] for s, _ in items],
+                                                                     device=self.device),
                                              **asdict(generation))
             del modules
-        return [self.tokenizer.decode(row).strip() for row in tokens.tolist()]
+        return [self.tokenizer.decode(row).strip() for row in tokens.cpu().tolist()]
 
     def predict_tokens(self, keys: list[TaskKey], input_ids: list[list[int]]) -> list[str]:
         """Outputs for tokenised rows; rows are ordered by task so most batches hold one."""
