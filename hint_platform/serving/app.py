@@ -139,7 +139,12 @@ class HintReplica:
         return {"outputs": list(outputs), "cache_hit": hit}
 
     async def _task_state(self, key) -> tuple[TaskModules, bool]:
-        """The task's state, held; a request cancelled (timed out) meanwhile still releases it."""
+        """The task's state, held; a request cancelled (timed out) meanwhile still releases it.
+        A kept one is looked up here, not behind the batch the model thread is running."""
+        state = self.predictor.cache.get(key, count_miss=False)
+        if state is not None:
+            return state, True
+        # The model thread looks again (a request of the same task may have generated it).
         future = asyncio.get_running_loop().run_in_executor(self._pool, self.predictor.task_state, key)
         try:
             return await asyncio.shield(future)

@@ -82,12 +82,12 @@ class TaskStateCache:
         self._lock = threading.Lock()  # replicas generate on worker threads
         self.stats = CacheStats(capacity_bytes=capacity_bytes)
 
-    def get(self, key: TaskKey) -> TaskModules | None:
+    def get(self, key: TaskKey, count_miss: bool = True) -> TaskModules | None:
         """The kept state of `key`, held for the caller (`release` it), or None."""
         with self._lock:
             state = self._entries.get(key)
             if state is None:
-                self.stats.misses += 1
+                self.stats.misses += count_miss
                 return None
             self._entries.move_to_end(key)
             self.stats.hits += 1
