@@ -4,21 +4,31 @@ ONE Ray Serve instance (real HTTP on loopback) deploying a model from a real MLf
 4xx with its reason for every bad request while the replica keeps serving."""
 
 import asyncio
+import http.client
 import json
+import os
 import socket
+import subprocess
+import sys
+import time
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 import torch
 
 from hint_model import HintConfig, HintModel
-from hint_platform.serving.predictor import BadRequest, CachedPredictor
+from hint_platform.errors import UserError
+from hint_platform.serving.predictor import BadRequest, CachedPredictor, Generation
 from hint_platform.tracking import registry
 from hint_platform.tracking.runs import tracking_uri_scope
 from pipelines import train_tokenizer, write_suite
 
+REPO = Path(__file__).resolve().parent.parent
 MAX_HYPER = 48
+REQUEST_TIMEOUT_S = 15.0  # the served app's
 
 
 @pytest.fixture(scope="module")
@@ -84,11 +94,68 @@ def test_cache_evicts_least_recently_used_at_its_bound(export):
     predictor = CachedPredictor(out, cache_mib=(sizes[0] + sizes[1]) / 2**20)
     keys = [predictor.task_key(t[0]) for t in tasks[:3]]
     for key in (keys[0], keys[1], keys[0], keys[2]):
-        predictor.task_state(key)
+        predictor.cache.release(predictor.task_state(key)[0])
     stats = predictor.cache.stats
     assert (stats.hits, stats.misses, stats.evictions) == (1, 3, 1)
     assert keys[1] not in predictor.cache and keys[0] in predictor.cache and keys[2] in predictor.cache
     assert stats.bytes <= stats.capacity_bytes
+
+
+def test_cache_counts_the_states_requests_hold_and_the_stacked_copies(export):
+    """Memory is bounded by what is counted: a state a request holds is never evicted and
+    counts against the bound (a new state is kept only beside it), and a mixed batch's stacked
+    copy counts while it lives."""
+    out, _, tasks = export
+    probe = CachedPredictor(out)
+    sizes = [probe.task_state(probe.task_key(t[0]))[0].nbytes for t in tasks[:3]]
+    predictor = CachedPredictor(out, cache_mib=(sizes[0] + sizes[1]) / 2**20)
+    cache, stats = predictor.cache, predictor.cache.stats
+    keys = [predictor.task_key(t[0]) for t in tasks[:3]]
+    held = [predictor.task_state(key)[0] for key in keys]  # three requests in flight at once
+    assert keys[0] in cache and keys[1] in cache and keys[2] not in cache
+    assert (stats.bytes, stats.in_flight_bytes, stats.evictions) == (sizes[0] + sizes[1], sizes[2], 0)
+    assert stats.peak_bytes == sum(sizes)
+    for state in held:
+        cache.release(state)
+    assert stats.in_flight_bytes == 0 and stats.total_bytes <= stats.capacity_bytes
+
+    stats.peak_bytes = 0
+    predictor.predict([tasks[0][0], tasks[1][0]], [tasks[0][1][0], tasks[1][1][0]])  # one mixed batch
+    assert predictor.mixed_batches == 1 and stats.stacked_bytes == 0
+    assert stats.peak_bytes >= 2 * (sizes[0] + sizes[1])  # both states kept, and their stacked copy
+    assert stats.total_bytes <= stats.capacity_bytes
+
+
+def test_generation_arguments_within_the_bounds_or_refused(export):
+    predictor = CachedPredictor(export[0], num_beams=2)
+    assert predictor.generation() == predictor.default == Generation(6, 2)
+    assert predictor.generation(max_new_tokens=2, num_beams=1) == Generation(2, 1)
+    for asked, reason in [({"max_new_tokens": 7}, "'max_new_tokens' must be an integer from 1 to 6"),
+                          ({"max_new_tokens": 0}, "from 1 to 6"), ({"num_beams": 3}, "'num_beams' must be"),
+                          ({"num_beams": True}, "got true"), ({"max_new_tokens": "5"}, "got \"5\"")]:
+        with pytest.raises(BadRequest, match=reason):
+            predictor.generation(**asked)
+    with pytest.raises(UserError, match="num_beams must be >= 1, got 0"):
+        CachedPredictor(export[0], num_beams=0)
+
+
+def test_task_ids_are_bounded_in_bytes_as_well_as_in_number():
+    from hint_platform.serving.app import TaskIds
+
+    ids = TaskIds(max_entries=1000, max_bytes=10_000)
+    first = ids.add("a" * 4000)
+    second = ids.add("b" * 4000)
+    assert ids.get(first) == "a" * 4000  # now the most recently used
+    ids.add("c" * 4000)
+    assert second not in ids and first in ids and len(ids) == 2 and ids.bytes == 8000
+    assert ids.get(ids.add("d" * 50_000)) == "d" * 50_000 and len(ids) == 1  # one larger than the bound stays
+
+
+def test_the_latency_metric_tags_unknown_paths_as_other():
+    from hint_platform.serving.app import route_tag
+
+    assert route_tag("/v1/predict") == "/v1/predict" and route_tag("/v1/health") == "/v1/health"
+    assert {route_tag(f"/random/{i}") for i in range(100)} == {"other"}
 
 
 def test_bad_instructions_are_refused_with_the_reason(export):
@@ -97,6 +164,10 @@ def test_bad_instructions_are_refused_with_the_reason(export):
         predictor.task_key("  ")
     with pytest.raises(BadRequest, match=f"more than the model's max_hyper_len={MAX_HYPER}"):
         predictor.task_key("word " * 200)
+    with pytest.raises(BadRequest, match="instruction is not well-formed Unicode: a lone surrogate at character 5"):
+        predictor.task_key("Count\ud800 the words.")
+    with pytest.raises(BadRequest, match="input is not well-formed Unicode"):
+        predictor.input_ids("Count the words.", "\udfff")
 
 
 # ---- one Ray Serve instance for the rest of the module ----
@@ -107,12 +178,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _call(url: str, body=None, method: str | None = None, raw: bytes | None = None) -> tuple[int, dict]:
+def _call(url: str, body=None, method: str | None = None, raw: bytes | None = None,
+          timeout: float = 120) -> tuple[int, dict]:
     data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
     request = urllib.request.Request(url, data=data, method=method or ("POST" if data is not None else "GET"),
                                      headers={"Content-Type": "application/json"})
     try:
-        with urllib.request.urlopen(request, timeout=120) as response:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
             return response.status, json.loads(response.read())
     except urllib.error.HTTPError as e:
         return e.code, json.loads(e.read())
@@ -133,7 +205,8 @@ def served(export, ray_local, tmp_path_factory):
     size = max(probe.task_state(probe.task_key(t[0]))[0].nbytes for t in tasks)
     opts = app.ServeOptions(model="models:/hint-serve-test@champion", tracking_uri=uri, replicas=1,
                             cache_mib=2.5 * size / 2**20, max_inputs=8, max_batch_size=8,
-                            batch_wait_ms=200.0, replica_cpus=0.5)
+                            batch_wait_ms=200.0, replica_cpus=0.5, max_chars=4000, max_body_kib=64,
+                            request_timeout_s=REQUEST_TIMEOUT_S)
     port = _free_port()
     try:
         base = app.run(opts, port=port)
@@ -242,13 +315,159 @@ def test_rendezvous_order_moves_only_the_tasks_of_a_removed_replica():
     ("/v1/predict", {"instruction": "Count.", "inputs": ["a"] * 9}, None, 413, "too many inputs"),
     ("/v1/predict", {"task_id": "0123456789abcdef", "inputs": ["a"]}, None, 404, "unknown task_id"),
     ("/v1/nothing", None, None, 404, "no route"),
+    # hostile: malformed Unicode (JSON escapes of lone surrogates), deep JSON, oversized text and
+    # bodies, fields the API does not know, generation arguments beyond the server's
+    ("/v1/predict", None, b'{"instruction": "Count\\ud800", "inputs": ["a"]}', 400,
+     "field 'instruction' is not well-formed Unicode: a lone surrogate at character 5"),
+    ("/v1/predict", None, b'{"instruction": "Count.", "inputs": ["a", "\\udfff"]}', 400,
+     "inputs[1] is not well-formed Unicode"),
+    ("/v1/tasks", None, b'{"instruction": "\\udc00\\ud800"}', 400, "not well-formed Unicode"),
+    ("/v1/predict", None, b"[" * 50_000, 400, "nested too deeply"),
+    ("/v1/predict", None, b'{"instruction": ' + b"{\"a\": " * 10_000, 400, "nested too deeply"),
+    ("/v1/predict", {"instruction": "a" * 4001, "inputs": ["a"]}, None, 413,
+     "field 'instruction' has 4001 characters, more than 4000 (--max-chars)"),
+    ("/v1/predict", {"instruction": "Count.", "inputs": ["a", "b" * 4001]}, None, 413, "inputs[1] has 4001"),
+    ("/v1/predict", None, b'{"instruction": "Count.", "inputs": ["a"]' + b" " * 65536 + b"}", 413,
+     "request body of 65578 bytes, more than 65536 (--max-body-kib)"),
+    ("/v1/predict", {"instruction": "Count.", "inputs": ["a"], "max_tokens": 3}, None, 400,
+     "unknown field 'max_tokens'; /v1/predict takes: task_id, instruction, inputs, max_new_tokens, num_beams"),
+    ("/v1/tasks", {"instruction": "Count.", "inputs": ["a"]}, None, 400, "unknown field 'inputs'"),
+    ("/v1/predict", {"instruction": "Count.", "inputs": ["a"], "max_new_tokens": 7}, None, 400,
+     "field 'max_new_tokens' must be an integer from 1 to 6 (this server's bound), got 7"),
+    ("/v1/predict", {"instruction": "Count.", "inputs": ["a"], "max_new_tokens": "3"}, None, 400,
+     "field 'max_new_tokens' must be an integer"),
+    ("/v1/predict", {"instruction": "Count.", "inputs": ["a"], "num_beams": 2}, None, 400,
+     "field 'num_beams' must be an integer from 1 to 1"),
 ])
 def test_bad_requests_get_their_4xx_and_the_replica_keeps_serving(served, route, body, raw, status, reason):
     base, _, tasks, _ = served
-    got, answer = _call(f"{base}{route}", body, raw=raw, method="POST" if route != "/v1/nothing" else "GET")
+    got, answer = _call(f"{base}{route}", body, raw=raw, method="POST" if route != "/v1/nothing" else "GET",
+                        timeout=30)
     assert got == status and reason in answer["error"], answer
-    ok, result = _call(f"{base}/v1/predict", {"instruction": tasks[0][0], "inputs": tasks[0][1][:1]})
+    assert "Traceback" not in answer["error"] and len(answer["error"]) < 300  # the reason, not a remote traceback
+    ok, result = _call(f"{base}/v1/predict", {"instruction": tasks[0][0], "inputs": tasks[0][1][:1]}, timeout=30)
     assert ok == 200 and len(result["outputs"]) == 1
+
+
+def _post_raw(base: str, headers: dict, chunks=(), timeout: float = 30) -> tuple[int, dict]:
+    """POST /v1/predict with the given headers and `chunks` (chunked if the headers say so), and
+    no more of the body: (status, answer)."""
+    host, port = base.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=timeout)
+    try:
+        conn.putrequest("POST", "/v1/predict")
+        for name, value in headers.items():
+            conn.putheader(name, value)
+        conn.endheaders()
+        chunked = headers.get("Transfer-Encoding") == "chunked"
+        try:
+            for chunk in chunks:
+                conn.send(b"%x\r\n%s\r\n" % (len(chunk), chunk) if chunked else chunk)
+        except (BrokenPipeError, ConnectionResetError):  # the server answered and closed early
+            pass
+        response = conn.getresponse()
+        return response.status, json.loads(response.read())
+    finally:
+        conn.close()
+
+
+def test_a_body_over_the_bound_is_refused_before_it_is_read(served):
+    base = served[0]
+    start = time.monotonic()  # a Content-Length of 1 GB, and no body: refused on the header
+    assert _post_raw(base, {"Content-Length": str(10**9)}, [b'{"inputs": ']) == \
+        (413, {"error": "request body of 1000000000 bytes, more than 65536 (--max-body-kib)"})
+    assert time.monotonic() - start < 10
+    # no Content-Length: chunks of a valid JSON body, refused as they stream past the bound
+    chunks = [b'{"instruction": "'] + [b"a" * 8192] * 16 + [b'", "inputs": ["a"]}']
+    status, answer = _post_raw(base, {"Transfer-Encoding": "chunked"}, chunks)
+    assert (status, answer["error"]) == (413, "request body of more than 65536 bytes (--max-body-kib)")
+
+
+def test_a_malformed_instruction_through_the_replicas_handle_is_refused_not_hung(served):
+    """The replica's own handle, so the request router sees the instruction first: it must
+    route it (never raise: Serve would never resolve the request) and the replica refuse it."""
+    from ray import serve
+
+    replicas = serve.get_deployment_handle("HintReplica", app_name="hint")
+    with pytest.raises(BadRequest, match="instruction is not well-formed Unicode"):
+        replicas.predict.remote("Count\ud800", ["a"]).result(timeout_s=30)
+    tasks = served[2]
+    assert replicas.predict.remote(tasks[0][0], tasks[0][1][:1]).result(timeout_s=30)["outputs"]
+
+
+def test_the_router_falls_back_to_every_replica_when_ranking_fails():
+    from types import SimpleNamespace
+
+    from hint_platform.serving.routing import TaskAffinityRouter
+
+    class Unformattable(str):
+        def __format__(self, spec):
+            raise RuntimeError("no")
+
+    replicas = [SimpleNamespace(replica_id=SimpleNamespace(unique_id=i)) for i in "abc"]
+    router = TaskAffinityRouter.__new__(TaskAffinityRouter)  # choose_replicas reads no router state
+    ranked = asyncio.run(router.choose_replicas(replicas, SimpleNamespace(args=["Count.\ud800"])))
+    assert sorted(r[0].replica_id.unique_id for r in ranked) == ["a", "b", "c"]
+    assert asyncio.run(router.choose_replicas(replicas, SimpleNamespace(args=[Unformattable("x")]))) == [replicas]
+
+
+def test_a_flood_of_bad_and_stalled_requests_leaves_health_and_valid_requests_answering(served):
+    """Far more bad requests than Serve's default of 5 a replica, and clients that send half a
+    body and stall: each gets its 4xx (the stalled ones a 408 at the request timeout), while
+    health and a valid request keep answering within a bound."""
+    base, probe, tasks, _ = served
+    bad = b'{"instruction": "Count\\ud800", "inputs": ["a"]}'
+    begin = time.monotonic()
+    with ThreadPoolExecutor(max_workers=48) as pool:
+        stalled = [pool.submit(_post_raw, base, {"Content-Length": "100"}, [b'{"inputs": '], 90) for _ in range(8)]
+        malformed = [pool.submit(_call, f"{base}/v1/predict", raw=bad, timeout=30) for _ in range(40)]
+        time.sleep(1.0)
+        health = []
+        for _ in range(5):
+            start = time.monotonic()
+            health.append((_call(f"{base}/v1/health", timeout=10), time.monotonic() - start))
+        start = time.monotonic()
+        valid = _call(f"{base}/v1/predict", {"instruction": tasks[1][0], "inputs": tasks[1][1][:1]}, timeout=30)
+        valid_s = time.monotonic() - start
+        assert all(answer == (200, {"status": "ok"}) and took < 5 for answer, took in health), health
+        assert valid[0] == 200 and valid[1]["outputs"] == probe.predict([tasks[1][0]], tasks[1][1][:1])
+        assert valid_s < 20
+        assert {f.result()[0] for f in malformed} == {400}
+        stalled_status = [f.result() for f in stalled]
+    assert {status for status, _ in stalled_status} == {408}, stalled_status
+    assert "waiting for the request body" in stalled_status[0][1]["error"]
+    assert time.monotonic() - begin < REQUEST_TIMEOUT_S + 10
+
+
+def test_stopping_on_a_shared_cluster_deletes_only_our_application(served):
+    """Runs last of the Serve tests: it deletes the module's application."""
+    from ray import serve
+
+    from hint_platform.serving import app
+
+    @serve.deployment(ray_actor_options={"num_cpus": 0})
+    class Other:
+        async def __call__(self, request) -> str:
+            return "other"
+
+    serve.run(Other.bind(), name="someone-else", route_prefix="/someone-else")
+    app.stop(own_cluster=False)
+    assert set(serve.status().applications) == {"someone-else"}
+    assert urllib.request.urlopen(f"{served[0]}/someone-else", timeout=30).read() == b"other"
+
+
+def test_hint_serve_refuses_bad_generation_bounds_before_starting_anything(export, tmp_path):
+    from hint_platform.serving.app import ServeOptions
+
+    done = subprocess.run([sys.executable, "-m", "hint_platform.cli", "serve", str(export[0]), "--num-beams", "0"],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == ["hint serve: error: --num-beams must be >= 1, got 0"]
+    with pytest.raises(UserError, match="--max-new-tokens must be >= 1, got -1"):
+        ServeOptions(model="x", max_new_tokens=-1)
+    with pytest.raises(UserError, match="--request-timeout-s must be > 0"):
+        ServeOptions(model="x", request_timeout_s=0)
 
 
 def test_hint_predict_equals_model_generate_row_for_row(export, ray_local, tmp_path):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import os
 import signal
 import threading
 
@@ -14,20 +16,36 @@ def register(subparsers) -> None:
                     "/v1/predict {task_id | instruction, inputs: [...]} -> {outputs}; GET "
                     "/v1/health; GET /v1/stats. Each replica keeps an LRU cache of task states "
                     "bounded in MiB; concurrent requests, of any tasks, are batched together. "
-                    "Bad requests get a 4xx with the reason. Listens on loopback unless --host "
-                    "says otherwise; Ctrl-C stops it.",
+                    "Bad requests get a 4xx with the reason, before any model work: bodies over "
+                    "--max-body-kib, text over --max-chars or not well-formed Unicode, unknown "
+                    "fields, max_new_tokens / num_beams above the server's. Load is bounded: "
+                    "--max-ongoing-requests per replica, --max-queued-requests waiting (then 503), "
+                    "--request-timeout-s per request (then 504). Listens on loopback unless --host "
+                    "says otherwise; Ctrl-C stops it (on a cluster it joined, only its own "
+                    "application is deleted).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("model", help="an export directory, or models:/NAME@ALIAS (models:/NAME/VERSION)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--replicas", type=int, default=1, help="model replicas (one model and cache each)")
-    p.add_argument("--cache-mib", type=float, default=256.0, help="task-state cache per replica (0: off)")
+    p.add_argument("--cache-mib", type=float, default=None,
+                   help="task states per replica, kept and in flight (0: none kept; default: sized from the "
+                        "model and the device's free memory)")
     p.add_argument("--max-new-tokens", type=int, default=None,
-                   help="longest output (default: the model's target length)")
-    p.add_argument("--num-beams", type=int, default=1, help="1: greedy; more: beam search")
+                   help="longest output (default: the model's target length); a request may ask for fewer")
+    p.add_argument("--num-beams", type=int, default=1,
+                   help="1: greedy; more: beam search; a request may ask for fewer")
     p.add_argument("--max-batch-size", type=int, default=16, help="inputs per batched forward")
     p.add_argument("--batch-wait-ms", type=float, default=5.0, help="how long a batch waits to fill")
     p.add_argument("--max-inputs", type=int, default=64, help="inputs per request")
+    p.add_argument("--max-chars", type=int, default=32_768, help="characters per instruction or input")
+    p.add_argument("--max-body-kib", type=int, default=4096, help="request body size")
+    p.add_argument("--max-ongoing-requests", type=int, default=32,
+                   help="requests a model replica works on at once (its batches draw from them)")
+    p.add_argument("--max-queued-requests", type=int, default=256,
+                   help="requests waiting for a model replica; beyond, 503")
+    p.add_argument("--request-timeout-s", type=float, default=60.0,
+                   help="a request's time from arrival to answer; beyond, 504")
     p.add_argument("--replica-cpus", type=float, default=1.0)
     p.add_argument("--replica-gpus", type=float, default=None, help="default: 1 when the cluster has GPUs")
     p.add_argument("--tracking-uri", help="MLflow tracking URI for models:/ (default: $MLFLOW_TRACKING_URI, "
@@ -37,35 +55,39 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import ray
-    from ray import serve
 
     from hint_platform.config import ExperimentConfig
     from hint_platform.serving import app
     from hint_platform.tracking.runs import check_reachable, resolve_tracking_uri
     from hint_platform.training.driver import start_ray
 
-    uri = None
+    opts = app.ServeOptions(model=args.model, replicas=args.replicas, cache_mib=args.cache_mib,
+                            max_new_tokens=args.max_new_tokens, num_beams=args.num_beams,
+                            max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms,
+                            max_inputs=args.max_inputs, max_chars=args.max_chars, max_body_kib=args.max_body_kib,
+                            max_ongoing_requests=args.max_ongoing_requests,
+                            max_queued_requests=args.max_queued_requests, request_timeout_s=args.request_timeout_s,
+                            replica_cpus=args.replica_cpus, replica_gpus=args.replica_gpus or 0.0)
     if args.model.startswith("models:/"):
-        uri = args.tracking_uri or resolve_tracking_uri(ExperimentConfig())
-        check_reachable(uri)
+        opts.tracking_uri = args.tracking_uri or resolve_tracking_uri(ExperimentConfig())
+        check_reachable(opts.tracking_uri)
+    # Our own Ray: started here, not RAY_ADDRESS's cluster nor one this process had joined.
+    own_ray = not ray.is_initialized() and not os.environ.get("RAY_ADDRESS")
     if not ray.is_initialized():
         start_ray()  # RAY_ADDRESS's cluster, else a local Ray with its dashboard on loopback
-    gpus = args.replica_gpus if args.replica_gpus is not None else float(ray.cluster_resources().get("GPU", 0) > 0)
-    opts = app.ServeOptions(model=args.model, tracking_uri=uri, replicas=args.replicas,
-                            cache_mib=args.cache_mib, max_new_tokens=args.max_new_tokens,
-                            num_beams=args.num_beams, max_batch_size=args.max_batch_size,
-                            batch_wait_ms=args.batch_wait_ms, max_inputs=args.max_inputs,
-                            replica_cpus=args.replica_cpus, replica_gpus=gpus)
+    if args.replica_gpus is None:
+        opts = dataclasses.replace(opts, replica_gpus=float(ray.cluster_resources().get("GPU", 0) > 0))
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     try:
         url = app.run(opts, host=args.host, port=args.port)
-        print(f"hint serve: {args.model} on {url} ({args.replicas} replica(s), cache {args.cache_mib:g} MiB "
+        cache = "sized from the model and device" if args.cache_mib is None else f"{args.cache_mib:g} MiB"
+        print(f"hint serve: {args.model} on {url} ({args.replicas} replica(s), task-state cache {cache} "
               f"each); POST {url}/v1/predict, GET {url}/v1/health. Ctrl-C stops.", flush=True)
         stop.wait()
     finally:
-        serve.shutdown()
+        app.stop(own_cluster=own_ray)
         ray.shutdown()
     print("hint serve: stopped", flush=True)
     return 0

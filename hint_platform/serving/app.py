@@ -8,12 +8,22 @@ requests, of any tasks, into one mixed-task forward. With several replicas a tas
 to the replica that holds its state (serving/routing.py).
 
   POST /v1/tasks    {"instruction": str}                       -> {"task_id"}
-  POST /v1/predict  {"task_id" | "instruction", "inputs": [str]} -> {"outputs", "task_id", "cache_hit"}
+  POST /v1/predict  {"task_id" | "instruction", "inputs": [str], "max_new_tokens"?, "num_beams"?}
+                    -> {"outputs", "task_id", "cache_hit"}
   GET  /v1/health   -> {"status": "ok"};   GET /v1/stats -> one replica's cache counters
 
+Hostile input gets its 4xx before any model work: the body is capped before it is read, text
+must be well-formed Unicode of at most `max_chars` characters, unknown fields are refused,
+generation arguments stay within the server's. Load is bounded by Serve's own limits, set here
+explicitly (Serve's default of 5 requests a replica would block every route, health included,
+behind five slow ones): `max_ongoing_requests` per model replica, `max_queued_requests` waiting
+for one (more: 503), and `request_timeout_s` for the whole request (504 from the ingress; the
+proxy's own timeout, a little later, is the backstop).
+
 Metrics (Prometheus, via ray.serve.metrics): hint_task_cache_{hits,misses,evictions}
-counters, hint_task_cache_bytes gauge (per replica), hint_request_latency_ms histogram (per
-route and status).
+counters, hint_task_cache_bytes gauge (per replica: every task state in memory, kept, held by
+requests or stacked), hint_request_latency_ms histogram (per route, "other" for unknown paths,
+and status).
 """
 
 from __future__ import annotations
@@ -21,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
 import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
@@ -29,14 +40,25 @@ from dataclasses import asdict, dataclass
 from ray import serve
 from ray.serve import metrics
 from ray.serve.config import RequestRouterConfig
+from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from hint_model import TaskModules
-from hint_platform.serving.predictor import BadRequest, CachedPredictor
+from hint_platform.errors import UserError
+from hint_platform.serving.predictor import BadRequest, CachedPredictor, Generation, check_text
 from hint_platform.serving.routing import TaskAffinityRouter
 from hint_platform.tracking.registry import resolve_export
+
+APP_NAME = "hint"
+ROUTES = {"/v1/health": "GET", "/v1/stats": "GET", "/v1/tasks": "POST", "/v1/predict": "POST"}
+FIELDS = {"/v1/tasks": ("instruction",),
+          "/v1/predict": ("task_id", "instruction", "inputs", "max_new_tokens", "num_beams")}
+INGRESS_HEADROOM = 64  # ingress requests beyond what the replicas take: health, stats, 4xx answers
+PROXY_GRACE_S = 5.0  # the proxy times out this much after the ingress, which says why in JSON
+
+logger = logging.getLogger("ray.serve")
 
 
 @dataclass
@@ -46,14 +68,31 @@ class ServeOptions:
     model: str
     tracking_uri: str | None = None
     replicas: int = 1
-    cache_mib: float = 256.0
-    max_new_tokens: int | None = None  # None: the model's target length
-    num_beams: int = 1
+    cache_mib: float | None = None  # None: placement.default_cache_bytes (from the model and device)
+    max_new_tokens: int | None = None  # None: the model's target length; a request may ask for fewer
+    num_beams: int = 1  # a request may ask for fewer
     max_batch_size: int = 16
     batch_wait_ms: float = 5.0
     max_inputs: int = 64  # per /v1/predict request
+    max_chars: int = 32_768  # per text field (an instruction, an input)
+    max_body_kib: int = 4096  # per request body
+    max_ongoing_requests: int = 32  # per model replica: what its batches draw from
+    max_queued_requests: int = 256  # waiting for a model replica; beyond: 503
+    request_timeout_s: float = 60.0
     replica_cpus: float = 1.0
     replica_gpus: float = 0.0
+
+    def __post_init__(self):
+        """Refuse values every request would then fail on, naming the `hint serve` option."""
+        at_least = {"replicas": 1, "cache_mib": 0, "max_new_tokens": 1, "num_beams": 1, "max_batch_size": 1,
+                    "batch_wait_ms": 0, "max_inputs": 1, "max_chars": 1, "max_body_kib": 1,
+                    "max_ongoing_requests": 1, "max_queued_requests": 0, "replica_cpus": 0, "replica_gpus": 0}
+        for name, low in at_least.items():
+            value = getattr(self, name)
+            if value is not None and value < low:
+                raise UserError(f"--{name.replace('_', '-')} must be >= {low}, got {value:g}")
+        if not self.request_timeout_s > 0:
+            raise UserError(f"--request-timeout-s must be > 0, got {self.request_timeout_s:g}")
 
 
 class HttpError(Exception):
@@ -70,28 +109,48 @@ class HintReplica:
         self.predictor = CachedPredictor(resolve_export(opts.model, opts.tracking_uri), cache_mib=opts.cache_mib,
                                          max_new_tokens=opts.max_new_tokens, num_beams=opts.num_beams,
                                          batch_size=opts.max_batch_size)
-        # One thread runs the model, so the event loop keeps taking requests into the batch.
+        # One thread runs the model, another tokenises: the event loop only gathers requests
+        # into batches, so it keeps taking them while the model runs.
         self._pool = ThreadPoolExecutor(max_workers=1)
+        self._text_pool = ThreadPoolExecutor(max_workers=1)
         self._batched.set_max_batch_size(opts.max_batch_size)
         self._batched.set_batch_wait_timeout_s(opts.batch_wait_ms / 1000)
         self._hits = metrics.Counter("hint_task_cache_hits", description="task states served from the cache")
         self._misses = metrics.Counter("hint_task_cache_misses", description="task states generated")
         self._evictions = metrics.Counter("hint_task_cache_evictions",
                                           description="task states dropped to stay under the cache bound")
-        self._bytes = metrics.Gauge("hint_task_cache_bytes", description="bytes of cached task states")
+        self._bytes = metrics.Gauge("hint_task_cache_bytes",
+                                    description="bytes of task states in memory: kept, held by requests, stacked")
 
-    async def predict(self, instruction: str, inputs: list[str]) -> dict:
-        key = self.predictor.task_key(instruction)
-        ids = [self.predictor.input_ids(instruction, text) for text in inputs]
+    async def predict(self, instruction: str, inputs: list[str], generation: dict | None = None) -> dict:
+        asked = self.predictor.generation(**(generation or {}))
         loop = asyncio.get_running_loop()
+        key, ids = await loop.run_in_executor(self._text_pool, self.predictor.tokenize, instruction, inputs)
         evictions = self.predictor.cache.stats.evictions
-        state, hit = await loop.run_in_executor(self._pool, self.predictor.task_state, key)
-        (self._hits if hit else self._misses).inc()
-        if self.predictor.cache.stats.evictions > evictions:
-            self._evictions.inc(self.predictor.cache.stats.evictions - evictions)
-        self._bytes.set(self.predictor.cache.stats.bytes)
-        outputs = await asyncio.gather(*(self._batched((state, i)) for i in ids))
+        state, hit = await self._task_state(key)
+        try:
+            (self._hits if hit else self._misses).inc()
+            if self.predictor.cache.stats.evictions > evictions:
+                self._evictions.inc(self.predictor.cache.stats.evictions - evictions)
+            self._bytes.set(self.predictor.cache.stats.total_bytes)
+            outputs = await asyncio.gather(*(self._batched((state, i, asked)) for i in ids))
+        finally:
+            self.predictor.cache.release(state)
         return {"outputs": list(outputs), "cache_hit": hit}
+
+    async def _task_state(self, key) -> tuple[TaskModules, bool]:
+        """The task's state, held; a request cancelled (timed out) meanwhile still releases it.
+        A kept one is looked up here, not behind the batch the model thread is running."""
+        state = self.predictor.cache.get(key, count_miss=False)
+        if state is not None:
+            return state, True
+        # The model thread looks again (a request of the same task may have generated it).
+        future = asyncio.get_running_loop().run_in_executor(self._pool, self.predictor.task_state, key)
+        try:
+            return await asyncio.shield(future)
+        except asyncio.CancelledError:
+            future.add_done_callback(lambda f: f.exception() or self.predictor.cache.release(f.result()[0]))
+            raise
 
     async def warm(self, instruction: str) -> bool:
         """Generate and cache the task's state; True if it was cached already."""
@@ -103,15 +162,49 @@ class HintReplica:
                 "mixed_batches": self.predictor.mixed_batches}
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
-    async def _batched(self, items: list[tuple[TaskModules, list[int]]]) -> list[str]:
+    async def _batched(self, items: list[tuple[TaskModules, list[int], Generation]]) -> list[str]:
         return await asyncio.get_running_loop().run_in_executor(self._pool, self.predictor.generate, items)
+
+
+class TaskIds:
+    """task_id -> instruction for the ids the ingress handed out; the least recently used go
+    beyond `max_entries` ids or `max_bytes` of instructions (UTF-8), so a flood of distinct
+    instructions cannot grow it without bound."""
+
+    def __init__(self, max_entries: int, max_bytes: int):
+        self.max_entries, self.max_bytes = max_entries, max_bytes
+        self._instructions: OrderedDict[str, str] = OrderedDict()
+        self.bytes = 0
+
+    def add(self, instruction: str) -> str:
+        data = instruction.encode()
+        task_id = hashlib.sha256(data).hexdigest()[:16]
+        if task_id not in self._instructions:
+            self.bytes += len(data)
+        self._instructions[task_id] = instruction
+        self._instructions.move_to_end(task_id)
+        while len(self._instructions) > self.max_entries or (self.bytes > self.max_bytes and len(self) > 1):
+            self.bytes -= len(self._instructions.popitem(last=False)[1].encode())
+        return task_id
+
+    def get(self, task_id: str) -> str | None:
+        instruction = self._instructions.get(task_id)
+        if instruction is not None:
+            self._instructions.move_to_end(task_id)
+        return instruction
+
+    def __len__(self) -> int:
+        return len(self._instructions)
+
+    def __contains__(self, task_id: str) -> bool:
+        return task_id in self._instructions
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0})
 class HintIngress:
-    def __init__(self, replica: DeploymentHandle, max_inputs: int, max_tasks: int = 100_000):
-        self.replica, self.max_inputs, self.max_tasks = replica, max_inputs, max_tasks
-        self.tasks: OrderedDict[str, str] = OrderedDict()  # task_id -> instruction
+    def __init__(self, replica: DeploymentHandle, options: dict):
+        self.replica, self.opts = replica, ServeOptions(**options)
+        self.tasks = TaskIds(max_entries=100_000, max_bytes=64 * 2**20)
         self._latency = metrics.Histogram(
             "hint_request_latency_ms", description="request latency at the ingress",
             boundaries=[5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000], tag_keys=("route", "status"))
@@ -119,91 +212,146 @@ class HintIngress:
     async def __call__(self, request: Request) -> JSONResponse:
         start = time.perf_counter()
         route = request.url.path.rstrip("/")
+        request.state.waiting = "for the request body"
         try:
-            status, body = 200, await self._route(request, route)
+            async with asyncio.timeout(self.opts.request_timeout_s):
+                status, body = 200, await self._route(request, route)
         except HttpError as e:
             status, body = e.status, {"error": e.reason}
-        except BadRequest as e:  # raised in a replica: the instruction or an input
-            status, body = 400, {"error": str(e)}
-        self._latency.observe(1000 * (time.perf_counter() - start), tags={"route": route, "status": str(status)})
+        except BadRequest as e:  # raised in a replica: only its message, never the remote traceback
+            status, body = 400, {"error": str(getattr(e, "cause", e))}
+        except BackPressureError:
+            status, body = 503, {"error": f"busy: {self.opts.max_queued_requests} requests wait for the model "
+                                          "already (--max-queued-requests); retry later"}
+        except TimeoutError:
+            status = 408 if request.state.waiting == "for the request body" else 504
+            body = {"error": f"no answer within {self.opts.request_timeout_s:g} s (--request-timeout-s) "
+                             f"waiting {request.state.waiting}"}
+        except Exception:
+            logger.exception("hint serve: a request to %s failed", route_tag(route))
+            status, body = 500, {"error": "internal error; the server's log has the details"}
+        self._latency.observe(1000 * (time.perf_counter() - start), tags={"route": route_tag(route), "status": str(status)})
         return JSONResponse(body, status_code=status)
 
     async def _route(self, request: Request, route: str) -> dict:
-        routes = {"/v1/health": "GET", "/v1/stats": "GET", "/v1/tasks": "POST", "/v1/predict": "POST"}
-        if route not in routes:
-            raise HttpError(404, f"no route {route}; routes: {', '.join(routes)}")
-        if request.method != routes[route]:
-            raise HttpError(405, f"{route} takes {routes[route]}, not {request.method}")
+        if route not in ROUTES:
+            raise HttpError(404, f"no route {_show(route)}; routes: {', '.join(ROUTES)}")
+        if request.method != ROUTES[route]:
+            raise HttpError(405, f"{route} takes {ROUTES[route]}, not {_show(request.method)}")
         if route == "/v1/health":
             return {"status": "ok"}
+        if route != "/v1/stats":
+            body = await _json_object(request, 1024 * self.opts.max_body_kib)
+        request.state.waiting = "for the model"
         if route == "/v1/stats":
             return await self.replica.stats.remote()
-        body = await _json_object(request)
+        unknown = [name for name in body if name not in FIELDS[route]]
+        if unknown:
+            raise HttpError(400, f"unknown field {_show(unknown[0])}; {route} takes: {', '.join(FIELDS[route])}")
         if route == "/v1/tasks":
-            instruction = _string_field(body, "instruction")
+            instruction = self._text(body, "instruction")
             await self.replica.warm.remote(instruction)
-            return {"task_id": self._remember(instruction)}
+            return {"task_id": self.tasks.add(instruction)}
         return await self._predict(body)
 
     async def _predict(self, body: dict) -> dict:
         inputs = body.get("inputs")
         if not isinstance(inputs, list) or not inputs or not all(isinstance(x, str) for x in inputs):
             raise HttpError(400, "field 'inputs' must be a non-empty list of strings")
-        if len(inputs) > self.max_inputs:
-            raise HttpError(413, f"too many inputs: {len(inputs)}, at most {self.max_inputs} a request")
+        if len(inputs) > self.opts.max_inputs:
+            raise HttpError(413, f"too many inputs: {len(inputs)}, at most {self.opts.max_inputs} a request")
+        for i, text in enumerate(inputs):
+            _check_text(text, f"inputs[{i}]", self.opts.max_chars)
         if "task_id" in body:
             task_id = body["task_id"]
-            if not isinstance(task_id, str) or task_id not in self.tasks:
-                raise HttpError(404, f"unknown task_id {task_id!r}: create it with POST /v1/tasks")
-            instruction = self.tasks[task_id]
-            self.tasks.move_to_end(task_id)
+            instruction = self.tasks.get(task_id) if isinstance(task_id, str) else None
+            if instruction is None:
+                raise HttpError(404, f"unknown task_id {_show(task_id)}: create it with POST /v1/tasks")
         elif "instruction" in body:
-            instruction = _string_field(body, "instruction")
+            instruction = self._text(body, "instruction")
         else:
             raise HttpError(400, "give 'task_id' (from POST /v1/tasks) or 'instruction'")
-        result = await self.replica.predict.remote(instruction, inputs)
-        return {**result, "task_id": self._remember(instruction)}
+        generation = {name: body[name] for name in ("max_new_tokens", "num_beams") if name in body}
+        result = await self.replica.predict.remote(instruction, inputs, generation)
+        return {**result, "task_id": self.tasks.add(instruction)}
 
-    def _remember(self, instruction: str) -> str:
-        task_id = hashlib.sha256(instruction.encode()).hexdigest()[:16]
-        self.tasks[task_id] = instruction
-        self.tasks.move_to_end(task_id)
-        while len(self.tasks) > self.max_tasks:
-            self.tasks.popitem(last=False)
-        return task_id
+    def _text(self, body: dict, name: str) -> str:
+        if name not in body:
+            raise HttpError(400, f"missing field {name!r}")
+        if not isinstance(body[name], str):
+            raise HttpError(400, f"field {name!r} must be a string")
+        return _check_text(body[name], f"field {name!r}", self.opts.max_chars)
 
 
-async def _json_object(request: Request) -> dict:
-    raw = await request.body()
+async def _json_object(request: Request, limit: int) -> dict:
+    """The request's JSON object, read only up to `limit` bytes (Content-Length, or as it streams)."""
+    length = request.headers.get("content-length", "0")
+    if not length.isdigit():
+        raise HttpError(400, f"bad Content-Length header {_show(length)}")
+    if int(length) > limit:
+        raise HttpError(413, f"request body of {int(length)} bytes, more than {limit} (--max-body-kib)")
+    raw = bytearray()
+    async for chunk in request.stream():
+        raw += chunk
+        if len(raw) > limit:
+            raise HttpError(413, f"request body of more than {limit} bytes (--max-body-kib)")
     try:
         body = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise HttpError(400, f"request body is not JSON: {e}") from None
+    except RecursionError:
+        raise HttpError(400, "request body is JSON nested too deeply") from None
     if not isinstance(body, dict):
         raise HttpError(400, f"request body must be a JSON object, got {type(body).__name__}")
     return body
 
 
-def _string_field(body: dict, name: str) -> str:
-    if name not in body:
-        raise HttpError(400, f"missing field {name!r}")
-    if not isinstance(body[name], str):
-        raise HttpError(400, f"field {name!r} must be a string")
-    return body[name]
+def _check_text(text: str, where: str, max_chars: int) -> str:
+    """`text` if it is at most `max_chars` characters of well-formed Unicode."""
+    if len(text) > max_chars:
+        raise HttpError(413, f"{where} has {len(text)} characters, more than {max_chars} (--max-chars)")
+    return check_text(text, where)
+
+
+def route_tag(route: str) -> str:
+    """The latency metric's route: one of ours, else "other" (a series per random path would grow
+    without bound)."""
+    return route if route in ROUTES else "other"
+
+
+def _show(value) -> str:
+    """A client's value in an error message: short, and ASCII (it may hold lone surrogates)."""
+    text = ascii(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def build_app(opts: ServeOptions):
     """The Serve application: the ingress in front of `opts.replicas` model replicas."""
     replica = HintReplica.options(
         num_replicas=opts.replicas,
+        max_ongoing_requests=opts.max_ongoing_requests,
+        max_queued_requests=opts.max_queued_requests,
         ray_actor_options={"num_cpus": opts.replica_cpus, "num_gpus": opts.replica_gpus},
         request_router_config=RequestRouterConfig(request_router_class=TaskAffinityRouter),
     ).bind(asdict(opts))
-    return HintIngress.bind(replica, opts.max_inputs)
+    # The ingress holds every request the replicas take or queue, plus headroom: health and
+    # 4xx answers never wait behind model work.
+    ingress_ongoing = opts.replicas * opts.max_ongoing_requests + opts.max_queued_requests + INGRESS_HEADROOM
+    return HintIngress.options(max_ongoing_requests=ingress_ongoing,
+                               max_queued_requests=opts.max_queued_requests).bind(replica, asdict(opts))
 
 
 def run(opts: ServeOptions, host: str = "127.0.0.1", port: int = 8000) -> str:
     """Start Serve on host:port (Ray must be initialised) and deploy; returns the base URL."""
-    serve.start(http_options={"host": host, "port": port})
-    serve.run(build_app(opts), name="hint", route_prefix="/")
+    serve.start(http_options={"host": host, "port": port, "request_timeout_s": opts.request_timeout_s + PROXY_GRACE_S})
+    serve.run(build_app(opts), name=APP_NAME, route_prefix="/")
     return f"http://{host}:{port}"
+
+
+def stop(own_cluster: bool) -> None:
+    """Stop serving: on a Ray this process started, Serve itself; on a cluster it joined, which
+    may serve other applications, only this one (serve.shutdown() would delete them all)."""
+    if own_cluster:
+        serve.shutdown()
+    else:
+        serve.delete(APP_NAME)

@@ -9,9 +9,11 @@ own row (the model's batched path), so concurrent requests of different tasks sh
 
 from __future__ import annotations
 
+import json
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -31,13 +33,26 @@ class BadRequest(UserError):
     """An instruction or input the model cannot take; the message says which and why."""
 
 
+def check_text(text: str, where: str) -> str:
+    """`text` if it is well-formed Unicode: JSON's "\\ud800" escapes decode to lone surrogates,
+    which neither the tokenizer nor UTF-8 takes."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise BadRequest(f"{where} is not well-formed Unicode: a lone surrogate at character {e.start}") from None
+    return text
+
+
 @dataclass
 class CacheStats:
     hits: int = 0
     misses: int = 0
     evictions: int = 0
     entries: int = 0
-    bytes: int = 0
+    bytes: int = 0  # states kept between requests
+    in_flight_bytes: int = 0  # states requests hold that are not kept (too large, no room, cache off)
+    stacked_bytes: int = 0  # the stacked copy of the mixed batch being run
+    peak_bytes: int = 0  # the most of the three together so far
     capacity_bytes: int = 0
 
     @property
@@ -45,67 +60,150 @@ class CacheStats:
         total = self.hits + self.misses
         return self.hits / total if total else 0.0
 
+    @property
+    def total_bytes(self) -> int:
+        return self.bytes + self.in_flight_bytes + self.stacked_bytes
+
 
 class TaskStateCache:
-    """Least-recently-used task states, at most `capacity_bytes` of tensors in all. A state
-    larger than the whole capacity is used but not kept (capacity 0: no cache)."""
+    """Every task state in memory, counted against `capacity_bytes`: the states kept between
+    requests (least recently used first out), the states requests hold while they run, and the
+    stacked copy of a mixed batch. Kept states are evicted to make room for the other two; a
+    state a request holds is never evicted (that frees nothing), so what requests hold is
+    bounded by the requests in flight, not by the capacity. A state is kept only when it fits
+    beside everything counted (capacity 0: nothing is kept)."""
 
     def __init__(self, capacity_bytes: int):
         if capacity_bytes < 0:
             raise ValueError(f"cache capacity must be >= 0 bytes, got {capacity_bytes}")
         self._entries: OrderedDict[TaskKey, TaskModules] = OrderedDict()
+        self._holders: dict[int, int] = {}  # id(state) -> requests holding it
+        self._kept: set[int] = set()  # id() of the states in _entries
         self._lock = threading.Lock()  # replicas generate on worker threads
         self.stats = CacheStats(capacity_bytes=capacity_bytes)
 
-    def get(self, key: TaskKey) -> TaskModules | None:
+    def get(self, key: TaskKey, count_miss: bool = True) -> TaskModules | None:
+        """The kept state of `key`, held for the caller (`release` it), or None."""
         with self._lock:
             state = self._entries.get(key)
             if state is None:
-                self.stats.misses += 1
+                self.stats.misses += count_miss
                 return None
             self._entries.move_to_end(key)
             self.stats.hits += 1
+            self._hold(state)
             return state
 
     def put(self, key: TaskKey, state: TaskModules) -> int:
-        """Keep `state`; returns how many older states were evicted to make room."""
+        """Count a newly generated `state`, held for the caller (`release` it), and keep it if
+        it fits; returns how many older states were evicted to make room."""
         size = state.nbytes
         with self._lock:
-            if key in self._entries or size > self.stats.capacity_bytes:
-                return 0
-            evicted = 0
-            while self.stats.bytes + size > self.stats.capacity_bytes:
-                _, old = self._entries.popitem(last=False)
-                self.stats.bytes -= old.nbytes
-                evicted += 1
-            self._entries[key] = state
-            self.stats.bytes += size
-            self.stats.evictions += evicted
-            self.stats.entries = len(self._entries)
+            self._hold(state)
+            evicted = self._make_room(size)
+            if key in self._entries or self.stats.total_bytes + size > self.stats.capacity_bytes:
+                self.stats.in_flight_bytes += size
+            else:
+                self._entries[key] = state
+                self._kept.add(id(state))
+                self.stats.bytes += size
+                self.stats.entries = len(self._entries)
+            self._note_peak()
             return evicted
+
+    def release(self, state: TaskModules) -> None:
+        """A request is done with `state` (from get or put)."""
+        with self._lock:
+            holders = self._holders.pop(id(state)) - 1
+            if holders:
+                self._holders[id(state)] = holders
+            elif id(state) not in self._kept:
+                self.stats.in_flight_bytes -= state.nbytes
+            self._make_room(0)
+
+    @contextmanager
+    def stacked(self, nbytes: int):
+        """Count a batch's stacked copy of its tasks' states while it lives."""
+        with self._lock:
+            self.stats.stacked_bytes += nbytes
+            self._make_room(0)
+            self._note_peak()
+        try:
+            yield
+        finally:
+            with self._lock:
+                self.stats.stacked_bytes -= nbytes
 
     def __contains__(self, key: TaskKey) -> bool:
         return key in self._entries
+
+    def _hold(self, state: TaskModules) -> None:
+        self._holders[id(state)] = self._holders.get(id(state), 0) + 1
+
+    def _make_room(self, size: int) -> int:
+        """Evict kept states no request holds, least recently used first, until `size` more
+        bytes fit; returns how many were evicted."""
+        evicted = 0
+        for key in list(self._entries):
+            if self.stats.total_bytes + size <= self.stats.capacity_bytes:
+                break
+            state = self._entries[key]
+            if id(state) in self._holders:
+                continue
+            del self._entries[key]
+            self._kept.discard(id(state))
+            self.stats.bytes -= state.nbytes
+            evicted += 1
+        self.stats.evictions += evicted
+        self.stats.entries = len(self._entries)
+        return evicted
+
+    def _note_peak(self) -> None:
+        self.stats.peak_bytes = max(self.stats.peak_bytes, self.stats.total_bytes)
+
+
+@dataclass(frozen=True)
+class Generation:
+    """How outputs are generated: a request may ask for less than the predictor's bounds."""
+
+    max_new_tokens: int
+    num_beams: int
 
 
 class CachedPredictor:
     """(instruction, input) -> output text, generating each task's state once.
 
-    `max_new_tokens` defaults to the model's target length; `num_beams` > 1 is beam search.
-    `cache_mib` defaults to `placement.default_cache_bytes` (sized from the model and the device).
+    `max_new_tokens` (default: the model's target length) and `num_beams` (> 1: beam search)
+    are the defaults and the bounds of what a request may ask for (`generation`). `cache_mib`
+    defaults to `placement.default_cache_bytes` (sized from the model and the device).
     """
 
     def __init__(self, export_dir: str | Path, *, cache_mib: float | None = None, max_new_tokens: int | None = None,
                  num_beams: int = 1, batch_size: int = 16, max_input_len: int = 1024,
                  device: torch.device | str | None = None, dtype: str | None = None):
+        for name, value in (("max_new_tokens", max_new_tokens), ("num_beams", num_beams),
+                            ("batch_size", batch_size), ("max_input_len", max_input_len)):
+            if value is not None and value < 1:
+                raise UserError(f"{name} must be >= 1, got {value}")
         # On the GPU Ray assigned to this process (bf16 there), else the CPU: placement.py.
         self.model, self.tokenizer = export.load(export_dir, device=device, dtype=dtype)
         self.device = next(self.model.parameters()).device
         capacity = default_cache_bytes(self.model) if cache_mib is None else int(cache_mib * 2**20)
         self.cache = TaskStateCache(capacity)
-        self.max_new_tokens = max_new_tokens or self.model.config.max_target_len
-        self.num_beams, self.batch_size, self.max_input_len = num_beams, batch_size, max_input_len
+        self.default = Generation(max_new_tokens or self.model.config.max_target_len, num_beams)
+        self.batch_size, self.max_input_len = batch_size, max_input_len
         self.batches = self.mixed_batches = 0  # forwards run, and how many mixed several tasks
+
+    def generation(self, max_new_tokens=None, num_beams=None) -> Generation:
+        """A request's generation arguments (None: the default), each an integer from 1 to the
+        predictor's own value."""
+        asked = {"max_new_tokens": max_new_tokens, "num_beams": num_beams}
+        for name, value in asked.items():
+            bound = getattr(self.default, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= bound):
+                raise BadRequest(f"field {name!r} must be an integer from 1 to {bound} (this server's bound), "
+                                 f"got {json.dumps(value)[:40]}")
+        return Generation(max_new_tokens or self.default.max_new_tokens, num_beams or self.default.num_beams)
 
     # ---- text -> tokens ----
 
@@ -128,6 +226,7 @@ class CachedPredictor:
         not empty, at most max_hyper_len tokens."""
         if not isinstance(instruction, str) or not instruction.strip():
             raise BadRequest("instruction is empty")
+        check_text(instruction, "instruction")
         text = self.texts(instruction, "")[0]
         if not text:
             return ()
@@ -143,16 +242,22 @@ class CachedPredictor:
     def input_ids(self, instruction: str, input_text: str) -> list[int]:
         if not isinstance(input_text, str):
             raise BadRequest(f"input must be a string, got {type(input_text).__name__}")
+        check_text(input_text, "input")
         hyper, text = self.texts(instruction, input_text)
         if not self.model.config.is_decoder_only:
             return self.tokenizer.encode(text, self.max_input_len)
         bos = [] if hyper else list(self.tokenizer.bos_ids)  # the prompt's start (causal layout)
         return bos + self.tokenizer.encode(text, self.max_input_len - len(bos), eos=False)
 
+    def tokenize(self, instruction: str, inputs: list[str]) -> tuple[TaskKey, list[list[int]]]:
+        """A request's task key and input ids (one call: replicas run it off the event loop)."""
+        return self.task_key(instruction), [self.input_ids(instruction, text) for text in inputs]
+
     # ---- task states ----
 
     def task_state(self, key: TaskKey) -> tuple[TaskModules, bool]:
-        """(the task's state, whether it came from the cache)."""
+        """(the task's state, whether it came from the cache), held for the caller until
+        `self.cache.release(state)`."""
         state = self.cache.get(key)
         if state is not None:
             return state, True
@@ -163,38 +268,57 @@ class CachedPredictor:
     # ---- generation ----
 
     @torch.no_grad()
-    def generate(self, items: list[tuple[TaskModules, list[int]]]) -> list[str]:
-        """Outputs for (task state, input ids) items, `batch_size` at a time; a batch may mix
-        tasks (states stacked, each example with its own row)."""
-        outputs: list[str] = []
-        for start in range(0, len(items), self.batch_size):
-            chunk = items[start:start + self.batch_size]
-            rows: dict[int, int] = {}  # id(state) -> its row in the stacked modules
-            unique: list[TaskModules] = []
-            for state, _ in chunk:
-                if id(state) not in rows:
-                    rows[id(state)] = len(unique)
-                    unique.append(state)
-            index = torch.tensor([rows[id(s)] for s, _ in chunk], device=self.device)
-            input_ids, mask = pad_sequences([ids for _, ids in chunk], self.tokenizer.pad_id)
-            input_ids, mask = input_ids.to(self.device), mask.to(self.device)
-            modules = unique[0] if len(unique) == 1 else TaskModules.stack(unique)
-            self.batches += 1
-            self.mixed_batches += len(unique) > 1
-            tokens = self.model.generate(input_ids, mask, modules=modules,
-                                         task_index=None if len(unique) == 1 else index,
-                                         max_new_tokens=self.max_new_tokens, num_beams=self.num_beams)
-            outputs += [self.tokenizer.decode(row).strip() for row in tokens.cpu().tolist()]
+    def generate(self, items: list[tuple[TaskModules, list[int], Generation]]) -> list[str]:
+        """Outputs for (task state, input ids, generation) items, in order: items of one
+        generation `batch_size` at a time; a batch may mix tasks (states stacked, each example
+        with its own row)."""
+        by_generation: dict[Generation, list[int]] = {}
+        for i, (_, _, generation) in enumerate(items):
+            by_generation.setdefault(generation, []).append(i)
+        outputs = [""] * len(items)
+        for generation, indices in by_generation.items():
+            for start in range(0, len(indices), self.batch_size):
+                chunk = indices[start:start + self.batch_size]
+                texts = self._generate_batch([items[i][:2] for i in chunk], generation)
+                for i, text in zip(chunk, texts):
+                    outputs[i] = text
         return outputs
+
+    def _generate_batch(self, items: list[tuple[TaskModules, list[int]]], generation: Generation) -> list[str]:
+        rows: dict[int, int] = {}  # id(state) -> its row in the stacked modules
+        unique: list[TaskModules] = []
+        for state, _ in items:
+            if id(state) not in rows:
+                rows[id(state)] = len(unique)
+                unique.append(state)
+        input_ids, mask = pad_sequences([ids for _, ids in items], self.tokenizer.pad_id)
+        input_ids, mask = input_ids.to(self.device), mask.to(self.device)
+        self.batches += 1
+        if len(unique) == 1:
+            tokens = self.model.generate(input_ids, mask, modules=unique[0], **asdict(generation))
+        else:
+            self.mixed_batches += 1
+            modules = TaskModules.stack(unique)
+            with self.cache.stacked(modules.nbytes):
+                tokens = self.model.generate(input_ids, mask, modules=modules,
+                                             task_index=torch.tensor([rows[id(s)] for s, _ in items],
+                                                                     device=self.device),
+                                             **asdict(generation))
+            del modules
+        return [self.tokenizer.decode(row).strip() for row in tokens.cpu().tolist()]
 
     def predict_tokens(self, keys: list[TaskKey], input_ids: list[list[int]]) -> list[str]:
         """Outputs for tokenised rows; rows are ordered by task so most batches hold one."""
         order = sorted(range(len(keys)), key=lambda i: keys[i])
         states: dict[TaskKey, TaskModules] = {}
-        for i in order:
-            if keys[i] not in states:
-                states[keys[i]] = self.task_state(keys[i])[0]
-        outs = self.generate([(states[keys[i]], input_ids[i]) for i in order])
+        try:
+            for i in order:
+                if keys[i] not in states:
+                    states[keys[i]] = self.task_state(keys[i])[0]
+            outs = self.generate([(states[keys[i]], input_ids[i], self.default) for i in order])
+        finally:
+            for state in states.values():
+                self.cache.release(state)
         result = [""] * len(keys)
         for i, out in zip(order, outs):
             result[i] = out
