@@ -27,7 +27,12 @@ from hint_model.loss import token_loss_sum
 from hint_platform.config import ExperimentConfig, from_dict, model_config
 from hint_platform.errors import TrainingError
 from hint_platform.tracking.runs import RunLogger
-from hint_platform.training.checkpoint import export_model, load_checkpoint, save_checkpoint
+from hint_platform.training.checkpoint import (
+    export_model,
+    load_checkpoint,
+    restore_optimizer,
+    save_checkpoint,
+)
 from hint_platform.training.optim import build_optimizer, clip_gradients
 from hint_platform.training.parallel import parallelize
 from hint_platform.training.state import TrainState, global_batches, max_over_ranks
@@ -161,6 +166,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     if checkpoint:
         with checkpoint.as_directory() as directory:
             state = load_checkpoint(directory, model, optimizer, config.to_dict())
+    elif t.restore_optimizer and cfg.model.init_from:
+        print(restore_optimizer(cfg.model.init_from, model, optimizer))
     logger = RunLogger(loop_config["tracking_uri"], loop_config["run_id"], rank == 0)
     micro = t.micro_batch_size
     accum = t.global_batch_size // (world * micro)
@@ -211,7 +218,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
         else:
             ray.train.report(metrics)
     export_dir = loop_config["export_dir"]
-    export_model(model, export_dir, cfg.data.tokenizer)
+    export_model(model, export_dir, cfg.data.tokenizer, optimizer, state.step)
     logger.log_artifacts(export_dir, "export")
     logger.close()
     return {"export_dir": export_dir, "steps_done": state.step} if rank == 0 else None
