@@ -168,7 +168,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
             state = load_checkpoint(directory, model, optimizer, config.to_dict())
     elif t.restore_optimizer and cfg.model.init_from:
         print(restore_optimizer(cfg.model.init_from, model, optimizer))
-    logger = RunLogger(loop_config["tracking_uri"], loop_config["run_id"], rank == 0)
+    export_dir = Path(loop_config["export_dir"])
+    logger = RunLogger(loop_config["tracking_uri"], loop_config["run_id"], rank == 0,
+                       retry_s=cfg.run.tracking_retry_s,
+                       unlogged_file=export_dir.parent / "unlogged_metrics.jsonl")
     micro = t.micro_batch_size
     accum = t.global_batch_size // (world * micro)
     meter = Throughput(device, world)
@@ -217,8 +220,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
                 ray.train.report(metrics, checkpoint=Checkpoint.from_directory(directory))
         else:
             ray.train.report(metrics)
-    export_dir = loop_config["export_dir"]
     export_model(model, export_dir, cfg.data.tokenizer, optimizer, state.step)
-    logger.log_artifacts(export_dir, "export")
-    logger.close()
-    return {"export_dir": export_dir, "steps_done": state.step} if rank == 0 else None
+    unlogged = logger.close({"export": export_dir})
+    if rank:
+        return None
+    return {"export_dir": str(export_dir), "steps_done": state.step, "unlogged": unlogged}
