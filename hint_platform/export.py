@@ -48,6 +48,9 @@ def write(model: nn.Module, directory: str | Path, tokenizer_dir: str | Path,
     """Saves `model` (or `state_dict`, e.g. gathered from FSDP shards), a copy of its tokenizer
     and, given as (tensors, metadata), the optimizer state; replaces an export already there."""
     directory = Path(directory).absolute()
+    ours = (directory / MANIFEST).exists() or (directory / CONFIG).exists()
+    if directory.is_dir() and any(directory.iterdir()) and not ours:
+        raise ExportError(f"{directory}: exists and is not a model export; not replacing it")
     directory.parent.mkdir(parents=True, exist_ok=True)
     for left in _leftovers(directory):  # of a write that died
         shutil.rmtree(left, ignore_errors=True)

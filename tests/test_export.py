@@ -128,3 +128,11 @@ def test_training_refuses_a_partial_export_as_init_from(tmp_path, tokenizer):
                               "train": [{"kind": "sni", "path": str(tmp_path)}]}})
     with pytest.raises(ConfigError, match=rf"model\.init_from: {target}: incomplete model export"):
         preflight(cfg)
+
+
+def test_a_directory_that_is_not_an_export_is_never_replaced(tmp_path, tokenizer):
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("mine")
+    with pytest.raises(ExportError, match=r"notes: exists and is not a model export"):
+        export.write(tiny(), tmp_path / "notes", tokenizer)
+    assert (tmp_path / "notes" / "todo.txt").read_text() == "mine"
