@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,6 +82,9 @@ class TrainSection:
     eval_examples: int = 256
     max_failures: int = 1
     seed: int = 0
+    # With model.init_from an export that carries its optimizer state (optimizer.safetensors):
+    # continue it, as the reference restores Adafactor's moments and step between stages.
+    restore_optimizer: bool = True
 
 
 @dataclass
@@ -89,6 +93,9 @@ class RunSection:
     tracking_uri: str | None = None  # None: MLFLOW_TRACKING_URI, else SQLite under storage_path
     experiment: str = "hint"
     register_as: str | None = None  # registered model name for the final export
+    # How long the end of a run retries an unreachable tracking server (its buffered metrics,
+    # the export upload) before it finishes without them, saying what was not logged.
+    tracking_retry_s: float = 300.0
 
 
 @dataclass
@@ -243,19 +250,35 @@ def _coerce(tp, value, key: str):
     return value
 
 
+# Counts and sizes: a 0 would divide by zero or train nothing. Every other number of the train
+# section (and the seeds, the intervals where 0 means "only at the end") is 0 or more.
+_POSITIVE = ("train.num_workers", "train.cpus_per_worker", "train.global_batch_size",
+             "train.micro_batch_size", "train.max_steps", "train.log_every", "train.eval_examples",
+             "train.lr", "data.max_input_len", "data.max_hyper_len", "data.max_target_len")
+_NOT_NEGATIVE = ("train.checkpoint_every", "train.eval_every", "train.max_failures",
+                 "train.seed", "train.z_loss", "train.grad_clip", "train.weight_decay", "train.warmup_steps",
+                 "data.seed", "run.tracking_retry_s")
+# Names become directories (run name), MLflow filter strings and registry names: one safe
+# alphabet, no path separators, no quotes, no "..".
+_NAMES = ("name", "run.experiment", "run.register_as")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+
+
 def _check(cfg: ExperimentConfig) -> None:
     flat = cfg.flat()
     for key, valid in _CHOICES.items():
         if flat[key] not in valid:
             raise ConfigError(f"{key}: {flat[key]!r} is not one of {', '.join(valid)}")
-    positive = ("train.num_workers", "train.global_batch_size", "train.micro_batch_size",
-                "train.max_steps", "data.max_input_len", "data.max_hyper_len", "data.max_target_len")
-    for key in positive:
+    for key in _POSITIVE:
         if flat[key] <= 0:
             raise ConfigError(f"{key}: must be positive, got {flat[key]}")
-    for key in ("train.z_loss", "train.grad_clip", "train.warmup_steps"):
+    for key in _NOT_NEGATIVE:
         if flat[key] < 0:
             raise ConfigError(f"{key}: must be 0 or more, got {flat[key]}")
+    for key in _NAMES:
+        if flat[key] is not None and (not _NAME.fullmatch(flat[key]) or ".." in flat[key]):
+            raise ConfigError(f"{key}: {flat[key]!r} is not a valid name: use 1 to 100 letters, "
+                              "digits, '.', '_' or '-', starting with a letter or digit, no '..'")
     t = cfg.train
     per_step = t.num_workers * t.micro_batch_size
     if t.global_batch_size % per_step:
@@ -263,8 +286,6 @@ def _check(cfg: ExperimentConfig) -> None:
             f"train.global_batch_size ({t.global_batch_size}) must be a multiple of "
             f"train.num_workers x train.micro_batch_size ({per_step})"
         )
-    if t.lr <= 0:
-        raise ConfigError(f"train.lr: must be positive, got {t.lr}")
 
 
 def flatten(data: dict[str, Any], prefix: str = "", whole: tuple[str, ...] = ()) -> dict[str, Any]:

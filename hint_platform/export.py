@@ -1,18 +1,31 @@
 """The export directory: what a training stage leaves behind, and what later stages, evaluation,
 the registry and serving read. Written in one place (`write`), read through this module only.
 
-    config.json          the model's HintConfig          (HintModel.save_pretrained)
-    model.safetensors    the weights, no pickle          (HintModel.save_pretrained)
-    tokenizer/           the tokenizer the model was trained with: spiece.model (T5's
-                         SentencePiece) or tokenizer.json (+ its Hugging Face side files)
+    config.json            the model's HintConfig          (HintModel.save_pretrained)
+    model.safetensors      the weights, no pickle          (HintModel.save_pretrained)
+    tokenizer/             the tokenizer the model was trained with: spiece.model (T5's
+                           SentencePiece) or tokenizer.json (+ its Hugging Face side files)
+    optimizer.safetensors  the optimizer's state by parameter name, and its step (training's
+                           `init_from` continues it; training/optim.py); absent when not carried
+    manifest.json          every other file's size and sha256, written last
+
+An export is written into a temporary directory beside its place and renamed into it once its
+manifest is written: a reader sees a whole export or none, whenever the writer dies. `check`
+refuses what has no manifest or does not match it (truncated, missing or altered files).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import shutil
+import uuid
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from hint_model import HintConfig, HintModel
@@ -24,30 +37,122 @@ from pipelines.tokenizer import HF_FILE, MODEL_FILE, SIDE_FILES
 
 CONFIG = "config.json"
 TOKENIZER = "tokenizer"
+OPTIMIZER = "optimizer.safetensors"
+MANIFEST = "manifest.json"
+_PARTIAL, _OLD = ".partial-", ".old-"  # name.partial-XXXX: being written; name.old-XXXX: replaced
+
+
+class ExportError(UserError):
+    """An export that is missing, incomplete or damaged: the message names it and what is wrong."""
 
 
 def write(model: nn.Module, directory: str | Path, tokenizer_dir: str | Path,
-          state_dict: dict[str, Tensor] | None = None) -> Path:
-    """Saves `model` (or `state_dict`, e.g. gathered from FSDP shards) and a copy of its
-    tokenizer's files (only those: a tokenizer directory may be a whole model checkpoint)."""
-    directory = Path(directory)
-    model.save_pretrained(directory, state_dict=state_dict)
-    out = directory / TOKENIZER
-    out.mkdir(exist_ok=True)
-    for name in SIDE_FILES:
-        if (Path(tokenizer_dir) / name).is_file():
-            shutil.copyfile(Path(tokenizer_dir) / name, out / name)
-    load_tokenizer(tokenizer_dir).save(out)
+          state_dict: dict[str, Tensor] | None = None,
+          optimizer: tuple[dict[str, Tensor], dict[str, str]] | None = None) -> Path:
+    """Saves `model` (or `state_dict`, e.g. gathered from FSDP shards), a copy of its tokenizer
+    and, given as (tensors, metadata), the optimizer state; replaces an export already there."""
+    directory = Path(directory).absolute()
+    ours = (directory / MANIFEST).exists() or (directory / CONFIG).exists()
+    if directory.is_dir() and any(directory.iterdir()) and not ours:
+        raise ExportError(f"{directory}: exists and is not a model export; not replacing it")
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    for left in _leftovers(directory):  # of a write that died
+        shutil.rmtree(left, ignore_errors=True)
+    partial = directory.with_name(f".{directory.name}{_PARTIAL}{uuid.uuid4().hex[:12]}")
+    partial.mkdir()
+    try:
+        model.save_pretrained(partial, state_dict=state_dict)
+        _copy_tokenizer(Path(tokenizer_dir), partial / TOKENIZER)
+        if optimizer is not None:
+            save_file(optimizer[0], str(partial / OPTIMIZER), metadata=optimizer[1])
+        _write_manifest(partial)
+        _replace(partial, directory)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
     return directory
+
+
+def _copy_tokenizer(source: Path, out: Path) -> None:
+    """The tokenizer's files only: a tokenizer directory may be a whole model checkpoint."""
+    out.mkdir()
+    for name in SIDE_FILES:
+        if (source / name).is_file():
+            shutil.copyfile(source / name, out / name)
+    load_tokenizer(source).save(out)
 
 
 def _has_tokenizer(directory: Path) -> bool:
     return any((directory / name).is_file() for name in (MODEL_FILE, HF_FILE))
 
 
-def is_export(directory: str | Path) -> bool:
+def _write_manifest(directory: Path) -> None:
+    files = {}
+    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
+        files[path.relative_to(directory).as_posix()] = {"bytes": path.stat().st_size,
+                                                         "sha256": _sha256(path, sync=True)}
+    (directory / MANIFEST).write_text(json.dumps({"format": "hint-export", "files": files}, indent=2))
+    _fsync(directory / MANIFEST)
+
+
+def _replace(partial: Path, directory: Path) -> None:
+    """Renames `partial` to `directory`. An export already there moves aside first (a directory
+    cannot be renamed over a full one); a crash between the two renames leaves no export, and
+    the next write removes what is left."""
+    old = None
+    if directory.exists():
+        old = directory.with_name(f".{directory.name}{_OLD}{partial.name.rsplit('-', 1)[1]}")
+        directory.rename(old)
+    partial.rename(directory)
+    _fsync(directory.parent)
+    if old is not None:
+        shutil.rmtree(old)
+
+
+def _leftovers(directory: Path) -> list[Path]:
+    prefixes = (f".{directory.name}{_PARTIAL}", f".{directory.name}{_OLD}")
+    if not directory.parent.is_dir():
+        return []
+    return sorted(p for p in directory.parent.iterdir() if p.name.startswith(prefixes))
+
+
+def check(directory: str | Path, digests: bool = False) -> None:
+    """Raises ExportError, naming `directory` and what is wrong, unless it is a complete export:
+    a manifest, and every file it lists present at its size (and, with `digests`, its sha256)."""
     directory = Path(directory)
-    return (directory / CONFIG).is_file() and _has_tokenizer(directory / TOKENIZER)
+    manifest = directory / MANIFEST
+    if not directory.is_dir():
+        left = [p.name for p in _leftovers(directory)]
+        hint = f" ({', '.join(left)} beside it: a write that was interrupted)" if left else ""
+        raise ExportError(f"{directory}: no model export there{hint}")
+    if not manifest.is_file():
+        raise ExportError(f"{directory}: incomplete model export: no {MANIFEST}, which is written "
+                          "last (the writer was interrupted, or the export predates manifests: "
+                          "export it again)")
+    try:
+        files = json.loads(manifest.read_text())["files"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ExportError(f"{manifest}: not a valid export manifest ({e})") from None
+    for name, entry in files.items():
+        path = directory / name
+        if not path.is_file():
+            raise ExportError(f"{directory}: incomplete model export: {name} is missing")
+        size = path.stat().st_size
+        if size != entry["bytes"]:
+            raise ExportError(f"{directory}: damaged model export: {name} has {size} bytes, "
+                              f"{MANIFEST} says {entry['bytes']} (truncated or replaced)")
+        if digests and _sha256(path) != entry["sha256"]:
+            raise ExportError(f"{directory}: damaged model export: {name} does not match its "
+                              f"sha256 in {MANIFEST}")
+
+
+def is_export(directory: str | Path) -> bool:
+    """A complete export (file sizes checked, not their digests)."""
+    try:
+        check(directory)
+    except ExportError:
+        return False
+    return True
 
 
 def tokenizer_dir(directory: str | Path) -> Path:
@@ -73,10 +178,38 @@ def load(directory: str | Path, device: torch.device | str | None = None,
          dtype: torch.dtype | str | None = None) -> tuple[HintModel, Tokenizer]:
     """The exported model, in eval mode on `device` (default: `placement.inference_device()`, the
     GPU Ray assigned to this process) in `dtype` (default: bf16 on CUDA, fp32 on the CPU), and
-    its tokenizer."""
-    model_config(directory)  # a clear error for a directory that is not an export
+    its tokenizer, once the export checked complete."""
+    check(directory, digests=True)  # a clear error for a partial or damaged export
     device = torch.device(device) if device is not None else inference_device()
     with torch.device(device):  # parameters made there: no full fp32 copy in host memory
         model = HintModel.from_pretrained(directory)
     model = model.to(dtype=inference_dtype(device, dtype)).eval()
     return model, load_tokenizer(tokenizer_dir(directory))
+
+
+def read_optimizer(directory: str | Path) -> tuple[dict[str, Tensor], dict[str, str]] | None:
+    """The optimizer state an export carries (tensors, metadata), or None."""
+    path = Path(directory) / OPTIMIZER
+    if not path.is_file():
+        return None
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata() or {}
+    return load_file(str(path)), metadata
+
+
+def _sha256(path: Path, sync: bool = False) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 24):
+            digest.update(block)
+        if sync:  # on disk before the manifest says it is complete
+            os.fsync(f.fileno())
+    return digest.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -30,6 +30,18 @@ def shared_data() -> Path:
 
 
 @pytest.fixture(scope="session")
+def suite(tmp_path_factory):
+    """A small synthetic instruction suite and its tokenizer directory, for training runs."""
+    from pipelines import train_tokenizer, write_suite
+
+    root = tmp_path_factory.mktemp("suite")
+    s = write_suite(root, num_train_tasks=24, num_test_tasks=2, instances_per_task=4,
+                    num_pretrain_docs=4)
+    train_tokenizer(s.texts(), root / "tok", vocab_size=200)
+    return s, str(root / "tok")
+
+
+@pytest.fixture(scope="session")
 def ray_local(tmp_path_factory):
     """One local Ray instance for the whole test session (Ray start-up costs seconds).
 
@@ -60,10 +72,24 @@ class MlflowServer:
         return dict(self.logins[user])
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def wait_until_healthy(uri: str, proc: subprocess.Popen, log: Path) -> None:
+    """Waits for the MLflow server `proc` to answer on `uri`; fails the test with the end of
+    its log if it exits or does not answer within two minutes."""
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            with urllib.request.urlopen(f"{uri}/health", timeout=2):
+                return
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"mlflow server did not start: {log.read_text()[-2000:]}")
+            time.sleep(0.3)
 
 
 @pytest.fixture(scope="session")
@@ -77,7 +103,7 @@ def mlflow_server(tmp_path_factory):
     ini = (REPO / "infra" / "mlflow" / "basic_auth.ini").read_text()
     ini = re.sub(r"(?m)^database_uri = .*$", f"database_uri = sqlite:///{root / 'auth.db'}", ini)
     (root / "basic_auth.ini").write_text(ini)
-    port = _free_port()
+    port = free_port()
     uri = f"http://127.0.0.1:{port}"
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     env.update(MLFLOW_AUTH_CONFIG_PATH=str(root / "basic_auth.ini"),
@@ -92,15 +118,7 @@ def mlflow_server(tmp_path_factory):
         env=env, stdout=open(root / "server.log", "wb"), stderr=subprocess.STDOUT,
         start_new_session=True, cwd=root)
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"{uri}/health", timeout=2):
-                    break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"mlflow server did not start: {(root / 'server.log').read_text()[-2000:]}")
-                time.sleep(0.5)
+        wait_until_healthy(uri, proc, root / "server.log")
         bootstrap = subprocess.run(
             [sys.executable, str(REPO / "infra" / "mlflow" / "bootstrap_users.py"), uri,
              "--writer", f"hint={root / 'hint-password'}", "--reader", f"viewer={root / 'viewer-password'}"],

@@ -186,17 +186,16 @@ def test_data_prepare_then_stats(tmp_path, capsys):
 
 def test_eval_an_export_on_held_out_tasks(tmp_path, capsys, ray_local):
     import json
-    import shutil
 
     from hint_model import HintConfig, HintModel
+    from hint_platform.export import write as write_export
     from pipelines import train_tokenizer, write_suite
 
     suite = write_suite(tmp_path / "data", num_train_tasks=21, num_test_tasks=2, instances_per_task=3,
                         num_pretrain_docs=5)
     tok = train_tokenizer(suite.texts(), tmp_path / "tok", vocab_size=200)
     export = tmp_path / "export"
-    HintModel(HintConfig.preset("tiny", vocab_size=tok.vocab_size)).save_pretrained(export)
-    shutil.copytree(tmp_path / "tok", export / "tokenizer")
+    write_export(HintModel(HintConfig.preset("tiny", vocab_size=tok.vocab_size)), export, tmp_path / "tok")
     spec = yaml.safe_dump(suite.sni_spec(part="test"), default_flow_style=True).strip()
     code, out, _ = run(capsys, "eval", str(export), str(REPO / "hint_platform" / "configs" / "demo" / "finetune.yaml"),
                        f"data.eval=[{spec}]", "--no-mlflow", "--max-new-tokens", "4", "--out", str(tmp_path / "ev"))

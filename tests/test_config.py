@@ -1,5 +1,8 @@
 """Experiment config validation: every mistake names its key and what is valid."""
 
+import dataclasses
+import re
+
 import pytest
 
 from hint_platform import config
@@ -58,3 +61,38 @@ def test_load_names_the_file(tmp_path):
         config.load(path)
     with pytest.raises(ConfigError, match="config file not found"):
         config.load(tmp_path / "missing.yaml")
+
+
+@pytest.mark.parametrize("key", ["log_every", "max_steps", "micro_batch_size", "eval_examples",
+                                 "num_workers", "global_batch_size"])
+def test_counts_of_zero_or_less_are_refused_naming_the_key(key):
+    for value in (0, -1):
+        with pytest.raises(ConfigError, match=rf"train\.{key}: must be positive, got {value}"):
+            config.from_dict({"train": {key: value}})
+
+
+@pytest.mark.parametrize("key", ["checkpoint_every", "eval_every", "max_failures", "seed"])
+def test_negative_intervals_and_seeds_are_refused_naming_the_key(key):
+    assert getattr(config.from_dict({"train": {key: 0}}).train, key) == 0  # 0 has a meaning
+    with pytest.raises(ConfigError, match=rf"train\.{key}: must be 0 or more, got -1"):
+        config.from_dict({"train": {key: -1}})
+
+
+def test_every_int_field_of_the_train_section_is_range_checked():
+    ints = [f.name for f in dataclasses.fields(config.TrainSection) if f.type == "int"]
+    for key in ints:
+        with pytest.raises(ConfigError, match=rf"train\.{key}: must be"):
+            config.from_dict({"train": {key: -1}})
+
+
+@pytest.mark.parametrize("key", ["name", "run.experiment", "run.register_as"])
+@pytest.mark.parametrize("bad", ["../../x", "a/b", "x'y", "", "a b", "..", "a..b", "-x", "x" * 101])
+def test_names_that_escape_paths_or_break_filters_are_refused(key, bad):
+    with pytest.raises(ConfigError, match=rf"{re.escape(key)}: .* is not a valid name"):
+        config.from_dict({}).with_overrides({key: bad})
+
+
+def test_ordinary_names_pass():
+    cfg = config.from_dict({}).with_overrides(
+        {"name": "hint-3b-sni-def_2.pos", "run.experiment": "HINT_11b", "run.register_as": "hint-3b"})
+    assert cfg.name == "hint-3b-sni-def_2.pos"

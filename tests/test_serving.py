@@ -21,6 +21,7 @@ import torch
 
 from hint_model import HintConfig, HintModel
 from hint_platform.errors import UserError
+from hint_platform.export import write as write_export
 from hint_platform.serving.predictor import BadRequest, CachedPredictor, Generation
 from hint_platform.tracking import registry
 from hint_platform.tracking.runs import tracking_uri_scope
@@ -41,10 +42,7 @@ def export(tmp_path_factory):
     torch.manual_seed(0)
     model = HintModel(HintConfig.preset("tiny", vocab_size=tok.vocab_size, max_hyper_len=MAX_HYPER,
                                         max_target_len=6))
-    out = root / "export"
-    model.save_pretrained(out)
-    (out / "tokenizer").mkdir()
-    (out / "tokenizer" / "spiece.model").write_bytes((root / "tok" / "spiece.model").read_bytes())
+    out = write_export(model, root / "export", root / "tok")
     tasks = []
     for name in suite.test_tasks:
         task = json.loads((root / "data" / "sni" / "tasks" / f"{name}.json").read_text())

@@ -35,15 +35,6 @@ LENGTHS = dict(max_input_len=32, max_hyper_len=48, max_target_len=16)
 
 
 @pytest.fixture(scope="module")
-def suite(tmp_path_factory):
-    root = tmp_path_factory.mktemp("suite")
-    s = write_suite(root, num_train_tasks=24, num_test_tasks=2, instances_per_task=4,
-                    num_pretrain_docs=4)
-    train_tokenizer(s.texts(), root / "tok", vocab_size=200)
-    return s, str(root / "tok")
-
-
-@pytest.fixture(scope="module")
 def corrupt_sni(suite, tmp_path_factory):
     """The suite's SNI checkout plus one training task whose file is not valid JSON."""
     s, _ = suite

@@ -8,19 +8,27 @@ import pytest
 import torch
 
 from hint_model import HintConfig, HintModel
-from hint_platform.training.checkpoint import ResumeError, load_checkpoint, save_checkpoint
+from hint_platform.training.checkpoint import (
+    ResumeError,
+    export_model,
+    load_checkpoint,
+    restore_optimizer,
+    save_checkpoint,
+)
 from hint_platform.training.state import TrainState
 from hint_platform.config import TrainSection
 from hint_platform.training.optim import build_optimizer, build_scheduler, lr_factor
+from pipelines import train_tokenizer
 
 TRAIN = TrainSection(lr=1e-2, optimizer="adamw", lr_schedule="linear", warmup_steps=2, max_steps=10)
+ADAFACTOR = TrainSection(lr=1e-2)  # the optimizer whose state an export carries
 
 
-def trained(seed: int = 0, steps: int = 1, **overrides):
+def trained(seed: int = 0, steps: int = 1, train: TrainSection = TRAIN, **overrides):
     torch.manual_seed(seed)
     model = HintModel(HintConfig.preset("tiny", vocab_size=50, **overrides))
-    optimizer = build_optimizer(model, TRAIN)
-    scheduler = build_scheduler(optimizer, TRAIN)
+    optimizer = build_optimizer(model, train)
+    scheduler = build_scheduler(optimizer, train)
     for _ in range(steps):
         ids = torch.randint(2, 50, (2, 6))
         model(input_ids=ids, hyper_input_ids=ids, labels=ids).loss.backward()
@@ -71,3 +79,53 @@ def test_linear_schedule_warms_up_then_decays_to_zero_at_max_steps():
     assert linear[-1] == pytest.approx(1 / 8) and lr_factor(12, 4, 12, "linear") == 0.0
     assert all(a > b for a, b in zip(linear[4:], linear[5:]))
     assert [lr_factor(step, 0, 12, "constant") for step in (0, 5, 11)] == [1.0, 1.0, 1.0]
+
+
+def one_step(model, optimizer, ids):
+    model(input_ids=ids, hyper_input_ids=ids, labels=ids).loss.backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_fine_tuning_from_an_export_starts_with_its_optimizer_state(tmp_path):
+    """The first step from an export takes the step the first stage would have taken next: its
+    second moments and step counters carried in the export; a fresh optimizer's differs."""
+    train_tokenizer(["a small corpus for the export's tokenizer"] * 4, tmp_path / "tok", vocab_size=40)
+    model, optimizer, _ = trained(train=ADAFACTOR)
+    for _ in range(3):
+        one_step(model, optimizer, torch.randint(2, 50, (2, 6)))
+    export_model(model, tmp_path / "export", tmp_path / "tok", optimizer, step=4)
+    ids = torch.randint(2, 50, (2, 6))
+    carried = {}
+    for restore in (True, False):
+        tuned = HintModel.from_pretrained(tmp_path / "export", variant="hint")
+        tuned_optimizer = build_optimizer(tuned, TrainSection(lr=1e-2))
+        if restore:
+            said = restore_optimizer(tmp_path / "export", tuned, tuned_optimizer)
+            n = sum(p.requires_grad for p in tuned.parameters())
+            assert f"(step 4) restored for {n} of {n} trainable tensors" in said
+        carried[restore] = one_step(tuned, tuned_optimizer, ids)
+    continued = one_step(model, optimizer, ids)
+    for name, value in continued.items():
+        torch.testing.assert_close(carried[True][name], value, rtol=0, atol=1e-7)
+    moved = [(carried[False][k] - v).abs().max() for k, v in continued.items() if v.dim() > 1]
+    assert max(moved) > 1e-4  # a fresh Adafactor's first step is another step
+
+
+def test_an_export_of_another_variant_restores_the_state_that_matches(tmp_path):
+    train_tokenizer(["a small corpus for the export's tokenizer"] * 4, tmp_path / "tok", vocab_size=40)
+    model, optimizer, _ = trained(train=ADAFACTOR, variant="adapters_only")
+    export_model(model, tmp_path / "export", tmp_path / "tok", optimizer, step=1)
+    tuned = HintModel.from_pretrained(tmp_path / "export", variant="hint")
+    tuned_optimizer = build_optimizer(tuned, TrainSection(lr=1e-2))
+    said = restore_optimizer(tmp_path / "export", tuned, tuned_optimizer)
+    fresh = sorted(tuned.load_report.initialised)
+    n = sum(p.requires_grad for p in tuned.parameters())
+    assert f"restored for {n - len(fresh)} of {n} trainable tensors; fresh: {fresh[0]}" in said
+    before = dict(model.named_parameters())
+    for name, p in tuned.named_parameters():
+        if name in fresh:
+            assert not tuned_optimizer.state.get(p)
+        else:
+            torch.testing.assert_close(tuned_optimizer.state[p], optimizer.state[before[name]])

@@ -18,6 +18,7 @@ from mlflow.models.signature import ModelSignature
 from mlflow.types.schema import ColSpec, Schema
 
 from hint_platform.errors import UserError
+from hint_platform.export import check as check_export
 from hint_platform.tracking.pyfunc import EXPORT_ARTIFACT
 from hint_platform.tracking.runs import login, mlflow_client, tracking_uri_scope
 
@@ -39,8 +40,7 @@ def log_and_register(export_dir: str | Path, *, tracking_uri: str, run_id: str |
     """Logs `export_dir` as a pyfunc model into run `run_id` (a new run if None) and, with a
     `name`, registers it. Returns {"model_uri", "run_id", "name", "version"}."""
     export_dir = Path(export_dir)
-    if not (export_dir / "config.json").is_file():
-        raise RegistryError(f"{export_dir}: not a model export (no config.json)")
+    check_export(export_dir, digests=True)  # a partial export is never logged
     try:
         with tracking_uri_scope(tracking_uri), mlflow.start_run(run_id=run_id) as run:
             info = mlflow.pyfunc.log_model(
@@ -91,6 +91,7 @@ def resolve_export(model: str, tracking_uri: str | None = None) -> Path:
         path = Path(model)
         if not (path / "config.json").is_file():
             raise RegistryError(f"{model}: not a model export directory nor a models:/ URI")
+        check_export(path)
         return path
     with tracking_uri_scope(tracking_uri):
         try:

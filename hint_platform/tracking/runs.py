@@ -8,26 +8,31 @@ its MLflow run, so one training run is one MLflow run however often it resumed.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import mlflow
 import requests
+from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
+from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 from mlflow.tracking import MlflowClient
 
 from hint_platform import storage
 from hint_platform.config import ExperimentConfig
 from hint_platform.errors import UserError
-from hint_platform.redact import redact, split_credentials
+from hint_platform.redact import redact, redact_text, split_credentials
 
 RUN_NAME_TAG = "hint.run_name"
 STORAGE_TAG = "hint.storage_path"
 MAX_PARAM_CHARS = 6000  # MLflow's limit on a param value
 STEP_METRIC = "step"
+MAX_METRICS_PER_BATCH = 1000  # MLflow's limit on one log_batch
 TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
 # The variables MLflow's own client logs in with (basic auth, or a bearer token).
 USERNAME_ENV, PASSWORD_ENV, TOKEN_ENV = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
@@ -288,40 +293,156 @@ def _param_values(cfg: ExperimentConfig) -> dict[str, str]:
     return out
 
 
-class RunLogger:
-    """Rank 0's handle on the MLflow run: metrics, system metrics, artifacts. On other ranks
-    (`active=False`) every method does nothing, so the train loop calls it unconditionally.
+_QUICK = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
 
-    A worker group restarted after a failure redoes the steps after the last checkpoint; their
-    metrics are logged once, by the first attempt (MLflow would keep both points of a step). The
-    last step logged is the latest value of the `step` metric, which every log call writes.
+
+@contextmanager
+def _one_short_try() -> Iterator[None]:
+    """MLflow's client with one try of at most 10 s per request, for one block: by itself it
+    retries an unreachable server for minutes; RunLogger retries between training steps."""
+    saved = {k: os.environ.get(k) for k in _QUICK}
+    os.environ.update(_QUICK)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key)
+            else:
+                os.environ[key] = value
+
+
+class RunLogger:
+    """Rank 0's handle on the MLflow run: metrics (with system metrics at each log step) and the
+    final artifacts. On other ranks (`active=False`) every method does nothing, so the train
+    loop calls it unconditionally.
+
+    A tracking server that does not answer never stops training. Metrics wait in a buffer,
+    stamped when they were measured, and go in batches of whole steps: at a log call when the
+    last failure's backoff (1 s, doubling to a minute) has passed, and at `close`, which retries
+    for up to `retry_s` and then names what it could not log. While the server does not answer
+    the buffer is also kept in `unlogged_file`, which the next logger of the run (a restarted
+    worker group, a rerun) sends first: a worker that dies meanwhile loses nothing.
+
+    Nothing is logged twice. After a failure (a batch may have been stored before its reply was
+    lost), the steps the server holds are dropped from the buffer before it is sent again; a
+    worker group restarted after a failure redoes the steps after the last checkpoint, and
+    their metrics are logged once, by the first attempt (MLflow would keep both points of a
+    step). The last step logged is the latest value of the `step` metric, which every step's
+    batch carries.
     """
 
-    def __init__(self, uri: str | None, run_id: str | None, active: bool):
+    def __init__(self, uri: str | None, run_id: str | None, active: bool, retry_s: float = 300.0,
+                 unlogged_file: str | Path | None = None):
         self.active = bool(active and uri and run_id)
         if not self.active:
             return
-        mlflow.set_tracking_uri(credentials_to_env(uri))  # a worker process of this run's own
-        mlflow.set_system_metrics_sampling_interval(1)
-        mlflow.set_system_metrics_samples_before_logging(1)
-        self._mlflow = mlflow
-        self._run = mlflow.start_run(run_id=run_id, log_system_metrics=True)
-        self.last_step = int(self._run.data.metrics.get(STEP_METRIC, 0))
+        self.uri, self.run_id, self.retry_s = uri, run_id, retry_s
+        self._client = MlflowClient(credentials_to_env(uri))
+        self._system = SystemMetricsMonitor(run_id, tracking_uri=self._client.tracking_uri)
+        self._file = Path(unlogged_file) if unlogged_file else None
+        self._pending = _read_metrics(self._file) if self._file and self._file.is_file() else []
+        self.last_step: int | None = None  # the server's, read at the first contact
+        self._retry_at, self._backoff_s = 0.0, 1.0
+        self._outage: str | None = None  # what the server did, while it does not answer
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        """Logs `metrics` at `step`, unless a step this far was logged already."""
-        if self.active and step > self.last_step:
-            values = {k: float(v) for k, v in metrics.items()} | {STEP_METRIC: float(step)}
-            self._mlflow.log_metrics(values, step=step)
-            self.last_step = step
+        """Buffers `metrics` at `step` (unless a step this far was logged) and sends what is
+        buffered unless the server is in a backoff."""
+        if not self.active or (self.last_step is not None and step <= self.last_step):
+            return
+        values = ({k: float(v) for k, v in metrics.items()} | self._system_metrics()
+                  | {STEP_METRIC: float(step)})
+        stamp = int(time.time() * 1000)
+        self._pending += [Metric(k, v, stamp, step) for k, v in values.items()]
+        if not (time.monotonic() >= self._retry_at and self._attempt(self._send)):
+            self._keep()  # in a backoff, or the server did not answer
 
-    def log_artifacts(self, local_dir: str | Path, artifact_path: str) -> None:
-        if self.active:
-            self._mlflow.log_artifacts(str(local_dir), artifact_path)
+    def _system_metrics(self) -> dict[str, float]:
+        """CPU, memory, disk, network (and GPU) since the last call, by MLflow's monitors."""
+        self._system.collect_metrics()
+        values = self._system.aggregate_metrics()
+        for monitor in self._system.monitors:
+            monitor.clear_metrics()
+        return {f"system/{k}": float(v) for k, v in values.items()}
 
-    def close(self) -> None:
-        """Ends the run (and its system-metrics sampling) as finished."""
-        if self.active:
-            self._mlflow.end_run()
-            self.active = False
+    def _send(self) -> None:
+        """Sends the buffer, a batch of whole steps at a time (one transaction each)."""
+        if self.last_step is None:
+            run = self._client.get_run(self.run_id)
+            self.last_step = int(run.data.metrics.get(STEP_METRIC, 0))
+            self._pending = [m for m in self._pending if m.step > self.last_step]
+        while self._pending:
+            batch: list[Metric] = []
+            for _, group in itertools.groupby(self._pending, key=lambda m: m.step):
+                group = list(group)
+                if batch and len(batch) + len(group) > MAX_METRICS_PER_BATCH:
+                    break
+                batch += group
+            self._client.log_batch(self.run_id, metrics=batch)
+            del self._pending[:len(batch)]
+            self.last_step = batch[-1].step
+        if self._file and self._file.is_file():
+            self._file.unlink()
 
+    def _keep(self) -> None:
+        """The buffer, to `unlogged_file` (JSON lines: key, value, timestamp, step)."""
+        if self._file:
+            self._file.write_text("".join(json.dumps({
+                "key": m.key, "value": m.value, "timestamp": m.timestamp, "step": m.step}) + "\n"
+                for m in self._pending))
+
+    def _attempt(self, call: Callable[[], None]) -> bool:
+        """Runs `call`; on a tracking error, starts (or lengthens) the backoff and says so once
+        per outage on the worker's log."""
+        try:
+            with _one_short_try():
+                call()
+        except (MlflowException, requests.RequestException, OSError) as e:
+            self.last_step = None  # what a failed call stored is read back before the next
+            self._retry_at = time.monotonic() + self._backoff_s
+            self._backoff_s = min(2 * self._backoff_s, 60.0)
+            if self._outage is None:
+                print(f"MLflow {redact_text(self.uri)} does not answer ({type(e).__name__}); "
+                      "training goes on, metrics are kept and retried", flush=True)
+            self._outage = f"{type(e).__name__}: {redact_text(str(e))[:200]}"
+            return False
+        self._backoff_s, self._outage = 1.0, None
+        return True
+
+    def _retry(self, call: Callable[[], None], deadline: float) -> bool:
+        """`call` attempted until it succeeds or `deadline` (time.monotonic()) passes."""
+        while True:
+            if self._attempt(call):
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(max(0.0, min(self._retry_at, deadline) - time.monotonic()))
+
+    def close(self, artifacts: dict[str, Path] | None = None) -> list[str]:
+        """Sends the buffered metrics and uploads `artifacts` (artifact path -> local
+        directory), retrying for up to `retry_s`. Returns what could not be logged, each item
+        a sentence (empty when everything was)."""
+        if not self.active:
+            return []
+        self.active = False
+        deadline = time.monotonic() + self.retry_s
+        missing = []
+        if not self._retry(self._send, deadline):
+            self._keep()
+            steps = sorted({m.step for m in self._pending})
+            kept = f", kept in {self._file}" if self._file else ""
+            missing.append(f"{len(self._pending)} metric values of steps {steps[0]}..{steps[-1]}{kept}")
+        for path, local in (artifacts or {}).items():
+            if not self._retry(lambda: self._client.log_artifacts(self.run_id, str(local), path),
+                               deadline):
+                missing.append(f"the {path!r} artifact (on disk at {local})")
+        if missing:
+            missing.insert(0, f"MLflow {redact_text(self.uri)} did not answer for {self.retry_s:g} s "
+                              f"({self._outage})")
+        return missing
+
+
+def _read_metrics(path: Path) -> list[Metric]:
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [Metric(r["key"], r["value"], r["timestamp"], r["step"]) for r in rows]

@@ -11,7 +11,10 @@ A checkpoint directory holds
   - `scheduler.json` (rank 0): the learning-rate schedule's state (the step it is at).
 No pickle: tensors go through DCP and safetensors, the rest is JSON.
 
-`export_model` gathers the trained weights for the export (its layout: hint_platform/export.py).
+`export_model` gathers the trained weights for the export (its layout: hint_platform/export.py),
+with Adafactor's state, which `restore_optimizer` sets again when a later stage starts from the
+export (the reference restores the optimizer state between stages: t5x's full_restore.gin).
+AdamW's state, twice the model, is not carried.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from hint_platform import export, storage
 from hint_platform.errors import UserError
+from hint_platform.training.optim import Adafactor
 from hint_platform.training.state import TrainState
 
 TRAIN_STATE = "train_state.safetensors"
@@ -126,10 +130,38 @@ def latest_train_state(run_dir: str) -> TrainState | None:
     return _train_state(lambda: load(saved), where)
 
 
-def export_model(model: nn.Module, directory: str | Path, tokenizer_dir: str | Path) -> None:
-    """Collective: gathers the full state dict to rank 0 (on CPU), which writes the export."""
+def export_model(model: nn.Module, directory: str | Path, tokenizer_dir: str | Path,
+                 optimizer: torch.optim.Optimizer | None = None, step: int = 0) -> None:
+    """Collective: gathers the full state dict (and an Adafactor's state) to rank 0, on CPU,
+    which writes the export; `step` is the training step it was taken at."""
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
                                                                  cpu_offload=True))
+    carried = None
+    if isinstance(optimizer, Adafactor):
+        carried = (optimizer.full_state(model), {"optimizer": "adafactor", "step": str(step)})
     if dist.is_initialized() and dist.get_rank() != 0:
         return
-    export.write(model, directory, tokenizer_dir, state_dict=full)
+    export.write(model, directory, tokenizer_dir, state_dict=full, optimizer=carried)
+
+
+def restore_optimizer(directory: str | Path, model: nn.Module,
+                      optimizer: torch.optim.Optimizer) -> str:
+    """Sets the optimizer state the export in `directory` carries, for every parameter of the
+    model it matches by name and shape (an export of another variant restores what matches);
+    the others start fresh. Returns what it did, for the log. The stage's own step count starts
+    at 0 (train.max_steps counts this stage); Adafactor's per-parameter step counters, which
+    set its decay and step size, go on from the export's, as t5x's global step does."""
+    carried = export.read_optimizer(directory)
+    if carried is None:
+        return f"{directory} carries no optimizer state: the optimizer starts fresh"
+    tensors, info = carried
+    if not isinstance(optimizer, Adafactor):
+        return (f"{directory} carries {info.get('optimizer')} state, this stage does not use "
+                "adafactor: the optimizer starts fresh")
+    restored = optimizer.load_full_state(model, tensors)
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    fresh = sorted(set(trainable) - set(restored))
+    said = (f"optimizer state of {directory} (step {info.get('step')}) restored for "
+            f"{len(restored)} of {len(trainable)} trainable tensors")
+    more = f" and {len(fresh) - 5} more" if len(fresh) > 5 else ""
+    return said + (f"; fresh: {', '.join(fresh[:5])}{more}" if fresh else "")

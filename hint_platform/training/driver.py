@@ -30,9 +30,12 @@ from __future__ import annotations
 
 import itertools
 import os
+import sys
 from dataclasses import dataclass, field
 
 import ray
+import requests
+from mlflow.exceptions import MlflowException
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -56,6 +59,7 @@ class TrainResult:
     metrics: dict[str, float] = field(default_factory=dict)
     mlflow_run_id: str | None = None
     steps_done: int = 0
+    unlogged: list[str] = field(default_factory=list)  # what MLflow did not get, said in words
 
 
 def start_ray(**init_args) -> None:
@@ -118,10 +122,13 @@ def fit(cfg: ExperimentConfig, *, run_config_callbacks: list | None = None) -> T
     try:
         result = trainer.fit()
     except Exception as e:
-        runs.close_run(uri, run_id, ok=False)
+        _close_run(uri, run_id, ok=False)
         raise _user_error_in(e) or e
-    runs.close_run(uri, run_id, ok=True)
     final = result.return_value or {}
+    unlogged = final.get("unlogged", []) + _close_run(uri, run_id, ok=True)
+    if unlogged:
+        print(f"warning: run {cfg.name} finished, but not all of it reached MLflow: "
+              + "; ".join(unlogged), file=sys.stderr, flush=True)
     return TrainResult(
         run_dir=run_dir,
         export_dir=final.get("export_dir"),
@@ -130,7 +137,18 @@ def fit(cfg: ExperimentConfig, *, run_config_callbacks: list | None = None) -> T
         metrics=dict(result.metrics or {}),
         mlflow_run_id=run_id,
         steps_done=int(final.get("steps_done", 0)),
+        unlogged=unlogged,
     )
+
+
+def _close_run(uri: str, run_id: str, ok: bool) -> list[str]:
+    """Ends the MLflow run; a server that does not answer leaves it open, said, not raised
+    (the run's outcome stands; training/worker.py's logger has retried it already)."""
+    try:
+        runs.close_run(uri, run_id, ok)
+    except (MlflowException, requests.RequestException, OSError) as e:
+        return [f"the run's status {'FINISHED' if ok else 'FAILED'} ({type(e).__name__})"]
+    return []
 
 
 def _user_error_in(error: BaseException) -> UserError | None:

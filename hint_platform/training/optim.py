@@ -12,7 +12,7 @@ import math
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.tensor import DTensor, Replicate
+from torch.distributed.tensor import DTensor, Replicate, distribute_tensor
 
 from hint_platform.config import TrainSection
 
@@ -71,25 +71,43 @@ class Adafactor(torch.optim.Optimizer):
             if params:
                 self._update(params, group)
 
-    def _init_state(self, p: torch.Tensor, grad: torch.Tensor) -> dict:
+    def _init_state(self, p: torch.Tensor) -> dict:
+        if not self.state[p]:
+            self.state[p] = _new_state(p)
         state = self.state[p]
-        if not state:
-            state["step"] = torch.zeros(())
-            if grad.dim() > 1:
-                state["row_var"] = _like(p, grad.new_zeros(grad.shape[:-1] + (1,)),
-                                         p.shape[:-1] + (1,))
-                state["col_var"] = _like(p, grad.new_zeros(grad.shape[:-2] + (1, grad.shape[-1])),
-                                         p.shape[:-2] + (1, p.shape[-1]), replicated=grad.dim() == 2)
-            else:
-                state["variance"] = _like(p, torch.zeros_like(grad), p.shape)
         state["step"] += 1
         return state
+
+    def full_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """Collective: the state of every parameter of `model` that has one, as whole tensors
+        (each rank's rows gathered) on the CPU, keyed `<parameter name>.<step|row_var|...>`."""
+        out = {}
+        for name, p in model.named_parameters():
+            for key, value in self.state.get(p, {}).items():
+                whole = value.full_tensor() if isinstance(value, DTensor) else value
+                out[f"{name}.{key}"] = whole.detach().cpu().contiguous()
+        return out
+
+    def load_full_state(self, model: nn.Module, saved: dict[str, torch.Tensor]) -> list[str]:
+        """Sets the state of each trainable parameter of `model` whose state `saved` (from
+        `full_state`) holds, every tensor at the shape this parameter's would have; each rank
+        keeps its own rows. The others start fresh. Returns the names of those restored."""
+        restored = []
+        for name, p in model.named_parameters():
+            if not p.requires_grad:
+                continue
+            fresh = _new_state(p)
+            found = {key: saved.get(f"{name}.{key}") for key in fresh}
+            if all(v is not None and v.shape == fresh[key].shape for key, v in found.items()):
+                self.state[p] = {key: _placed(found[key], fresh[key]) for key in fresh}
+                restored.append(name)
+        return restored
 
     def _update(self, params: list[torch.Tensor], group: dict) -> None:
         sharded = isinstance(params[0], DTensor)  # FSDP shards every parameter or none
         local = [_local(p) for p in params]
         grads = [_local(p.grad) for p in params]
-        states = [self._init_state(p, g) for p, g in zip(params, grads)]
+        states = [self._init_state(p) for p in params]
         steps = [float(s["step"]) for s in states]  # CPU scalars: no device sync
         betas = [step ** group["beta2_decay"] for step in steps]
         device = local[0].device
@@ -128,6 +146,29 @@ class Adafactor(torch.optim.Optimizer):
         scale = -alpha / (update_rms / group["d"]).clamp(min=1.0)
         torch._foreach_mul_(updates, list(scale.unbind()))
         torch._foreach_add_(local, updates)
+
+
+def _new_state(p: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A parameter's state before its first step: factored second moments (row and column
+    means) for a matrix, a full one otherwise; the step counter a CPU scalar."""
+    local = _local(p)
+    state = {"step": torch.zeros(())}
+    if p.dim() > 1:
+        state["row_var"] = _like(p, local.new_zeros(local.shape[:-1] + (1,)), p.shape[:-1] + (1,))
+        state["col_var"] = _like(p, local.new_zeros(local.shape[:-2] + (1, local.shape[-1])),
+                                 p.shape[:-2] + (1, p.shape[-1]), replicated=p.dim() == 2)
+    else:
+        state["variance"] = _like(p, torch.zeros_like(local), p.shape)
+    return state
+
+
+def _placed(whole: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """`whole` where `like` is: on its device, and for a DTensor this rank's part of it (no
+    communication: every rank holds `whole`)."""
+    if not isinstance(like, DTensor):
+        return whole.to(like.device, like.dtype, copy=True)
+    return distribute_tensor(whole.to(like.device, like.dtype), like.device_mesh, like.placements,
+                             src_data_rank=None)
 
 
 def _like(p: torch.Tensor, local: torch.Tensor, shape: tuple, replicated: bool = False):

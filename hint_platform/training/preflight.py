@@ -53,8 +53,6 @@ def check(cfg: ExperimentConfig, relative_to: str | Path | None = None) -> Check
     model = model_config(cfg)
     if not cfg.data.train:
         raise ConfigError("data.train: no training sources")
-    if cfg.data.eval and cfg.train.eval_examples <= 0:
-        raise ConfigError(f"train.eval_examples: must be positive, got {cfg.train.eval_examples}")
     if not cfg.train.fsdp and cfg.train.num_workers > 1:
         raise ConfigError("train.fsdp=false trains in one process: set train.num_workers=1")
     missing: list[str] = []
@@ -143,6 +141,10 @@ def _check_init_from(cfg: ExperimentConfig, init_from: Path,
         positions = None if data.get("model_type") == "t5" else (
             data.get("n_positions") or data.get("max_position_embeddings"))
         return model, [], positions
+    try:
+        export.check(init_from)
+    except UserError as e:
+        raise ConfigError(f"model.init_from: {e}") from None
     try:
         model, report = HintModel.plan_from_pretrained(init_from, variant=cfg.model.variant,
                                                    **cfg.model.overrides)

@@ -28,7 +28,12 @@ from hint_platform.config import ExperimentConfig, from_dict, model_config
 from hint_platform import storage
 from hint_platform.errors import TrainingError
 from hint_platform.tracking.runs import RunLogger, use_login
-from hint_platform.training.checkpoint import export_model, load_checkpoint, save_checkpoint
+from hint_platform.training.checkpoint import (
+    export_model,
+    load_checkpoint,
+    restore_optimizer,
+    save_checkpoint,
+)
 from hint_platform.training.optim import build_optimizer, build_scheduler, clip_gradients
 from hint_platform.training.parallel import parallelize
 from hint_platform.training.state import TrainState, global_batches, max_over_ranks
@@ -171,10 +176,16 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     if checkpoint:
         with checkpoint.as_directory() as directory:
             state = load_checkpoint(directory, model, optimizer, scheduler, config.to_dict())
+    elif t.restore_optimizer and cfg.model.init_from:
+        print(restore_optimizer(cfg.model.init_from, model, optimizer))
     # The batches' layout and padding follow the model and its tokenizer.
     causal, pad_id = config.is_decoder_only, load_tokenizer(cfg.data.tokenizer).pad_id
     use_login(ray.get(loop_config["mlflow_login"]))
-    logger = RunLogger(loop_config["tracking_uri"], loop_config["run_id"], rank == 0)
+    export_dir = loop_config["export_dir"]  # a path, or an object store URI: uploaded by rank 0
+    # Metrics an outage kept from MLflow wait beside the export (local runs) for the next logger.
+    unlogged_file = None if storage.is_uri(export_dir) else Path(export_dir).parent / "unlogged_metrics.jsonl"
+    logger = RunLogger(loop_config["tracking_uri"], loop_config["run_id"], rank == 0,
+                       retry_s=cfg.run.tracking_retry_s, unlogged_file=unlogged_file)
     micro = t.micro_batch_size
     accum = t.global_batch_size // (world * micro)
     meter = Throughput(device, world)
@@ -226,9 +237,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
                 ray.train.report(metrics, checkpoint=Checkpoint.from_directory(directory))
         else:
             ray.train.report(metrics)
-    export_dir = loop_config["export_dir"]  # a path, or an object store URI: uploaded by rank 0
     with storage.local_dir(export_dir, upload=rank == 0) as local:
-        export_model(model, local, cfg.data.tokenizer)
-        logger.log_artifacts(local, "export")
-    logger.close()
-    return {"export_dir": export_dir, "steps_done": state.step} if rank == 0 else None
+        export_model(model, local, cfg.data.tokenizer, optimizer, state.step)
+        unlogged = logger.close({"export": local})
+    if rank:
+        return None
+    return {"export_dir": str(export_dir), "steps_done": state.step, "unlogged": unlogged}
