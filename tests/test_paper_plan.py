@@ -101,7 +101,14 @@ def test_paper_list_names_every_table_and_its_runs_at_both_sizes(capsys):
         assert f"{key}: {t.title}" in out
     for size in ("3b", "11b"):
         assert f"hint-{size}-pretrain-c4 " in out and f"tk-instruct-{size}-sni-def " in out
-    assert "hypertune-3b-sni-def " in out and "from hypertune-3b-pretrain-c4" in out
+    assert "hypertune-3b-sni-def " in out and "from hypertune-3b-pretrain-caclm" in out
+
+
+def test_hypertune_pretrains_on_the_4part_caclm_split():
+    """scripts/pretraining/pretrain_htune.sh trains on gins/pretrain_4part.gin."""
+    for size in ("xl", "xxl"):
+        cfg = config.load(plan.HYPERTUNE_PRETRAIN.config_name(size))
+        assert [s["format"] for s in cfg.data.train] == ["caclm"]
 
 
 def test_unknown_tables_rows_and_sizes_are_user_errors(capsys):
@@ -135,3 +142,11 @@ def test_a_paper_run_on_a_cluster_is_one_checked_job(capsys):
     assert cli.main(["paper", "run", "table2", "--size", "xxl", "--row", "HINT (split)",
                      "--shared-dir", "/mnt/shared", "--address", "http://127.0.0.1:9"]) == 2
     assert "cannot reach a Ray cluster at http://127.0.0.1:9" in capsys.readouterr().err
+
+
+def test_hypter_on_p3_has_adapters_of_4_and_on_sni_of_8():
+    """scripts/t0_train_hypter.sh sets adapter_size=4 on gins/hypter.gin's 8 (ni_train_hypter.sh keeps 8)."""
+    stages = {s.name: s for s in plan.all_stages()}
+    p3 = config.model_config(resolve(stages["hypter-{size}-p3"], "xl").cfg)
+    sni = config.model_config(resolve(stages["hypter-{size}-sni-def"], "xl").cfg)
+    assert (p3.variant, p3.adapter_size, sni.adapter_size) == ("hypter", 4, 8)

@@ -106,9 +106,15 @@ def from_t5(name: str, setup: str, variant: str, sources=(), overrides=()) -> St
 
 
 # --- Table 1: SNI, Def and Def + 2 Pos. ---
+# Kept on purpose (a stronger Hypter than the paper's): its hyper-encoder starts as the T5 encoder.
+HYPTER_ENCODER = ("Hypter's instruction encoder starts here as the T5 encoder; the reference's "
+                  "run restores no hypernetwork weight (gins/restore_pretrained.gin), which leaves "
+                  "it random: our Hypter is the stronger baseline.")
 HINT_DEF = Stage("hint-{size}-sni-def", "sni-def", PRETRAIN)
 HINT_DEF_2POS = Stage("hint-{size}-sni-def-2pos", "sni-def-2pos", PRETRAIN)
-HYPERTUNE_PRETRAIN = Stage("hypertune-{size}-pretrain-c4", "pretrain-c4", variant="hypertune")
+# HyperTune pretrains on the 4-part CACLM split (scripts/pretraining/pretrain_htune.sh with
+# gins/pretrain_4part.gin), not on ours.
+HYPERTUNE_PRETRAIN = Stage("hypertune-{size}-pretrain-caclm", "pretrain-caclm", variant="hypertune")
 TK_DEF = from_t5("tk-instruct-{size}-sni-def", "sni-def", "concat", _concat(0))
 TK_DEF_2POS = from_t5("tk-instruct-{size}-sni-def-2pos", "sni-def-2pos", "concat", _concat(2))
 
@@ -131,7 +137,8 @@ TABLE1 = Table(
         Row("HINT", (("Def", HINT_DEF), ("Def + 2 Pos.", HINT_DEF_2POS))),
     ),
     note="Tk-Instruct / + PEFT / No-Instruct / Hypter start from the LM-adapted T5; HyperTune "
-         "and HINT from their own C4 pretraining. GPT-2 and OPT rows are not models of this platform.")
+         "and HINT from their own C4 pretraining. GPT-2 and OPT rows are not models of this platform. "
+         + HYPTER_ENCODER)
 
 # --- Table 2: P3 (T0's held-out datasets, rank classification) ---
 HINT_P3_JOINT = Stage("hint-{size}-p3-joint", "p3-joint", PRETRAIN)
@@ -144,10 +151,15 @@ TABLE2 = Table(
         Row("T0 + PEFT", (("accuracy", from_t5("t0-peft-{size}-p3", "p3-joint", "static_peft", (("format", "concat"),))),)),
         # 'No Prompt': the instance fields only, no template anywhere (the split rendering).
         Row("No Prompt", (("accuracy", from_t5("no-prompt-{size}-p3", "p3-split", "no_instruct")),)),
-        Row("Hypter", (("accuracy", from_t5("hypter-{size}-p3", "p3-split", "hypter")),)),
+        # Adapters of 4 on P3 (scripts/t0_train_hypter.sh overrides hypter.gin's 8; the only
+        # P3 Hypter script, at xl: 11B takes the same).
+        Row("Hypter", (("accuracy", from_t5("hypter-{size}-p3", "p3-split", "hypter",
+                                            overrides=("model.overrides.adapter_size=4",))),)),
         Row("HINT (split)", (("accuracy", HINT_P3_SPLIT),)),
         Row("HINT (joint)", (("accuracy", HINT_P3_JOINT),)),
-    ))
+    ),
+    note="Scored as T0 scores them: the original-task templates with answer choices, by rank "
+         "classification. " + HYPTER_ENCODER)
 
 # --- Table 3: P3 few-shot. The reference's t0_xshot scripts: shots 1, 2, 4, 5, trained from the
 # LM-adapted T5 (scripts/t0_few_shot/t0_xshot_train_*.sh); HINT reads the shots, T0 gets them in
