@@ -193,14 +193,15 @@ def _render_seed(seed: int, index: int) -> int:
 
 def template_examples(spec: SourceSpec, template: Template, records: list[dict], order: np.ndarray,
                       shot_records: list[dict], budget: TokenBudget, bad: BadRecords, seed: int,
-                      hyper: str | None = None) -> Iterator[Example | None]:
-    """One slot per index of `order`: the record rendered, or None where it gives no example."""
+                      instruction: str | None = None) -> Iterator[Example | None]:
+    """One slot per index of `order`: the record rendered, or None where it gives no example.
+    `instruction`: the hypernetwork's text of the template (render)."""
     task = f"{spec.dataset}/{template.name}"
     groups = shot_groups(spec, template, shot_records, bad, seed) if spec.num_shots else None
     not_applicable = 0
     for i in map(int, order):
         try:
-            rendered = render(spec, template, records[i], _render_seed(seed, i), hyper)
+            rendered = render(spec, template, records[i], _render_seed(seed, i), instruction)
         except RENDER_ERRORS as e:
             bad.report(f"task {task} (template {template.id})", f"record {i}: template failed to render: {e}")
             yield None
