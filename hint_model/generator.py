@@ -40,9 +40,6 @@ from hint_model.t5 import Attention, FeedForward, RMSNorm, Stack, padding_bias
 
 # Kinds generated one column per component (an input-width x r matrix), transposed into place.
 _COLUMNS = {"adapter_down", *(f"lora_{target}_a" for target in peft.LORA_TARGETS)}
-# Kinds that start at zero in a static PEFT: its modules start as the identity.
-_ZERO = {"adapter_up", "adapter_up_bias", "adapter_down_bias",
-         *(f"lora_{target}_b" for target in peft.LORA_TARGETS)}
 
 # jax.nn.initializers.truncated_normal draws from N(0, 1) cut at +-2, whose std is this; t5x
 # divides by it so that the kept draws have the std asked for.
@@ -166,6 +163,19 @@ class SlotDecoder(nn.Module):
         self.final_norm.load_state_dict(decoder.final_norm.state_dict())
 
 
+def slot_embeddings(cfg: HintConfig, layout: dict) -> nn.ParameterDict:
+    """One learned embedding per (slot, component) of each kind."""
+    d = cfg.d_model
+    return nn.ParameterDict({kind: nn.Parameter(torch.randn(slots, count, d) / math.sqrt(d))
+                             for kind, (slots, count, _) in layout.items()})
+
+
+def kind_mlps(cfg: HintConfig, layout: dict) -> nn.ModuleDict:
+    """Each kind's MLP, from d to the width of one component."""
+    return nn.ModuleDict({kind: MLP(cfg.d_model, cfg.generator_hidden, width, cfg.generator_dropout_rate)
+                          for kind, (_, _, width) in layout.items()})
+
+
 class ComponentGenerator(nn.Module):
     """The "component" generator, or with cfg.generator == "decoder" the HyperTune-like one."""
 
@@ -174,21 +184,18 @@ class ComponentGenerator(nn.Module):
         self.cfg = cfg
         self.layout = component_layout(cfg)
         d = cfg.d_model
-        self.embeddings = nn.ParameterDict({
-            kind: nn.Parameter(torch.randn(slots, count, d) / math.sqrt(d))
-            for kind, (slots, count, _) in self.layout.items()})
+        self.embeddings = slot_embeddings(cfg, self.layout)
         if cfg.generator == "decoder":
             self.decoder = SlotDecoder(cfg)
             # hyper_network.py generate_parameter: layer_norm(inputs) when the method is "decoder"
             self.norms = nn.ModuleDict({kind: RMSNorm(d, cfg.layer_norm_epsilon) for kind in self.layout})
         else:
             self.cross_attn = CrossAttention(d, cfg.generator_heads or d // cfg.d_kv, cfg.dropout_rate)
-        self.mlps = nn.ModuleDict({kind: MLP(d, cfg.generator_hidden, width, cfg.generator_dropout_rate)
-                                   for kind, (_, _, width) in self.layout.items()})
+        self.mlps = kind_mlps(cfg, self.layout)
 
     def forward(self, states: Tensor, mask: Tensor) -> dict[str, Tensor]:
         """states [T, L, d] encoded instructions, mask [T, L] -> kind -> [T, *peft.shapes]."""
-        tasks, d = states.shape[0], self.cfg.d_model
+        tasks = states.shape[0]
         kinds = list(self.layout)
         sizes = [self.embeddings[k].shape[0] * self.embeddings[k].shape[1] for k in kinds]
         queries = torch.cat([self.embeddings[k].flatten(0, 1) for k in kinds]).unsqueeze(0).to(states.dtype)
@@ -196,19 +203,27 @@ class ComponentGenerator(nn.Module):
             mixed = self.decoder(queries.expand(tasks, -1, -1), states, padding_bias(mask, states.dtype))
         else:
             mixed = self.cross_attn(queries, states, mask)
-        out = {}
-        for kind, rows in zip(kinds, mixed.split(sizes, dim=1)):
-            slots, count, width = self.layout[kind]
-            if self.cfg.generator == "decoder":
-                rows = self.norms[kind](rows)
-            value = self.mlps[kind](rows).view(tasks, slots, count, width) / math.sqrt(d)
-            if kind in _COLUMNS:
-                # Kept on purpose: transposed, so embedding j becomes column j. The reference
-                # reshapes [a, d] rows into [d, a] (hyper_network.py generate_parameter), which
-                # scatters one embedding's output over several columns.
-                value = value.transpose(2, 3)
-            out[kind] = value.reshape(tasks, *peft.shapes(self.cfg)[kind])
-        return out
+        norms = self.norms if self.cfg.generator == "decoder" else None
+        return generated(self.cfg, self.layout, self.mlps, dict(zip(kinds, mixed.split(sizes, dim=1))), norms)
+
+
+def generated(cfg: HintConfig, layout: dict, mlps: nn.ModuleDict, rows: dict[str, Tensor],
+              norms: nn.ModuleDict | None = None) -> dict[str, Tensor]:
+    """Each kind's rows [T, slots * components, d] through [its norm and] its MLP, divided by
+    sqrt(d) (hyper_network.py generate_parameter), shaped as peft.shapes with T in front."""
+    out = {}
+    for kind, x in rows.items():
+        slots, count, width = layout[kind]
+        if norms is not None:
+            x = norms[kind](x)
+        value = mlps[kind](x).view(x.shape[0], slots, count, width) / math.sqrt(cfg.d_model)
+        if kind in _COLUMNS:
+            # Kept on purpose: transposed, so embedding j becomes column j. The reference
+            # reshapes [a, d] rows into [d, a] (hyper_network.py generate_parameter), which
+            # scatters one embedding's output over several columns.
+            value = value.transpose(2, 3)
+        out[kind] = value.reshape(x.shape[0], *peft.shapes(cfg)[kind])
+    return out
 
 
 class PooledGenerator(nn.Module):
@@ -238,15 +253,19 @@ def build_generator(cfg: HintConfig) -> nn.Module:
 
 
 class StaticPeft(nn.Module):
-    """X + PEFT baseline: one learned set of modules shared by every task (task dimension 1).
-    Adapters start as the identity (up projection zero)."""
+    """X + PEFT baseline: one learned set of modules shared by every task (task dimension 1), as
+    the reference makes it (use_instructions=False, scripts/nat_int/ni_train_no_hnet.sh): the
+    component generator's learned slot embeddings go straight into its per-kind MLPs, outputs
+    divided by sqrt(d), with no instruction to attend to. Direct parameters with a zero adapter
+    up-projection would barely move under Adafactor's relative step size."""
 
     def __init__(self, cfg: HintConfig):
         super().__init__()
-        self.params = nn.ParameterDict()
-        for kind, shape in peft.shapes(cfg).items():
-            init = torch.zeros(1, *shape) if kind in _ZERO else torch.randn(1, *shape) * cfg.d_model ** -0.5
-            self.params[kind] = nn.Parameter(init)
+        self.cfg = cfg
+        self.layout = component_layout(cfg)
+        self.embeddings = slot_embeddings(cfg, self.layout)
+        self.mlps = kind_mlps(cfg, self.layout)
 
     def forward(self) -> dict[str, Tensor]:
-        return dict(self.params.items())
+        return generated(self.cfg, self.layout, self.mlps,
+                         {kind: e.flatten(0, 1).unsqueeze(0) for kind, e in self.embeddings.items()})

@@ -130,8 +130,10 @@ class HintModel(nn.Module):
         encoder = self.hyper_encoder if self.hyper_encoder is not None else self.t5.encoder
         x = self.t5.shared(ids)
         # Kept on purpose: padding is masked here. The reference runs the hyper-encoder without
-        # a mask (hyper_network.py Hypernet.__call__: self.encoder(..., hyper=True)), so a
-        # task's modules would depend on how much padding its batch had.
+        # a mask (hyper_network.py Hypernet.__call__: self.encoder(..., hyper=True)), but t5x
+        # pads every instruction to the same fixed length, so there its modules still depend on
+        # the instruction alone. We pad to the longest instruction of the batch: unmasked, a
+        # task's modules would change with its batch (and differ between training and serving).
         states = encoder(x, padding_bias(mask, x.dtype))
         generated = self.generator(states, mask) if self.generator is not None else {}
         if self.config.fusion:

@@ -39,6 +39,17 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(self.weight.dtype)
 
 
+class LengthSharedDropout(nn.Dropout):
+    """Dropout with one mask per example and feature, shared over the length: t5x's
+    `nn.Dropout(broadcast_dims=(-2,))`, used for every dropout of its T5 but the encoder's last."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or self.p == 0:
+            return x
+        keep = torch.empty(x.shape[0], 1, x.shape[-1], device=x.device, dtype=x.dtype).bernoulli_(1 - self.p)
+        return x * keep / (1 - self.p)
+
+
 class FeedForward(nn.Module):
     """Gated-GELU (v1.1: wi_0, wi_1, wo) or ReLU (v1.0: wi, wo)."""
 
@@ -51,7 +62,7 @@ class FeedForward(nn.Module):
         else:
             self.wi = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
         self.wo = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
-        self.dropout = nn.Dropout(cfg.dropout_rate)
+        self.dropout = LengthSharedDropout(cfg.dropout_rate)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.gated:
@@ -97,6 +108,8 @@ class Attention(nn.Module):
                 cache["k"], cache["v"] = k, v
         if not cross and p is not None and p.prefix_key is not None:  # the cache holds real tokens only
             k, v = peft.prepend(k, v, p.prefix_key, p.prefix_value, p.index)
+        # Kept: the attention weights' dropout is element-wise, the fused kernel's; t5x shares its
+        # mask over the queries, which no SDPA kernel offers (it would cost the math kernel).
         out = F.scaled_dot_product_attention(
             self._split(q), k, v, attn_mask=bias,
             dropout_p=self.dropout if self.training else 0.0, scale=1.0)
@@ -118,7 +131,7 @@ class Block(nn.Module):
             self.cross_attn = Attention(cfg)
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.layer_norm_epsilon)
         self.ffn = FeedForward(cfg)
-        self.dropout = nn.Dropout(cfg.dropout_rate)
+        self.dropout = LengthSharedDropout(cfg.dropout_rate)
 
     def forward(self, x: Tensor, bias: Tensor, memory: Tensor | None = None,
                 memory_bias: Tensor | None = None, p: BlockPeft | None = None,
@@ -131,10 +144,10 @@ class Block(nn.Module):
                                                  p=p.cross_attn,
                                                  cache=None if cache is None else cache["cross"]))
         h = self.ffn_norm(x)
-        y = self.ffn(h)
-        if p.adapter is not None:
+        y = self.dropout(self.ffn(h))
+        if p.adapter is not None:  # not dropped (the reference's HyperEncoderLayer adds it after)
             y = y + peft.adapter(h, p.adapter)
-        return x + self.dropout(y)
+        return x + y
 
     def instruction_keys_values(self, states: Tensor, p: AttnPeft | None = None
                                 ) -> tuple[Tensor, Tensor]:
@@ -157,7 +170,9 @@ class Stack(nn.Module):
         self.relative_bias = nn.Embedding(cfg.relative_attention_num_buckets, cfg.num_heads)
         self.blocks = nn.ModuleList(Block(cfg, is_decoder) for _ in range(num_layers))
         self.final_norm = RMSNorm(cfg.d_model, cfg.layer_norm_epsilon)
-        self.dropout = nn.Dropout(cfg.dropout_rate)
+        self.dropout = LengthSharedDropout(cfg.dropout_rate)
+        # The encoder's output dropout is the one t5x does not share over the length.
+        self.final_dropout = self.dropout if is_decoder else nn.Dropout(cfg.dropout_rate)
         self.checkpointing = False
 
     def forward(self, x: Tensor, mask_bias: Tensor, memory: Tensor | None = None,
@@ -182,7 +197,7 @@ class Stack(nn.Module):
                 x = checkpoint(block, *args, use_reentrant=False)
             else:
                 x = block(*args)
-        return self.dropout(self.final_norm(x))
+        return self.final_dropout(self.final_norm(x))
 
     def position_bias(self, q_len: int, offset: int, device) -> Tensor:
         """[1, H, q_len, offset + q_len]: bucketed relative position bias, plus the causal

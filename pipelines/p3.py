@@ -2,7 +2,8 @@
 
 `p3`: the records of `path` (jsonl, one file or a glob; SuperGLUE's own layout is mapped to
 the Hugging Face fields) rendered with every template of `templates/<dataset>/templates.yaml`.
-Each template is a task, `<dataset>/<template name>`. A template that does not apply to a
+Each template is a task, `<dataset>/<template name>`; the test part (evaluation) keeps T0's
+scored ones only: `original_task` templates with answer choices (scored_templates). A template that does not apply to a
 record (it renders an empty prompt or target, e.g. COPA templates written for one question
 type, or an unlabelled record) yields nothing for it; those are counted and logged per
 template. A template that raises while rendering is a bad record naming task and template.
@@ -12,9 +13,26 @@ per dataset and template, `<dataset>_<template>.jsonl[.gz]`. With `templates` gi
 template whose normalised `<dataset>_<subset>_<name>` equals the file name supplies the
 hypernetwork text; without it the hypernetwork reads the file's task name in words.
 
-Sampling cap (T0): a dataset with more than `example_cap` examples contributes
-example_cap / number-of-templates examples per template (the first ones, in file order).
-Records are held in memory per dataset (each template renders all of them).
+The hypernetwork's text ('joint', 'split'): with `edited_prompts` (a copy of the reference's
+seqio_tasks/all_edited_prompts.txt, ~400 hand-edited prompts of the T0 datasets' templates) the
+template's edited prompt with every `[FIELD]` replaced by `[MASK]`, as the reference's
+load_prewritten_prompts / replace_keys build it; a template the file lacks falls back to the
+automatic masking of p3_templates.py, counted in one warning per source. Without the file,
+every template is masked automatically (`[field]` placeholders, Jinja logic removed).
+
+No EOS after P3's inputs and hypernetwork inputs (t0_tasks.py: add_eos=False on both; the
+targets keep theirs).
+
+Sampling cap and order (T0: t0_tasks.py `mixture_cap`, all_t0_tasks.py's rates): a dataset with
+more than `example_cap` records contributes example_cap / number-of-templates per template, else
+all of them; that count is also the template's size in the mixture (pipelines/dataset.py). In
+the train part each template's records come in a seeded permutation of the pass (the
+reference's 50k shuffle buffer, reshuffled each pass; our readers can index the records, so the
+whole dataset is shuffled) and the cap keeps the head of it: a fresh random sample each pass.
+The test part keeps the first records in file order. A record the template does not apply to
+still takes its slot in the mixture (the reference's rate counts the dataset's records, not the
+rendered ones). Records are held in memory per dataset (each template renders all of them);
+p3_rendered holds a file's rows in memory for the train part (it must count and shuffle them).
 
 Few-shot (`num_shots: k`, the paper's Table 3; reference seqio_tasks/few_shot.py with the
 arguments of my_t0_tasks.py): every example gets k examples of the same template, rendered in
@@ -40,7 +58,7 @@ import numpy as np
 from pipelines import files, formats
 from pipelines.bad_records import BadRecords
 from pipelines.budget import TokenBudget
-from pipelines.example import Example
+from pipelines.example import Example, TaskStream
 from pipelines.p3_templates import Template, load_templates, to_hf_fields
 from pipelines.spec import SourceSpec, SpecError
 
@@ -51,8 +69,9 @@ RENDER_ERRORS = (jinja2.TemplateError, TypeError, ValueError, KeyError, IndexErr
 
 
 def capped(examples: Iterable[Example], num_templates: int, cap: int) -> Iterator[Example]:
-    """T0's rule, streaming: the first cap // num_templates examples if the dataset has more
-    than `cap`, else all (the rest is held until the size is known)."""
+    """T0's cap in file order, streaming (the test part of p3_rendered, whose size is not known
+    before reading): the first cap // num_templates examples if the file has more than `cap`,
+    else all (the rest is held until the size is known)."""
     limit, held = cap // num_templates, []
     for i, ex in enumerate(examples):
         if i < limit:
@@ -62,6 +81,15 @@ def capped(examples: Iterable[Example], num_templates: int, cap: int) -> Iterato
         else:
             return
     yield from held
+
+
+def planned(num_records: int, num_templates: int, cap: int, seed: int | str, train: bool) -> np.ndarray:
+    """The record indices a template gives in a pass (module docstring: T0's cap and order)."""
+    limit = cap // num_templates if num_records > cap else num_records
+    if not train:
+        return np.arange(limit)
+    rng = np.random.default_rng(random.Random(f"{seed}:order").getrandbits(64))
+    return rng.permutation(num_records)[:limit]
 
 
 def templates_file(spec: SourceSpec) -> str:
@@ -95,16 +123,65 @@ def read_records(spec: SourceSpec, pattern: str, bad: BadRecords) -> list[dict]:
     return records
 
 
-def render(spec: SourceSpec, template: Template, record: dict, seed: int) -> tuple[str, str, str, list[str]] | None:
+EDITED_SEPARATOR = "****************************"
+
+
+def read_edited_prompts(path: str, bad: BadRecords) -> dict[str, str]:
+    """all_edited_prompts.txt: `dataset_subset\t||||\ttemplate\t||||\tprompt` entries separated
+    by a line of 28 stars -> {lower-cased `dataset_subset_template`: the prompt, [FIELD]s masked}
+    (utils.py load_prewritten_prompts and replace_keys)."""
+    if not files.exists(path):
+        raise SpecError(f"p3: edited_prompts file not found: {path}")
+    text = files.read_text(path, bad) or ""
+    entries = [entry.strip().split("\t||||\t") for entry in text.split(EDITED_SEPARATOR)]
+    return {f"{e[0]}_{e[1]}".lower().strip(): re.sub(r"\[[A-Za-z0-9_]+\]", "[MASK]", e[2])
+            for e in entries if len(e) > 2}
+
+
+def edited_key(dataset: str, template_name: str) -> str:
+    """The reference's task name (utils.py get_task_name, task_clean), lower-cased."""
+    return re.sub(r"[^\w\d\._]+", "_", f"{dataset.replace('/', '_')}_{template_name}").lower()
+
+
+class HyperTexts:
+    """The hypernetwork's text of each template of a source (module docstring)."""
+
+    def __init__(self, spec: SourceSpec, bad: BadRecords):
+        self.spec = spec
+        self.edited = read_edited_prompts(spec.edited_prompts, bad) if spec.edited_prompts else None
+        self.missing: list[str] = []
+
+    def of(self, dataset: str, template: Template) -> str:
+        if self.edited is None:
+            return template.masked()
+        key = edited_key(dataset, template.name)
+        # anli's rounds are tasks of their own there; the prompts are the same for every round.
+        text = self.edited.get(key, self.edited.get(f"{key}_r1"))
+        if text is None:
+            self.missing.append(template.name)
+            return template.masked()
+        return text
+
+    def warn_missing(self, where: str) -> None:
+        if self.missing:
+            log.warning("p3: %d template(s) of %s have no prompt in %s; their hypernetwork reads the "
+                        "automatically masked template: %s", len(self.missing), where,
+                        self.spec.edited_prompts, ", ".join(self.missing[:5]))
+
+
+def render(spec: SourceSpec, template: Template, record: dict, seed: int,
+           hyper: str | None = None) -> tuple[str, str, str, list[str]] | None:
     """(hyper, model input, target, answer choices) of the record in the spec's format; None when
-    the template does not apply to it. Raises RENDER_ERRORS."""
+    the template does not apply to it. `hyper` is the hypernetwork's text of the template (the
+    automatically masked template when None). Raises RENDER_ERRORS."""
     prompt, target, choices = template.render(record, seed=seed)
     if not prompt or not target:
         return None
+    hyper = template.masked() if hyper is None else hyper
     if spec.format == "joint":
-        hyper, text = formats.p3_joint(template.masked(), prompt)
+        hyper, text = formats.p3_joint(hyper, prompt)
     elif spec.format == "split":
-        hyper, text = formats.p3_split(template.masked(), [(f, str(record[f])) for f in template.fields_used(record)])
+        hyper, text = formats.p3_split(hyper, [(f, str(record[f])) for f in template.fields_used(record)])
     else:
         hyper, text = formats.p3_concat(prompt)
     return hyper, text, target, choices
@@ -114,29 +191,35 @@ def _render_seed(seed: int, index: int) -> int:
     return seed * 1_000_003 + index
 
 
-def template_examples(spec: SourceSpec, template: Template, records: list[dict], shot_records: list[dict],
-                      budget: TokenBudget, bad: BadRecords, seed: int) -> Iterator[Example]:
+def template_examples(spec: SourceSpec, template: Template, records: list[dict], order: np.ndarray,
+                      shot_records: list[dict], budget: TokenBudget, bad: BadRecords, seed: int,
+                      instruction: str | None = None) -> Iterator[Example | None]:
+    """One slot per index of `order`: the record rendered, or None where it gives no example.
+    `instruction`: the hypernetwork's text of the template (render)."""
     task = f"{spec.dataset}/{template.name}"
     groups = shot_groups(spec, template, shot_records, bad, seed) if spec.num_shots else None
     not_applicable = 0
-    for i, record in enumerate(records):
+    for i in map(int, order):
         try:
-            rendered = render(spec, template, record, _render_seed(seed, i))
+            rendered = render(spec, template, records[i], _render_seed(seed, i), instruction)
         except RENDER_ERRORS as e:
             bad.report(f"task {task} (template {template.id})", f"record {i}: template failed to render: {e}")
+            yield None
             continue
         if rendered is None:
             not_applicable += 1
+            yield None
             continue
         hyper, text, target, choices = rendered
         if groups is not None:
             shots = fitting_shots(next(groups), text, budget)
             hyper, text = formats.p3_few_shot(shots, hyper, text, spec.format)
         yield Example(task=task, hyper=hyper, input=text, target=target, references=[target],
-                      answer_choices=choices, answer_index=choices.index(target) if target in choices else -1)
+                      answer_choices=choices, answer_index=choices.index(target) if target in choices else -1,
+                      input_eos=False)
     if not_applicable:
         log.info("p3: template %r of %s does not apply to %d of %d records", template.name,
-                 spec.dataset, not_applicable, len(records))
+                 spec.dataset, not_applicable, len(order))
 
 
 def shot_groups(spec: SourceSpec, template: Template, records: list[dict], bad: BadRecords,
@@ -181,28 +264,45 @@ def fitting_shots(shots: list[tuple[str, str]], text: str, budget: TokenBudget) 
 
 
 def raw_task_streams(spec: SourceSpec, budget: TokenBudget, bad: BadRecords,
-                     seed: int) -> list[tuple[str, Iterator[Example]]]:
+                     seed: int) -> list[tuple[str, TaskStream]]:
     templates = read_templates(templates_file(spec), bad)
     records = read_records(spec, spec.path, bad)
     shot_records = read_records(spec, spec.shots_path, bad) if spec.shots_path else records
-    return [(f"{spec.dataset}/{t.name}",
-             capped(template_examples(spec, t, records, shot_records, budget, bad, seed), len(templates),
-                    spec.example_cap))
-            for t in templates]
+    texts = HyperTexts(spec, bad)
+    streams = []
+    for t in templates if spec.is_train else scored_templates(spec, templates):
+        task = f"{spec.dataset}/{t.name}"
+        order = planned(len(records), len(templates), spec.example_cap, f"{seed}:{task}", spec.is_train)
+        slots = template_examples(spec, t, records, order, shot_records, budget, bad, seed,
+                                  texts.of(spec.dataset, t))
+        streams.append((task, TaskStream(slots, size=len(order) if spec.is_train else None)))
+    texts.warn_missing(spec.dataset)
+    return streams
+
+
+def scored_templates(spec: SourceSpec, templates: list[Template]) -> list[Template]:
+    """The templates evaluation scores: T0's (all_t0_tasks.py `t0_eval_score_eval`: the
+    `original_task` prompts, by rank classification over their answer choices)."""
+    scored = [t for t in templates if t.metadata.get("original_task") and t.answer_choices]
+    if len(scored) < len(templates):
+        log.info("p3: %s: evaluating %d of %d templates (original task, with answer choices)",
+                 spec.dataset, len(scored), len(templates))
+    return scored
 
 
 def _normalise(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
 
 
-def template_index(templates_dir: str, bad: BadRecords) -> dict[str, tuple[Template, int]]:
-    """normalised `<dataset>_<subset>_<template name>` -> (template, templates in its file)."""
+def template_index(templates_dir: str, bad: BadRecords) -> dict[str, tuple[Template, int, str]]:
+    """normalised `<dataset>_<subset>_<template name>` -> (template, templates in its file, its
+    dataset `<dataset>[/<subset>]`)."""
     index = {}
     for path in files.expand(files.join(templates_dir, "**", "templates.yaml")):
         dataset = path[len(templates_dir.rstrip("/")) + 1:].rsplit("/", 1)[0]
         templates = read_templates(path, bad)
         for t in templates:
-            index[_normalise(f"{dataset}_{t.name}")] = (t, len(templates))
+            index[_normalise(f"{dataset}_{t.name}")] = (t, len(templates), dataset)
     return index
 
 
@@ -218,28 +318,36 @@ def rendered_examples(spec: SourceSpec, path: str, hyper: str, bad: BadRecords) 
             continue
         _, text = formats.p3_concat(row["prompt"])
         yield Example(task=task, hyper=hyper if spec.format == "joint" else "", input=text,
-                      target=target, references=[target])
+                      target=target, references=[target], input_eos=False)
 
 
-def rendered_task_streams(spec: SourceSpec, bad: BadRecords, seed: int) -> list[tuple[str, Iterator[Example]]]:
+def rendered_task_streams(spec: SourceSpec, bad: BadRecords, seed: int) -> list[tuple[str, TaskStream]]:
     paths = files.expand(spec.path)
     if not paths:
         raise SpecError(f"p3_rendered: no files match {spec.path}")
     index = template_index(spec.templates, bad) if spec.templates else {}
+    texts = HyperTexts(spec, bad)
     streams = []
     for path in paths:
         task = path.rsplit("/", 1)[-1].split(".jsonl")[0]
-        template, num_templates = index.get(_normalise(task), (None, 1))
+        template, num_templates, dataset = index.get(_normalise(task), (None, 1, ""))
         if spec.templates and template is None:
             log.warning("p3_rendered: no template in %s matches %s; its hypernetwork input is the task name",
                         spec.templates, path)
-        hyper = template.masked() if template else task.replace("_", " ")
-        streams.append((task, capped(rendered_examples(spec, path, hyper, bad), num_templates, spec.example_cap)))
+        hyper = texts.of(dataset, template) if template else task.replace("_", " ")
+        rows = rendered_examples(spec, path, hyper, bad)
+        if spec.is_train:
+            held = list(rows)
+            order = planned(len(held), num_templates, spec.example_cap, f"{seed}:{task}", train=True)
+            streams.append((task, TaskStream((held[i] for i in order), size=len(order))))
+        else:
+            streams.append((task, TaskStream(capped(rows, num_templates, spec.example_cap))))
+    texts.warn_missing(spec.path)
     return streams
 
 
 def task_streams(spec: SourceSpec, budget: TokenBudget, bad: BadRecords,
-                 seed: int) -> list[tuple[str, Iterator[Example]]]:
+                 seed: int) -> list[tuple[str, TaskStream]]:
     if spec.kind == "p3":
         return raw_task_streams(spec, budget, bad, seed)
     return rendered_task_streams(spec, bad, seed)

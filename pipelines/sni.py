@@ -19,7 +19,7 @@ from collections.abc import Iterable, Iterator
 from pipelines import files, formats
 from pipelines.bad_records import BadRecords
 from pipelines.budget import TokenBudget
-from pipelines.example import Example
+from pipelines.example import Example, TaskStream
 from pipelines.spec import SourceSpec, SpecError
 
 log = logging.getLogger(__name__)
@@ -80,32 +80,60 @@ def load_task(path: str, bad: BadRecords) -> dict | None:
     return task
 
 
-def task_examples(spec: SourceSpec, name: str, budget: TokenBudget, bad: BadRecords, seed: int) -> Iterator[Example]:
+def task_examples(spec: SourceSpec, name: str, budget: TokenBudget, bad: BadRecords, seed: int) -> TaskStream:
+    """The task's examples for a pass: a seeded shuffle of its instances (train part; the pass's
+    seed, so every pass has its own order), or the first N in file order (test part). The
+    target is a seeded choice among the instance's outputs for training, as ni_registry.py
+    draws it (`random_gen.choice`), and the first output for evaluation (its loss stays the
+    same from run to run; ROUGE-L reads every output). The train part reads the file here, to
+    know its size (and keeps only the instances it will give); the test part when first drawn."""
+    if not spec.is_train:
+        return TaskStream(_read_when_drawn(spec, name, budget, bad, seed))
+    task, kept = _selected(spec, name, bad, seed)
+    return TaskStream(_examples(spec, name, task, kept, budget), size=len(kept))
+
+
+def _read_when_drawn(spec: SourceSpec, name: str, budget: TokenBudget, bad: BadRecords,
+                     seed: int) -> Iterator[Example]:
+    yield from _examples(spec, name, *_selected(spec, name, bad, seed), budget)
+
+
+def _selected(spec: SourceSpec, name: str, bad: BadRecords, seed: int) -> tuple[dict, list[tuple[str, list[str], str]]]:
+    """(the task, its (input, outputs, target) for the pass); no instances for a bad file."""
     path = task_path(spec, name)
     task = load_task(path, bad)
     if task is None:
-        return
+        return {}, []
     instances = list(enumerate(task["Instances"]))
+    rng = random.Random(f"{seed}:{name}")
     if spec.is_train:
-        random.Random(f"{seed}:{name}").shuffle(instances)
-    positives = task.get("Positive Examples") or []
-    if spec.format in ("def_pos", "concat") and len(positives) < spec.num_pos:
-        log.warning("sni: %s has %d positive examples, fewer than num_pos=%d",
-                    path, len(positives), spec.num_pos)
-    hyper = task_hyper(spec, task, budget)
-    kept = 0
+        rng.shuffle(instances)
+    kept = []
     for i, inst in instances:
-        if kept == spec.max_per_task:
-            return
+        if len(kept) == spec.max_per_task:
+            break
         outputs = inst.get("output") if isinstance(inst, dict) else None
         if isinstance(outputs, str):
             outputs = [outputs]
         if not isinstance(inst, dict) or not isinstance(inst.get("input"), str) or not outputs:
             bad.report(path, f"Instances[{i}]: needs a string 'input' and a non-empty 'output'")
             continue
-        kept += 1
-        yield Example(task=name, hyper=hyper, input=model_input(spec, task, inst["input"], budget),
-                      target=outputs[0], references=list(outputs))
+        kept.append((inst["input"], list(outputs), rng.choice(outputs) if spec.is_train else outputs[0]))
+    positives = task.get("Positive Examples") or []
+    if spec.format in ("def_pos", "concat") and len(positives) < spec.num_pos:
+        log.warning("sni: %s has %d positive examples, fewer than num_pos=%d",
+                    path, len(positives), spec.num_pos)
+    return {"Definition": task["Definition"], "Positive Examples": positives}, kept
+
+
+def _examples(spec: SourceSpec, name: str, task: dict, kept: list[tuple[str, list[str], str]],
+              budget: TokenBudget) -> Iterator[Example]:
+    if not kept:
+        return
+    hyper = task_hyper(spec, task, budget)
+    for input_text, outputs, target in kept:
+        yield Example(task=name, hyper=hyper, input=model_input(spec, task, input_text, budget),
+                      target=target, references=outputs)
 
 
 def task_hyper(spec: SourceSpec, task: dict, budget: TokenBudget) -> str:
@@ -145,7 +173,9 @@ def tk_instruct_input(task: dict, k: int, input_text: str, budget: TokenBudget) 
     """The Tk-Instruct string with the examples that fit (ni_collator.py). When the definition and
     the instance alone are too long, token ids: the reference keeps the first max_input_len
     tokens there, which can cut the instance and `Output:` away; we keep its head too, but the
-    output cue always stays and the instance keeps at least half the room (or all of itself)."""
+    output cue always stays and the instance keeps at least half the room (or all of itself).
+    Kept on purpose: an input without its instance cannot be answered, and the difference
+    touches only the few SNI instances whose definition fills the whole input."""
     parts = formats.sni_concat_parts(task["Definition"], task.get("Positive Examples") or [], k,
                                      input_text, budget.fits_input)
     text = "".join(parts).strip()
@@ -159,7 +189,7 @@ def tk_instruct_input(task: dict, k: int, input_text: str, budget: TokenBudget) 
 
 
 def task_streams(spec: SourceSpec, budget: TokenBudget, bad: BadRecords,
-                 seed: int) -> list[tuple[str, Iterator[Example]]]:
+                 seed: int) -> list[tuple[str, TaskStream]]:
     return [(name, task_examples(spec, name, budget, bad, seed)) for name in split_tasks(spec)]
 
 

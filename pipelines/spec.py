@@ -60,6 +60,9 @@ class SourceSpec:
     example_cap: int = 500_000  # datasets above this count as cap / number of templates
     num_shots: int = 0  # p3: rendered examples of the same template before the instruction
     shots_path: str = ""  # p3: records the shots are drawn from ("" = path; required for part test)
+    # p3 / p3_rendered: the reference's hand-edited prompts (seqio_tasks/all_edited_prompts.txt),
+    # the hypernetwork's text; "" = each template masked automatically (p3_templates.py)
+    edited_prompts: str = ""
 
     def __post_init__(self):
         if not self.format:
@@ -114,6 +117,9 @@ class SourceSpec:
         if self.num_shots and not self.is_train and not self.shots_path:
             raise SpecError(f"{where}: num_shots with part 'test' needs shots_path (the dataset's train "
                             "records): shots are never drawn from the records being evaluated")
+        if self.edited_prompts and self.kind not in ("p3", "p3_rendered"):
+            raise SpecError(f"{where}: edited_prompts: only P3 sources (kind p3, p3_rendered) read it, "
+                            f"got kind {self.kind!r}")
         if self.kind == "p3" and not (self.templates and self.dataset):
             raise SpecError(f"{where}: kind p3 needs 'templates' (promptsource_templates directory) "
                             "and 'dataset' (e.g. super_glue/rte)")

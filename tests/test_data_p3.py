@@ -1,8 +1,10 @@
 """P3 on real SuperGLUE records and promptsource templates, and the pre-rendered T0 files."""
 
+import json
+
 import pytest
 
-from pipelines import BadRecords, SourceSpec, TokenBudget, iter_records, load_tokenizer, p3
+from pipelines import BadRecords, SourceSpec, SpecError, TokenBudget, iter_records, load_tokenizer, p3
 from pipelines.p3_templates import Template, load_templates, to_hf_fields
 
 
@@ -104,3 +106,42 @@ def test_p3_rows_through_the_tokenizer(shared_data):
 def test_real_template_files_all_load(shared_data):
     for path in (shared_data / "p3" / "promptsource_templates").rglob("templates.yaml"):
         assert all(isinstance(t, Template) for t in load_templates(str(path), path.read_text()))
+
+
+def test_evaluation_scores_only_original_task_templates_with_choices(shared_data, budget, tmp_path):
+    """all_t0_tasks.py's t0_eval_score_eval: story_cloze's 'Generate Ending' (answer choices, not
+    the original task) is trained on but not scored."""
+    record = {"input_sentence_1": "Tom was hungry.", "input_sentence_2": "He opened the fridge.",
+              "input_sentence_3": "It was empty.", "input_sentence_4": "He went to the shop.",
+              "sentence_quiz1": "He bought bread.", "sentence_quiz2": "He flew to the moon.",
+              "answer_right_ending": 1}
+    path = tmp_path / "story_cloze.jsonl"
+    path.write_text(json.dumps(record) + "\n")
+    spec = {"kind": "p3", "format": "joint", "dataset": "story_cloze/2016", "path": str(path),
+            "templates": str(shared_data / "p3" / "promptsource_templates")}
+    train = examples_of(SourceSpec.from_dict(spec), budget)
+    test = examples_of(SourceSpec.from_dict({**spec, "part": "test"}), budget)
+    assert len(train) == 6 and "story_cloze/2016/Generate Ending" in train
+    assert sorted(test) == sorted(set(train) - {"story_cloze/2016/Generate Ending"})
+    assert all(ex.answer_choices == ["He bought bread.", "He flew to the moon."] for v in test.values() for ex in v)
+
+
+# Two entries of the reference's seqio_tasks/all_edited_prompts.txt, verbatim.
+EDITED = ("super_glue_rte\t||||\tgpt_3_style\t||||\t[PREMISE]\nQuestion: [HYPOTHESIS] True or False?\n"
+          "****************************\n"
+          "super_glue_rte\t||||\tMNLI_crowdsource\t||||\t[PREMISE] Using only the above description and what "
+          "you know about the world, is \"[HYPOTHESIS]\" definitely correct? Yes or no?\n"
+          "****************************\n")
+
+
+def test_hypernetwork_reads_the_reference_edited_prompts_masked(shared_data, budget, tmp_path, caplog):
+    (tmp_path / "all_edited_prompts.txt").write_text(EDITED)
+    spec = raw_spec(shared_data, "super_glue/rte").to_dict() | {"edited_prompts": str(tmp_path / "all_edited_prompts.txt")}
+    by_task = examples_of(SourceSpec.from_dict(spec), budget)
+    assert by_task["super_glue/rte/GPT-3 style"][0].hyper == "[MASK]\nQuestion: [MASK] True or False?"
+    assert by_task["super_glue/rte/MNLI crowdsource"][0].hyper.startswith("[MASK] Using only the above")
+    # The other 8 templates are not in this file: masked automatically, in one counted warning.
+    assert by_task["super_glue/rte/can we infer"][0].hyper.startswith("Suppose [premise] Can we infer")
+    assert "8 template(s) of super_glue/rte have no prompt in" in caplog.text
+    with pytest.raises(SpecError, match="edited_prompts file not found"):
+        examples_of(SourceSpec.from_dict(spec | {"edited_prompts": str(tmp_path / "nope.txt")}), budget)

@@ -110,7 +110,7 @@ def test_paper_list_names_every_table_and_its_runs_at_both_sizes(capsys):
         assert f"{key}: {t.title}" in out
     for size in ("3b", "11b"):
         assert f"hint-{size}-pretrain-c4 " in out and f"tk-instruct-{size}-sni-def " in out
-    assert "hypertune-3b-sni-def " in out and "from hypertune-3b-pretrain-c4" in out
+    assert "hypertune-3b-sni-def " in out and "from hypertune-3b-pretrain-caclm" in out
     for name in ("gpt2-xl-sni-def", "gpt2-xl-sni-def-2pos", "opt-13b-sni-def", "opt-13b-sni-def-2pos"):
         assert f"{name} " in out and f"paper/{name} concat, from its Hugging Face checkpoint" in out
     assert "[best of `hint tune decoder_baselines`]" in out and "not models of this platform" not in out
@@ -140,6 +140,13 @@ def test_decoder_stages_are_sweeps_whose_study_validates():
     for stage in stages:
         run = load_study_run(stage.study, stage.config_name("xl"), check_data=False)
         assert run.expected_trials(1) == 9 and run.study.metric == "eval/rougeL" and run.study.mode == "max"
+
+
+def test_hypertune_pretrains_on_the_4part_caclm_split():
+    """scripts/pretraining/pretrain_htune.sh trains on gins/pretrain_4part.gin."""
+    for size in ("xl", "xxl"):
+        cfg = config.load(plan.HYPERTUNE_PRETRAIN.config_name(size))
+        assert [s["format"] for s in cfg.data.train] == ["caclm"]
 
 
 def test_unknown_tables_rows_and_sizes_are_user_errors(capsys):
@@ -178,3 +185,11 @@ def test_a_paper_run_on_a_cluster_is_one_checked_job(capsys):
     assert cli.main(["paper", "run", "table2", "--size", "xxl", "--row", "HINT (split)",
                      "--shared-dir", "/mnt/shared", "--address", "http://127.0.0.1:9"]) == 2
     assert "cannot reach a Ray cluster at http://127.0.0.1:9" in capsys.readouterr().err
+
+
+def test_hypter_on_p3_has_adapters_of_4_and_on_sni_of_8():
+    """scripts/t0_train_hypter.sh sets adapter_size=4 on gins/hypter.gin's 8 (ni_train_hypter.sh keeps 8)."""
+    stages = {s.name: s for s in plan.all_stages()}
+    p3 = config.model_config(resolve(stages["hypter-{size}-p3"], "xl").cfg)
+    sni = config.model_config(resolve(stages["hypter-{size}-sni-def"], "xl").cfg)
+    assert (p3.variant, p3.adapter_size, sni.adapter_size) == ("hypter", 4, 8)

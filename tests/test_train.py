@@ -57,28 +57,29 @@ def make_cfg(suite, storage, name, *, per_task, data=(), **train):
     })
 
 
-def records(cfg, specs) -> list[dict]:
+def records(cfg, specs, epoch: int = 0) -> list[dict]:
     d = cfg.data
     return list(iter_records(specs, d.tokenizer, max_input_len=d.max_input_len,
                              max_hyper_len=d.max_hyper_len, max_target_len=d.max_target_len,
-                             on_bad_record=d.on_bad_record))
+                             on_bad_record=d.on_bad_record, epoch=epoch))
 
 
 def reference_losses(cfg, steps: int) -> tuple[list[float], dict[int, float], torch.nn.Module]:
-    """The same training as a plain loop in this process: rows in stream order, epoch after
-    epoch, `global_batch_size` rows a step, one micro-batch at a time. Also the evaluation
-    losses by step (every eval_every steps and at the end): the model's own mean loss over the
-    first eval_examples rows of data.eval."""
-    rows = records(cfg, cfg.data.train)
+    """The same training as a plain loop in this process: rows in stream order, pass after
+    pass (each its own shuffle), `global_batch_size` rows a step, one micro-batch at a time.
+    Also the evaluation losses by step (every eval_every steps and at the end): the model's own
+    mean loss over the first eval_examples rows of data.eval."""
+    passes = [records(cfg, cfg.data.train, epoch) for epoch in range(steps)]
     evaluation = records(cfg, cfg.data.eval)[:cfg.train.eval_examples] if cfg.data.eval else []
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg)
     optimizer = build_optimizer(model, cfg.train)
     g, m, every = cfg.train.global_batch_size, cfg.train.micro_batch_size, cfg.train.eval_every
-    per_epoch = len(rows) // g
+    per_epoch = len(passes[0]) // g
     losses, evals = [], {}
     for step in range(1, steps + 1):
-        batch = rows[((step - 1) % per_epoch) * g:((step - 1) % per_epoch + 1) * g]
+        epoch, k = divmod(step - 1, per_epoch)
+        batch = passes[epoch][k * g:(k + 1) * g]
         micro = [collate(batch[i:i + m]) for i in range(0, g, m)]
         out = train_step(model, optimizer, micro, cfg.train.grad_clip, cfg.train.z_loss)
         losses.append(float(out["loss"]))
@@ -121,9 +122,9 @@ class KillWorkerAfter(UserCallback):
 
 @pytest.fixture(scope="module")
 def fsdp_run(suite, corrupt_sni, ray_local, tmp_path_factory):
-    """2 workers, FSDP; the training data (24 examples, one corrupt task file skipped) is
-    exactly one global batch, so every step trains on the same examples however the workers
-    split them. Rank 1 is SIGKILLed after step 3 and the run resumes from the step-2
+    """2 workers, FSDP; a pass of the training data (24 examples, one corrupt task file
+    skipped; each pass draws another instance of each task) is exactly one global batch, so
+    every step trains on its pass's examples however the workers split them. Rank 1 is SIGKILLed after step 3 and the run resumes from the step-2
     checkpoint. Evaluation every 2 steps on 4 examples: one micro-batch for two ranks."""
     s, _ = suite
     runs = tmp_path_factory.mktemp("runs")

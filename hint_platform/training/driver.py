@@ -7,19 +7,21 @@ summed. The loss (cross-entropy plus `train.z_loss`, hint_model/loss.py) is the 
 target token of the global batch (not a mean of per-micro-batch means), so a step's gradient does not depend on how the batch is split over
 workers and micro-batches: 2-worker FSDP and one process give the same update.
 
-Data position and resume. Rows carry a deterministic `example_index`. Each rank records the
-indices it trained; a checkpoint stores their union over ranks (a bitmap over the current
-epoch) with the step and the epoch (training/state.py). Workers read two datasets:
-`train_remainder`, built by Ray Train at every start of the worker group (first, after a
-failure, or a restarted run of the same name and storage path) as the rows of the latest
-checkpoint's epoch minus its bitmap, then `train` (all rows) for each later epoch. Both are
-split equally over the workers. Each worker also drops any row in its checkpoint's bitmap as it
-streams (a guard; the split is then no longer equal, which only happens if Ray's record and the
-files disagree).
+Data position and resume. Every pass (epoch) over the training sources has its own shuffle and
+mixing (pipelines/dataset.py, seeded by the pass), and rows carry their pass (`epoch`) and a
+deterministic `example_index` within it. Each rank records the indices it trained; a checkpoint
+stores their union over ranks (a bitmap over the current pass) with the step and the pass
+(training/state.py). Workers read one dataset, `train`, once per pass: Ray Train builds it at
+every start of the worker group (first, after a failure, or a restarted run of the same name
+and storage path) as the stream without the rows in the latest checkpoint's bitmap, and each
+of its executions reads the pass rank 0 wrote on a `PassBoard` actor before asking for it. It
+is split equally over the workers. Each worker also drops any row in its checkpoint's bitmap as
+it streams (a guard; the split is then no longer equal, which only happens if Ray's record and
+the files disagree).
 Granularity: the checkpoint. Steps after the last checkpoint are redone on examples not in its
-bitmap, none is trained twice in an epoch's accounting, none skipped. An epoch ends when a
-worker cannot fill one more step: the last (fewer than global_batch_size) rows of each epoch
-are not trained (drop-last). Every epoch streams the rows in the same seeded order.
+bitmap, none is trained twice in a pass's accounting, none skipped. A pass ends when a worker
+cannot fill one more step: the last (fewer than global_batch_size) rows of each pass are not
+trained (drop-last).
 
 Evaluation during training. With `data.eval` sources, the first `train.eval_examples` examples
 are read once, here on the driver, and every rank evaluates the same rows (`eval_loss`, what
@@ -45,7 +47,7 @@ from hint_platform.redact import split_credentials
 from hint_platform.tracking import runs
 from hint_platform.training.checkpoint import latest_train_state
 from hint_platform.training.preflight import resolve
-from hint_platform.training.state import drop_consumed
+from hint_platform.training.state import BoardEpoch, PassBoard, drop_consumed
 from hint_platform.training.worker import train_loop_per_worker
 from pipelines import BadRecordError, SourceSpec, build_dataset, iter_records
 
@@ -92,6 +94,7 @@ def fit(cfg: ExperimentConfig, *, run_config_callbacks: list | None = None) -> T
     if not ray.is_initialized():
         start_ray()
     run_dir = f"{storage}/{cfg.name}"
+    board = PassBoard.remote()
     ingest = DataConfig.default_ingest_options()
     # Ray Train replaces the datasets' execution options: keep their deterministic order
     # (what makes a resumed run see the rows an uninterrupted one would).
@@ -104,7 +107,8 @@ def fit(cfg: ExperimentConfig, *, run_config_callbacks: list | None = None) -> T
         train_loop_per_worker,
         train_loop_config={"config": worker_cfg.to_dict(), "tracking_uri": clean_uri,
                            "mlflow_login": ray.put(runs.login_env(uri)), "run_id": run_id,
-                           "export_dir": f"{run_dir}/export", "eval_rows": evaluation},
+                           "export_dir": f"{run_dir}/export", "eval_rows": evaluation,
+                           "pass_board": board},
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers,
                                      use_gpu=cfg.train.use_gpu,
                                      resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
@@ -115,9 +119,8 @@ def fit(cfg: ExperimentConfig, *, run_config_callbacks: list | None = None) -> T
                              failure_config=FailureConfig(max_failures=cfg.train.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
                              callbacks=run_config_callbacks),
-        datasets={"train": training_dataset(cfg), "train_remainder": RemainingEpoch(cfg, run_dir)},
-        dataset_config=DataConfig(datasets_to_split=["train", "train_remainder"],
-                                  execution_options=ingest),
+        datasets={"train": TrainingPasses(cfg, run_dir, board)},
+        dataset_config=DataConfig(datasets_to_split=["train"], execution_options=ingest),
     )
     try:
         result = trainer.fit()
@@ -182,29 +185,32 @@ def eval_rows(cfg: ExperimentConfig) -> list[dict]:
     return kept
 
 
-def training_dataset(cfg: ExperimentConfig):
-    """The training rows as a Ray Dataset (lazy: reading and tokenising run as it streams)."""
+def training_dataset(cfg: ExperimentConfig, epoch):
+    """The training rows of one pass as a Ray Dataset (lazy: reading and tokenising run as it
+    streams); `epoch` is the pass, or a callable the read task asks for it at each execution."""
     data = cfg.data
     return build_dataset(
         [SourceSpec.from_dict(s) for s in data.train], data.tokenizer,
         max_input_len=data.max_input_len, max_hyper_len=data.max_hyper_len,
         max_target_len=data.max_target_len, on_bad_record=data.on_bad_record, seed=data.seed,
-        causal=is_decoder_only(cfg))
+        causal=is_decoder_only(cfg), epoch=epoch)
 
 
-class RemainingEpoch:
-    """The rest of the epoch the run's latest checkpoint is in: the training rows without the
-    examples it consumed. Ray Train calls it at every start of the worker group, first or after
-    a failure, so the rows left are split equally over the workers."""
+class TrainingPasses:
+    """The training dataset, read once per pass: each execution reads the pass on `board`
+    (rank 0 sets it first), and the rows the run's latest checkpoint consumed in its pass are
+    left out. Ray Train calls it at every start of the worker group, first or after a failure,
+    so the rows left are split equally over the workers."""
 
-    def __init__(self, cfg: ExperimentConfig, run_dir: str):
+    def __init__(self, cfg: ExperimentConfig, run_dir: str, board):
         self.cfg = cfg
         self.run_dir = run_dir
+        self.board = board
 
     def __call__(self):
-        dataset = training_dataset(self.cfg)
         state = latest_train_state(self.run_dir)
+        dataset = training_dataset(self.cfg, BoardEpoch(self.board))
         if state is None or not state.num_consumed():
             return dataset
         return dataset.map_batches(drop_consumed, batch_format="pyarrow",
-                                   fn_kwargs={"consumed": state.consumed.numpy()})
+                                   fn_kwargs={"consumed": state.consumed.numpy(), "epoch": state.epoch})

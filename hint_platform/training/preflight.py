@@ -68,12 +68,12 @@ def check(cfg: ExperimentConfig, relative_to: str | Path | None = None) -> Check
                 SourceSpec.from_dict(source, where=where)
             except SpecError as e:
                 raise ConfigError(str(e)) from None
-            if "://" in source["path"]:
-                continue
-            source["path"] = str(_absolute(source["path"], base))
-            if not (glob.glob(source["path"]) if glob.has_magic(source["path"])
-                    else Path(source["path"]).exists()):
-                missing.append(f"{where}.path: {source['path']}")
+            for key in ("path", "edited_prompts"):
+                if not source.get(key) or "://" in source[key]:
+                    continue
+                source[key] = str(_absolute(source[key], base))
+                if not (glob.glob(source[key]) if glob.has_magic(source[key]) else Path(source[key]).exists()):
+                    missing.append(f"{where}.{key}: {source[key]}")
         absolute[f"data.{split}"] = sources
     for key in ("model.init_from", "data.tokenizer"):
         # Read with from_pretrained / sentencepiece, which take local files only.

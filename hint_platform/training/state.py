@@ -1,9 +1,11 @@
 """Where training is, and how a worker finds its next batch from there.
 
-`TrainState` is the position: optimizer steps done, the epoch, and a bitmap over the rows'
-deterministic `example_index` of the examples consumed in the current epoch (the union over
-ranks once a checkpoint gathers it). The rest of this module turns a stream of dataset shards
-into steps that skip what the state says was consumed (training/driver.py explains resume).
+`TrainState` is the position: optimizer steps done, the epoch (the pass over the data), and a
+bitmap over the rows' deterministic `example_index` of the examples consumed in that pass (the
+union over ranks once a checkpoint gathers it). `PassBoard` tells the data stream which pass the
+workers are about to read (each pass has its own shuffle, pipelines/dataset.py). The rest of
+this module turns a dataset shard, read pass after pass, into steps that skip what the state
+says was consumed (training/driver.py explains resume).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Any, Iterator
 
 import numpy as np
 import pyarrow as pa
+import ray
 import torch
 import torch.distributed as dist
 from ray.data.collate_fn import NumpyBatchCollateFn
@@ -21,7 +24,7 @@ from ray.data.collate_fn import NumpyBatchCollateFn
 from hint_platform.errors import TrainingError
 from pipelines import step_micro_batches
 
-ROW_KEYS = ("hyper_input_ids", "input_ids", "labels", "example_index", "bad_records_skipped")
+ROW_KEYS = ("hyper_input_ids", "input_ids", "labels", "epoch", "example_index", "bad_records_skipped")
 
 
 @dataclass
@@ -62,11 +65,46 @@ class TrainState:
         self.consumed = bitmap.bool()
 
 
-def drop_consumed(block: pa.Table, consumed: np.ndarray) -> pa.Table:
-    """A Ray Data `map_batches` function: the rows of `block` not marked in `consumed`."""
+@ray.remote(num_cpus=0)
+class PassBoard:
+    """The pass the training workers read next: rank 0 writes it before each pass, and the
+    dataset's read task (started once every rank has asked for the pass) reads it."""
+
+    def __init__(self):
+        self.epoch = 0
+
+    def set(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def get(self) -> int:
+        return self.epoch
+
+
+class BoardEpoch:
+    """The pipelines' `epoch` callable (build_dataset): the pass on the board."""
+
+    def __init__(self, board):
+        self.board = board
+
+    def __call__(self) -> int:
+        return ray.get(self.board.get.remote())
+
+
+def passes(shard, board, state: TrainState, rank: int) -> Iterator:
+    """The shard once per pass, the board set to the pass first (`state.epoch`, which
+    global_batches moves on after each)."""
+    while True:
+        if rank == 0:
+            ray.get(board.set.remote(state.epoch))
+        yield shard
+
+
+def drop_consumed(block: pa.Table, consumed: np.ndarray, epoch: int) -> pa.Table:
+    """A Ray Data `map_batches` function: the rows of `block` not marked in `consumed`, the
+    bitmap of pass `epoch` (rows of other passes all stay)."""
     index = block["example_index"].to_numpy()
     seen = np.zeros(len(index), dtype=bool)
-    known = index < len(consumed)
+    known = (index < len(consumed)) & (block["epoch"].to_numpy() == epoch)
     seen[known] = consumed[index[known]]
     return block.filter(pa.array(~seen))
 
@@ -82,7 +120,8 @@ class RowsOf(NumpyBatchCollateFn):
     def __call__(self, batch: dict[str, np.ndarray]) -> list[dict[str, Any]]:
         rows = []
         for i in range(len(batch["example_index"])):
-            if not self.consumed.is_consumed(int(batch["example_index"][i])):
+            if (int(batch["epoch"][i]) != self.consumed.epoch
+                    or not self.consumed.is_consumed(int(batch["example_index"][i]))):
                 rows.append({k: np.asarray(batch[k][i]).tolist() for k in ROW_KEYS})
         return rows
 

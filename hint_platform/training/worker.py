@@ -6,7 +6,6 @@ logging to MLflow (rank 0) every `train.log_every` steps, at checkpoints and at 
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
 import tempfile
@@ -36,7 +35,7 @@ from hint_platform.training.checkpoint import (
 )
 from hint_platform.training.optim import build_optimizer, build_scheduler, clip_gradients
 from hint_platform.training.parallel import parallelize
-from hint_platform.training.state import TrainState, global_batches, max_over_ranks
+from hint_platform.training.state import TrainState, global_batches, max_over_ranks, passes
 from hint_platform.training.throughput import Throughput
 from pipelines import collate, load_tokenizer
 
@@ -193,8 +192,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     evaluation = loop_config["eval_rows"]
     skipped = 0  # bad records the training stream skipped, as far as this rank has read
     metrics: dict[str, float] = {}
-    epochs = itertools.chain([ray.train.get_dataset_shard("train_remainder")],
-                             itertools.repeat(ray.train.get_dataset_shard("train")))
+    epochs = passes(ray.train.get_dataset_shard("train"), loop_config["pass_board"], state, rank)
     steps = global_batches(epochs, state, micro, accum)
     while state.step < t.max_steps:
         micro_rows, waited = next(steps)
