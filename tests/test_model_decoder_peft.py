@@ -41,19 +41,6 @@ def test_lora_on_every_target_equals_merged_weights(preset):
     assert (ours[real] - base[real]).abs().max() > 1e-2  # the LoRA changes something
 
 
-def test_static_peft_starts_as_the_base_model():
-    """Adapters start as the identity and every LoRA target's B at zero."""
-    cfg = HintConfig.preset("llama-tiny", variant="static_peft", vocab_size=50, prefixes=False,
-                            lora=True, lora_targets=ALL)
-    model = HintModel(cfg).eval()
-    plain = HintModel(HintConfig.preset("llama-tiny", variant="no_instruct", vocab_size=50)).eval()
-    plain.base.load_state_dict(model.base.state_dict())
-    ids, mask = right_padded([5, 2], vocab=50)
-    with torch.no_grad():
-        assert torch.equal(model(input_ids=ids, attention_mask=mask).logits,
-                           plain(input_ids=ids, attention_mask=mask).logits)
-
-
 def test_each_example_gets_its_tasks_modules():
     """Two tasks' modules (LoRA on all targets, adapters, prefixes, instruction prefix) stacked,
     a batch mixing them by task_index: each row as with its own task alone."""
