@@ -99,7 +99,6 @@ def test_evaluation_runs_in_ray_workers_and_scores_as_in_process(suite, ray_loca
     """`evaluate_export` (hint eval, hint paper run) loads the model in Ray workers, never in
     the driver, spreads the tasks over them, and gives the in-process evaluation's metrics."""
     import os
-    import shutil
 
     from hint_platform import config, export
     from hint_platform.evaluation.evaluate import evaluate_export
@@ -107,8 +106,7 @@ def test_evaluation_runs_in_ray_workers_and_scores_as_in_process(suite, ray_loca
 
     s, tok_dir = suite
     tok = load_tokenizer(tok_dir)
-    _model(tok.vocab_size).save_pretrained(tmp_path / "export")
-    shutil.copytree(tok_dir, tmp_path / "export" / "tokenizer")
+    export.write(_model(tok.vocab_size), tmp_path / "export", tok_dir)
     spec = s.sni_spec(part="test", max_per_task=3)
     cfg = config.load("demo/finetune", [f"data.eval=[{json.dumps(spec)}]", "data.max_hyper_len=64",
                                         "data.max_input_len=32", "data.max_target_len=16"])
