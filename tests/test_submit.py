@@ -38,14 +38,14 @@ def write_config(directory: Path, **run) -> Path:
 
 def test_job_runs_hint_train_on_the_uploaded_config(tmp_path):
     config = write_config(tmp_path)
-    request = submit.build_request(config, ["train.max_steps=2"], working_dir=tmp_path, name="exp 1",
+    request = submit.build_request(config, ["train.max_steps=2"], working_dir=tmp_path, name="exp-1",
                              tracking_uri="http://mlflow:5000", env_vars={"A": "b"})
     assert shlex.split(request.entrypoint) == ["hint", "train", "configs/tiny.yaml",
-                                               "train.max_steps=2", "name=exp 1"]
+                                               "train.max_steps=2", "name=exp-1"]
     assert request.runtime_env["working_dir"] == str(tmp_path)
     assert request.runtime_env["env_vars"] == {"A": "b", "MLFLOW_TRACKING_URI": "http://mlflow:5000"}
-    assert request.metadata == {"hint_run": "exp 1", "hint_config": "configs/tiny.yaml"}
-    assert request.submission_id.startswith("hint-exp 1-")
+    assert request.metadata == {"hint_run": "exp-1", "hint_config": "configs/tiny.yaml"}
+    assert request.submission_id.startswith("hint-exp-1-")
     ids = {submit.build_request(config, [], working_dir=tmp_path).submission_id for _ in range(2)}
     assert len(ids) == 2  # a name can be resubmitted (to resume); job ids stay unique
 
