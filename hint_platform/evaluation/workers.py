@@ -59,7 +59,8 @@ def predict_on_ray(export_dir: str | Path, records: list[dict], workers: EvalWor
         progress(f"evaluating {len(groups)} task(s) on {count} Ray worker(s), {share} each")
     # A worker lost to a node failure is restarted once; an error in the evaluation is not retried.
     actor = ray.remote(max_restarts=1, max_task_retries=0)(EvalWorker)
-    actors = [actor.options(**resources).remote(str(export_dir), workers.dtype) for _ in range(count)]
+    # "DEFAULT": not inside a calling Tune trial's placement group (its bundle is a sliver of CPU)
+    actors = [actor.options(**resources, scheduling_strategy="DEFAULT").remote(str(export_dir), workers.dtype) for _ in range(count)]
     try:
         placed = ray.get([a.where.remote() for a in actors])
         pool = ActorPool(actors)
