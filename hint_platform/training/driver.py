@@ -40,6 +40,7 @@ import requests
 from mlflow.exceptions import MlflowException
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from hint_platform.config import ConfigError, ExperimentConfig, is_decoder_only
 from hint_platform.errors import DataError, UserError
@@ -94,7 +95,10 @@ def fit(cfg: ExperimentConfig, *, run_config_callbacks: list | None = None) -> T
     if not ray.is_initialized():
         start_ray()
     run_dir = f"{storage}/{cfg.name}"
-    board = PassBoard.remote()
+    # On this driver's node, as Ray Train's controller: losing a worker node must not take the
+    # board (and the pass it holds) with it.
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    board = PassBoard.options(scheduling_strategy=here).remote()
     ingest = DataConfig.default_ingest_options()
     # Ray Train replaces the datasets' execution options: keep their deterministic order
     # (what makes a resumed run see the rows an uninterrupted one would).
