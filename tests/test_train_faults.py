@@ -84,7 +84,7 @@ def config(suite, **sections):
         "name": "through-a-restart",
         "data": {"tokenizer": tok, "train": [s.sni_spec("def", max_per_task=1)],
                  "max_input_len": 32, "max_hyper_len": 48, "max_target_len": 16},
-        # one global batch is the whole data: every step trains on the same 24 examples
+        # one global batch is a whole pass: every step trains on one pass of 24 examples
         "train": {"micro_batch_size": 4, "global_batch_size": 24, "log_every": 1, "lr": 1e-2,
                   "max_steps": STEPS, "checkpoint_every": 0, **sections.pop("train", {})},
         **sections,
@@ -92,13 +92,18 @@ def config(suite, **sections):
 
 
 def plain_steps(cfg, model, optimizer, steps: int) -> list[float]:
-    """Training as a plain loop in this process, one global batch (all the rows) a step."""
+    """Training as a plain loop in this process, one global batch a step: all the rows of a
+    pass, pass e at step e + 1 (each pass draws its own one instance per task)."""
     d, m = cfg.data, cfg.train.micro_batch_size
-    rows = list(iter_records(d.train, d.tokenizer, max_input_len=d.max_input_len,
-                             max_hyper_len=d.max_hyper_len, max_target_len=d.max_target_len))
-    micro = [collate(rows[i:i + m]) for i in range(0, len(rows), m)]
-    return [float(train_step(model, optimizer, micro, cfg.train.grad_clip, cfg.train.z_loss)["loss"])
-            for _ in range(steps)]
+    losses = []
+    for epoch in range(steps):
+        rows = list(iter_records(d.train, d.tokenizer, max_input_len=d.max_input_len,
+                                 max_hyper_len=d.max_hyper_len, max_target_len=d.max_target_len,
+                                 seed=d.seed, epoch=epoch))
+        micro = [collate(rows[i:i + m]) for i in range(0, len(rows), m)]
+        losses.append(float(train_step(model, optimizer, micro, cfg.train.grad_clip,
+                                       cfg.train.z_loss)["loss"]))
+    return losses
 
 
 def plain_losses(cfg, restore: bool, steps: int = STEPS) -> list[float]:
@@ -172,7 +177,8 @@ def test_fine_tuning_continues_the_exported_optimizer_state(run_through_restart)
     cfg, result, server, _ = run_through_restart
     history = MlflowClient(server.uri).get_metric_history(result.mlflow_run_id, "loss")
     losses = [m.value for m in sorted(history, key=lambda m: m.step)]
-    fresh = plain_losses(cfg, False, steps=2)
+    continued, fresh = plain_losses(cfg, restore=True), plain_losses(cfg, False, steps=2)
+    assert losses == pytest.approx(continued, rel=1e-4)
     assert abs(losses[1] - fresh[1]) > 1e-3  # a fresh Adafactor's first step is another step
 
 
