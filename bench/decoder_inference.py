@@ -24,10 +24,9 @@ time; the memories: per task, at the run's dtype).
 
 from __future__ import annotations
 
-import argparse
-
 import torch
-from inference import best_of, clock, run_concat, run_hint, sni_lengths, sync  # bench/inference.py
+from inference import (best_of, run_concat, run_hint, sni_lengths, sync, timing_parser,
+                       timing_setup)  # bench/inference.py
 
 from hint_model import HintConfig, HintModel
 from hint_model.flops import task_cost
@@ -66,26 +65,13 @@ def task_state_mib(model: HintModel, t: int, device: torch.device) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--preset", default=None, help="HINT's T5 preset (default: small on CPU, xl on GPU)")
-    parser.add_argument("--dtype", choices=("fp32", "bf16"), default=None, help="default: fp32 on CPU, bf16 on GPU")
-    parser.add_argument("--batch-size", type=int, default=None, help="default: 20 on CPU, 100 on GPU")
-    parser.add_argument("--repeats", type=int, default=2, help="best of this many runs per point")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    args = parser.parse_args()
-
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    gpu = device.type == "cuda"
-    if not gpu:
-        torch.set_num_threads(args.threads)
-    preset = args.preset or ("xl" if gpu else "small")
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype or ("bf16" if gpu else "fp32")]
-    batch = args.batch_size or (100 if gpu else 20)
+    args = timing_parser(__doc__).parse_args()  # --preset: HINT's T5 preset
+    device, preset, dtype, batch = timing_setup(args)
     lengths, where = sni_lengths()
     t = round(lengths["definition"] + 2 * lengths["positive_example"])
     i, o = round(lengths["input"]), max(1, round(lengths["output"]))
     hint, decoder = build(preset, dtype, device)
-    timing = "wall time" if gpu else f"process CPU time, {args.threads} thread(s)"
+    timing = "wall time" if device.type == "cuda" else f"process CPU time, {args.threads} thread(s)"
     print(f"{str(dtype).removeprefix('torch.')} on {device} ({timing}), batch {batch}; {where}: "
           f"instruction (Def + 2 Pos.) {t}, input {i}, output {o} tokens")
     print(f"HINT {preset}: underlying T5 {parameters(hint.t5) / 1e6:.1f}M parameters (+ hypernetwork "

@@ -152,27 +152,39 @@ def plot(path: Path, xs, series: dict[str, list[float]], xlabel: str, title: str
     plt.close(fig)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def timing_parser(doc: str) -> argparse.ArgumentParser:
+    """The options every inference timing here takes (bench/decoder_inference.py too)."""
+    parser = argparse.ArgumentParser(description=doc.split("\n")[0])
     parser.add_argument("--preset", default=None, help="size preset (default: small on CPU, xl on GPU)")
     parser.add_argument("--dtype", choices=("fp32", "bf16"), default=None,
                         help="default: fp32 on CPU, bf16 on GPU")
     parser.add_argument("--batch-size", type=int, default=None, help="default: 20 on CPU, 100 on GPU")
     parser.add_argument("--repeats", type=int, default=2, help="best of this many runs per point")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    parser.add_argument("--out", default="runs/bench/inference", help="where the plots go")
-    parser.add_argument("--output-lens", default=None,
-                        help=f"comma-separated output lengths; 'median' is the SNI median (default: median on "
-                             f"CPU, median,{PAPER_OUTPUT_LEN} on GPU)")
-    args = parser.parse_args()
+    return parser
 
+
+def timing_setup(args) -> tuple[torch.device, str, torch.dtype, int]:
+    """(device, preset, dtype, batch) from timing_parser's options: the GPU when there is one."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     gpu = device.type == "cuda"
     if not gpu:
         torch.set_num_threads(args.threads)
     preset = args.preset or ("xl" if gpu else "small")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype or ("bf16" if gpu else "fp32")]
-    batch = args.batch_size or (100 if gpu else 20)
+    return device, preset, dtype, args.batch_size or (100 if gpu else 20)
+
+
+def main() -> None:
+    parser = timing_parser(__doc__)
+    parser.add_argument("--out", default="runs/bench/inference", help="where the plots go")
+    parser.add_argument("--output-lens", default=None,
+                        help=f"comma-separated output lengths; 'median' is the SNI median (default: median on "
+                             f"CPU, median,{PAPER_OUTPUT_LEN} on GPU)")
+    args = parser.parse_args()
+
+    device, preset, dtype, batch = timing_setup(args)
+    gpu = device.type == "cuda"
     lengths, where = sni_lengths()
     shot_len = {k: round(lengths["definition"] + k * lengths["positive_example"]) for k in SHOTS}
     t, i, o = shot_len[2], round(lengths["input"]), max(1, round(lengths["output"]))

@@ -7,6 +7,7 @@ from hint_model import HintConfig, HintModel, peft
 from hint_model.flops import (decoder_weights, gflops_per_task, kv_cache_values, peft_flops,
                               task_cost, task_state_values)
 from hint_model.memory import activation_values, meta_model, parameter_counts, training_memory
+from tests.autograd_memory import saved_values
 
 
 def test_decoder_only_flops_by_hand():
@@ -100,18 +101,9 @@ def test_activation_estimate_against_what_autograd_saves(variant):
     torch.manual_seed(0)
     cfg = HintConfig.preset("llama-small", variant=variant, vocab_size=1000, num_layers=2)
     model = HintModel(cfg)
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    saved = {}
-
-    def pack(t):
-        if t.untyped_storage().data_ptr() not in params:
-            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
     batch, hyper, inputs, target = 2, 96, 96, 24
     ids = torch.randint(2, 1000, (batch, inputs + target))
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(input_ids=ids, labels=ids, hyper_input_ids=torch.randint(2, 1000, (batch, hyper)))
-    measured = sum(saved.values()) / 4  # fp32
+    measured = saved_values(model, input_ids=ids, labels=ids,
+                            hyper_input_ids=torch.randint(2, 1000, (batch, hyper)))
     estimate = activation_values(cfg, batch, hyper, inputs, target, checkpointing=False)
     assert 0.7 < estimate / measured < 1.3

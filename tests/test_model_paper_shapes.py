@@ -16,6 +16,7 @@ from hint_model import VARIANT_PRESETS, HintConfig, HintModel, peft
 from hint_model.generator import slot_queries
 from hint_model.memory import activation_values, meta_model, parameter_counts, training_memory
 from hint_platform.cli import main
+from tests.autograd_memory import saved_values
 
 HYPER, INPUT, TARGET = 1024, 1024, 256
 
@@ -112,20 +113,10 @@ def test_activation_estimate_against_what_autograd_saves(variant):
     cfg = HintConfig.preset("small", variant=variant, vocab_size=1000, num_layers=2,
                             num_decoder_layers=2)
     model = HintModel(cfg)
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    saved = {}
-
-    def pack(t):
-        if t.untyped_storage().data_ptr() not in params:
-            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
     batch, hyper, inputs, target = 2, 96, 96, 24
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(input_ids=torch.randint(2, 1000, (batch, inputs)),
-              labels=torch.randint(2, 1000, (batch, target)),
-              hyper_input_ids=torch.randint(2, 1000, (batch, hyper)))
-    measured = sum(saved.values()) / 4  # fp32
+    measured = saved_values(model, input_ids=torch.randint(2, 1000, (batch, inputs)),
+                            labels=torch.randint(2, 1000, (batch, target)),
+                            hyper_input_ids=torch.randint(2, 1000, (batch, hyper)))
     estimate = activation_values(cfg, batch, hyper, inputs, target, checkpointing=False)
     print(f"{variant}: autograd saves {measured / 1e6:.1f}M values, estimate {estimate / 1e6:.1f}M")
     assert 0.7 < estimate / measured < 1.3
