@@ -606,8 +606,7 @@ def test_hint_predict_names_a_bad_source_before_starting_ray(export, tmp_path, c
 
 
 def test_hint_predict_checks_every_row_before_any_model_work(export, tmp_path):
-    from hint_model.peft_export import PROVENANCE, instruction_sha256
-from hint_platform.errors import UserError
+    from hint_platform.errors import UserError
     from hint_platform.serving.batch import PredictOptions, predict
 
     out, _, tasks = export
