@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 
 from hint_model import HintConfig, HintModel
-from hint_model.peft_export import PROVENANCE, instruction_sha256
+from hint_model.peft_export import PROVENANCE, adapter_nbytes, instruction_sha256
 from hint_platform import cli, export
+from hint_platform.serving import adapter
 from hint_platform.tracking import registry
 from hint_platform.tracking.runs import mlflow_client
 from tests.tiny_decoders import (assert_peft_runs_the_task_as_hint, lora_only_llama, save_tiny_decoder,
@@ -130,3 +131,13 @@ def test_bad_input_is_one_line_naming_it(llama, bad_models, tmp_path, monkeypatc
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1 and err.startswith("hint adapter: error: "), err
     assert not (tmp_path / "adapter").exists() and os.listdir(tmp_path) == ["full"]
+
+
+def test_a_server_refuses_an_adapter_over_its_size_bound_before_any_work(llama):
+    cfg = export.model_config(llama[0])
+    exact = 4 * 2 * (8 * 64 + 64 * 8 + 8 * 64 + 32 * 8)  # fp32 x 2 layers x (A, B of q; A, B of v)
+    assert adapter_nbytes(cfg) == exact
+    adapter.check(cfg, max_bytes=exact)
+    with pytest.raises(adapter.NotExportable, match=r"the adapter would be 0.0 MiB, more than this "
+                                                    r"server's .* MiB \(--max-adapter-mib\)"):
+        adapter.check(cfg, max_bytes=exact - 1)

@@ -158,6 +158,7 @@ def test_the_latency_metric_tags_unknown_paths_as_other():
 
     assert route_tag("/v1/predict") == "/v1/predict" and route_tag("/v1/health") == "/v1/health"
     assert {route_tag(f"/random/{i}") for i in range(100)} == {"other"}
+    assert {route_tag(f"/v1/tasks/{i:016x}/adapter") for i in range(100)} == {"/v1/tasks/{task_id}/adapter"}
 
 
 def test_bad_instructions_are_refused_with_the_reason(export):
