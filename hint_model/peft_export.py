@@ -207,6 +207,7 @@ def save_adapter(cfg: HintConfig, modules: TaskModules, directory: str | Path,
     try:
         staging.chmod(0o755)  # mkdtemp's 0700 would keep a server of another user out
         save_file(tensors, str(staging / "adapter_model.safetensors"), metadata={"format": "pt"})
+        (staging / "adapter_model.safetensors").chmod(0o644)  # safetensors writes it 0600
         (staging / "adapter_config.json").write_text(
             json.dumps(adapter_config(cfg, base_model_name_or_path), indent=2) + "\n")
         (staging / PROVENANCE).write_text(json.dumps(

@@ -141,3 +141,16 @@ def test_a_server_refuses_an_adapter_over_its_size_bound_before_any_work(llama):
     with pytest.raises(adapter.NotExportable, match=r"the adapter would be 0.0 MiB, more than this "
                                                     r"server's .* MiB \(--max-adapter-mib\)"):
         adapter.check(cfg, max_bytes=exact - 1)
+
+
+def test_a_base_in_a_hugging_face_cache_gives_its_snapshot_as_the_revision(llama, tmp_path, monkeypatch):
+    out, base, _ = llama
+    snapshots = tmp_path / "hub" / "models--org--tiny" / "snapshots"
+    snapshots.mkdir(parents=True)
+    (snapshots / "0123abcd").symlink_to(base)
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["adapter", str(out), "--instruction", "Say yes.", "--output", "a",
+                     "--base", "hub/models--org--tiny/snapshots/0123abcd"]) == 0
+    provenance = json.loads((tmp_path / "a" / PROVENANCE).read_text())
+    assert provenance["base_revision"] == "0123abcd"
+    assert provenance["base_model_name_or_path"] == str(snapshots / "0123abcd")

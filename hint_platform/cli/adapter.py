@@ -112,6 +112,6 @@ def _base(args, cfg) -> tuple[str | None, str | None]:
         check_base(cfg, base)
     except (AdapterExportError, CheckpointError) as e:
         raise UserError(f"--base: {e}") from None
-    snapshot = base.resolve()  # a Hugging Face cache: .../models--org--name/snapshots/<commit>
+    snapshot = Path(os.path.abspath(base))  # a Hugging Face cache: .../models--org--name/snapshots/<commit>
     revision = snapshot.name if snapshot.parent.name == "snapshots" else None
-    return os.path.abspath(base), args.base_revision or revision
+    return str(snapshot), args.base_revision or revision
