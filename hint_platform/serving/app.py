@@ -259,11 +259,11 @@ class HintIngress:
         return body if isinstance(body, Response) else JSONResponse(body, status_code=status)
 
     async def _route(self, request: Request, route: str) -> dict | Response:
-        if ADAPTER_PATH.fullmatch(route):
+        if adapter_path := ADAPTER_PATH.fullmatch(route):
             if request.method != "GET":
                 raise HttpError(405, f"{ADAPTER_ROUTE} takes GET, not {_show(request.method)}")
             request.state.waiting = "for the model"
-            return await self._adapter(ADAPTER_PATH.fullmatch(route)[1])
+            return await self._adapter(adapter_path[1])
         if route not in ROUTES:
             raise HttpError(404, f"no route {_show(route)}; routes: {', '.join([*ROUTES, ADAPTER_ROUTE])}")
         if request.method != ROUTES[route]:
