@@ -282,9 +282,33 @@ def read_json(directory: str | Path) -> dict:
 
 def read_hf_tensors(directory: str | Path) -> dict[str, Tensor]:
     """Every tensor of a Hugging Face directory (one safetensors file or sharded); pickle refused."""
-    directory = Path(directory)
+    state: dict[str, Tensor] = {}
+    for path, listed in _hf_weight_files(Path(directory)):
+        tensors = _read_safetensors(path)
+        _check_listed(path, listed, tensors)
+        state.update(tensors)
+    return state
+
+
+def read_hf_shapes(directory: str | Path) -> dict[str, tuple[int, ...]]:
+    """Every tensor's shape in a Hugging Face directory, from the safetensors headers only."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for path, listed in _hf_weight_files(Path(directory)):
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                found = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        except Exception as e:  # safetensors raises its own error types for corrupt headers
+            raise CheckpointError(f"{path}: not a readable safetensors file: {e}") from e
+        _check_listed(path, listed, found)
+        shapes.update(found)
+    return shapes
+
+
+def _hf_weight_files(directory: Path) -> list[tuple[Path, set[str] | None]]:
+    """The safetensors files of a Hugging Face directory, each with the tensors its index lists
+    in it (None: a single file, no index)."""
     if (directory / WEIGHTS).is_file():
-        return _read_safetensors(directory / WEIGHTS)
+        return [(directory / WEIGHTS, None)]
     index = directory / INDEX
     if not index.is_file():
         pickled = " (pytorch_model.bin is pickle: convert it to safetensors)" if (
@@ -294,16 +318,14 @@ def read_hf_tensors(directory: str | Path) -> dict[str, Tensor]:
         weight_map = json.loads(index.read_text())["weight_map"]
     except (json.JSONDecodeError, KeyError) as e:
         raise CheckpointError(f"{index}: not a safetensors index ({e})") from None
-    state: dict[str, Tensor] = {}
-    for shard in sorted(set(weight_map.values())):
-        tensors = _read_safetensors(directory / shard)
-        listed = {k for k, v in weight_map.items() if v == shard}
-        absent = sorted(listed - set(tensors))
-        if absent:
-            raise CheckpointError(f"{directory / shard}: {absent[0]!r} is listed in {INDEX} "
-                                  "but not in the shard")
-        state.update(tensors)
-    return state
+    return [(directory / shard, {k for k, v in weight_map.items() if v == shard})
+            for shard in sorted(set(weight_map.values()))]
+
+
+def _check_listed(path: Path, listed: set[str] | None, found) -> None:
+    absent = sorted((listed or set()) - set(found))
+    if absent:
+        raise CheckpointError(f"{path}: {absent[0]!r} is listed in {INDEX} but not in the shard")
 
 
 def _read_safetensors(path: Path) -> dict[str, Tensor]:

@@ -293,7 +293,7 @@ class HintModel(nn.Module):
         checkpoint.save_pretrained(self.config, state_dict or self.state_dict(), directory)
 
     def save_peft_adapter(self, modules: TaskModules, directory: str | Path,
-                          base_model_name_or_path: str, provenance: dict[str, str]) -> Path:
+                          base_model_name_or_path: str | None, provenance: dict[str, str]) -> Path:
         """One task's generated LoRA (a decoder-only `lora_only` model's TaskModules) as a PEFT
         adapter directory that `peft.PeftModel.from_pretrained` and vLLM load over the base;
         other variants and T5 are refused, saying why (peft_export.check_exportable).

@@ -26,6 +26,8 @@ from pathlib import Path
 from safetensors.torch import save_file
 from torch import Tensor
 
+from hint_model import gpt2, llama, opt
+from hint_model.checkpoint import read_hf_shapes, read_json
 from hint_model.config import HintConfig
 from hint_model.peft import lora_dims
 from hint_model.task_modules import TaskModules
@@ -42,6 +44,10 @@ FAMILY_MODULES = {
     "llama": ("model.layers.{}.self_attn",
               {"q_proj": ("q",), "k_proj": ("k",), "v_proj": ("v",), "o_proj": ("o",)}),
 }
+
+# config.json model_type of a Hugging Face base -> the family (our model_type) it loads as
+BASE_MODEL_TYPES = {name: family.MODEL_TYPES[0] for family in (gpt2, opt, llama)
+                    for name in family.MODEL_TYPES}
 
 PROVENANCE = "hint_provenance.json"
 
@@ -89,6 +95,51 @@ def peft_rank(cfg: HintConfig) -> int:
     return max(held) * cfg.lora_rank
 
 
+def module_shapes(cfg: HintConfig) -> dict[str, tuple[tuple[int, int], tuple[int, int], tuple[int, int]]]:
+    """Each adapted module's name in the Hugging Face base -> (its weight's shape there, lora_A's
+    shape, lora_B's shape), every layer."""
+    path, _ = FAMILY_MODULES[cfg.model_type]
+    r = peft_rank(cfg)
+    out = {}
+    for name, parts in target_modules(cfg).items():
+        fan_in, fan_out = lora_dims(cfg, parts[0])[0], sum(lora_dims(cfg, t)[1] for t in parts)
+        weight = (fan_in, fan_out) if cfg.model_type == "gpt2" else (fan_out, fan_in)  # Conv1D: [in, out]
+        for layer in range(cfg.num_layers):
+            out[f"{path.format(layer)}.{name}"] = (weight, (r, fan_in), (fan_out, r))
+    return out
+
+
+def adapter_nbytes(cfg: HintConfig) -> int:
+    """Bytes of the adapter's tensors (fp32), known from the config before anything is generated."""
+    return 4 * sum(a[0] * a[1] + b[0] * b[1] for _, a, b in module_shapes(cfg).values())
+
+
+def check_base(cfg: HintConfig, base_dir: str | Path) -> None:
+    """Refuse a Hugging Face base directory the adapter does not fit: another family, more
+    layers, or attention modules that are not the config's targets (absent, or of another
+    shape). Reads config.json and the safetensors headers, no weights."""
+    base_dir = Path(base_dir)
+    model_type = read_json(base_dir).get("model_type")
+    if BASE_MODEL_TYPES.get(model_type) != cfg.model_type:
+        raise AdapterExportError(
+            f"base {base_dir} is a {model_type} model; the adapter is for a {cfg.model_type} base "
+            f"({', '.join(t for t, f in BASE_MODEL_TYPES.items() if f == cfg.model_type)})")
+    shapes = read_hf_shapes(base_dir)
+    targets = f"lora_targets {cfg.lora_targets} of a {cfg.num_layers}-layer model"
+    for module, (weight, _, _) in module_shapes(cfg).items():
+        found = shapes.get(f"{module}.weight")
+        if found is None:
+            raise AdapterExportError(f"base {base_dir} has no {module}.weight: its attention "
+                                     f"modules are not the adapter's {targets}")
+        if found != weight:
+            raise AdapterExportError(f"base {base_dir}: {module}.weight is {list(found)}, the "
+                                     f"adapter's {targets} need {list(weight)}")
+    beyond = FAMILY_MODULES[cfg.model_type][0].format(cfg.num_layers) + "."
+    if any(name.startswith(beyond) for name in shapes):
+        raise AdapterExportError(f"base {base_dir} has more layers than the adapter's "
+                                 f"{cfg.num_layers} ({beyond}* exists)")
+
+
 def adapter_tensors(cfg: HintConfig, modules: TaskModules) -> dict[str, Tensor]:
     """PEFT's state dict of one task's LoRA (TaskModules of one task row)."""
     path, _ = FAMILY_MODULES[cfg.model_type]
@@ -113,7 +164,7 @@ def adapter_tensors(cfg: HintConfig, modules: TaskModules) -> dict[str, Tensor]:
     return out
 
 
-def adapter_config(cfg: HintConfig, base_model_name_or_path: str) -> dict:
+def adapter_config(cfg: HintConfig, base_model_name_or_path: str | None) -> dict:
     """adapter_config.json: the fields of PEFT's LoraConfig that say what this adapter is (PEFT
     fills the rest with its defaults). Written by hand: importing peft here would pull
     transformers into every process that imports the model."""
@@ -131,7 +182,7 @@ def adapter_config(cfg: HintConfig, base_model_name_or_path: str) -> dict:
 
 
 def save_adapter(cfg: HintConfig, modules: TaskModules, directory: str | Path,
-                 base_model_name_or_path: str, provenance: dict[str, str]) -> Path:
+                 base_model_name_or_path: str | None, provenance: dict[str, str]) -> Path:
     """Write one task's LoRA as a PEFT adapter directory; return its path.
 
     Written into a temporary directory beside `directory` and renamed when complete, so that
@@ -156,6 +207,7 @@ def save_adapter(cfg: HintConfig, modules: TaskModules, directory: str | Path,
     try:
         staging.chmod(0o755)  # mkdtemp's 0700 would keep a server of another user out
         save_file(tensors, str(staging / "adapter_model.safetensors"), metadata={"format": "pt"})
+        (staging / "adapter_model.safetensors").chmod(0o644)  # safetensors writes it 0600
         (staging / "adapter_config.json").write_text(
             json.dumps(adapter_config(cfg, base_model_name_or_path), indent=2) + "\n")
         (staging / PROVENANCE).write_text(json.dumps(

@@ -5,11 +5,13 @@ ONE Ray Serve instance (real HTTP on loopback) deploying a model from a real MLf
 
 import asyncio
 import http.client
+import io
 import json
 import os
 import socket
 import subprocess
 import sys
+import tarfile
 import time
 import urllib.error
 import urllib.request
@@ -20,12 +22,14 @@ import pytest
 import torch
 
 from hint_model import HintConfig, HintModel
+from hint_model.peft_export import PROVENANCE, instruction_sha256
 from hint_platform.errors import UserError
 from hint_platform.export import write as write_export
 from hint_platform.serving.predictor import BadRequest, CachedPredictor, Generation
 from hint_platform.tracking import registry
 from hint_platform.tracking.runs import tracking_uri_scope
 from pipelines import train_tokenizer, write_suite
+from tests.tiny_decoders import assert_peft_runs_the_task_as_hint, lora_only_llama
 
 REPO = Path(__file__).resolve().parent.parent
 MAX_HYPER = 48
@@ -154,6 +158,7 @@ def test_the_latency_metric_tags_unknown_paths_as_other():
 
     assert route_tag("/v1/predict") == "/v1/predict" and route_tag("/v1/health") == "/v1/health"
     assert {route_tag(f"/random/{i}") for i in range(100)} == {"other"}
+    assert {route_tag(f"/v1/tasks/{i:016x}/adapter") for i in range(100)} == {"/v1/tasks/{task_id}/adapter"}
 
 
 def test_bad_instructions_are_refused_with_the_reason(export):
@@ -227,6 +232,69 @@ def test_served_model_from_registry_alias_answers_and_caches(served):
     status, again = _call(f"{base}/v1/predict", {"instruction": tasks[1][0], "inputs": tasks[1][1][1:2]})
     assert (second["cache_hit"], again["cache_hit"]) == (False, True)
     assert second["task_id"] == again["task_id"]
+
+
+@pytest.fixture(scope="module")
+def lora_app(served, export, tmp_path_factory):
+    """A second application on the same Serve, at /lora: a lora_only Llama export, whose tasks
+    are PEFT adapters."""
+    from ray import serve
+
+    from hint_platform.serving import app
+
+    out, base = lora_only_llama(export[1].texts(), tmp_path_factory.mktemp("lora"), max_hyper_len=256)
+    opts = app.ServeOptions(model=str(out), replicas=1, replica_cpus=0.5,
+                            request_timeout_s=REQUEST_TIMEOUT_S)
+    serve.run(app.build_app(opts), name="hint-lora", route_prefix="/lora")
+    try:
+        yield f"{served[0]}/lora", out, base
+    finally:
+        serve.delete("hint-lora")
+
+
+def _get(url: str) -> tuple[int, dict, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=120) as response:
+            return response.status, dict(response.headers), response.read()
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), e.read()
+
+
+def test_a_tasks_adapter_is_an_archive_that_peft_loads_as_the_model_runs_the_task(served, lora_app, tmp_path):
+    url, out, base = lora_app
+    instruction = served[2][0][0]
+    status, created = _call(f"{url}/v1/tasks", {"instruction": instruction})
+    assert status == 200, created
+    task_id = created["task_id"]
+    _, before = _call(f"{url}/v1/stats")
+    status, headers, data = _get(f"{url}/v1/tasks/{task_id}/adapter")
+    assert status == 200, data[:300]
+    assert headers["content-type"] == "application/gzip"
+    assert headers["content-disposition"] == f'attachment; filename="task-{task_id}.tar.gz"'
+    _, after = _call(f"{url}/v1/stats")
+    assert (after["hits"], after["misses"]) == (before["hits"] + 1, before["misses"])  # the kept state
+
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as tar:
+        assert sorted(tar.getnames()) == [f"task-{task_id}"] + [
+            f"task-{task_id}/{name}" for name in ("adapter_config.json", "adapter_model.safetensors", PROVENANCE)]
+        tar.extractall(tmp_path, filter="data")
+    adapter = tmp_path / f"task-{task_id}"
+    provenance = json.loads((adapter / PROVENANCE).read_text())
+    assert provenance["instruction_sha256"][:16] == task_id == instruction_sha256(instruction)[:16]
+    assert provenance["model"] == str(out)
+    assert_peft_runs_the_task_as_hint(out, base, adapter, instruction)
+
+
+def test_the_adapter_route_refuses_unknown_tasks_and_models_that_are_no_lora(served, lora_app):
+    base = served[0]
+    status, created = _call(f"{base}/v1/tasks", {"instruction": served[2][0][0]})
+    assert status == 200
+    status, _, body = _get(f"{base}/v1/tasks/{created['task_id']}/adapter")  # the T5 HINT app
+    assert status == 409 and "a t5 model has no causal-LM PEFT adapter" in json.loads(body)["error"]
+    status, _, body = _get(f"{lora_app[0]}/v1/tasks/0123456789abcdef/adapter")
+    assert status == 404 and "unknown task_id '0123456789abcdef'" in json.loads(body)["error"]
+    status, answer = _call(f"{lora_app[0]}/v1/tasks/0123456789abcdef/adapter", {})
+    assert status == 405 and "takes GET, not 'POST'" in answer["error"]
 
 
 def test_registered_pyfunc_generates_each_task_state_once(served):

@@ -10,7 +10,7 @@ import os
 import sys
 
 # One module per command group, in the order `hint --help` lists them.
-COMMAND_MODULES = ("demo", "train", "eval", "predict", "serve", "data", "registry", "flops", "tune",
+COMMAND_MODULES = ("demo", "train", "eval", "predict", "serve", "adapter", "data", "registry", "flops", "tune",
                    "submit", "configs", "paper")
 
 

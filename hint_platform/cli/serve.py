@@ -14,7 +14,8 @@ def register(subparsers) -> None:
         "serve", help="serve a model over HTTP (Ray Serve), task states cached per replica",
         description="Serve MODEL on Ray Serve: POST /v1/tasks {instruction} -> {task_id}; POST "
                     "/v1/predict {task_id | instruction, inputs: [...]} -> {outputs}; GET "
-                    "/v1/health; GET /v1/stats. Each replica keeps an LRU cache of task states "
+                    "/v1/health; GET /v1/stats; GET /v1/tasks/{task_id}/adapter (a lora_only model's task as a "
+                    "PEFT adapter, tar.gz). Each replica keeps an LRU cache of task states "
                     "bounded in MiB; concurrent requests, of any tasks, are batched together. "
                     "Bad requests get a 4xx with the reason, before any model work: bodies over "
                     "--max-body-kib, text over --max-chars or not well-formed Unicode, unknown "
@@ -46,6 +47,8 @@ def register(subparsers) -> None:
                    help="requests waiting for a model replica; beyond, 503")
     p.add_argument("--request-timeout-s", type=float, default=60.0,
                    help="a request's time from arrival to answer; beyond, 504")
+    p.add_argument("--max-adapter-mib", type=float, default=256.0,
+                   help="largest task adapter GET /v1/tasks/{task_id}/adapter sends (its tensors)")
     p.add_argument("--replica-cpus", type=float, default=1.0)
     p.add_argument("--replica-gpus", type=float, default=None, help="default: 1 when the cluster has GPUs")
     p.add_argument("--tracking-uri", help="MLflow tracking URI for models:/ (default: $MLFLOW_TRACKING_URI, "
@@ -67,6 +70,7 @@ def run(args: argparse.Namespace) -> int:
                             max_inputs=args.max_inputs, max_chars=args.max_chars, max_body_kib=args.max_body_kib,
                             max_ongoing_requests=args.max_ongoing_requests,
                             max_queued_requests=args.max_queued_requests, request_timeout_s=args.request_timeout_s,
+                            max_adapter_mib=args.max_adapter_mib,
                             replica_cpus=args.replica_cpus, replica_gpus=args.replica_gpus or 0.0)
     if args.model.startswith("models:/"):
         opts.tracking_uri = args.tracking_uri or resolve_tracking_uri(ExperimentConfig())

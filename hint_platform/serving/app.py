@@ -10,6 +10,8 @@ to the replica that holds its state (serving/routing.py).
   POST /v1/tasks    {"instruction": str}                       -> {"task_id"}
   POST /v1/predict  {"task_id" | "instruction", "inputs": [str], "max_new_tokens"?, "num_beams"?}
                     -> {"outputs", "task_id", "cache_hit"}
+  GET  /v1/tasks/{task_id}/adapter -> the task's LoRA as a PEFT adapter, a tar.gz (409 for a
+                    model whose tasks are not a plain LoRA; serving/adapter.py)
   GET  /v1/health   -> {"status": "ok"};   GET /v1/stats -> one replica's cache counters
 
 Hostile input gets its 4xx before any model work: the body is capped before it is read, text
@@ -32,6 +34,7 @@ import asyncio
 import hashlib
 import json
 import logging
+import re
 import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
@@ -43,16 +46,19 @@ from ray.serve.config import RequestRouterConfig
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 
 from hint_model import TaskModules
 from hint_platform.errors import UserError
+from hint_platform.serving import adapter
 from hint_platform.serving.predictor import BadRequest, CachedPredictor, Generation, check_text
 from hint_platform.serving.routing import TaskAffinityRouter
-from hint_platform.tracking.registry import resolve_export
+from hint_platform.tracking.registry import model_source, resolve_export
 
 APP_NAME = "hint"
 ROUTES = {"/v1/health": "GET", "/v1/stats": "GET", "/v1/tasks": "POST", "/v1/predict": "POST"}
+ADAPTER_ROUTE = "/v1/tasks/{task_id}/adapter"
+ADAPTER_PATH = re.compile(r"/v1/tasks/([^/]*)/adapter")
 FIELDS = {"/v1/tasks": ("instruction",),
           "/v1/predict": ("task_id", "instruction", "inputs", "max_new_tokens", "num_beams")}
 INGRESS_HEADROOM = 64  # ingress requests beyond what the replicas take: health, stats, 4xx answers
@@ -79,6 +85,7 @@ class ServeOptions:
     max_ongoing_requests: int = 32  # per model replica: what its batches draw from
     max_queued_requests: int = 256  # waiting for a model replica; beyond: 503
     request_timeout_s: float = 60.0
+    max_adapter_mib: float = 256.0  # per GET /v1/tasks/{task_id}/adapter answer (its tensors)
     replica_cpus: float = 1.0
     replica_gpus: float = 0.0
 
@@ -86,7 +93,8 @@ class ServeOptions:
         """Refuse values every request would then fail on, naming the `hint serve` option."""
         at_least = {"replicas": 1, "cache_mib": 0, "max_new_tokens": 1, "num_beams": 1, "max_batch_size": 1,
                     "batch_wait_ms": 0, "max_inputs": 1, "max_chars": 1, "max_body_kib": 1,
-                    "max_ongoing_requests": 1, "max_queued_requests": 0, "replica_cpus": 0, "replica_gpus": 0}
+                    "max_ongoing_requests": 1, "max_queued_requests": 0, "max_adapter_mib": 0,
+                    "replica_cpus": 0, "replica_gpus": 0}
         for name, low in at_least.items():
             value = getattr(self, name)
             if value is not None and value < low:
@@ -109,6 +117,8 @@ class HintReplica:
         self.predictor = CachedPredictor(resolve_export(opts.model, opts.tracking_uri), cache_mib=opts.cache_mib,
                                          max_new_tokens=opts.max_new_tokens, num_beams=opts.num_beams,
                                          batch_size=opts.max_batch_size)
+        self.max_adapter_bytes = int(opts.max_adapter_mib * 2**20)
+        self.source = model_source(opts.model, opts.tracking_uri)  # an adapter's provenance
         # One thread runs the model, another tokenises: the event loop only gathers requests
         # into batches, so it keeps taking them while the model runs.
         self._pool = ThreadPoolExecutor(max_workers=1)
@@ -151,6 +161,19 @@ class HintReplica:
         except asyncio.CancelledError:
             future.add_done_callback(lambda f: f.exception() or self.predictor.cache.release(f.result()[0]))
             raise
+
+    async def adapter(self, instruction: str, name: str) -> bytes:
+        """The task's PEFT adapter as a tar.gz of one folder, `name`, from its kept state when
+        there is one; a model whose tasks are no plain LoRA is refused before any work."""
+        adapter.check(self.predictor.model.config, self.max_adapter_bytes)
+        loop = asyncio.get_running_loop()
+        key, _ = await loop.run_in_executor(self._text_pool, self.predictor.tokenize, instruction, [])
+        state, _ = await self._task_state(key)
+        try:
+            return await loop.run_in_executor(self._pool, adapter.archive, self.predictor, state,
+                                              instruction, name, self.source)
+        finally:
+            self.predictor.cache.release(state)
 
     async def warm(self, instruction: str) -> bool:
         """Generate and cache the task's state; True if it was cached already."""
@@ -209,9 +232,10 @@ class HintIngress:
             "hint_request_latency_ms", description="request latency at the ingress",
             boundaries=[5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000], tag_keys=("route", "status"))
 
-    async def __call__(self, request: Request) -> JSONResponse:
+    async def __call__(self, request: Request) -> Response:
         start = time.perf_counter()
-        route = request.url.path.rstrip("/")
+        # the path within this application (Serve keeps its route prefix in root_path)
+        route = request.url.path.removeprefix(request.scope.get("root_path", "")).rstrip("/")
         request.state.waiting = "for the request body"
         try:
             async with asyncio.timeout(self.opts.request_timeout_s):
@@ -219,7 +243,8 @@ class HintIngress:
         except HttpError as e:
             status, body = e.status, {"error": e.reason}
         except BadRequest as e:  # raised in a replica: only its message, never the remote traceback
-            status, body = 400, {"error": str(getattr(e, "cause", e))}
+            cause = getattr(e, "cause", e)
+            status, body = cause.status, {"error": str(cause)}
         except BackPressureError:
             status, body = 503, {"error": f"busy: {self.opts.max_queued_requests} requests wait for the model "
                                           "already (--max-queued-requests); retry later"}
@@ -231,11 +256,16 @@ class HintIngress:
             logger.exception("hint serve: a request to %s failed", route_tag(route))
             status, body = 500, {"error": "internal error; the server's log has the details"}
         self._latency.observe(1000 * (time.perf_counter() - start), tags={"route": route_tag(route), "status": str(status)})
-        return JSONResponse(body, status_code=status)
+        return body if isinstance(body, Response) else JSONResponse(body, status_code=status)
 
-    async def _route(self, request: Request, route: str) -> dict:
+    async def _route(self, request: Request, route: str) -> dict | Response:
+        if adapter_path := ADAPTER_PATH.fullmatch(route):
+            if request.method != "GET":
+                raise HttpError(405, f"{ADAPTER_ROUTE} takes GET, not {_show(request.method)}")
+            request.state.waiting = "for the model"
+            return await self._adapter(adapter_path[1])
         if route not in ROUTES:
-            raise HttpError(404, f"no route {_show(route)}; routes: {', '.join(ROUTES)}")
+            raise HttpError(404, f"no route {_show(route)}; routes: {', '.join([*ROUTES, ADAPTER_ROUTE])}")
         if request.method != ROUTES[route]:
             raise HttpError(405, f"{route} takes {ROUTES[route]}, not {_show(request.method)}")
         if route == "/v1/health":
@@ -274,6 +304,15 @@ class HintIngress:
         generation = {name: body[name] for name in ("max_new_tokens", "num_beams") if name in body}
         result = await self.replica.predict.remote(instruction, inputs, generation)
         return {**result, "task_id": self.tasks.add(instruction)}
+
+    async def _adapter(self, task_id: str) -> Response:
+        instruction = self.tasks.get(task_id)
+        if instruction is None:
+            raise HttpError(404, f"unknown task_id {_show(task_id)}: create it with POST /v1/tasks")
+        name = f"task-{task_id}"
+        data = await self.replica.adapter.remote(instruction, name)
+        return Response(data, media_type=adapter.ARCHIVE_TYPE,
+                        headers={"Content-Disposition": f'attachment; filename="{name}.tar.gz"'})
 
     def _text(self, body: dict, name: str) -> str:
         if name not in body:
@@ -316,6 +355,8 @@ def _check_text(text: str, where: str, max_chars: int) -> str:
 def route_tag(route: str) -> str:
     """The latency metric's route: one of ours, else "other" (a series per random path would grow
     without bound)."""
+    if ADAPTER_PATH.fullmatch(route):
+        return ADAPTER_ROUTE
     return route if route in ROUTES else "other"
 
 

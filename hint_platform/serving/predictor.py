@@ -32,6 +32,8 @@ TaskKey = tuple[int, ...]  # the instruction's token ids (empty for variants tha
 class BadRequest(UserError):
     """An instruction or input the model cannot take; the message says which and why."""
 
+    status = 400  # what `hint serve` answers it with
+
 
 def check_text(text: str, where: str) -> str:
     """`text` if it is well-formed Unicode: JSON's "\\ud800" escapes decode to lone surrogates,

@@ -9,6 +9,7 @@ and returns one output string per row; rows sharing an instruction share one mod
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -102,6 +103,37 @@ def resolve_export(model: str, tracking_uri: str | None = None) -> Path:
     if not export.is_dir():
         raise RegistryError(f"{model}: not a hint model (no {EXPORT_ARTIFACT} artifact)")
     return export
+
+
+def model_source(model: str, tracking_uri: str | None = None) -> dict[str, str]:
+    """Where `model` (what resolve_export takes) comes from, for provenance: {"model": the
+    export's absolute path or the URI} and, for `models:/NAME/VERSION` or `models:/NAME@ALIAS`,
+    the registered name, version and the run that logged it (`runs:/RUN_ID/...`: the run)."""
+    if "://" not in model and not model.startswith("models:/"):
+        return {"model": os.path.abspath(model)}
+    if model.startswith("runs:/"):
+        return {"model": model, "run_id": model.removeprefix("runs:/").split("/")[0]}
+    if not model.startswith("models:/"):
+        return {"model": model}
+    name, _, version = model.removeprefix("models:/").partition("/")
+    name, _, alias = name.partition("@")
+    try:
+        with mlflow_client(tracking_uri) as client:
+            found = (client.get_model_version_by_alias(name, alias) if alias
+                     else client.get_model_version(name, version))
+    except mlflow.exceptions.MlflowException as e:
+        raise RegistryError(f"cannot look up {model} at {tracking_uri}: {e.message}") from None
+    return {"model": model, "registered_name": found.name, "registered_version": str(found.version),
+            "run_id": found.run_id}
+
+
+def tag_run(tracking_uri: str, run_id: str, key: str, value: str) -> None:
+    """Set tag `key` on run `run_id` (e.g. an adapter exported from the model it logged)."""
+    try:
+        with mlflow_client(tracking_uri) as client:
+            client.set_tag(run_id, key, value)
+    except mlflow.exceptions.MlflowException as e:
+        raise RegistryError(f"cannot tag run {run_id} at {tracking_uri}: {e.message}") from None
 
 
 def load_pyfunc(model_uri: str, tracking_uri: str | None = None):
