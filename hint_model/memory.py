@@ -2,12 +2,14 @@
 
 `parameter_counts` builds the model on the meta device (shapes, no storage: seconds even at
 xxl). `training_memory` estimates one GPU's share when W workers train with FSDP (hint_platform:
-`fully_shard` per block, then the root; fp32 master weights, bf16 compute) and Adafactor:
+`fully_shard` per block, then the root; fp32 master weights, bf16 compute) and the configured
+optimizer (Adafactor for HINT and T5, AdamW for the decoder-only baselines of Appendix D):
 
   weights    fp32, sharded: 4 N / W
   gradients  fp32, sharded, trainable only: 4 N_train / W
-  optimizer  Adafactor's factored second moment, fp32, sharded: a [.., r, c] weight keeps
-             r + c values per matrix, a vector its own size (no momentum, as the paper's t5x)
+  optimizer  fp32, sharded, trainable only. Adafactor: its factored second moment, a [.., r, c]
+             weight keeps r + c values per matrix, a vector its own size (no momentum, as the
+             paper's t5x). AdamW: two moments per parameter (exp_avg, exp_avg_sq), 8 N_train / W
   gathered   bf16 weights FSDP unshards while computing: the root's own (embeddings, lm head,
              generator embeddings and MLPs) for the whole step, and two blocks (one prefetched)
   activations  one micro-batch, saved for backward (see `activation_values`)
@@ -85,6 +87,15 @@ def adafactor_state_values(shape: torch.Size) -> int:
     return math.prod(shape[:-1]) + math.prod(shape[:-2]) * shape[-1]
 
 
+def optimizer_state_values(shape: torch.Size, optimizer: str) -> int:
+    """Values `optimizer` (hint_platform's `train.optimizer`) keeps for one parameter."""
+    if optimizer == "adafactor":
+        return adafactor_state_values(shape)
+    if optimizer == "adamw":
+        return 2 * math.prod(shape)
+    raise ValueError(f"unknown optimizer {optimizer!r}: one of adafactor, adamw")
+
+
 def activation_values(cfg: HintConfig, batch: int, hyper_len: int, input_len: int,
                       target_len: int, checkpointing: bool) -> int:
     """Values one micro-batch keeps for backward, every example its own task (the worst case).
@@ -132,9 +143,11 @@ def activation_values(cfg: HintConfig, batch: int, hyper_len: int, input_len: in
 
 def training_memory(cfg: HintConfig, workers: int, micro_batch: int, hyper_len: int,
                     input_len: int, target_len: int, checkpointing: bool = True,
-                    compute_bytes: int = 2, model: nn.Module | None = None) -> TrainingMemory:
-    """One GPU's memory when `workers` GPUs train `cfg` with FSDP and Adafactor (see the module
-    docstring). `model`: a meta_model(cfg) already built, to save building it again."""
+                    compute_bytes: int = 2, model: nn.Module | None = None,
+                    optimizer: str = "adafactor") -> TrainingMemory:
+    """One GPU's memory when `workers` GPUs train `cfg` with FSDP and `optimizer` (adafactor
+    or adamw; see the module docstring). `model`: a meta_model(cfg) already built, to save
+    building it again."""
     model = model if model is not None else meta_model(cfg)
     params = list(model.parameters())
     total = sum(p.numel() for p in params)
@@ -145,7 +158,7 @@ def training_memory(cfg: HintConfig, workers: int, micro_batch: int, hyper_len: 
     return TrainingMemory(
         weights=4 * total / workers,
         gradients=4 * sum(p.numel() for p in trainable) / workers,
-        optimizer=4 * sum(adafactor_state_values(p.shape) for p in trainable) / workers,
+        optimizer=4 * sum(optimizer_state_values(p.shape, optimizer) for p in trainable) / workers,
         gathered=compute_bytes * (root + 2 * biggest_block),
         activations=compute_bytes * activation_values(cfg, micro_batch, hyper_len, input_len,
                                                       target_len, checkpointing))

@@ -13,6 +13,12 @@ drawn as the reference draws them (`tf.random.stateless_uniform`, maxval exclusi
 
 Each part is followed by EOS. Packing needs token counts, so C4 is tokenised here, where it is
 read, rather than in the pipeline's tokenisation stage.
+
+The causal layout (a decoder-only model, issue 20): the same draws, the hypernetwork reads x1
+(or CACLM's hyper part) and the model continues x2 with x3, so only the target ends in EOS (the
+prompt goes on), and x2 keeps at least one token for x3 to follow: where the draw left it empty
+(s2 = s1), it takes x3's first token (T5's decoder starts from its own start token instead; a
+decoder-only model reading the instruction apart, as `lora_only`, has nothing before x3).
 """
 
 from __future__ import annotations
@@ -67,29 +73,40 @@ def _drain(buffer: list[int], encoded: list[list[int]], segment_len: int) -> Ite
             del buffer[:segment_len]
 
 
-def split_segment(segment: list[int], rng: random.Random, eos_id: int) -> tuple[list[int], list[int], list[int]]:
-    """(x1, x2, x3) of the `pretrain` format (module docstring), EOS appended to each."""
+def split_segment(segment: list[int], rng: random.Random, eos_id: int,
+                  causal: bool = False) -> tuple[list[int], list[int], list[int]]:
+    """(x1, x2, x3) of the `pretrain` format, EOS appended to each; `causal`: x2 not empty and
+    only x3 ends in EOS (module docstring)."""
     end = len(segment) - 2
     s1 = rng.randrange(1, end)
     s2 = rng.randrange(s1, end)
+    if causal:
+        s2 = max(s2, s1 + 1)  # s1 <= end - 1: x3 keeps at least 2 tokens
+        return segment[:s1], segment[s1:s2], segment[s2:] + [eos_id]
     return segment[:s1] + [eos_id], segment[s1:s2] + [eos_id], segment[s2:] + [eos_id]
 
 
-def split_segment_4part(segment: list[int], rng: random.Random,
-                        eos_id: int) -> tuple[list[int], list[int], list[int]]:
-    """(hyper, input, target) of the `caclm` format (module docstring), EOS appended to each."""
+def split_segment_4part(segment: list[int], rng: random.Random, eos_id: int,
+                        causal: bool = False) -> tuple[list[int], list[int], list[int]]:
+    """(hyper, input, target) of the `caclm` format, EOS appended to each; `causal`: the input
+    not empty and only the target ends in EOS (module docstring)."""
     n = len(segment)
     s1 = rng.randrange(1, n - 4)
     s2 = rng.randrange(s1, n - 3)
     s3 = rng.randrange(s2, n - 2)
+    if causal:
+        s2 = max(s2, s1 + 1)
+        s3 = max(s3, s2)
+        return segment[:s1] + [eos_id] + segment[s3:], segment[s1:s2], segment[s2:s3] + [eos_id]
     return (segment[:s1] + [eos_id] + segment[s3:] + [eos_id], segment[s1:s2] + [eos_id],
             segment[s2:s3] + [eos_id])
 
 
-def examples(spec: SourceSpec, tokenizer: Tokenizer, bad: BadRecords, seed: int) -> Iterator[Example]:
+def examples(spec: SourceSpec, tokenizer: Tokenizer, bad: BadRecords, seed: int,
+             causal: bool = False) -> Iterator[Example]:
     rng = random.Random(f"c4:{seed}")
     split = split_segment_4part if spec.format == "caclm" else split_segment
     for segment in segments(documents(spec.path, bad), tokenizer, spec.segment_len,
                             min_len=MIN_SEGMENT[spec.format]):
-        hyper, text, target = split(segment, rng, tokenizer.eos_id)
+        hyper, text, target = split(segment, rng, tokenizer.eos_id, causal)
         yield Example(task=TASK, hyper=hyper, input=text, target=target)

@@ -60,7 +60,7 @@ from pipelines import c4, p3, sni
 from pipelines.bad_records import BadRecords
 from pipelines.budget import TokenBudget
 from pipelines.example import Example, TaskStream
-from pipelines.spec import SourceSpec, SpecError
+from pipelines.spec import SourceSpec
 from pipelines.tokenizer import Tokenizer, cut, load_tokenizer, tokenizer_from_proto
 
 log = logging.getLogger(__name__)
@@ -88,10 +88,7 @@ def _task_streams(spec: SourceSpec, budget: TokenBudget, bad: BadRecords, seed: 
     if spec.kind == "sni":
         return [stream for _, stream in sni.task_streams(spec, budget, bad, seed)]
     if spec.kind == "c4":
-        if budget.causal:
-            raise SpecError("c4: the pretraining formats are T5 HINT's (EOS-separated parts); "
-                            "this model is decoder-only")
-        return [TaskStream(c4.examples(spec, budget.tokenizer, bad, seed))]
+        return [TaskStream(c4.examples(spec, budget.tokenizer, bad, seed, budget.causal))]
     return [stream for _, stream in p3.task_streams(spec, budget, bad, seed)]
 
 

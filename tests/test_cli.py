@@ -215,3 +215,16 @@ def test_configs_lists_and_prints_the_shipped_configs(capsys, tmp_path, monkeypa
     assert code == 0 and yaml.safe_load(out)["name"] == "demo-finetune"
     code, _, err = run(capsys, "configs", "demo/finetun")
     assert code == 2 and "config file not found: demo/finetun" in err
+
+
+@pytest.mark.parametrize(("name", "parameters"), [("paper/gpt2-xl-sni-def", 1_557_611_200),
+                                                  ("paper/opt-13b-sni-def", 12_853_473_280)])
+def test_dry_run_memory_counts_the_configured_optimizer(name, parameters, capsys):
+    """The decoder-only baselines train with AdamW: two fp32 moments per trained parameter,
+    8 N / W bytes per GPU (Adafactor's factored moment would be a few MiB at these sizes)."""
+    code, out, _ = run(capsys, "train", name, "--dry-run")
+    assert code == 0
+    line = next(line for line in out.splitlines() if line.startswith("# memory per GPU"))
+    assert "AdamW" in line and "Adafactor" not in line
+    optimizer_gib = float(line.split("optimizer ")[1].split()[0])
+    assert optimizer_gib == pytest.approx(8 * parameters / 8 / 2 ** 30, abs=0.01)

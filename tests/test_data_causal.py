@@ -136,8 +136,32 @@ def test_causal_batches_line_up_labels_with_the_next_token():
         collate([{"hyper_input_ids": [], "input_ids": [], "labels": [2]}], causal=True)
 
 
-def test_c4_pretraining_formats_are_refused_for_a_decoder_only_model(shared_data, tokenizers):
-    spec = SourceSpec.from_dict({"kind": "c4", "path": str(shared_data / "c4" / "c4-en.olmo-test-fixtures.json.gz")})
-    with pytest.raises(SpecError, match="decoder-only"):
-        next(iter_records([spec], str(tokenizers["gpt2"]), causal=True))
+@pytest.mark.parametrize("fmt", ["pretrain", "caclm"])
+def test_c4_pretraining_rows_in_the_causal_layout(shared_data, tokenizers, fmt):
+    """The decoder-only form of C4 pretraining (issue 20): the same draws as T5's rows, x1 to the
+    hypernetwork (with OPT's BOS), the model continues x2 with x3 and the loss is on x3 + EOS:
+    no EOS ends the prompt, and x2 is never empty (where T5's draw left it empty, x3's first
+    token moved to it). Rows collate into the causal batch."""
+    tok = load_tokenizer(tokenizers["opt"])
+    spec = {"kind": "c4", "path": str(shared_data / "c4" / "c4-en.olmo-test-fixtures.json.gz"),
+            "format": fmt, "segment_len": 16}
+    lengths = {"max_input_len": 64, "max_hyper_len": 64, "max_target_len": 64}
+    t5_rows = list(iter_records([spec], tokenizers["opt"], seed=1, **lengths))
+    causal_rows = list(iter_records([spec], tokenizers["opt"], seed=1, causal=True, **lengths))
+    assert len(causal_rows) == len(t5_rows) > 50
+    moved = 0
+    for t5_row, row in zip(t5_rows, causal_rows):
+        assert row["hyper_input_ids"][0] == tok.bos_ids[0] and row["input_ids"]
+        assert row["labels"][-1] == tok.eos_id
+        if t5_row["input_ids"] == [tok.eos_id]:  # T5's x2 was empty: x3's first token moved
+            moved += 1
+            if fmt == "pretrain":
+                assert row["input_ids"] + row["labels"] == t5_row["labels"]
+            continue
+        # the same cut, less the EOS after the hypernetwork's part and the input
+        assert row["hyper_input_ids"][1:] == t5_row["hyper_input_ids"][:-1]
+        assert row["input_ids"] == t5_row["input_ids"][:-1] and row["labels"] == t5_row["labels"]
+    assert moved > 0
+    batch = collate(causal_rows[:4], pad_id=tok.pad_id, causal=True)
+    assert (batch["labels"] != -100).sum() == sum(len(r["labels"]) for r in causal_rows[:4])
 

@@ -10,7 +10,8 @@ import importlib
 
 from tune_spaces.study import Study
 
-STUDIES = ("generator", "peft_size", "peft_type", "fusion", "pretraining", "decoder_baselines")
+STUDIES = ("generator", "peft_size", "peft_type", "fusion", "pretraining", "decoder_baselines",
+           "decoder_peft_type", "decoder_lora_rank", "decoder_fusion")
 
 
 def load_study(name: str) -> Study:

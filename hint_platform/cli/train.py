@@ -45,6 +45,9 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+OPTIMIZER_NAMES = {"adafactor": "Adafactor", "adamw": "AdamW"}
+
+
 def size_lines(cfg: config.ExperimentConfig) -> list[str]:
     """The model at its real size on the meta device: parameters, the memory per GPU of this
     config's training (hint_model.memory), and the task state of Appendix C.2."""
@@ -58,14 +61,14 @@ def size_lines(cfg: config.ExperimentConfig) -> list[str]:
     mem = training_memory(m, workers=t.num_workers, micro_batch=t.micro_batch_size,
                           hyper_len=d.max_hyper_len, input_len=d.max_input_len,
                           target_len=d.max_target_len, checkpointing=t.activation_checkpointing,
-                          compute_bytes=2 if t.use_gpu else 4, model=model)
+                          compute_bytes=2 if t.use_gpu else 4, model=model, optimizer=t.optimizer)
     state = task_cost(m, n=1, t=d.max_hyper_len, i=d.max_input_len, o=d.max_target_len)
     gib = 2 ** 30
     return [
         f"model {m.variant} ({cfg.model.preset} shapes): {n.total / 1e9:.3f}B parameters, "
         f"{n.trainable / 1e9:.3f}B trained; {m.model_type} {n.underlying / 1e9:.3f}B, hyper-encoder "
         f"{n.hyper_encoder / 1e9:.3f}B, generator {n.generator / 1e9:.3f}B",
-        f"memory per GPU ({t.num_workers} workers, FSDP, Adafactor, micro-batch "
+        f"memory per GPU ({t.num_workers} workers, FSDP, {OPTIMIZER_NAMES[t.optimizer]}, micro-batch "
         f"{t.micro_batch_size}, lengths {d.max_hyper_len}/{d.max_input_len}/{d.max_target_len}, "
         f"activation checkpointing {'on' if t.activation_checkpointing else 'off'}): "
         f"{mem.total / gib:.1f} GiB = weights {mem.weights / gib:.1f} + gradients "
