@@ -10,6 +10,9 @@ task's state).
 
   python bench/serve_load.py                   # CPU: ~5 minutes on 2 busy cores
 
+Each run also says where the replica's model thread spent the run (GET /v1/stats): generating
+task states (what the cache saves), generating outputs, and how many rows a forward took.
+
 Last line: serve_rps=<x> p50_ms=<x> p99_ms=<x> errors=<n> cache_hit_rate=<x> cache_speedup=<x>
 (rps and latencies with the cache on; cache_speedup = rps with the cache / rps without.)
 """
@@ -79,8 +82,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def post(url: str, body: dict) -> tuple[int, dict]:
-    request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+def post(url: str, body: dict | None) -> tuple[int, dict]:
+    """POST `body` (None: GET) and the JSON answer."""
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data, {"Content-Type": "application/json"})
     try:
         with urllib.request.urlopen(request, timeout=300) as r:
             return r.status, json.loads(r.read())
@@ -114,7 +119,8 @@ class Server:
                 pass
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 self.stop()
-                raise SystemExit(f"hint serve did not start; see {self.log.name}")
+                tail = Path(self.log.name).read_text(errors="replace").splitlines()[-15:]
+                raise SystemExit("hint serve did not start; its log ends:\n" + "\n".join(tail))
             time.sleep(1)
 
     def stop(self) -> None:
@@ -152,6 +158,7 @@ def load(url: str, requests: list[dict], clients: int, seconds: float) -> dict:
                 else:
                     errors += 1
 
+    before = post(f"{url}/v1/stats", None)[1]
     start = time.perf_counter()
     threads = [threading.Thread(target=client) for _ in range(clients)]
     for t in threads:
@@ -159,11 +166,14 @@ def load(url: str, requests: list[dict], clients: int, seconds: float) -> dict:
     for t in threads:
         t.join()
     elapsed = time.perf_counter() - start
+    after = post(f"{url}/v1/stats", None)[1]
+    model = {name: after.get(name, 0) - before.get(name, 0)
+             for name in ("state_seconds", "generate_seconds", "batches", "rows")}
     done = len(latencies)
     cuts = statistics.quantiles(latencies, n=100) if done > 1 else [0.0] * 99
     return {"rps": done / elapsed, "p50_ms": 1000 * statistics.median(latencies) if done else 0.0,
             "p99_ms": 1000 * cuts[98], "errors": errors, "done": done,
-            "hit_rate": hits / done if done else 0.0}
+            "hit_rate": hits / done if done else 0.0, "elapsed": elapsed, **model}
 
 
 def main() -> None:
@@ -198,7 +208,11 @@ def main() -> None:
                 server.stop()
             r = results[label]
             print(f"{label}: {r['done']} requests, {r['rps']:.2f} req/s, p50 {r['p50_ms']:.0f} ms, "
-                  f"p99 {r['p99_ms']:.0f} ms, errors {r['errors']}, cache hits {r['hit_rate']:.2f}", flush=True)
+                  f"p99 {r['p99_ms']:.0f} ms, errors {r['errors']}, cache hits {r['hit_rate']:.2f}; model thread "
+                  f"busy {(r['state_seconds'] + r['generate_seconds']) / r['elapsed']:.0%} of {r['elapsed']:.0f} s: "
+                  f"task states {r['state_seconds']:.1f} s, outputs {r['generate_seconds']:.1f} s "
+                  f"({r['rows']} rows in {r['batches']} forwards); load average {os.getloadavg()[0]:.1f}",
+                  flush=True)
     on, off = results["cache on"], results["cache off"]
     print(f"serve_rps={on['rps']:.2f} p50_ms={on['p50_ms']:.0f} p99_ms={on['p99_ms']:.0f} "
           f"errors={on['errors'] + off['errors']} cache_hit_rate={on['hit_rate']:.2f} "
