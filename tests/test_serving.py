@@ -362,8 +362,6 @@ def test_a_tasks_requests_stay_on_the_replica_that_holds_its_state(served):
     assert hits == [[False, True, True]] * len(tasks)
     assert set(serve.status().applications) == {"hint"}
     assert _call(f"{base}/v1/health") == (200, {"status": "ok"})
-    with pytest.raises(UserError, match="--name 'a/b' is not a valid name"):
-        app.ServeOptions(model="x", name="a/b")
 
 
 def test_rendezvous_order_moves_only_the_tasks_of_a_removed_replica():
@@ -541,6 +539,10 @@ def test_hint_serve_refuses_bad_generation_bounds_before_starting_anything(expor
         ServeOptions(model="x", max_new_tokens=-1)
     with pytest.raises(UserError, match="--request-timeout-s must be > 0"):
         ServeOptions(model="x", request_timeout_s=0)
+    with pytest.raises(UserError, match="--name 'a/b' is not a valid name"):
+        ServeOptions(model="x", name="a/b")
+    with pytest.raises(UserError, match="--name v1 would take the routes"):
+        ServeOptions(model="x", name="v1")
 
 
 def test_hint_predict_equals_model_generate_row_for_row(export, ray_local, tmp_path):

@@ -57,6 +57,7 @@ from hint_platform.tracking.registry import resolve_export
 DEFAULT_NAME = "hint"  # served at the root; any other name under /NAME
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,62}")  # a Serve application name and a URL path segment
 ROUTES = {"/v1/health": "GET", "/v1/stats": "GET", "/v1/tasks": "POST", "/v1/predict": "POST"}
+ROUTES_ROOT = "v1"  # no application name: Serve would send a root application's routes to it
 FIELDS = {"/v1/tasks": ("instruction",),
           "/v1/predict": ("task_id", "instruction", "inputs", "max_new_tokens", "num_beams")}
 INGRESS_HEADROOM = 64  # ingress requests beyond what the replicas take: health, stats, 4xx answers
@@ -101,6 +102,8 @@ class ServeOptions:
         if not isinstance(self.name, str) or not NAME.fullmatch(self.name):
             raise UserError(f"--name {self.name!r} is not a valid name: use 1 to 63 letters, digits, '_' or '-', "
                             "starting with a letter or digit")
+        if self.name == ROUTES_ROOT:
+            raise UserError(f"--name {ROUTES_ROOT} would take the routes (/{ROUTES_ROOT}/...) of a hint serve at the root")
 
     @property
     def route_prefix(self) -> str:
