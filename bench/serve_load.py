@@ -96,32 +96,40 @@ def post(url: str, body: dict | None) -> tuple[int, dict]:
 
 
 class Server:
-    """`hint serve` in its own process group; stopped with SIGINT (it shuts Serve and Ray down)."""
+    """`hint serve` in its own process group; stopped with SIGINT (it shuts Serve and Ray down).
+    A start that fails is tried again (twice): on a busy shared machine Ray's node may not come
+    up within its fixed 30 s."""
 
-    def __init__(self, export_dir: Path, cache_mib: float, work: Path):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = open(work / f"serve-cache{cache_mib:g}.log", "wb")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", "import sys; from hint_platform.cli import main; sys.exit(main())",
-             "serve", str(export_dir), "--port", str(self.port),
-             "--cache-mib", str(cache_mib), "--max-batch-size", "8", "--batch-wait-ms", "10",
-             "--replica-cpus", "1"],
-            stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
-            env={**os.environ, "PYTHONPATH": str(REPO), "RAY_DATA_DISABLE_PROGRESS_BARS": "1"})
-        deadline = time.monotonic() + 600
-        while True:
+    def __init__(self, export_dir: Path, cache_mib: float, work: Path, attempts: int = 3):
+        for attempt in range(1, attempts + 1):
+            self.port = free_port()
+            self.url = f"http://127.0.0.1:{self.port}"
+            self.log = open(work / f"serve-cache{cache_mib:g}-{attempt}.log", "wb")
+            self.proc = subprocess.Popen(
+                [sys.executable, "-c", "import sys; from hint_platform.cli import main; sys.exit(main())",
+                 "serve", str(export_dir), "--port", str(self.port),
+                 "--cache-mib", str(cache_mib), "--max-batch-size", "8", "--batch-wait-ms", "10",
+                 "--replica-cpus", "1"],
+                stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
+                env={**os.environ, "PYTHONPATH": str(REPO), "RAY_DATA_DISABLE_PROGRESS_BARS": "1"})
+            if self._healthy(deadline=time.monotonic() + 600):
+                return
+            self.stop()
+            tail = Path(self.log.name).read_text(errors="replace").splitlines()[-15:]
+            print(f"hint serve did not start (attempt {attempt} of {attempts}); its log ends:\n" + "\n".join(tail),
+                  flush=True)
+        raise SystemExit("hint serve did not start")
+
+    def _healthy(self, deadline: float) -> bool:
+        while self.proc.poll() is None and time.monotonic() < deadline:
             try:
                 with urllib.request.urlopen(f"{self.url}/v1/health", timeout=5) as r:
                     if r.status == 200:
-                        return
+                        return True
             except OSError:
                 pass
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                tail = Path(self.log.name).read_text(errors="replace").splitlines()[-15:]
-                raise SystemExit("hint serve did not start; its log ends:\n" + "\n".join(tail))
             time.sleep(1)
+        return False
 
     def stop(self) -> None:
         if self.proc.poll() is None:
