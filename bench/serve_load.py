@@ -10,6 +10,9 @@ task's state).
 
   python bench/serve_load.py                   # CPU: ~5 minutes on 2 busy cores
 
+Each run also says where the replica's model thread spent the run (GET /v1/stats): generating
+task states (what the cache saves), generating outputs, and how many rows a forward took.
+
 Last line: serve_rps=<x> p50_ms=<x> p99_ms=<x> errors=<n> cache_hit_rate=<x> cache_speedup=<x>
 (rps and latencies with the cache on; cache_speedup = rps with the cache / rps without.)
 """
@@ -79,8 +82,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def post(url: str, body: dict) -> tuple[int, dict]:
-    request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+def post(url: str, body: dict | None) -> tuple[int, dict]:
+    """POST `body` (None: GET) and the JSON answer."""
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data, {"Content-Type": "application/json"})
     try:
         with urllib.request.urlopen(request, timeout=300) as r:
             return r.status, json.loads(r.read())
@@ -91,31 +96,40 @@ def post(url: str, body: dict) -> tuple[int, dict]:
 
 
 class Server:
-    """`hint serve` in its own process group; stopped with SIGINT (it shuts Serve and Ray down)."""
+    """`hint serve` in its own process group; stopped with SIGINT (it shuts Serve and Ray down).
+    A start that fails is tried again (twice): on a busy shared machine Ray's node may not come
+    up within its fixed 30 s."""
 
-    def __init__(self, export_dir: Path, cache_mib: float, work: Path):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = open(work / f"serve-cache{cache_mib:g}.log", "wb")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", "import sys; from hint_platform.cli import main; sys.exit(main())",
-             "serve", str(export_dir), "--port", str(self.port),
-             "--cache-mib", str(cache_mib), "--max-batch-size", "8", "--batch-wait-ms", "10",
-             "--replica-cpus", "1"],
-            stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
-            env={**os.environ, "PYTHONPATH": str(REPO), "RAY_DATA_DISABLE_PROGRESS_BARS": "1"})
-        deadline = time.monotonic() + 600
-        while True:
+    def __init__(self, export_dir: Path, cache_mib: float, work: Path, attempts: int = 3):
+        for attempt in range(1, attempts + 1):
+            self.port = free_port()
+            self.url = f"http://127.0.0.1:{self.port}"
+            self.log = open(work / f"serve-cache{cache_mib:g}-{attempt}.log", "wb")
+            self.proc = subprocess.Popen(
+                [sys.executable, "-c", "import sys; from hint_platform.cli import main; sys.exit(main())",
+                 "serve", str(export_dir), "--port", str(self.port),
+                 "--cache-mib", str(cache_mib), "--max-batch-size", "8", "--batch-wait-ms", "10",
+                 "--replica-cpus", "1"],
+                stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
+                env={**os.environ, "PYTHONPATH": str(REPO), "RAY_DATA_DISABLE_PROGRESS_BARS": "1"})
+            if self._healthy(deadline=time.monotonic() + 600):
+                return
+            self.stop()
+            tail = Path(self.log.name).read_text(errors="replace").splitlines()[-15:]
+            print(f"hint serve did not start (attempt {attempt} of {attempts}); its log ends:\n" + "\n".join(tail),
+                  flush=True)
+        raise SystemExit("hint serve did not start")
+
+    def _healthy(self, deadline: float) -> bool:
+        while self.proc.poll() is None and time.monotonic() < deadline:
             try:
                 with urllib.request.urlopen(f"{self.url}/v1/health", timeout=5) as r:
                     if r.status == 200:
-                        return
+                        return True
             except OSError:
                 pass
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise SystemExit(f"hint serve did not start; see {self.log.name}")
             time.sleep(1)
+        return False
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -152,6 +166,7 @@ def load(url: str, requests: list[dict], clients: int, seconds: float) -> dict:
                 else:
                     errors += 1
 
+    before = post(f"{url}/v1/stats", None)[1]
     start = time.perf_counter()
     threads = [threading.Thread(target=client) for _ in range(clients)]
     for t in threads:
@@ -159,11 +174,14 @@ def load(url: str, requests: list[dict], clients: int, seconds: float) -> dict:
     for t in threads:
         t.join()
     elapsed = time.perf_counter() - start
+    after = post(f"{url}/v1/stats", None)[1]
+    model = {name: after.get(name, 0) - before.get(name, 0)
+             for name in ("state_seconds", "generate_seconds", "batches", "rows")}
     done = len(latencies)
     cuts = statistics.quantiles(latencies, n=100) if done > 1 else [0.0] * 99
     return {"rps": done / elapsed, "p50_ms": 1000 * statistics.median(latencies) if done else 0.0,
             "p99_ms": 1000 * cuts[98], "errors": errors, "done": done,
-            "hit_rate": hits / done if done else 0.0}
+            "hit_rate": hits / done if done else 0.0, "elapsed": elapsed, **model}
 
 
 def main() -> None:
@@ -198,7 +216,11 @@ def main() -> None:
                 server.stop()
             r = results[label]
             print(f"{label}: {r['done']} requests, {r['rps']:.2f} req/s, p50 {r['p50_ms']:.0f} ms, "
-                  f"p99 {r['p99_ms']:.0f} ms, errors {r['errors']}, cache hits {r['hit_rate']:.2f}", flush=True)
+                  f"p99 {r['p99_ms']:.0f} ms, errors {r['errors']}, cache hits {r['hit_rate']:.2f}; model thread "
+                  f"busy {(r['state_seconds'] + r['generate_seconds']) / r['elapsed']:.0%} of {r['elapsed']:.0f} s: "
+                  f"task states {r['state_seconds']:.1f} s, outputs {r['generate_seconds']:.1f} s "
+                  f"({r['rows']} rows in {r['batches']} forwards); load average {os.getloadavg()[0]:.1f}",
+                  flush=True)
     on, off = results["cache on"], results["cache off"]
     print(f"serve_rps={on['rps']:.2f} p50_ms={on['p50_ms']:.0f} p99_ms={on['p99_ms']:.0f} "
           f"errors={on['errors'] + off['errors']} cache_hit_rate={on['hit_rate']:.2f} "

@@ -25,7 +25,7 @@ from hint_model import HintConfig, HintModel
 from hint_model.peft_export import PROVENANCE, instruction_sha256
 from hint_platform.errors import UserError
 from hint_platform.export import write as write_export
-from hint_platform.serving.predictor import BadRequest, CachedPredictor, Generation
+from hint_platform.serving.predictor import BadRequest, CachedPredictor, Generation, split_by_length
 from hint_platform.tracking import registry
 from hint_platform.tracking.runs import tracking_uri_scope
 from pipelines import train_tokenizer, write_suite
@@ -71,6 +71,55 @@ def test_predictor_outputs_equal_model_generate(export):
         assert output == predictor.tokenizer.decode(tokens[0].tolist()).strip()
     predictor.predict(instructions[:3], inputs[:3])
     assert predictor.cache.stats.hits == 3
+
+
+def test_a_batch_of_short_inputs_and_a_long_one_runs_as_two_forwards_on_the_cpu(export):
+    """Padding the short rows to the long one would cost more than a second forward: the batch
+    is split by length, and every output is still the model's own for its row."""
+    out, _, tasks = export
+    predictor = CachedPredictor(out, batch_size=8)
+    instruction, inputs = tasks[0]
+    long_input = " ".join(inputs * 40)
+    rows = [inputs[0], long_input, inputs[1], inputs[2]]
+    key, ids = predictor.tokenize(instruction, rows)
+    assert len(ids[1]) > 3 * max(len(ids[i]) for i in (0, 2, 3)) + 150
+    state, _ = predictor.task_state(key)
+    got = predictor.generate([(state, row, predictor.default) for row in ids])
+    assert (predictor.batches, predictor.rows) == (2, 4)
+    hyper_ids = torch.tensor([key])
+    for row, output in zip(ids, got):
+        tokens = predictor.model.generate(torch.tensor([row]), hyper_input_ids=hyper_ids)
+        assert output == predictor.tokenizer.decode(tokens[0].tolist()).strip()
+    assert predictor.generate_seconds > 0 and predictor.state_seconds > 0
+
+
+def test_split_by_length_is_the_least_cost_grouping():
+    """Against every grouping of a few rows (a forward costs 100 + rows x its longest)."""
+    import itertools
+    import random
+
+    def cost(groups, lengths):
+        return sum(100 + len(g) * max(lengths[i] for i in g) for g in groups)
+
+    def groupings(rows):
+        if not rows:
+            yield []
+            return
+        first, rest = rows[0], rows[1:]
+        for k in range(len(rest) + 1):
+            for mates in itertools.combinations(rest, k):
+                for tail in groupings([r for r in rest if r not in mates]):
+                    yield [[first, *mates], *tail]
+
+    rng = random.Random(0)
+    for _ in range(30):
+        lengths = [rng.choice([3, 8, 40, 90, 300, 600]) for _ in range(rng.randint(1, 6))]
+        groups = split_by_length(lengths, 100, max_rows=4)
+        assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+        assert all(len(g) <= 4 for g in groups)
+        best = min(cost(g, lengths) for g in groupings(list(range(len(lengths)))) if all(len(x) <= 4 for x in g))
+        assert cost(groups, lengths) == best
+    assert split_by_length([5, 7, 6], 100, max_rows=16) == [[0, 2, 1]]  # similar lengths: one forward
 
 
 def test_predictor_in_bf16_equals_the_bf16_model_and_caches_the_longest_instruction(export):
@@ -322,6 +371,21 @@ def test_served_cache_evicts_at_its_bound(served):
     assert after["entries"] < len(tasks) and after["bytes"] <= after["capacity_bytes"]
 
 
+def test_the_start_up_line_says_when_a_state_at_the_longest_instruction_does_not_fit(served):
+    """`hint serve` prints its replicas' bound (their log does not reach its console)."""
+    from hint_platform.serving import app
+
+    _, probe, _, _ = served
+    stats = app.replica_stats(app.DEFAULT_NAME)
+    longest = probe.task_state(tuple(range(5, 5 + MAX_HYPER)))[0]
+    assert stats["longest_state_bytes"] == longest.nbytes and stats["max_hyper_len"] == MAX_HYPER
+    mib = stats["capacity_bytes"] / 2**20
+    assert app.cache_summary(stats) == f"task-state cache {mib:.0f} MiB a replica"
+    small = app.cache_summary({**stats, "capacity_bytes": longest.nbytes - 1})
+    assert small.endswith(f"less than one task state at the longest instruction ({MAX_HYPER} tokens, "
+                          f"{longest.nbytes / 2**20:.0f} MiB): long instructions will not be cached")
+
+
 def test_concurrent_requests_of_different_tasks_share_a_mixed_batch(served):
     base, probe, tasks, _ = served
     before = _call(f"{base}/v1/stats")[1]
@@ -338,25 +402,34 @@ def test_concurrent_requests_of_different_tasks_share_a_mixed_batch(served):
 
 
 def test_a_tasks_requests_stay_on_the_replica_that_holds_its_state(served):
-    """Two replicas (a second application, called through the replicas' own handle, so
-    through TaskAffinityRouter): after its first request, every request of a task finds its
-    state cached. Serve's default routing picks replicas at random: about half of these would
-    miss (all 8 hit with probability 2**-8)."""
+    """Two replicas (a second `hint serve` application on the same cluster, `--name hint-two`;
+    called through the replicas' own handle, so through TaskAffinityRouter): after its first
+    request, every request of a task finds its state cached. Serve's default routing picks
+    replicas at random: about half of these would miss (all 8 hit with probability 2**-8).
+    The second application answers under /hint-two, a third of that name is refused, and
+    stopping it leaves the first one serving."""
     from ray import serve
 
     from hint_platform.serving import app
 
-    _, probe, tasks, uri = served
-    opts = app.ServeOptions(model="models:/hint-serve-test@champion", tracking_uri=uri, replicas=2,
-                            replica_cpus=0.5)
-    serve.run(app.build_app(opts), name="hint-two", route_prefix="/two")
+    base, probe, tasks, uri = served
+    opts = app.ServeOptions(model="models:/hint-serve-test@champion", name="hint-two", tracking_uri=uri,
+                            replicas=2, replica_cpus=0.5)
+    two = app.run(opts, port=int(base.rsplit(":", 1)[1]))
     try:
+        assert two == f"{base}/hint-two"
         replicas = serve.get_deployment_handle("HintReplica", app_name="hint-two")
         hits = [[replicas.predict.remote(instruction, inputs[:1]).result()["cache_hit"]
                  for _ in range(3)] for instruction, inputs in tasks]
+        status, answer = _call(f"{two}/v1/predict", {"instruction": tasks[0][0], "inputs": tasks[0][1][:1]})
+        assert status == 200 and answer["cache_hit"] is True, answer
+        with pytest.raises(UserError, match="'hint-two' is served on this Ray cluster already: give this one"):
+            app.run(opts, port=int(base.rsplit(":", 1)[1]))
     finally:
-        serve.delete("hint-two")
+        app.stop("hint-two", own_cluster=True)  # the module's "hint" is left: Serve stays up
     assert hits == [[False, True, True]] * len(tasks)
+    assert set(serve.status().applications) == {"hint"}
+    assert _call(f"{base}/v1/health") == (200, {"status": "ok"})
 
 
 def test_rendezvous_order_moves_only_the_tasks_of_a_removed_replica():
@@ -517,7 +590,7 @@ def test_stopping_on_a_shared_cluster_deletes_only_our_application(served):
             return "other"
 
     serve.run(Other.bind(), name="someone-else", route_prefix="/someone-else")
-    app.stop(own_cluster=False)
+    app.stop(app.DEFAULT_NAME, own_cluster=False)
     assert set(serve.status().applications) == {"someone-else"}
     assert urllib.request.urlopen(f"{served[0]}/someone-else", timeout=30).read() == b"other"
 
@@ -534,6 +607,10 @@ def test_hint_serve_refuses_bad_generation_bounds_before_starting_anything(expor
         ServeOptions(model="x", max_new_tokens=-1)
     with pytest.raises(UserError, match="--request-timeout-s must be > 0"):
         ServeOptions(model="x", request_timeout_s=0)
+    with pytest.raises(UserError, match="--name 'a/b' is not a valid name"):
+        ServeOptions(model="x", name="a/b")
+    with pytest.raises(UserError, match="--name v1 would take the routes"):
+        ServeOptions(model="x", name="v1")
 
 
 def test_hint_predict_equals_model_generate_row_for_row(export, ray_local, tmp_path):

@@ -22,10 +22,12 @@ def register(subparsers) -> None:
                     "fields, max_new_tokens / num_beams above the server's. Load is bounded: "
                     "--max-ongoing-requests per replica, --max-queued-requests waiting (then 503), "
                     "--request-timeout-s per request (then 504). Listens on loopback unless --host "
-                    "says otherwise; Ctrl-C stops it (on a cluster it joined, only its own "
-                    "application is deleted).",
+                    "says otherwise; Ctrl-C stops it and deletes only its own application (--name: "
+                    "two serves on one cluster need two names; a name other than hint answers under /NAME).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("model", help="an export directory, or models:/NAME@ALIAS (models:/NAME/VERSION)")
+    p.add_argument("--name", default="hint", help="the Serve application's name; another than hint answers "
+                                                "under /NAME (two serves on one cluster need two names)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--replicas", type=int, default=1, help="model replicas (one model and cache each)")
@@ -64,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
     from hint_platform.tracking.runs import check_reachable, resolve_tracking_uri
     from hint_platform.training.driver import start_ray
 
-    opts = app.ServeOptions(model=args.model, replicas=args.replicas, cache_mib=args.cache_mib,
+    opts = app.ServeOptions(model=args.model, name=args.name, replicas=args.replicas, cache_mib=args.cache_mib,
                             max_new_tokens=args.max_new_tokens, num_beams=args.num_beams,
                             max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms,
                             max_inputs=args.max_inputs, max_chars=args.max_chars, max_body_kib=args.max_body_kib,
@@ -84,14 +86,20 @@ def run(args: argparse.Namespace) -> int:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
+    ours = True
     try:
         url = app.run(opts, host=args.host, port=args.port)
-        cache = "sized from the model and device" if args.cache_mib is None else f"{args.cache_mib:g} MiB"
-        print(f"hint serve: {args.model} on {url} ({args.replicas} replica(s), task-state cache {cache} "
-              f"each); POST {url}/v1/predict, GET {url}/v1/health. Ctrl-C stops.", flush=True)
+        sized = "sized from the model and device" if args.cache_mib is None else "--cache-mib"
+        print(f"hint serve: {args.model} as {opts.name!r} on {url} ({args.replicas} replica(s), "
+              f"{app.cache_summary(app.replica_stats(opts.name))}, {sized}); POST {url}/v1/predict, "
+              f"GET {url}/v1/health. Ctrl-C stops.", flush=True)
         stop.wait()
+    except app.NameTaken:
+        ours = False  # another serve's application: left alone
+        raise
     finally:
-        app.stop(own_cluster=own_ray)
+        if ours:
+            app.stop(opts.name, own_cluster=own_ray)
         ray.shutdown()
     print("hint serve: stopped", flush=True)
     return 0

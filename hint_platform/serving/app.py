@@ -5,7 +5,9 @@ keeps the task ids it handed out (task_id -> instruction) and answers 4xx with t
 a bad one. `HintReplica` (N replicas) holds the model and a CachedPredictor whose LRU cache
 of task states is bounded in MiB; its `@serve.batch` method gathers the inputs of concurrent
 requests, of any tasks, into one mixed-task forward. With several replicas a task's requests go
-to the replica that holds its state (serving/routing.py).
+to the replica that holds its state (serving/routing.py). The application is named
+(`--name`, default "hint"): two `hint serve` on one cluster need two names, and another name
+than the default answers under /NAME (its routes below that prefix).
 
   POST /v1/tasks    {"instruction": str}                       -> {"task_id"}
   POST /v1/predict  {"task_id" | "instruction", "inputs": [str], "max_new_tokens"?, "num_beams"?}
@@ -55,10 +57,12 @@ from hint_platform.serving.predictor import BadRequest, CachedPredictor, Generat
 from hint_platform.serving.routing import TaskAffinityRouter
 from hint_platform.tracking.registry import model_source, resolve_export
 
-APP_NAME = "hint"
+DEFAULT_NAME = "hint"  # served at the root; any other name under /NAME
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,62}")  # a Serve application name and a URL path segment
 ROUTES = {"/v1/health": "GET", "/v1/stats": "GET", "/v1/tasks": "POST", "/v1/predict": "POST"}
 ADAPTER_ROUTE = "/v1/tasks/{task_id}/adapter"
 ADAPTER_PATH = re.compile(r"/v1/tasks/([^/]*)/adapter")
+ROUTES_ROOT = "v1"  # no application name: Serve would send a root application's routes to it
 FIELDS = {"/v1/tasks": ("instruction",),
           "/v1/predict": ("task_id", "instruction", "inputs", "max_new_tokens", "num_beams")}
 INGRESS_HEADROOM = 64  # ingress requests beyond what the replicas take: health, stats, 4xx answers
@@ -72,6 +76,7 @@ class ServeOptions:
     """What `hint serve` configures; travels to the replicas as plain values."""
 
     model: str
+    name: str = DEFAULT_NAME
     tracking_uri: str | None = None
     replicas: int = 1
     cache_mib: float | None = None  # None: placement.default_cache_bytes (from the model and device)
@@ -101,6 +106,19 @@ class ServeOptions:
                 raise UserError(f"--{name.replace('_', '-')} must be >= {low}, got {value:g}")
         if not self.request_timeout_s > 0:
             raise UserError(f"--request-timeout-s must be > 0, got {self.request_timeout_s:g}")
+        if not isinstance(self.name, str) or not NAME.fullmatch(self.name):
+            raise UserError(f"--name {self.name!r} is not a valid name: use 1 to 63 letters, digits, '_' or '-', "
+                            "starting with a letter or digit")
+        if self.name == ROUTES_ROOT:
+            raise UserError(f"--name {ROUTES_ROOT} would take the routes (/{ROUTES_ROOT}/...) of a hint serve at the root")
+
+    @property
+    def route_prefix(self) -> str:
+        return "/" if self.name == DEFAULT_NAME else f"/{self.name}"
+
+
+class NameTaken(UserError):
+    """Another application of this name is served on the cluster (it is left alone)."""
 
 
 class HttpError(Exception):
@@ -181,8 +199,10 @@ class HintReplica:
 
     def stats(self) -> dict:
         stats = self.predictor.cache.stats
-        return {**asdict(stats), "hit_rate": stats.hit_rate, "batches": self.predictor.batches,
-                "mixed_batches": self.predictor.mixed_batches}
+        p = self.predictor
+        return {**asdict(stats), "hit_rate": stats.hit_rate, "batches": p.batches, "mixed_batches": p.mixed_batches,
+                "rows": p.rows, "state_seconds": p.state_seconds, "generate_seconds": p.generate_seconds,
+                "longest_state_bytes": p.longest_state_bytes, "max_hyper_len": p.model.config.max_hyper_len}
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
     async def _batched(self, items: list[tuple[TaskModules, list[int], Generation]]) -> list[str]:
@@ -234,8 +254,7 @@ class HintIngress:
 
     async def __call__(self, request: Request) -> Response:
         start = time.perf_counter()
-        # the path within this application (Serve keeps its route prefix in root_path)
-        route = request.url.path.removeprefix(request.scope.get("root_path", "")).rstrip("/")
+        route = route_of(request.scope)
         request.state.waiting = "for the request body"
         try:
             async with asyncio.timeout(self.opts.request_timeout_s):
@@ -352,6 +371,15 @@ def _check_text(text: str, where: str, max_chars: int) -> str:
     return check_text(text, where)
 
 
+def route_of(scope: dict) -> str:
+    """The request's path below the application's route prefix (Serve keeps the prefix in the
+    path and puts it in root_path too)."""
+    path, prefix = scope["path"], scope.get("root_path", "")
+    if prefix and path.startswith(prefix):
+        path = path[len(prefix):]
+    return path.rstrip("/")
+
+
 def route_tag(route: str) -> str:
     """The latency metric's route: one of ours, else "other" (a series per random path would grow
     without bound)."""
@@ -383,16 +411,35 @@ def build_app(opts: ServeOptions):
 
 
 def run(opts: ServeOptions, host: str = "127.0.0.1", port: int = 8000) -> str:
-    """Start Serve on host:port (Ray must be initialised) and deploy; returns the base URL."""
+    """Start Serve on host:port (Ray must be initialised) and deploy as `opts.name`; returns the
+    application's base URL. An application of that name already there is refused, not replaced."""
     serve.start(http_options={"host": host, "port": port, "request_timeout_s": opts.request_timeout_s + PROXY_GRACE_S})
-    serve.run(build_app(opts), name=APP_NAME, route_prefix="/")
-    return f"http://{host}:{port}"
+    if opts.name in serve.status().applications:
+        raise NameTaken(f"an application named {opts.name!r} is served on this Ray cluster already: "
+                        "give this one another --name")
+    serve.run(build_app(opts), name=opts.name, route_prefix=opts.route_prefix)
+    return f"http://{host}:{port}{opts.route_prefix.rstrip('/')}"
 
 
-def stop(own_cluster: bool) -> None:
-    """Stop serving: on a Ray this process started, Serve itself; on a cluster it joined, which
-    may serve other applications, only this one (serve.shutdown() would delete them all)."""
-    if own_cluster:
+def cache_summary(stats: dict) -> str:
+    """A replica's cache bound for the start-up line, saying when one task state at the longest
+    instruction does not fit in it (such instructions are then never cached)."""
+    bound, longest = stats["capacity_bytes"] / 2**20, stats["longest_state_bytes"] / 2**20
+    if stats["capacity_bytes"] >= stats["longest_state_bytes"]:
+        return f"task-state cache {bound:.0f} MiB a replica"
+    return (f"task-state cache {bound:.0f} MiB a replica, less than one task state at the longest instruction "
+            f"({stats['max_hyper_len']} tokens, {longest:.0f} MiB): long instructions will not be cached")
+
+
+def replica_stats(name: str) -> dict:
+    """GET /v1/stats of the application `name` (one replica's), through its handle."""
+    return serve.get_deployment_handle("HintReplica", app_name=name).stats.remote().result()
+
+
+def stop(name: str, own_cluster: bool) -> None:
+    """Stop serving: delete this application only; on a Ray this process started, then Serve
+    too when no other application is left (a cluster joined may serve others, and a Ray
+    `ray.init()` connected to without RAY_ADDRESS may be one: serve.shutdown() would delete them)."""
+    serve.delete(name)
+    if own_cluster and not serve.status().applications:
         serve.shutdown()
-    else:
-        serve.delete(APP_NAME)

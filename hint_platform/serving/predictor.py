@@ -5,12 +5,15 @@ LRU cache of task states (TaskModules) bounded in MiB, keyed by the instruction'
 A task's state is generated once, on its first input; every later input of the task, in any
 batch, reuses it. A batch may mix tasks: their states are stacked and each example picks its
 own row (the model's batched path), so concurrent requests of different tasks share a forward.
+On the CPU a batch of inputs of very different lengths runs as several forwards of similar
+lengths (`split_by_length`): every row is padded to its forward's longest.
 """
 
 from __future__ import annotations
 
 import json
 import threading
+import time
 from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -21,12 +24,18 @@ import torch
 from hint_model import TaskModules
 from hint_platform import export
 from hint_platform.errors import UserError
-from hint_platform.placement import default_cache_bytes
+from hint_platform.placement import default_cache_bytes, task_state_bytes
 from hint_platform.evaluation.inference import task_modules
 from pipelines import formats
 from pipelines.collate import pad_sequences
 
 TaskKey = tuple[int, ...]  # the instruction's token ids (empty for variants that read none)
+# What one more forward costs on the CPU, in padded input tokens: a forward decodes every step
+# through the decoder and the vocabulary projection (read from memory whatever the rows), while
+# an input token costs its encoding. Measured with `bench/serve_load.py`'s small model on one
+# core: ~150 ms a forward + ~1 ms an input token. On an accelerator padding is nearly free
+# until it is saturated: batches run whole there.
+CPU_FORWARD_COST_TOKENS = 150
 
 
 class BadRequest(UserError):
@@ -43,6 +52,24 @@ def check_text(text: str, where: str) -> str:
     except UnicodeEncodeError as e:
         raise BadRequest(f"{where} is not well-formed Unicode: a lone surrogate at character {e.start}") from None
     return text
+
+
+def split_by_length(lengths: list[int], forward_cost: float, max_rows: int) -> list[list[int]]:
+    """Indices of rows grouped into forwards of at most `max_rows`, shortest rows first, at the
+    least cost: a forward costs `forward_cost` plus its rows times its longest row (each row is
+    padded to it). Exact: a least-cost grouping of rows sorted by length is contiguous."""
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    best, start = [0.0] + [float("inf")] * len(order), [0] * (len(order) + 1)
+    for end in range(1, len(order) + 1):  # best[end]: the least cost of the `end` shortest rows
+        for first in range(max(0, end - max_rows), end):
+            cost = best[first] + forward_cost + (end - first) * lengths[order[end - 1]]
+            if cost < best[end]:
+                best[end], start[end] = cost, first
+    groups, end = [], len(order)
+    while end:
+        groups.append(order[start[end]:end])
+        end = start[end]
+    return groups[::-1]
 
 
 @dataclass
@@ -192,9 +219,14 @@ class CachedPredictor:
         self.device = next(self.model.parameters()).device
         capacity = default_cache_bytes(self.model) if cache_mib is None else int(cache_mib * 2**20)
         self.cache = TaskStateCache(capacity)
+        self.longest_state_bytes = task_state_bytes(self.model)  # at max_hyper_len tokens
         self.default = Generation(max_new_tokens or self.model.config.max_target_len, num_beams)
         self.batch_size, self.max_input_len = batch_size, max_input_len
-        self.batches = self.mixed_batches = 0  # forwards run, and how many mixed several tasks
+        self.forward_cost = CPU_FORWARD_COST_TOKENS if self.device.type == "cpu" else None
+        self.batches = self.mixed_batches = self.rows = 0  # forwards run, how many mixed tasks, their rows
+        # Seconds the model ran: generating task states, and generating outputs (what a cache
+        # saves is the first; a replica's model thread is busy for both together).
+        self.state_seconds = self.generate_seconds = 0.0
 
     def generation(self, max_new_tokens=None, num_beams=None) -> Generation:
         """A request's generation arguments (None: the default), each an integer from 1 to the
@@ -263,7 +295,9 @@ class CachedPredictor:
         state = self.cache.get(key)
         if state is not None:
             return state, True
+        start = time.perf_counter()
         state = task_modules(self.model, key)
+        self.state_seconds += time.perf_counter() - start
         self.cache.put(key, state)
         return state, False
 
@@ -272,19 +306,28 @@ class CachedPredictor:
     @torch.no_grad()
     def generate(self, items: list[tuple[TaskModules, list[int], Generation]]) -> list[str]:
         """Outputs for (task state, input ids, generation) items, in order: items of one
-        generation `batch_size` at a time; a batch may mix tasks (states stacked, each example
-        with its own row)."""
+        generation `batch_size` at a time, each batch as one forward or, on the CPU, several of
+        similar input lengths (`split_by_length`); a forward may mix tasks (states stacked, each
+        example with its own row)."""
+        start = time.perf_counter()
         by_generation: dict[Generation, list[int]] = {}
         for i, (_, _, generation) in enumerate(items):
             by_generation.setdefault(generation, []).append(i)
         outputs = [""] * len(items)
         for generation, indices in by_generation.items():
-            for start in range(0, len(indices), self.batch_size):
-                chunk = indices[start:start + self.batch_size]
-                texts = self._generate_batch([items[i][:2] for i in chunk], generation)
-                for i, text in zip(chunk, texts):
-                    outputs[i] = text
+            for first in range(0, len(indices), self.batch_size):
+                for forward in self._forwards(indices[first:first + self.batch_size], items):
+                    texts = self._generate_batch([items[i][:2] for i in forward], generation)
+                    for i, text in zip(forward, texts):
+                        outputs[i] = text
+        self.generate_seconds += time.perf_counter() - start
         return outputs
+
+    def _forwards(self, batch: list[int], items: list) -> list[list[int]]:
+        if self.forward_cost is None:
+            return [batch]
+        groups = split_by_length([len(items[i][1]) for i in batch], self.forward_cost, self.batch_size)
+        return [[batch[j] for j in group] for group in groups]
 
     def _generate_batch(self, items: list[tuple[TaskModules, list[int]]], generation: Generation) -> list[str]:
         rows: dict[int, int] = {}  # id(state) -> its row in the stacked modules
@@ -296,6 +339,7 @@ class CachedPredictor:
         input_ids, mask = pad_sequences([ids for _, ids in items], self.tokenizer.pad_id)
         input_ids, mask = input_ids.to(self.device), mask.to(self.device)
         self.batches += 1
+        self.rows += len(items)
         if len(unique) == 1:
             tokens = self.model.generate(input_ids, mask, modules=unique[0], **asdict(generation))
         else:
