@@ -24,22 +24,18 @@ from pipelines.sni import sni_categories
 
 
 def evaluate_export(export_dir: str | Path, cfg, *, batch_size: int = 16, max_new_tokens: int | None = None,
-                    workers: EvalWorkers | None = None,
+                    workers: EvalWorkers | None = None, records: list[dict] | None = None,
                     progress: Callable[[str], None] | None = None) -> EvalReport:
     """The export's model on the evaluation sources of experiment config `cfg` (data.eval, the
     lengths), tokenised with the export's own tokenizer. SNI tasks are grouped by category.
     Outputs are decoded up to `max_new_tokens`, by default the config's target length (the
     reference evaluates up to 256, gins/ni_eval.gin). The model runs in Ray workers
     (`workers`, default: one per GPU of the cluster), never here: this process reads the
-    records and scores the predictions."""
-    specs = [SourceSpec.from_dict(d, where=f"data.eval[{i}]") for i, d in enumerate(cfg.data.eval)]
-    if not specs:
-        raise UserError("data.eval lists no evaluation sources (add e.g. {kind: sni, path: ..., part: test})")
+    records and scores the predictions. `records`: eval_records' records, changed by the caller
+    (the demo's control gives each task another task's instruction); default: read here."""
+    specs = eval_specs(cfg)
     model_config = export.model_config(export_dir)
-    records = list(iter_records(specs, str(export.tokenizer_dir(export_dir)), max_input_len=cfg.data.max_input_len,
-                                max_hyper_len=cfg.data.max_hyper_len, max_target_len=cfg.data.max_target_len,
-                                on_bad_record=cfg.data.on_bad_record, seed=cfg.data.seed,
-                                causal=model_config.is_decoder_only))
+    records = eval_records(export_dir, cfg) if records is None else records
     predictions, placed = predict_on_ray(export_dir, records, workers or EvalWorkers(), batch_size=batch_size,
                                          max_new_tokens=max_new_tokens or cfg.data.max_target_len,
                                          progress=progress)
@@ -60,6 +56,22 @@ def evaluate_export(export_dir: str | Path, cfg, *, batch_size: int = 16, max_ne
                                              for _, t, i, o in tasks) / len(tasks) / 2**20
     report.workers = placed
     return report
+
+
+def eval_specs(cfg) -> list[SourceSpec]:
+    specs = [SourceSpec.from_dict(d, where=f"data.eval[{i}]") for i, d in enumerate(cfg.data.eval)]
+    if not specs:
+        raise UserError("data.eval lists no evaluation sources (add e.g. {kind: sni, path: ..., part: test})")
+    return specs
+
+
+def eval_records(export_dir: str | Path, cfg) -> list[dict]:
+    """The records of `cfg`'s evaluation sources as the export's model reads them (its
+    tokenizer; the causal layout for a decoder-only model)."""
+    return list(iter_records(eval_specs(cfg), str(export.tokenizer_dir(export_dir)),
+                             max_input_len=cfg.data.max_input_len, max_hyper_len=cfg.data.max_hyper_len,
+                             max_target_len=cfg.data.max_target_len, on_bad_record=cfg.data.on_bad_record,
+                             seed=cfg.data.seed, causal=export.model_config(export_dir).is_decoder_only))
 
 
 def task_lengths(records: list[dict]) -> list[tuple[int, int, int, int]]:
