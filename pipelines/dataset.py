@@ -31,7 +31,8 @@ all are exhausted.
 Passes: the stream of pass (epoch) e uses its own seed, so every pass reshuffles the records,
 draws a new capped sample and a new interleaving (the reference reshuffles each repetition).
 Same specs, seed and epoch, same rows in the same order (what lets training resume by a bitmap
-of consumed example_index values, hint_platform/training/state.py).
+of consumed example_index values, hint_platform/training/state.py), and a pass can go on from a
+position saved in it without reading what came before (pipelines/mixing.py).
 
 The causal layout (`causal=True`, for a decoder-only model: the platform chooses it from the
 model, never the user): the instruction and the input end WITHOUT an EOS (the prompt goes on),

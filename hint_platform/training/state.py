@@ -79,7 +79,8 @@ class PassBoard:
     dataset's read task (started once every rank has asked for the pass) reads it. The read
     task also records the stream's position at the start of each block of the pass it reads
     (BoardRecord), and a checkpoint takes the last one at or before its first unconsumed
-    example (`position_at`): positions are held from the last checkpoint's on."""
+    example (`position_at`). Rank 0 lets go of the positions before the ranks' slowest row at
+    every log step (`position_at` again), so the board holds those of a few log intervals."""
 
     def __init__(self):
         self.epoch = 0
