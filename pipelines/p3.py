@@ -286,7 +286,8 @@ def _template_slots(spec: SourceSpec, template: Template, records: list[dict], o
                     instruction: str) -> Callable[[int], Iterator[Example | None]]:
     """TaskStream.slots_from of a template. Few-shot examples take their shots in turn from one
     endless sequence of groups, whose place depends on how many earlier records rendered: a
-    resumed few-shot template renders its earlier slots again (not tokenising them)."""
+    resumed few-shot template renders its earlier slots again (not tokenising them; a record
+    that failed to render there is counted again among the skipped)."""
     def slots_from(k: int) -> Iterator[Example | None]:
         if spec.num_shots:
             return itertools.islice(template_examples(spec, template, records, order, shot_records,
