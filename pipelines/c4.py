@@ -23,54 +23,77 @@ decoder-only model reading the instruction apart, as `lora_only`, has nothing be
 
 from __future__ import annotations
 
+import itertools
 import random
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 
 from pipelines import files
 from pipelines.bad_records import BadRecords
-from pipelines.example import Example
+from pipelines.example import Example, load_rng, save_rng
 from pipelines.spec import MIN_SEGMENT, SourceSpec, SpecError
 from pipelines.tokenizer import Tokenizer
 
 TASK = "c4"
 
 
-def documents(pattern: str, bad: BadRecords) -> Iterator[str]:
-    """The `text` of every line of every file the path or glob names, in file order."""
-    paths = files.expand(pattern)
-    if not paths:
-        raise SpecError(f"c4: no files match {pattern}")
-    for path in paths:
-        for lineno, doc in files.read_json_objects(path, bad):
-            text = doc.get("text")
-            if not isinstance(text, str) or not text.strip():
-                bad.report(path, "missing or empty 'text'", lineno)
-                continue
-            yield text
+class Documents:
+    """The `text` of every line of every file the path or glob names, in file order, from
+    `position` on: (file number, byte offset in it, lines before it), which it keeps as the
+    place the next document is read from. `read` counts the documents it read."""
+
+    def __init__(self, pattern: str, bad: BadRecords, position: Sequence[int] = (0, 0, 0)):
+        self.paths = files.expand(pattern)
+        if not self.paths:
+            raise SpecError(f"c4: no files match {pattern}")
+        self.bad = bad
+        self.position = tuple(position)
+        self.read = 0
+        self._texts = self._documents()
+
+    def __iter__(self) -> Iterator[str]:
+        return self
+
+    def __next__(self) -> str:
+        return next(self._texts)
+
+    def _documents(self) -> Iterator[str]:
+        first, offset, line = self.position
+        for number in range(first, len(self.paths)):
+            path = self.paths[number]
+            for lineno, end, doc in files.read_json_objects(path, self.bad, (offset, line)):
+                self.position = (number, end, lineno)
+                text = doc.get("text")
+                if not isinstance(text, str) or not text.strip():
+                    self.bad.report(path, "missing or empty 'text'", lineno)
+                    continue
+                self.read += 1
+                yield text
+            offset, line = 0, 0
+            self.position = (number + 1, 0, 0)
 
 
-def segments(docs: Iterator[str], tokenizer: Tokenizer, segment_len: int, chunk: int = 64,
-             min_len: int = MIN_SEGMENT["pretrain"]) -> Iterator[list[int]]:
+def segments(docs: Iterable[str], tokenizer: Tokenizer, segment_len: int, chunk: int = 64,
+             min_len: int = MIN_SEGMENT["pretrain"], buffer: list[int] | None = None) -> Iterator[list[int]]:
     """Pack tokenised documents (each ending in EOS) into segments of segment_len tokens; a
-    final partial segment is kept when it has at least min_len tokens (what the split needs)."""
-    buffer: list[int] = []
-    batch: list[str] = []
-    for doc in docs:
-        batch.append(doc)
-        if len(batch) == chunk:
-            yield from _drain(buffer, tokenizer.encode_batch(batch), segment_len)
-            batch = []
-    yield from _drain(buffer, tokenizer.encode_batch(batch), segment_len)
-    if len(buffer) >= min_len:
-        yield buffer
-
-
-def _drain(buffer: list[int], encoded: list[list[int]], segment_len: int) -> Iterator[list[int]]:
-    for ids in encoded:
-        buffer.extend(ids)
+    final partial segment is kept when it has at least min_len tokens (what the split needs).
+    `buffer` is the packing buffer, a resumed reader's: between two segments it holds every
+    token read and not yet packed (what C4Examples.position saves)."""
+    docs = iter(docs)
+    buffer = [] if buffer is None else buffer
+    while True:
+        batch = list(itertools.islice(docs, chunk))
+        for ids in tokenizer.encode_batch(batch):
+            buffer.extend(ids)
         while len(buffer) >= segment_len:
-            yield buffer[:segment_len]
+            segment = buffer[:segment_len]
             del buffer[:segment_len]
+            yield segment
+        if len(batch) < chunk:
+            break
+    if len(buffer) >= min_len:
+        segment = buffer[:]
+        del buffer[:]
+        yield segment
 
 
 def split_segment(segment: list[int], rng: random.Random, eos_id: int,
@@ -102,11 +125,31 @@ def split_segment_4part(segment: list[int], rng: random.Random, eos_id: int,
             segment[s2:s3] + [eos_id])
 
 
-def examples(spec: SourceSpec, tokenizer: Tokenizer, bad: BadRecords, seed: int,
-             causal: bool = False) -> Iterator[Example]:
-    rng = random.Random(f"c4:{seed}")
-    split = split_segment_4part if spec.format == "caclm" else split_segment
-    for segment in segments(documents(spec.path, bad), tokenizer, spec.segment_len,
-                            min_len=MIN_SEGMENT[spec.format]):
-        hyper, text, target = split(segment, rng, tokenizer.eos_id, causal)
-        yield Example(task=TASK, hyper=hyper, input=text, target=target)
+class C4Examples:
+    """A c4 source's examples, from `start` on: a `position()` an earlier reader gave (the next
+    document's place, the tokens read and not yet packed, the splitter's random state), so that
+    a resumed pass reads and tokenises nothing it had read before (pipelines/mixing.py)."""
+
+    def __init__(self, spec: SourceSpec, tokenizer: Tokenizer, bad: BadRecords, seed: int,
+                 start: dict | None = None, causal: bool = False):
+        start = start or {}
+        self.docs = Documents(spec.path, bad, start.get("document", (0, 0, 0)))
+        self.buffer = list(start.get("buffer", []))
+        self.rng = random.Random(f"c4:{seed}")
+        if "rng" in start:
+            load_rng(self.rng, start["rng"])
+        split = split_segment_4part if spec.format == "caclm" else split_segment
+        packed = segments(self.docs, tokenizer, spec.segment_len, min_len=MIN_SEGMENT[spec.format],
+                          buffer=self.buffer)
+        self._examples = (Example(TASK, *split(segment, self.rng, tokenizer.eos_id, causal))
+                          for segment in packed)
+
+    def __iter__(self) -> Iterator[Example]:
+        return self
+
+    def __next__(self) -> Example:
+        return next(self._examples)
+
+    def position(self) -> dict:
+        return {"document": list(self.docs.position), "buffer": list(self.buffer),
+                "rng": save_rng(self.rng)}

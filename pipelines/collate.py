@@ -14,7 +14,7 @@ instruction) followed by its target but the last token, right-padded, with
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch

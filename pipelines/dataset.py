@@ -31,7 +31,8 @@ all are exhausted.
 Passes: the stream of pass (epoch) e uses its own seed, so every pass reshuffles the records,
 draws a new capped sample and a new interleaving (the reference reshuffles each repetition).
 Same specs, seed and epoch, same rows in the same order (what lets training resume by a bitmap
-of consumed example_index values, hint_platform/training/state.py).
+of consumed example_index values, hint_platform/training/state.py), and a pass can go on from a
+position saved in it without reading what came before (pipelines/mixing.py).
 
 The causal layout (`causal=True`, for a decoder-only model: the platform chooses it from the
 model, never the user): the instruction and the input end WITHOUT an EOS (the prompt goes on),
@@ -44,10 +45,8 @@ the target ends with the EOS. SNI `concat` then puts Tk-Instruct's instruction p
 
 from __future__ import annotations
 
-import heapq
 import itertools
 import logging
-import random
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -56,10 +55,9 @@ import ray.data
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
-from pipelines import c4, p3, sni
 from pipelines.bad_records import BadRecords
 from pipelines.budget import TokenBudget
-from pipelines.example import Example, TaskStream
+from pipelines.mixing import MixedStream
 from pipelines.spec import SourceSpec
 from pipelines.tokenizer import Tokenizer, cut, load_tokenizer, tokenizer_from_proto
 
@@ -84,97 +82,36 @@ def as_specs(specs: Sequence[SourceSpec | dict]) -> list[SourceSpec]:
             for i, s in enumerate(specs)]
 
 
-def _task_streams(spec: SourceSpec, budget: TokenBudget, bad: BadRecords, seed: int) -> list[TaskStream]:
-    if spec.kind == "sni":
-        return [stream for _, stream in sni.task_streams(spec, budget, bad, seed)]
-    if spec.kind == "c4":
-        return [TaskStream(c4.examples(spec, budget.tokenizer, bad, seed, budget.causal))]
-    return [stream for _, stream in p3.task_streams(spec, budget, bad, seed)]
-
-
-def pass_seed(seed: int, epoch: int, source: int) -> int:
-    """The seed source number `source` reads pass `epoch` with."""
-    return random.Random(f"{seed}:{epoch}:{source}").getrandbits(32)
-
-
-class _SizedTasks:
-    """Draws among tasks with probability proportional to weight x planned records left, exactly
-    and in O(log tasks) a draw: each task's records get exponential arrival times of rate
-    `weight` (their order statistics drawn one at a time, Renyi's representation), and the
-    earliest arrival overall is the next row. `draw` gives an Example, None (a slot without an
-    example), or raises IndexError once every task is exhausted."""
-
-    def __init__(self, tasks: list[tuple[float, TaskStream]], rng: random.Random):
-        self.rng = rng
-        self.heap = []
-        for order, (weight, stream) in enumerate(tasks):
-            if stream.size:
-                self.heap.append((rng.expovariate(weight * stream.size), order, stream.size, weight, stream))
-        heapq.heapify(self.heap)
-
-    def draw(self) -> Example | None:
-        time, order, left, weight, stream = self.heap[0]
-        slot = next(stream.slots, _END)
-        left -= 1
-        if slot is _END or not left:
-            heapq.heappop(self.heap)
-        else:
-            heapq.heapreplace(self.heap, (time + self.rng.expovariate(weight * left), order, left, weight, stream))
-        return None if slot is _END else slot
-
-
-_END = object()
-
-
-def mixed_examples(specs: list[SourceSpec], budget: TokenBudget, bad: BadRecords, seed: int,
-                   epoch: int = 0) -> Iterator[Example]:
-    """One pass of the mixed stream (see the module docstring)."""
-    rng = random.Random(f"{seed}:{epoch}")
-    sized, sized_weight, unsized = [], 0.0, []
-    for i, spec in enumerate(specs):
-        streams = _task_streams(spec, budget, bad, pass_seed(seed, epoch, i))
-        if spec.is_train and spec.kind != "c4":
-            sized += [(spec.weight, s) for s in streams]
-            sized_weight += spec.weight if streams else 0.0
-        elif streams:
-            unsized.append((spec.weight, itertools.chain.from_iterable(s.slots for s in streams)))
-    tasks = _SizedTasks(sized, rng)
-    while tasks.heap or unsized:
-        weights = [w for w, _ in unsized] + ([sized_weight] if tasks.heap else [])
-        i = rng.choices(range(len(weights)), weights=weights)[0]
-        if i == len(unsized):
-            slot = tasks.draw()
-        else:
-            slot = next(unsized[i][1], _END)
-            if slot is _END:
-                del unsized[i]
-                continue
-        if slot is not None:
-            yield slot
-
-
 def text_blocks(specs: list[SourceSpec], budget: TokenBudget, *, on_bad_record: str, seed: int,
-                bad: BadRecords | None = None, epoch: int = 0, num_epochs: int = 1) -> Iterator[pa.Table]:
+                bad: BadRecords | None = None, epoch: int = 0, num_epochs: int = 1,
+                start: dict | None = None, on_block: Callable[[dict], None] | None = None
+                ) -> Iterator[pa.Table]:
     """The mixed stream of passes epoch, epoch + 1, ... (`num_epochs` of them) as Arrow tables of
     TEXT_SCHEMA, at most BLOCK_ROWS rows each (a block never spans two passes). `budget` holds
     the lengths tokenize_block will cut to: the readers drop what would not fit first. Bad
-    records are counted per pass unless `bad` is given."""
+    records are counted per pass unless `bad` is given. `start`: a position in pass `epoch`
+    (pipelines/mixing.py) to go on from; `on_block(position)` is called with the position each
+    block starts at, before the block is given."""
     for e in range(epoch, epoch + num_epochs):
-        yield from _pass_blocks(specs, budget, bad or BadRecords(on_bad_record), seed, e)
+        yield from _pass_blocks(MixedStream(specs, budget, bad or BadRecords(on_bad_record), seed, e,
+                                            start if e == epoch else None), on_block)
 
 
-def _pass_blocks(specs: list[SourceSpec], budget: TokenBudget, bad: BadRecords, seed: int,
-                 epoch: int) -> Iterator[pa.Table]:
-    stream = enumerate(mixed_examples(specs, budget, bad, seed, epoch))
+def _pass_blocks(stream: MixedStream, on_block: Callable[[dict], None] | None) -> Iterator[pa.Table]:
+    bad = stream.bad
     while True:
+        position = stream.position() if on_block else None
+        first = stream.index
         chunk = list(itertools.islice(stream, BLOCK_ROWS))
         if not chunk:
             if bad.skipped:
                 log.warning("data: %d bad record(s) skipped: %s", bad.skipped,
                             ", ".join(f"{source} ({n})" for source, n in bad.by_source.items()))
             return
+        if on_block:
+            on_block(position)
         columns: dict[str, list[Any]] = {name: [] for name in TEXT_SCHEMA.names}
-        for index, ex in chunk:
+        for index, ex in enumerate(chunk, first):
             for part in ("hyper", "input", "target"):
                 value = getattr(ex, part)
                 columns[part].append(value if isinstance(value, str) else None)
@@ -185,7 +122,7 @@ def _pass_blocks(specs: list[SourceSpec], budget: TokenBudget, bad: BadRecords, 
             columns["references"].append(ex.references)
             columns["answer_choices"].append(ex.answer_choices)
             columns["answer_index"].append(ex.answer_index)
-        columns["epoch"] = [epoch] * len(chunk)
+        columns["epoch"] = [stream.epoch] * len(chunk)
         # Counted once the chunk is read: the running total at the chunk's end.
         columns["bad_records_skipped"] = [bad.skipped] * len(chunk)
         yield pa.table(columns, schema=TEXT_SCHEMA)
@@ -254,11 +191,13 @@ def iter_records(specs: Sequence[SourceSpec | dict], tokenizer_dir: str, *, max_
 
 def build_dataset(specs: Sequence[SourceSpec | dict], tokenizer_dir: str, *, max_input_len: int = 1024,
                   max_hyper_len: int = 1024, max_target_len: int = 256, on_bad_record: str = "error",
-                  seed: int = 0, causal: bool = False, epoch: int | Callable[[], int] = 0):
+                  seed: int = 0, causal: bool = False, epoch: int | Callable[[], int] = 0,
+                  start: dict | None = None, on_block: Callable[[dict], None] | None = None):
     """A ray.data.Dataset of the rows of pass `epoch` (see the module docstring), in
     deterministic order. `epoch` may be a callable (picklable) that the read task calls at each
     execution of the dataset: a dataset read again for every pass (the trainer's) learns its
-    pass there.
+    pass there. An execution reading the pass of `start` (a position, pipelines/mixing.py)
+    begins there; `on_block` (picklable) gets the position of every block (text_blocks).
 
     One read task produces the mixed text stream (reading and formatting are cheap, and one
     reader is what makes the order reproducible); tokenisation runs in parallel `map_batches`
@@ -268,7 +207,7 @@ def build_dataset(specs: Sequence[SourceSpec | dict], tokenizer_dir: str, *, max
     specs = as_specs(specs)
     tok = load_tokenizer(tokenizer_dir)
     source = _MixedStream(specs, tok.proto, (max_input_len, max_hyper_len, max_target_len, causal),
-                          on_bad_record, seed, epoch)
+                          on_bad_record, seed, epoch, start, on_block)
     ds = ray.data.read_datasource(source, override_num_blocks=1).map_batches(
         tokenize_block, batch_format="pyarrow", batch_size=BLOCK_ROWS, zero_copy_batch=True,
         fn_kwargs={"proto": tok.proto, "max_input_len": max_input_len, "max_hyper_len": max_hyper_len,
@@ -280,19 +219,21 @@ def build_dataset(specs: Sequence[SourceSpec | dict], tokenizer_dir: str, *, max
 class _MixedStream(Datasource):
     """A Ray Data source with one read task: the mixed text stream, streamed in blocks."""
 
-    def __init__(self, specs, proto, limits, on_bad_record, seed, epoch):
-        self.args = (specs, proto, limits, on_bad_record, seed, epoch)
+    def __init__(self, specs, proto, limits, on_bad_record, seed, epoch, start, on_block):
+        self.args = (specs, proto, limits, on_bad_record, seed, epoch, start, on_block)
 
     def estimate_inmemory_data_size(self):
         return None
 
     def get_read_tasks(self, parallelism, per_task_row_limit=None, data_context=None):
-        specs, proto, limits, on_bad_record, seed, epoch = self.args
+        specs, proto, limits, on_bad_record, seed, epoch, start, on_block = self.args
 
         def read():
+            e = epoch() if callable(epoch) else epoch
             yield from text_blocks(specs, TokenBudget(tokenizer_from_proto(proto), *limits),
-                                   on_bad_record=on_bad_record, seed=seed,
-                                   epoch=epoch() if callable(epoch) else epoch)
+                                   on_bad_record=on_bad_record, seed=seed, epoch=e,
+                                   start=start if start and start["epoch"] == e else None,
+                                   on_block=on_block)
 
         meta = BlockMetadata(num_rows=None, size_bytes=None, exec_stats=None, input_files=None)
         return [ReadTask(read, meta, schema=TEXT_SCHEMA, per_task_row_limit=per_task_row_limit)]

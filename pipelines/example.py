@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+import random
 from dataclasses import dataclass, field
 
 
@@ -20,14 +21,27 @@ class Example:
 
 @dataclass
 class TaskStream:
-    """One task's examples for a pass. `slots` yields at most `size` items, one per record the
-    pass planned: an Example, or None where the record gives none (a template that does not
-    apply to it, a bad record skipped), so that the mixer draws a task in proportion to its
-    planned records (pipelines/dataset.py). `size` is None where it is not known before
-    reading (c4, the test part). Iterating the stream gives its examples."""
+    """One task's examples for a pass. `slots_from(k)` yields the slots from the `k`-th on (0:
+    all of them), at most `size` in all, one per record the pass planned: an Example, or None
+    where the record gives none (a template that does not apply to it, a bad record skipped),
+    so that the mixer draws a task in proportion to its planned records (pipelines/dataset.py).
+    A resumed pass starts a task at the slot it had reached, without formatting or tokenising
+    the slots before (pipelines/mixing.py). `size` is None where it is not known before reading
+    (c4, the test part). Iterating the stream gives its examples."""
 
-    slots: Iterator[Example | None]
+    slots_from: Callable[[int], Iterator[Example | None]]
     size: int | None = None
 
     def __iter__(self) -> Iterator[Example]:
-        return (ex for ex in self.slots if ex is not None)
+        return (ex for ex in self.slots_from(0) if ex is not None)
+
+
+def save_rng(rng: random.Random) -> list:
+    """A random.Random's state as JSON (a reader's or the mixer's position)."""
+    version, internal, gauss = rng.getstate()
+    return [version, list(internal), gauss]
+
+
+def load_rng(rng: random.Random, saved: list) -> None:
+    version, internal, gauss = saved
+    rng.setstate((version, tuple(internal), gauss))

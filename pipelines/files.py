@@ -84,11 +84,19 @@ def read_text(path: str, bad: BadRecords) -> str | None:
         return None
 
 
-def read_lines(path: str, bad: BadRecords) -> Iterator[tuple[int, str]]:
-    """(line number, text) for every non-blank line. A line that is not UTF-8 is a bad record;
-    a truncated or corrupt gzip stream is one bad record that ends the file."""
-    lineno = 0
+def read_lines(path: str, bad: BadRecords, start: tuple[int, int] = (0, 0)) -> Iterator[tuple[int, int, str]]:
+    """(line number, byte offset after the line, text) for every non-blank line, from `start`
+    on: (a byte offset of the decompressed content, the number of lines before it), as an
+    earlier read gave them, so that a reader resumes without decoding what came before (a gzip
+    stream is still decompressed up to the offset). A line that is not UTF-8 is a bad record; a
+    truncated or corrupt gzip stream is one bad record that ends the file."""
+    offset, lineno = start
     with open_binary(path) as f:
+        try:
+            _skip(f, offset)
+        except (EOFError, gzip.BadGzipFile, zlib.error, OSError) as e:
+            bad.report(path, f"corrupt or truncated gzip stream ({e})", lineno + 1)
+            return
         lines = iter(f)
         while True:
             try:
@@ -99,17 +107,31 @@ def read_lines(path: str, bad: BadRecords) -> Iterator[tuple[int, str]]:
                 bad.report(path, f"corrupt or truncated gzip stream ({e})", lineno + 1)
                 return
             lineno += 1
+            offset += len(raw)
             if not raw.strip():
                 continue
             try:
-                yield lineno, raw.decode("utf-8")
+                yield lineno, offset, raw.decode("utf-8")
             except UnicodeDecodeError as e:
                 bad.report(path, _not_utf8(raw, e), lineno)
 
 
-def read_json_objects(path: str, bad: BadRecords) -> Iterator[tuple[int, dict]]:
-    """(line number, object) for every JSON-object line; any other line is a bad record."""
-    for lineno, line in read_lines(path, bad):
+def _skip(f: IO[bytes], offset: int) -> None:
+    if f.seekable():
+        f.seek(offset)
+        return
+    while offset:
+        data = f.read(min(offset, 1 << 20))
+        if not data:
+            raise EOFError(f"the file ends before byte {offset}")
+        offset -= len(data)
+
+
+def read_json_objects(path: str, bad: BadRecords, start: tuple[int, int] = (0, 0)
+                      ) -> Iterator[tuple[int, int, dict]]:
+    """(line number, byte offset after the line, object) for every JSON-object line from
+    `start` on (read_lines); any other line is a bad record."""
+    for lineno, offset, line in read_lines(path, bad, start):
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
@@ -118,7 +140,7 @@ def read_json_objects(path: str, bad: BadRecords) -> Iterator[tuple[int, dict]]:
         if not isinstance(obj, dict):
             bad.report(path, "a line is a JSON object", lineno)
             continue
-        yield lineno, obj
+        yield lineno, offset, obj
 
 
 def _not_utf8(data: bytes, e: UnicodeDecodeError) -> str:

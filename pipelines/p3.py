@@ -47,10 +47,11 @@ the tokenisation stage, as seqio's trimming does.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import random
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import jinja2
 import numpy as np
@@ -115,7 +116,7 @@ def read_records(spec: SourceSpec, pattern: str, bad: BadRecords) -> list[dict]:
         raise SpecError(f"p3: no files match {pattern}")
     records = []
     for path in paths:
-        for lineno, record in files.read_json_objects(path, bad):
+        for lineno, _, record in files.read_json_objects(path, bad):
             try:
                 records.append(to_hf_fields(spec.dataset, record))
             except (KeyError, ValueError) as e:
@@ -273,11 +274,27 @@ def raw_task_streams(spec: SourceSpec, budget: TokenBudget, bad: BadRecords,
     for t in templates if spec.is_train else scored_templates(spec, templates):
         task = f"{spec.dataset}/{t.name}"
         order = planned(len(records), len(templates), spec.example_cap, f"{seed}:{task}", spec.is_train)
-        slots = template_examples(spec, t, records, order, shot_records, budget, bad, seed,
-                                  texts.of(spec.dataset, t))
+        slots = _template_slots(spec, t, records, order, shot_records, budget, bad, seed,
+                                texts.of(spec.dataset, t))
         streams.append((task, TaskStream(slots, size=len(order) if spec.is_train else None)))
     texts.warn_missing(spec.dataset)
     return streams
+
+
+def _template_slots(spec: SourceSpec, template: Template, records: list[dict], order: np.ndarray,
+                    shot_records: list[dict], budget: TokenBudget, bad: BadRecords, seed: int,
+                    instruction: str) -> Callable[[int], Iterator[Example | None]]:
+    """TaskStream.slots_from of a template. Few-shot examples take their shots in turn from one
+    endless sequence of groups, whose place depends on how many earlier records rendered: a
+    resumed few-shot template renders its earlier slots again (not tokenising them; a record
+    that failed to render there is counted again among the skipped)."""
+    def slots_from(k: int) -> Iterator[Example | None]:
+        if spec.num_shots:
+            return itertools.islice(template_examples(spec, template, records, order, shot_records,
+                                                      budget, bad, seed, instruction), k, None)
+        return template_examples(spec, template, records, order[k:], shot_records, budget, bad,
+                                 seed, instruction)
+    return slots_from
 
 
 def scored_templates(spec: SourceSpec, templates: list[Template]) -> list[Template]:
@@ -308,7 +325,7 @@ def template_index(templates_dir: str, bad: BadRecords) -> dict[str, tuple[Templ
 
 def rendered_examples(spec: SourceSpec, path: str, hyper: str, bad: BadRecords) -> Iterator[Example]:
     task = path.rsplit("/", 1)[-1].split(".jsonl")[0]
-    for lineno, row in files.read_json_objects(path, bad):
+    for lineno, _, row in files.read_json_objects(path, bad):
         if not isinstance(row.get("prompt"), str) or not isinstance(row.get("completion"), str):
             bad.report(path, "needs string 'prompt' and 'completion'", lineno)
             continue
@@ -335,13 +352,15 @@ def rendered_task_streams(spec: SourceSpec, bad: BadRecords, seed: int) -> list[
             log.warning("p3_rendered: no template in %s matches %s; its hypernetwork input is the task name",
                         spec.templates, path)
         hyper = texts.of(dataset, template) if template else task.replace("_", " ")
-        rows = rendered_examples(spec, path, hyper, bad)
         if spec.is_train:
-            held = list(rows)
+            held = list(rendered_examples(spec, path, hyper, bad))
             order = planned(len(held), num_templates, spec.example_cap, f"{seed}:{task}", train=True)
-            streams.append((task, TaskStream((held[i] for i in order), size=len(order))))
-        else:
-            streams.append((task, TaskStream(capped(rows, num_templates, spec.example_cap))))
+            streams.append((task, TaskStream(lambda k, held=held, order=order: (held[i] for i in order[k:]),
+                                             size=len(order))))
+        else:  # read again from the file's start: the test part is not resumed mid-task
+            streams.append((task, TaskStream(
+                lambda k, path=path, hyper=hyper, n=num_templates: itertools.islice(
+                    capped(rendered_examples(spec, path, hyper, bad), n, spec.example_cap), k, None))))
     texts.warn_missing(spec.path)
     return streams
 

@@ -88,14 +88,15 @@ def task_examples(spec: SourceSpec, name: str, budget: TokenBudget, bad: BadReco
     same from run to run; ROUGE-L reads every output). The train part reads the file here, to
     know its size (and keeps only the instances it will give); the test part when first drawn."""
     if not spec.is_train:
-        return TaskStream(_read_when_drawn(spec, name, budget, bad, seed))
+        return TaskStream(lambda k: _read_when_drawn(spec, name, budget, bad, seed, k))
     task, kept = _selected(spec, name, bad, seed)
-    return TaskStream(_examples(spec, name, task, kept, budget), size=len(kept))
+    return TaskStream(lambda k: _examples(spec, name, task, kept[k:], budget), size=len(kept))
 
 
 def _read_when_drawn(spec: SourceSpec, name: str, budget: TokenBudget, bad: BadRecords,
-                     seed: int) -> Iterator[Example]:
-    yield from _examples(spec, name, *_selected(spec, name, bad, seed), budget)
+                     seed: int, start: int) -> Iterator[Example]:
+    task, kept = _selected(spec, name, bad, seed)
+    yield from _examples(spec, name, task, kept[start:], budget)
 
 
 def _selected(spec: SourceSpec, name: str, bad: BadRecords, seed: int) -> tuple[dict, list[tuple[str, list[str], str]]]:

@@ -43,6 +43,7 @@ class Tokenizer:
     """SentencePiece encode/decode with T5's conventions (EOS appended by `encode`)."""
 
     bos_ids: tuple[int, ...] = ()  # T5 puts nothing before a sequence
+    texts_encoded: int = 0  # by this object, so far: what a reader's work costs (tests, benchmarks)
 
     def __init__(self, proto: bytes):
         self.proto = proto
@@ -60,10 +61,12 @@ class Tokenizer:
     def encode(self, text: str, max_len: int | None = None, eos: bool = True) -> list[int]:
         """Token ids of `text`, cut to `max_len` tokens including the EOS."""
         # One string directly: a list goes through SentencePiece's thread pool (~3x slower alone).
+        self.texts_encoded += 1
         return cut(self.sp.encode(text), max_len, self.eos_id if eos else None)
 
     def encode_batch(self, texts: list[str], max_len: int | None = None, eos: bool = True) -> list[list[int]]:
         end = self.eos_id if eos else None
+        self.texts_encoded += len(texts)
         return [cut(ids, max_len, end) for ids in self.sp.encode(list(texts))]
 
     def decode(self, ids: Iterable[int]) -> str:
@@ -105,10 +108,12 @@ class HFTokenizer(Tokenizer):
     def encode(self, text: str, max_len: int | None = None, eos: bool = True) -> list[int]:
         """Token ids of `text` (no BOS: a sequence's parts are encoded apart and joined),
         cut to `max_len` tokens including the EOS."""
+        self.texts_encoded += 1
         return cut(self.tok.encode(text, add_special_tokens=False).ids, max_len, self.eos_id if eos else None)
 
     def encode_batch(self, texts: list[str], max_len: int | None = None, eos: bool = True) -> list[list[int]]:
         end = self.eos_id if eos else None
+        self.texts_encoded += len(texts)
         return [cut(e.ids, max_len, end) for e in self.tok.encode_batch(list(texts), add_special_tokens=False)]
 
     def decode(self, ids: Iterable[int]) -> str:

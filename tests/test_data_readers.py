@@ -55,13 +55,13 @@ def test_sni_unknown_split_lists_the_known_ones(shared_data):
 
 
 def test_c4_documents_of_every_sample_file(shared_data):
-    docs = list(c4.documents(str(shared_data / "c4" / "*.json.gz"), BadRecords()))
+    docs = list(c4.Documents(str(shared_data / "c4" / "*.json.gz"), BadRecords()))
     assert len(docs) == 30 + 10 + 1480 + 20 + 2349
     assert all(isinstance(d, str) and d for d in docs)
 
 
 def test_c4_packing_and_split(shared_data, t5):
-    docs = c4.documents(str(shared_data / "c4" / "c4-en.olmo-test-fixtures.json.gz"), BadRecords())
+    docs = c4.Documents(str(shared_data / "c4" / "c4-en.olmo-test-fixtures.json.gz"), BadRecords())
     segments = list(c4.segments(docs, t5, 128))
     assert len(segments) > 10 and all(len(s) == 128 for s in segments[:-1])
     assert sum(s.count(1) for s in segments) == 30  # each of the 30 documents ends in EOS
@@ -80,15 +80,15 @@ def test_c4_packing_and_split(shared_data, t5):
 def test_c4_examples_are_reproducible(shared_data, t5):
     spec = SourceSpec.from_dict({"kind": "c4", "path": str(shared_data / "c4" / "c4-en.*.json.gz"),
                                  "segment_len": 64})
-    a = [(e.hyper, e.input, e.target) for e in c4.examples(spec, t5, BadRecords(), seed=3)]
-    b = [(e.hyper, e.input, e.target) for e in c4.examples(spec, t5, BadRecords(), seed=3)]
-    c = [(e.hyper, e.input, e.target) for e in c4.examples(spec, t5, BadRecords(), seed=4)]
+    a = [(e.hyper, e.input, e.target) for e in c4.C4Examples(spec, t5, BadRecords(), seed=3)]
+    b = [(e.hyper, e.input, e.target) for e in c4.C4Examples(spec, t5, BadRecords(), seed=3)]
+    c = [(e.hyper, e.input, e.target) for e in c4.C4Examples(spec, t5, BadRecords(), seed=4)]
     assert a == b and a != c
 
 
 def test_c4_no_files_is_an_error(tmp_path):
     with pytest.raises(SpecError, match="no files match"):
-        list(c4.documents(str(tmp_path / "*.json.gz"), BadRecords()))
+        list(c4.Documents(str(tmp_path / "*.json.gz"), BadRecords()))
 
 
 def test_synthetic_suite_is_deterministic_and_split_by_task(tmp_path):
@@ -154,8 +154,8 @@ def test_synthetic_tokenizer_keeps_the_format_words_whole(tmp_path):
 def test_readers_take_uris_through_pyarrow_filesystems(shared_data, t5):
     """file:// goes through pyarrow.fs, the same code path as s3:// or gs://."""
     uri = f"file://{shared_data}"
-    docs = list(c4.documents(f"{uri}/c4/c4-en.*.json.gz", BadRecords()))
-    assert docs == list(c4.documents(str(shared_data / "c4" / "c4-en.*.json.gz"), BadRecords()))
+    docs = list(c4.Documents(f"{uri}/c4/c4-en.*.json.gz", BadRecords()))
+    assert docs == list(c4.Documents(str(shared_data / "c4" / "c4-en.*.json.gz"), BadRecords()))
     assert len(docs) == 40
     spec = SourceSpec.from_dict({"kind": "sni", "path": f"{uri}/sni", "split": "mini", "part": "test",
                                  "max_per_task": 3})

@@ -8,7 +8,9 @@ A checkpoint directory holds
     over `example_index` of the examples consumed in the current epoch, gathered from all ranks;
   - `model_config.json` (rank 0): the model's HintConfig, checked before loading so that a
     checkpoint of another model shape is refused with a clear error;
-  - `scheduler.json` (rank 0): the learning-rate schedule's state (the step it is at).
+  - `scheduler.json` (rank 0): the learning-rate schedule's state (the step it is at);
+  - `data_position.json` (rank 0, when the stream gave one): where the pass's stream is read
+    from again on resume (training/driver.py), at or before the first example not consumed.
 No pickle: tensors go through DCP and safetensors, the rest is JSON.
 
 `export_model` gathers the trained weights for the export (its layout: hint_platform/export.py),
@@ -20,6 +22,7 @@ AdamW's state, twice the model, is not carried.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -44,6 +47,7 @@ from hint_platform.training.state import TrainState
 TRAIN_STATE = "train_state.safetensors"
 MODEL_CONFIG = "model_config.json"
 SCHEDULER = "scheduler.json"
+DATA_POSITION = "data_position.json"
 
 
 class ResumeError(UserError):
@@ -51,8 +55,10 @@ class ResumeError(UserError):
 
 
 def save_checkpoint(directory: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    scheduler: LRScheduler, state: TrainState, model_config: dict) -> None:
-    """Collective: every rank calls it with its own `directory` (Ray Train merges them)."""
+                    scheduler: LRScheduler, state: TrainState, model_config: dict,
+                    data_position: Callable[[TrainState], dict | None] | None = None) -> None:
+    """Collective: every rank calls it with its own `directory` (Ray Train merges them).
+    `data_position(state)`, called on rank 0 once `state` is gathered: the stream's position."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     model_sd, optim_sd = get_state_dict(model, optimizer)
@@ -63,6 +69,9 @@ def save_checkpoint(directory: str | Path, model: nn.Module, optimizer: torch.op
                    "consumed": state.consumed.to(torch.uint8)}, str(directory / TRAIN_STATE))
         (directory / MODEL_CONFIG).write_text(json.dumps(model_config, indent=2, sort_keys=True))
         (directory / SCHEDULER).write_text(json.dumps(scheduler.state_dict()))
+        position = data_position(state) if data_position else None
+        if position is not None:
+            (directory / DATA_POSITION).write_text(json.dumps(position))
 
 
 def load_checkpoint(directory: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -127,7 +136,13 @@ def latest_train_state(run_dir: str) -> TrainState | None:
     saved = storage.read_bytes(f"{where}/{TRAIN_STATE}")
     if saved is None:
         raise ResumeError(f"checkpoint {where}: {TRAIN_STATE} is missing")
-    return _train_state(lambda: load(saved), where)
+    state = _train_state(lambda: load(saved), where)
+    position = storage.read_bytes(f"{where}/{DATA_POSITION}")  # none: the pass is read from its start
+    try:
+        state.position = json.loads(position) if position is not None else None
+    except json.JSONDecodeError as e:
+        raise ResumeError(f"checkpoint {where}/{DATA_POSITION}: corrupt JSON: {e}") from None
+    return state
 
 
 def export_model(model: nn.Module, directory: str | Path, tokenizer_dir: str | Path,

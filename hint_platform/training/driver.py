@@ -13,11 +13,25 @@ deterministic `example_index` within it. Each rank records the indices it traine
 stores their union over ranks (a bitmap over the current pass) with the step and the pass
 (training/state.py). Workers read one dataset, `train`, once per pass: Ray Train builds it at
 every start of the worker group (first, after a failure, or a restarted run of the same name
-and storage path) as the stream without the rows in the latest checkpoint's bitmap, and each
-of its executions reads the pass rank 0 wrote on a `PassBoard` actor before asking for it. It
-is split equally over the workers. Each worker also drops any row in its checkpoint's bitmap as
+and storage path), and each of its executions reads the pass rank 0 wrote on a `PassBoard`
+actor before asking for it. It is split equally over the workers.
+Resume without re-reading: the stream of a pass is a deterministic state machine (the mixer's
+random state, each task's place, C4's file, byte offset, packing buffer: pipelines/mixing.py),
+and the read task records its position at the start of every block of BLOCK_ROWS rows on the
+board. A checkpoint saves, with the gathered bitmap, the last recorded position at or before
+P, the first example_index of the pass that no rank consumed (`data_position.json`). A resumed
+dataset is the stream from that position (nothing before it read or tokenised: every row
+before P was consumed, so none is skipped), without the rows of the bitmap (those at or after
+the position that some rank had consumed: none is trained twice). It holds exactly the rows
+the old full re-read with the bitmap filter gave, in the same blocks (positions are at block
+starts), so Ray's split and the rows each step trains are those of an uninterrupted run. Cost:
+building the pass (reading the SNI task files and P3 records, as every pass does to know the
+tasks' sizes), at most one C4 file decompressed up to the offset, and the rows between the
+position and P (rows the slowest rank had not trained, and up to one block); not the step.
+Each worker also drops any row in its checkpoint's bitmap as
 it streams (a guard; the split is then no longer equal, which only happens if Ray's record and
-the files disagree).
+the files disagree). A checkpoint without a position (one written before positions were, or
+when the board held none for its pass) is resumed by reading its pass from the start.
 Granularity: the checkpoint. Steps after the last checkpoint are redone on examples not in its
 bitmap, none is trained twice in a pass's accounting, none skipped. A pass ends when a worker
 cannot fill one more step: the last (fewer than global_batch_size) rows of each pass are not
@@ -48,7 +62,7 @@ from hint_platform.redact import split_credentials
 from hint_platform.tracking import runs
 from hint_platform.training.checkpoint import latest_train_state
 from hint_platform.training.preflight import resolve
-from hint_platform.training.state import BoardEpoch, PassBoard, drop_consumed
+from hint_platform.training.state import BoardEpoch, BoardRecord, PassBoard, drop_consumed
 from hint_platform.training.worker import train_loop_per_worker
 from pipelines import BadRecordError, SourceSpec, build_dataset, iter_records
 
@@ -189,22 +203,25 @@ def eval_rows(cfg: ExperimentConfig) -> list[dict]:
     return kept
 
 
-def training_dataset(cfg: ExperimentConfig, epoch):
+def training_dataset(cfg: ExperimentConfig, epoch, start: dict | None = None, on_block=None):
     """The training rows of one pass as a Ray Dataset (lazy: reading and tokenising run as it
-    streams); `epoch` is the pass, or a callable the read task asks for it at each execution."""
+    streams); `epoch` is the pass, or a callable the read task asks for it at each execution;
+    `start` and `on_block`: build_dataset's (a position to read the pass from, and where the
+    position of each block goes)."""
     data = cfg.data
     return build_dataset(
         [SourceSpec.from_dict(s) for s in data.train], data.tokenizer,
         max_input_len=data.max_input_len, max_hyper_len=data.max_hyper_len,
         max_target_len=data.max_target_len, on_bad_record=data.on_bad_record, seed=data.seed,
-        causal=is_decoder_only(cfg), epoch=epoch)
+        causal=is_decoder_only(cfg), epoch=epoch, start=start, on_block=on_block)
 
 
 class TrainingPasses:
     """The training dataset, read once per pass: each execution reads the pass on `board`
-    (rank 0 sets it first), and the rows the run's latest checkpoint consumed in its pass are
-    left out. Ray Train calls it at every start of the worker group, first or after a failure,
-    so the rows left are split equally over the workers."""
+    (rank 0 sets it first) and records its positions there; the pass of the run's latest
+    checkpoint is read from the checkpoint's position, and the rows it consumed are left out.
+    Ray Train calls it at every start of the worker group, first or after a failure, so the
+    rows left are split equally over the workers."""
 
     def __init__(self, cfg: ExperimentConfig, run_dir: str, board):
         self.cfg = cfg
@@ -213,7 +230,8 @@ class TrainingPasses:
 
     def __call__(self):
         state = latest_train_state(self.run_dir)
-        dataset = training_dataset(self.cfg, BoardEpoch(self.board))
+        dataset = training_dataset(self.cfg, BoardEpoch(self.board), state and state.position,
+                                   BoardRecord(self.board))
         if state is None or not state.num_consumed():
             return dataset
         return dataset.map_batches(drop_consumed, batch_format="pyarrow",

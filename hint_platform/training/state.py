@@ -34,6 +34,9 @@ class TrainState:
     step: int = 0
     epoch: int = 0
     consumed: torch.Tensor = None  # bool [max example_index + 1] of the current epoch
+    # Where the stream of the epoch is to be read from again (pipelines/mixing.py): a place at
+    # or before the first example not consumed; None: the epoch's start.
+    position: dict | None = None
 
     def __post_init__(self):
         if self.consumed is None:
@@ -53,6 +56,11 @@ class TrainState:
     def num_consumed(self) -> int:
         return int(self.consumed.sum())
 
+    def first_unconsumed(self) -> int:
+        """The lowest example_index of the epoch not consumed: every one before it was."""
+        free = (~self.consumed).nonzero()
+        return int(free[0]) if len(free) else len(self.consumed)
+
     def gather(self) -> None:
         """Makes `consumed` the union over all ranks (each rank marks only what it trained)."""
         if not dist.is_initialized():
@@ -68,16 +76,36 @@ class TrainState:
 @ray.remote(num_cpus=0)
 class PassBoard:
     """The pass the training workers read next: rank 0 writes it before each pass, and the
-    dataset's read task (started once every rank has asked for the pass) reads it."""
+    dataset's read task (started once every rank has asked for the pass) reads it. The read
+    task also records the stream's position at the start of each block of the pass it reads
+    (BoardRecord), and a checkpoint takes the last one at or before its first unconsumed
+    example (`position_at`). Rank 0 lets go of the positions before the ranks' slowest row at
+    every log step (`position_at` again), so the board holds those of a few log intervals."""
 
     def __init__(self):
         self.epoch = 0
+        self.positions: list[dict] = []  # of the pass being read, in stream order
 
     def set(self, epoch: int) -> None:
         self.epoch = epoch
 
     def get(self) -> int:
         return self.epoch
+
+    def record(self, position: dict) -> None:
+        # A stream read again (a restarted worker group) records its positions again.
+        self.positions = [p for p in self.positions
+                          if p["epoch"] == position["epoch"] and p["index"] < position["index"]]
+        self.positions.append(position)
+
+    def position_at(self, epoch: int, index: int) -> dict | None:
+        """The last position of pass `epoch` at or before example `index` (None: none held);
+        the earlier ones are let go."""
+        held = [i for i, p in enumerate(self.positions) if p["epoch"] == epoch and p["index"] <= index]
+        if not held:
+            return None
+        self.positions = self.positions[held[-1]:]
+        return self.positions[0]
 
 
 class BoardEpoch:
@@ -88,6 +116,22 @@ class BoardEpoch:
 
     def __call__(self) -> int:
         return ray.get(self.board.get.remote())
+
+
+class BoardRecord:
+    """The pipelines' `on_block` callable (build_dataset): the position goes to the board
+    before its block is given (so it is there when a checkpoint asks for it)."""
+
+    def __init__(self, board):
+        self.board = board
+
+    def __call__(self, position: dict) -> None:
+        ray.get(self.board.record.remote(position))
+
+
+def checkpoint_position(board, state: TrainState) -> dict | None:
+    """Where a checkpoint of `state` (gathered over ranks) resumes its pass's stream from."""
+    return ray.get(board.position_at.remote(state.epoch, state.first_unconsumed()))
 
 
 def passes(shard, board, state: TrainState, rank: int) -> Iterator:

@@ -6,6 +6,7 @@ logging to MLflow (rank 0) every `train.log_every` steps, at checkpoints and at 
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import tempfile
@@ -35,7 +36,8 @@ from hint_platform.training.checkpoint import (
 )
 from hint_platform.training.optim import build_optimizer, build_scheduler, clip_gradients
 from hint_platform.training.parallel import parallelize
-from hint_platform.training.state import TrainState, global_batches, max_over_ranks, passes
+from hint_platform.training.state import (TrainState, checkpoint_position, global_batches,
+                                          max_over_ranks, passes)
 from hint_platform.training.throughput import Throughput
 from pipelines import collate, load_tokenizer
 
@@ -192,7 +194,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     evaluation = loop_config["eval_rows"]
     skipped = 0  # bad records the training stream skipped, as far as this rank has read
     metrics: dict[str, float] = {}
-    epochs = passes(ray.train.get_dataset_shard("train"), loop_config["pass_board"], state, rank)
+    board = loop_config["pass_board"]
+    epochs = passes(ray.train.get_dataset_shard("train"), board, state, rank)
     steps = global_batches(epochs, state, micro, accum)
     while state.step < t.max_steps:
         micro_rows, waited = next(steps)
@@ -225,13 +228,19 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
         metrics = {**out, **meter.summary(), "lr": lr,
                    "epoch": float(state.epoch), "step": state.step,
                    "data_bad_records_skipped": max_over_ranks(skipped)}
+        # Every rank reads its rows in stream order: none before the lowest of the ranks' last
+        # is left to train, and the board lets go of the positions before it (its memory).
+        reached = -max_over_ranks(-max(r["example_index"] for r in rows))
+        if rank == 0:
+            board.position_at.remote(state.epoch, reached)
         if evaluate:
             metrics["eval_loss"] = eval_loss(model, evaluation, micro, device, pad_id, causal)
             meter.restart()  # evaluation time is not training throughput
         logger.log_metrics(metrics, step=state.step)
         if save:
             with tempfile.TemporaryDirectory() as directory:
-                save_checkpoint(directory, model, optimizer, scheduler, state, config.to_dict())
+                save_checkpoint(directory, model, optimizer, scheduler, state, config.to_dict(),
+                                data_position=functools.partial(checkpoint_position, board))
                 ray.train.report(metrics, checkpoint=Checkpoint.from_directory(directory))
         else:
             ray.train.report(metrics)
