@@ -123,6 +123,7 @@ def test_the_baseline_resumes_where_it_stopped_and_each_run_registers(chain):
     first, resumed = (summary(chain["outputs"][key]) for key in ("concat", "concat-resumed"))
     assert (first["steps"], resumed["steps"]) == ("2", "3")
     assert first["mlflow_run_id"] == resumed["mlflow_run_id"]  # the same MLflow run, continued
+    assert not (chain["root"] / "mlruns").exists()  # every artifact beside the store, in runs/
     assert (first["registered"], resumed["registered"]) == ("models:/gpt2-concat/1", "models:/gpt2-concat/2")
     history = chain["client"].get_metric_history(first["mlflow_run_id"], "loss")
     assert sorted(m.step for m in history) == [1, 2, 3]  # no step trained twice

@@ -168,9 +168,17 @@ def artifact_location(cfg: ExperimentConfig, uri: str) -> str | None:
     """
     if uri.startswith(("http://", "https://", "databricks")):
         return None
-    if storage.is_uri(cfg.run.storage_path) and uri.startswith("sqlite:///"):  # beside the store
-        return (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts" / cfg.run.experiment).as_uri()
+    if storage.is_uri(cfg.run.storage_path) and uri.startswith("sqlite:///"):
+        return beside_store(uri, cfg.run.experiment)
     return (storage_dir(cfg) / "mlartifacts" / cfg.run.experiment).as_uri()
+
+
+def beside_store(uri: str, experiment: str) -> str | None:
+    """A SQLite store's artifacts go beside it (DIR/mlartifacts/EXPERIMENT), not under the
+    caller's working directory (MLflow's default, ./mlruns); other stores decide for themselves."""
+    if uri.startswith("sqlite:///"):
+        return (Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlartifacts" / experiment).as_uri()
+    return None
 
 
 def open_run(cfg: ExperimentConfig, uri: str) -> str:
@@ -250,8 +258,9 @@ def experiment_run(uri: str | None, experiment: str, run_name: str, *,
     experiment, and a later run on another store would look for that id there."""
     with tracking_uri_scope(uri):
         found = mlflow.get_experiment_by_name(experiment)
+        location = artifact_location or beside_store(mlflow.get_tracking_uri(), experiment)
         experiment_id = (found.experiment_id if found else
-                         mlflow.create_experiment(experiment, artifact_location=artifact_location))
+                         mlflow.create_experiment(experiment, artifact_location=location))
         with mlflow.start_run(run_name=run_name, experiment_id=experiment_id, tags=tags) as run:
             yield run
 
