@@ -148,7 +148,8 @@ def test_hint_pretrains_on_c4_then_fine_tunes_from_its_export(chain):
         assert cfg["lora"] and cfg["adapters"] and cfg["prefixes"] and cfg["fusion"]
     assert c4_weights.keys() == hint_weights.keys()
     assert any(k.startswith("generator.") for k in hint_weights)
-    assert "gpt2-hint-c4/export" in chain["outputs"]["hint"]  # loaded from the C4 stage's export
+    params = chain["client"].get_run(summary(chain["outputs"]["hint"])["mlflow_run_id"]).data.params
+    assert params["model.init_from"].endswith("/runs/gpt2-hint-c4/export")  # the C4 stage's export, resolved
 
 
 def test_lora_only_fine_tunes_with_the_base_frozen(chain):
