@@ -300,6 +300,14 @@ SIZE_PRESETS: dict[str, dict[str, Any]] = {
     "llama-small": dict(model_type="llama", d_model=256, d_kv=64, num_heads=4,
                         num_key_value_heads=2, d_ff=688, num_layers=4, num_decoder_layers=0,
                         feed_forward_proj="silu", adapter_size=32, prefix_length=8, lora_rank=8),
+    # meta-llama/Llama-3.2-3B's config.json (its llama3 RoPE scaling aside: it only matters past
+    # 8k tokens): the decoder-only base in T5-XL's role, 3B on one GPU (bench/decoder_lora_step.py).
+    # Llama 3 has no pad token: its EOS pads. PEFT sizes as gpt2-xl's.
+    "llama-3b": dict(model_type="llama", vocab_size=128256, d_model=3072, d_kv=128, num_heads=24,
+                     num_key_value_heads=8, d_ff=8192, num_layers=28, num_decoder_layers=0,
+                     max_position_embeddings=131072, rope_theta=500000.0, feed_forward_proj="silu",
+                     layer_norm_epsilon=1e-5, tie_word_embeddings=True, pad_token_id=128001,
+                     eos_token_id=128001, adapter_size=256, prefix_length=30, lora_rank=8),
 }
 
 _NO_HYPER = dict(hypernetwork=False, fusion=False)

@@ -62,8 +62,9 @@ def test_decoder_hint_flops_and_task_state_by_hand():
 
 
 def test_paper_sizes_on_the_meta_device():
-    """gpt2-xl and opt-13b have the parameters of their Hugging Face checkpoints."""
-    for size, expected in (("gpt2-xl", 1_557_611_200), ("opt-13b", 12_853_473_280)):
+    """gpt2-xl, opt-13b and llama-3b have the parameters of their Hugging Face checkpoints."""
+    for size, expected in (("gpt2-xl", 1_557_611_200), ("opt-13b", 12_853_473_280),
+                           ("llama-3b", 3_212_749_824)):  # meta-llama/Llama-3.2-3B
         cfg = HintConfig.preset(size, variant="concat")
         model = meta_model(cfg)
         counts = parameter_counts(cfg, model)

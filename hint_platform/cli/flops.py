@@ -14,7 +14,7 @@ def register(subparsers) -> None:
                     "of HINT's saved task state against a decoder-only KV cache of the instruction.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--preset", default="xl", help="size preset (tiny, small, base, large, xl, xxl; "
-                                                  "decoder-only: gpt2-xl, opt-13b, llama-tiny, llama-small)")
+                                                  "decoder-only: gpt2-xl, opt-13b, llama-3b, llama-tiny, llama-small)")
     p.add_argument("--against", default="xl", help="a decoder-only concat model's KV cache against "
                                                    "the task state of HINT at this T5 preset")
     p.add_argument("--variant", default="hint", help="HINT variant (hint, hint_no_fusion, ...)")
