@@ -2,7 +2,7 @@
 # Every GPU figure of the project in one call on one NVIDIA GPU (H100 80 GB or H200), from a
 # bare machine without network, in at most GPU_CHECK_BUDGET_S seconds (default 480) of wall
 # time for the steps (give the device call ~60 s more). Each step prints as it goes and has
-# its own time limit; a step that fails, runs out of time or is not in this checkout gives `nan`
+# its own time limit; a step that fails or runs out of time gives `nan`
 # for its figures and the next step starts. Steps:
 #   1. bench/t5_step.py: our T5-XL training step against transformers', bf16, eager and
 #      compiled (regionally, both), and which attention kernel ours runs (sdpa_backend=...)
@@ -20,8 +20,10 @@
 #   7. bench/serve_load.py: `hint serve` (a replica on the GPU) under concurrent clients, at
 #      GPU_CHECK_SERVE_PRESET (default base: an xl export would take the step's whole limit to
 #      write and load)
-#   8. bench/decoder_lora_step.py (the decoder-only model's LoRA training step, last line
-#      `mfu=<x>`), where the checkout has it
+#   8. bench/decoder_lora_step.py: the decoder-only HINT model's LoRA training step (lora_only,
+#      generated LoRA on q and v) at the decoder-only preset in T5-XL's role, llama-3b
+#      (Llama-3.2-3B's shape; llama-tiny in the smoke run), bf16 under FSDP: MFU, tokens/s, peak
+#      memory, per-example LoRA against a per-token copy
 # Last line, every key always there: t5_xl_train_speedup_vs_hf_compiled=<x> hint_xl_mfu=<x>
 #   platform_mfu=<x> hint_flop_efficiency_vs_concat=<x> xxl_peak_gib=<x> resume_ok=<0|1>
 #   eval_examples_per_s=<x> infer_speedup_at_100=<x> serve_p50_ms=<x> decoder_lora_step_mfu=<x>
@@ -133,7 +135,7 @@ figure() {  # figure NAME KEY: KEY's last value in step NAME's log, else nan
 }
 
 if [ "$SMOKE" = 1 ]; then
-  XL=tiny XXL=tiny SERVE_PRESET=tiny
+  XL=tiny XXL=tiny SERVE_PRESET=tiny DECODER=llama-tiny
   T5_ARGS=(--batch 2 --input-len 32 --target-len 8 --steps 2)
   STEP_ARGS=(--batch 4 --micro 2 --steps 1)
   PEAK_ARGS=(--batch 2)
@@ -141,8 +143,9 @@ if [ "$SMOKE" = 1 ]; then
   INFER_ARGS=(--dtype fp32 --repeats 1 --batch-size 4 --output-lens median,8)
   EVAL_ARGS=(--max-per-task 2 --max-new-tokens 8)
   SERVE_ARGS=(--requests 8 --seconds 30 --clients 2)
+  DECODER_ARGS=(--batch 4 --micro 2 --steps 1)
 else
-  XL=xl XXL=xxl SERVE_PRESET=${GPU_CHECK_SERVE_PRESET:-base}
+  XL=xl XXL=xxl SERVE_PRESET=${GPU_CHECK_SERVE_PRESET:-base} DECODER=llama-3b
   T5_ARGS=(--batch 16 --input-len 512 --target-len 128 --steps 5)
   STEP_ARGS=(--batch 16 --micro 8 --steps 2)  # two micro-batches a step, as the worker runs
   PEAK_ARGS=(--batch 4)
@@ -150,6 +153,7 @@ else
   INFER_ARGS=(--dtype bf16 --repeats 1)
   EVAL_ARGS=(--max-per-task 20 --max-new-tokens 32)
   SERVE_ARGS=(--requests 200 --seconds 20 --clients 8)
+  DECODER_ARGS=(--batch 8 --steps 3 --instruction-len 256 --input-len 512 --target-len 128)
 fi
 
 step t5_step 120 "$PY" bench/t5_step.py --preset "$XL" --compile "${T5_ARGS[@]}"
@@ -162,11 +166,7 @@ step train_resume 120 "$PY" bench/train_resume.py --preset "$XL" --data "$DATA" 
 step inference 60 "$PY" bench/inference.py --preset "$XL" --out /tmp/gpu_check_inference "${INFER_ARGS[@]}"
 step evaluation 60 "$PY" bench/evaluation.py --preset "$XL" --data "$DATA" "${EVAL_ARGS[@]}"
 step serve 70 "$PY" bench/serve_load.py --preset "$SERVE_PRESET" "${SERVE_ARGS[@]}"
-if [ -f bench/decoder_lora_step.py ]; then
-  step decoder_lora 40 "$PY" bench/decoder_lora_step.py --preset "$XL"
-else
-  echo "== decoder_lora: skipped, no bench/decoder_lora_step.py in this checkout (decoder_lora_step_mfu=nan)"
-fi
+step decoder_lora 60 "$PY" bench/decoder_lora_step.py --preset "$DECODER" "${DECODER_ARGS[@]}"
 
 echo "== done in $((SECONDS - START)) s; logs in $LOGS"
 grep -h "^sdpa_backend=" "$LOGS/t5_step.log" 2>/dev/null

@@ -2,9 +2,10 @@
 A and B gathered per example, batched matmuls) against a copy of A and B per token (what a
 per-token hook does, e.g. Text-to-LoRA's training forward), forward + backward on the same batch.
 
-Each method runs in a fresh process: its peak is the process's peak resident memory
-(ru_maxrss; on a GPU the CUDA allocator's peak) minus what it held before the step, so that
-neither run sees the other's freed memory. Llama-3-8B's q projection widths by default.
+Each method runs in a fresh process: its peak is the process's peak resident memory (VmHWM,
+reset before the step; on a GPU the CUDA allocator's peak) minus what it held before the step,
+so that neither run sees the other's freed memory. (Not ru_maxrss: a child inherits its
+parent's across fork and exec, so a large parent's resident memory would hide the step's.) Llama-3-8B's q projection widths by default.
 
     .venv/bin/python bench/peft_memory.py [--batch 8 --length 512 --tasks 4 --d 4096 --rank 8]
 """
@@ -13,9 +14,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import psutil
 import torch
@@ -48,13 +50,26 @@ def run_one(method: str, args) -> float:
         before = torch.cuda.memory_allocated()
     else:
         before = psutil.Process().memory_info().rss
+        Path("/proc/self/clear_refs").write_text("5")  # the peak (VmHWM) back to the current RSS
     fn(x, (a, b), index).square().sum().backward()
     if device == "cuda":
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated()
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+        status = Path("/proc/self/status").read_text()
+        peak = int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) * 1024
     return (peak - before) / 2**20
+
+
+def measure(batch: int, length: int, tasks: int, d: int, rank: int) -> dict[str, float]:
+    """method -> its peak MiB (run_one), each method in a fresh process of this script."""
+    flags = [f"--batch={batch}", f"--length={length}", f"--tasks={tasks}", f"--d={d}", f"--rank={rank}"]
+    peaks = {}
+    for method in ("batched", "per_token_copy"):
+        out = subprocess.run([sys.executable, __file__, "--method", method, *flags],
+                             check=True, capture_output=True, text=True)
+        peaks[method] = json.loads(out.stdout.strip().splitlines()[-1])
+    return peaks
 
 
 def main() -> None:
@@ -73,11 +88,7 @@ def main() -> None:
     x, a, b = torch.randn(3, 5, 16), torch.randn(2, 16, 4), torch.randn(2, 4, 16)
     index = torch.tensor([0, 1, 0])
     torch.testing.assert_close(lora(x, (a, b), index), per_token_copy(x, (a, b), index))
-    peaks = {}
-    for method in ("batched", "per_token_copy"):
-        out = subprocess.run([sys.executable, __file__, "--method", method, *sys.argv[1:]],
-                             check=True, capture_output=True, text=True)
-        peaks[method] = json.loads(out.stdout.strip().splitlines()[-1])
+    peaks = measure(args.batch, args.length, args.tasks, args.d, args.rank)
     device = "cuda" if torch.cuda.is_available() else "cpu (peak RSS)"
     print(f"batch={args.batch} length={args.length} tasks={args.tasks} d={args.d} rank={args.rank} "
           f"device={device}")

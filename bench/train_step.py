@@ -71,30 +71,47 @@ def examples(spec: dict, tokenizer: str, batch: int) -> dict[str, list[dict]]:
     return out
 
 
-def time_steps(variant: str, preset: str, vocab: int, micro_rows: list[list[dict]], device,
-               steps: int, compile_model: bool):
-    """Seconds per training step over `micro_rows` (after one warm-up step), the model config,
-    the last loss and the SDPA kernels the step runs (t5_step.sdpa_backends)."""
+def start_fsdp(device: torch.device) -> None:
+    """A process group of world size 1 on the GPU: bf16 compute through the same sharding code
+    as training (hint_platform.training.parallel)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.cuda.set_device(device)
+    dist.init_process_group("nccl", rank=0, world_size=1)
+
+
+def time_steps(config: HintConfig, micro_rows: list[list[dict]], device, steps: int,
+               compile_model: bool):
+    """Seconds per training step of a model of `config` over `micro_rows` (after one warm-up
+    step), the last loss, the SDPA kernels the step runs (t5_step.sdpa_backends) and the GPU's
+    peak GiB over the timed steps (nan on a CPU). A decoder-only model's rows are collated in
+    its causal layout, as the worker collates them."""
     torch.manual_seed(0)
     with device:  # initialised where it runs: an xl model's init on the CPU takes minutes
-        model = HintModel(HintConfig.preset(preset, variant=variant, vocab_size=vocab))
+        model = HintModel(config)
     model = parallelize(model, device=device, fsdp=dist.is_initialized(),
                         activation_checkpointing=False, compile=compile_model)
     train = TrainSection(optimizer="adafactor", lr=1e-3)
     optimizer = build_optimizer(model, train)
-    micro = [{k: v.to(device) for k, v in collate(rows).items()} for rows in micro_rows]
-    # the warm-up step, profiled for the attention kernels it runs
-    kernels = sdpa_backends(lambda: train_step(model, optimizer, micro, train.grad_clip, train.z_loss))
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    causal = config.is_decoder_only
+    micro = [{k: v.to(device) for k, v in collate(rows, causal=causal).items()} for rows in micro_rows]
+    step = lambda: train_step(model, optimizer, micro, train.grad_clip, train.z_loss, causal)  # noqa: E731
+    kernels = sdpa_backends(step)  # the warm-up step, profiled for the attention kernels it runs
+    gpu = device.type == "cuda"
+    sync = torch.cuda.synchronize if gpu else (lambda: None)
     sync()
+    if gpu:
+        torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
     for _ in range(steps):
-        loss = train_step(model, optimizer, micro, train.grad_clip, train.z_loss)["loss"]
+        loss = step()["loss"]
     sync()
     seconds = (time.perf_counter() - start) / steps
-    config = model.config
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if gpu else math.nan
     del model, optimizer
-    return seconds, config, float(loss), kernels
+    return seconds, float(loss), kernels, peak
 
 
 def main() -> None:
@@ -110,13 +127,8 @@ def main() -> None:
                         help="a folder laid out as ../shared/data (sni/, tokenizer/t5/)")
     args = parser.parse_args()
     device = torch.device("cuda", 0) if gpu else torch.device("cpu")
-    if gpu:  # FSDP world size 1: bf16 compute through the same sharding code as training
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        torch.cuda.set_device(device)
-        dist.init_process_group("nccl", rank=0, world_size=1)
+    if gpu:
+        start_fsdp(device)
     with tempfile.TemporaryDirectory() as tmp:
         spec, tokenizer, origin = sources(Path(tmp), args.data)
         rows = examples(spec, tokenizer, args.batch)
@@ -131,14 +143,15 @@ def main() -> None:
         micro_rows = step_micro_batches(r, micro_size)
         mean = lambda key: sum(len(x[key]) for x in r) / len(r)  # noqa: E731
         tasks = sum(len({tuple(x["hyper_input_ids"]) for x in m}) for m in micro_rows) / len(micro_rows)
-        seconds, config, loss, kernels = time_steps(variant, args.preset, vocab, micro_rows,
-                                                    device, args.steps, args.compile)
+        config = HintConfig.preset(args.preset, variant=variant, vocab_size=vocab)
+        seconds, loss, kernels, peak = time_steps(config, micro_rows, device, args.steps,
+                                                    args.compile)
         times[variant], flops[variant] = seconds, training_flops(config, micro_rows)
         mfu = flops[variant] / seconds / peak_flops(device)
         print(f"{variant:6s} step {seconds:.3f} s  {flops[variant] / 1e12:.2f} TFLOPs  loss {loss:.3f}  "
               f"mean lengths: instruction {mean('hyper_input_ids'):.0f}, input "
               f"{mean('input_ids'):.0f}, target {mean('labels'):.0f}  instructions per "
-              f"micro-batch {tasks:.1f}  mfu {mfu:.3f}  sdpa kernels {kernels}")
+              f"micro-batch {tasks:.1f}  mfu {mfu:.3f}  peak {peak:.1f} GiB  sdpa kernels {kernels}")
         if variant == "hint":
             hint_mfu = mfu
     if gpu:
