@@ -18,6 +18,7 @@ from hint_platform import cli, export
 from hint_platform.serving import adapter
 from hint_platform.tracking import registry
 from hint_platform.tracking.runs import mlflow_client
+from pipelines import formats
 from tests.tiny_decoders import (assert_peft_runs_the_task_as_hint, lora_only_llama, save_tiny_decoder,
                                  sni_texts)
 
@@ -56,7 +57,7 @@ def test_a_task_file_becomes_an_adapter_peft_loads_and_a_second_run_is_refused(l
 
     definition = json.loads(task.read_text())["Definition"][0].strip()  # the 'def' format's text
     provenance = json.loads((adapter / PROVENANCE).read_text())
-    assert provenance == {"base_model_name_or_path": str(base), "task": task.stem,
+    assert provenance == {"base_model_name_or_path": str(base), "task": task.stem, "format": "def",
                           "instruction_sha256": instruction_sha256(definition),
                           "model": str(out), "base_revision": "r1"}
     assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == str(base)
@@ -68,6 +69,27 @@ def test_a_task_file_becomes_an_adapter_peft_loads_and_a_second_run_is_refused(l
     assert again.stderr.strip() == ("hint adapter: error: --output adapters/task: exists and is not "
                                     "an empty directory")
     assert (adapter / "adapter_model.safetensors").read_bytes() == before
+
+
+def test_a_task_in_def_pos_format_gives_the_definition_and_positive_examples_as_training_does(
+        llama, tmp_path, monkeypatch):
+    out, base, task = llama
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["adapter", os.path.relpath(out), "--format", "def_pos", "--output", "a",
+                     "--task", os.path.relpath(task)]) == 0
+    data = json.loads(task.read_text())
+    # what the SNI reader gives the hypernetwork in training for format def_pos, num_pos 2
+    text = formats.sni_def_pos_hyper(data["Definition"][0], data["Positive Examples"], 2, lambda t: True)
+    assert text.startswith(" Positive Example 2 -") and "Positive Example 1 -" in text
+    provenance = json.loads((tmp_path / "a" / PROVENANCE).read_text())
+    assert provenance["instruction_sha256"] == instruction_sha256(text)
+    assert provenance["format"] == "def_pos:2"
+    assert_peft_runs_the_task_as_hint(out, base, tmp_path / "a", text)
+
+    assert cli.main(["adapter", str(out), "--task", str(task), "--format", "def_pos", "--positives", "1",
+                     "--output", "b"]) == 0
+    one = formats.sni_def_pos_hyper(data["Definition"][0], data["Positive Examples"], 1, lambda t: True)
+    assert json.loads((tmp_path / "b" / PROVENANCE).read_text())["instruction_sha256"] == instruction_sha256(one)
 
 
 def test_a_registered_model_tags_the_run_that_logged_it(llama, tmp_path, monkeypatch):
@@ -107,6 +129,8 @@ def bad_models(llama, tmp_path_factory):
                 "instruction fusion, which a LoRA cannot hold (vLLM removed prompt adapters)"),
     ("t5", "a t5 model has no causal-LM PEFT adapter"),
     ("too long", f"more than the model's max_hyper_len={MAX_HYPER}"),
+    ("long positives", f"more than the model's max_hyper_len={MAX_HYPER}"),
+    ("format without task", "--format def_pos: formats a --task file; --instruction is used as given"),
     ("base", "v_proj.weight is [64, 64], the adapter's lora_targets ['q', 'v'] of a 2-layer model "
              "need [32, 64]"),
     ("output", "--output full: exists and is not an empty directory"),
@@ -121,6 +145,9 @@ def test_bad_input_is_one_line_naming_it(llama, bad_models, tmp_path, monkeypatc
     args = {"variant": [str(bad_models["hint"]), "--instruction", "Say yes."],
             "t5": [str(bad_models["t5"]), "--instruction", "Say yes."],
             "too long": [str(out), "--instruction", "word " * 2000],
+            "long positives": [str(out), "--task", str(task.with_name("task1290_xsum_summarization.json")),
+                               "--format", "def_pos"],  # its definition alone fits
+            "format without task": [str(out), "--instruction", "Say yes.", "--format", "def_pos"],
             "base": [str(out), "--task", str(task), "--base", str(bad_models["wide"])],
             "output": [str(out), "--instruction", "Say yes.", "--output", "full"],
             "no model": ["missing-export", "--instruction", "Say yes."],

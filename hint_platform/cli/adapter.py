@@ -1,5 +1,6 @@
-"""`hint adapter MODEL (--instruction TEXT | --task FILE) --output DIR`: one task of a
-decoder-only `lora_only` model as a PEFT LoRA adapter directory (PEFT, vLLM, SGLang load it)."""
+"""`hint adapter MODEL (--instruction TEXT | --task FILE [--format def|def_pos]) --output DIR`:
+one task of a decoder-only `lora_only` model as a PEFT LoRA adapter directory (PEFT, vLLM,
+SGLang load it)."""
 
 from __future__ import annotations
 
@@ -24,8 +25,14 @@ def register(subparsers) -> None:
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--instruction", help="the task's instruction (its definition)")
     source.add_argument("--task", metavar="FILE",
-                        help="a Super-Natural Instructions task JSON: its Definition, as the 'def' "
-                             "format gives it to the hypernetwork in training and evaluation")
+                        help="a Super-Natural Instructions task JSON, given to the hypernetwork in "
+                             "--format as in training and evaluation")
+    p.add_argument("--format", choices=("def", "def_pos"), default="def",
+                   help="with --task: 'def' its Definition; 'def_pos' the Definition and its first "
+                        "--positives positive examples (the paper's Def + 2 Pos.), which must fit "
+                        "the model's max_hyper_len")
+    p.add_argument("--positives", type=int, default=2,
+                   help="with --format def_pos: how many of the task's positive examples")
     p.add_argument("--output", required=True, help="the adapter directory to write (new or empty)")
     p.add_argument("--name", help="the task's name, recorded in the provenance (default: the task "
                                   "file's name, else 'task')")
@@ -50,6 +57,10 @@ def run(args: argparse.Namespace) -> int:
     from hint_platform.tracking import registry
     from hint_platform.tracking.runs import check_reachable, resolve_tracking_uri
 
+    if args.task is None and args.format != "def":
+        raise UserError(f"--format {args.format}: formats a --task file; --instruction is used as given")
+    if args.positives < 0:
+        raise UserError(f"--positives {args.positives}: must be 0 or more")
     output = Path(os.path.abspath(args.output))
     if output.exists() and (not output.is_dir() or any(output.iterdir())):
         raise UserError(f"--output {args.output}: exists and is not an empty directory")
@@ -63,8 +74,9 @@ def run(args: argparse.Namespace) -> int:
     base, revision = _base(args, export.model_config(model_dir))
     source = registry.model_source(args.model, uri)
     predictor = CachedPredictor(model_dir, cache_mib=0, dtype=args.dtype)
+    described = {"task": name} if args.task is None else {"task": name, "format": _format(args)}
     out = adapter.write(predictor, instruction, output, base=base,
-                        provenance={"task": name, **source, "base_revision": revision})
+                        provenance={**described, **source, "base_revision": revision})
     sha = json.loads((out / "hint_provenance.json").read_text())["instruction_sha256"]
     if source.get("run_id"):
         registry.tag_run(uri, source["run_id"], f"hint.adapter.{sha[:12]}", str(out))
@@ -94,7 +106,23 @@ def _instruction(args) -> tuple[str, str]:
         task = load_task(str(path), BadRecords("error"))
     except BadRecordError as e:
         raise UserError(f"--task {e}") from None
-    return formats.sni_def_hyper(task["Definition"]), args.name or path.stem
+    name = args.name or path.stem
+    if args.format == "def":
+        return formats.sni_def_hyper(task["Definition"]), name
+    positives = (task.get("Positive Examples") or [])[:args.positives]
+    for number, example in enumerate(positives):
+        if not (isinstance(example, dict) and all(isinstance(example.get(k), str) for k in ("input", "output"))):
+            raise UserError(f"--task {args.task}: 'Positive Examples'[{number}] needs an 'input' and "
+                            "an 'output' text")
+    # Every example is kept (training leaves out one that does not fit max_hyper_len): a text
+    # that does not fit is refused when it is tokenised, with its length.
+    return formats.sni_def_pos_hyper(task["Definition"], positives, args.positives,
+                                     lambda text: True), name
+
+
+def _format(args) -> str:
+    """The --task format as the provenance records it: def, or def_pos:<positives>."""
+    return args.format if args.format == "def" else f"def_pos:{args.positives}"
 
 
 def _base(args, cfg) -> tuple[str | None, str | None]:
