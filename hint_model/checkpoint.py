@@ -15,6 +15,7 @@ shape and the rest is dropped or freshly initialised, as a LoadReport says.
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -261,6 +262,19 @@ def _grouped(keys: list[str]) -> list[str]:
         groups[prefix] = groups.get(prefix, 0) + 1
     named = [f"{g} ({n})" if n > 1 else g for g, n in groups.items()]
     return named if len(named) <= 8 else [*named[:8], f"... ({len(named) - 8} more groups)"]
+
+
+def hf_base(directory: str | Path) -> tuple[str, str | None]:
+    """(name, revision) of a Hugging Face checkpoint directory as a model's base: in the hub's
+    cache (.../models--ORG--NAME/snapshots/COMMIT, or models--NAME without an organisation) its
+    hub name ORG/NAME and the commit, else its absolute path and no revision. Not config.json's
+    `_name_or_path`: transformers no longer writes it, and where an older one did, it names what
+    the weights were loaded from before they were saved here, fine-tuned since or not."""
+    path = Path(os.path.abspath(directory))
+    repo = path.parent.parent.name
+    if path.parent.name == "snapshots" and repo.startswith("models--") and repo != "models--":
+        return repo.removeprefix("models--").replace("--", "/"), path.name  # the hub forbids "--" in names
+    return str(path), None
 
 
 def read_json(directory: str | Path) -> dict:

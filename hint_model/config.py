@@ -59,6 +59,11 @@ class HintConfig:
     scale_decoder_outputs: bool = False
     pad_token_id: int = 0  # also the decoder start token
     eos_token_id: int = 1
+    # The Hugging Face checkpoint the underlying model was built from (HintModel.from_hf_checkpoint:
+    # a hub name, else its local path) and its revision; kept through exports and variants, and
+    # named by the model's PEFT adapters (adapter_config.json's base_model_name_or_path).
+    base_model_name_or_path: str | None = None
+    base_revision: str | None = None
 
     # --- the hypernetwork and what it generates ---
     variant: str = "hint"  # the variant preset this config came from (informational)

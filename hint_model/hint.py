@@ -344,7 +344,11 @@ class HintModel(nn.Module):
                            size: str | None = None, **overrides) -> "HintModel":
         """A Hugging Face checkpoint directory as the underlying model, by its config.json's
         model_type: t5 (from_t5_checkpoint), or a decoder-only family (gpt2, opt, llama,
-        mistral, qwen2: DecoderHintModel.from_hf_decoder); the hypernetwork starts fresh."""
+        mistral, qwen2: DecoderHintModel.from_hf_decoder); the hypernetwork starts fresh. The
+        config records the directory as the base (checkpoint.hf_base: a hub name from the hub's
+        cache, else the absolute path), unless `overrides` name one."""
+        name, revision = checkpoint.hf_base(directory)
+        overrides = {"base_model_name_or_path": name, "base_revision": revision, **overrides}
         if checkpoint.read_json(directory).get("model_type") == "t5":
             return cls.from_t5_checkpoint(directory, variant, size, **overrides)
         return HintModel._decoder_only.from_hf_decoder(directory, variant, size, **overrides)

@@ -102,7 +102,8 @@ def test_a_registered_model_tags_the_run_that_logged_it(llama, tmp_path, monkeyp
                      "--output", "a", "--name", "yes-no", "--tracking-uri", uri]) == 0
     provenance = json.loads((tmp_path / "a" / PROVENANCE).read_text())
     sha = instruction_sha256("Answer yes or no.")
-    assert provenance == {"base_model_name_or_path": None, "task": "yes-no", "instruction_sha256": sha,
+    # without --base: the base the model was built from, as its export records it
+    assert provenance == {"base_model_name_or_path": str(base), "task": "yes-no", "instruction_sha256": sha,
                           "model": "models:/lora-llama@champion", "registered_name": "lora-llama",
                           "registered_version": "1", "run_id": logged["run_id"]}
     with mlflow_client(uri) as client:

@@ -94,3 +94,24 @@ def test_export_round_trips(tmp_path, family):
     assert all(k.startswith("base.") for k in load_file(tmp_path / "export" / "model.safetensors"))
     cfg, report = HintModel.plan_from_pretrained(tmp_path / "export", variant="no_instruct")
     assert cfg.variant == "no_instruct" and str(report) == "every tensor loaded"
+
+
+
+def test_the_base_is_recorded_through_exports_and_variants(tmp_path, monkeypatch):
+    """A checkpoint in the hub's cache is recorded as its hub name and commit, any other as its
+    absolute path; an export keeps it, and so does the variant built from that export."""
+    snapshot = tmp_path / "hub" / "models--org--tiny-llama" / "snapshots" / "0123abcd"
+    reference("llama", snapshot)
+    model = HintModel.from_hf_checkpoint(snapshot, variant="lora_only")
+    assert (model.config.base_model_name_or_path, model.config.base_revision) == ("org/tiny-llama", "0123abcd")
+    model.save_pretrained(tmp_path / "export")
+    again = HintModel.from_pretrained(tmp_path / "export", variant="concat")
+    assert (again.config.base_model_name_or_path, again.config.base_revision) == ("org/tiny-llama", "0123abcd")
+
+    reference("gpt2", tmp_path / "hub" / "models--gpt2" / "snapshots" / "4567")
+    reference("gpt2", tmp_path / "models" / "gpt")
+    monkeypatch.chdir(tmp_path / "hub")
+    no_org = HintModel.from_hf_checkpoint("models--gpt2/snapshots/4567", variant="concat")
+    assert (no_org.config.base_model_name_or_path, no_org.config.base_revision) == ("gpt2", "4567")
+    local = HintModel.from_hf_checkpoint("../models/./gpt", variant="concat")
+    assert (local.config.base_model_name_or_path, local.config.base_revision) == (str(tmp_path / "models" / "gpt"), None)

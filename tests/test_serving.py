@@ -25,6 +25,7 @@ from hint_model import HintConfig, HintModel
 from hint_model.peft_export import PROVENANCE, instruction_sha256
 from hint_platform.errors import UserError
 from hint_platform.export import write as write_export
+from hint_platform.serving.adapter import base_of
 from hint_platform.serving.predictor import BadRequest, CachedPredictor, Generation, split_by_length
 from hint_platform.tracking import registry
 from hint_platform.tracking.runs import tracking_uri_scope
@@ -331,7 +332,17 @@ def test_a_tasks_adapter_is_an_archive_that_peft_loads_as_the_model_runs_the_tas
     provenance = json.loads((adapter / PROVENANCE).read_text())
     assert provenance["instruction_sha256"][:16] == task_id == instruction_sha256(instruction)[:16]
     assert provenance["model"] == str(out)
+    # the base the export was built from (a local directory: its path), as no --adapter-base says otherwise
+    assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == str(base)
     assert_peft_runs_the_task_as_hint(out, base, adapter, instruction)
+
+
+def test_an_adapter_names_the_base_the_model_was_built_from_unless_the_server_names_one():
+    built = HintConfig.preset("llama-tiny", variant="lora_only", base_model_name_or_path="org/tiny",
+                              base_revision="0123abcd")
+    assert base_of(built) == ("org/tiny", "0123abcd")
+    assert base_of(built, "/models/tiny") == ("/models/tiny", None)  # hint serve --adapter-base
+    assert base_of(HintConfig.preset("llama-tiny", variant="lora_only")) == (None, None)  # from scratch
 
 
 def test_the_adapter_route_refuses_unknown_tasks_and_models_that_are_no_lora(served, lora_app):

@@ -38,9 +38,11 @@ def register(subparsers) -> None:
                                   "file's name, else 'task')")
     p.add_argument("--base", help="the base model, as adapter_config.json's base_model_name_or_path: "
                                   "a Hugging Face directory (checked to fit the adapter) or a hub "
-                                  "name (default: none recorded)")
+                                  "name (default: the Hugging Face checkpoint the model was built "
+                                  "from, as its export records it: a hub name, else its path)")
     p.add_argument("--base-revision", help="the base's revision (default: a Hugging Face cache "
-                                           "snapshot's commit when --base is one)")
+                                           "snapshot's commit when --base, or the recorded base, "
+                                           "is one)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
                    help="the model's dtype while it generates the adapter")
     p.add_argument("--tracking-uri", help="MLflow tracking URI for models:/ (default: "
@@ -126,13 +128,16 @@ def _format(args) -> str:
 
 
 def _base(args, cfg) -> tuple[str | None, str | None]:
-    """(--base as recorded, its revision); a local base directory is checked to fit the adapter."""
-    from hint_model.checkpoint import CheckpointError
+    """(--base as recorded, its revision); a local base directory is checked to fit the adapter.
+    Without --base, the base the model was built from (serving.adapter.base_of)."""
+    from hint_model.checkpoint import CheckpointError, hf_base
     from hint_model.peft_export import AdapterExportError, check_base
     from hint_platform.errors import UserError
+    from hint_platform.serving.adapter import base_of
 
     if args.base is None:
-        return None, args.base_revision
+        base, revision = base_of(cfg)
+        return base, args.base_revision or revision
     base = Path(args.base)
     if not base.exists():
         return args.base, args.base_revision  # a hub name: recorded, not checked
@@ -140,6 +145,5 @@ def _base(args, cfg) -> tuple[str | None, str | None]:
         check_base(cfg, base)
     except (AdapterExportError, CheckpointError) as e:
         raise UserError(f"--base: {e}") from None
-    snapshot = Path(os.path.abspath(base))  # a Hugging Face cache: .../models--org--name/snapshots/<commit>
-    revision = snapshot.name if snapshot.parent.name == "snapshots" else None
-    return str(snapshot), args.base_revision or revision
+    _, revision = hf_base(base)  # the commit of a snapshot in the hub's cache
+    return os.path.abspath(base), args.base_revision or revision

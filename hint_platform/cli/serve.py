@@ -51,6 +51,10 @@ def register(subparsers) -> None:
                    help="a request's time from arrival to answer; beyond, 504")
     p.add_argument("--max-adapter-mib", type=float, default=256.0,
                    help="largest task adapter GET /v1/tasks/{task_id}/adapter sends (its tensors)")
+    p.add_argument("--adapter-base", metavar="NAME",
+                   help="the base GET /v1/tasks/{task_id}/adapter names (base_model_name_or_path), "
+                        "as hint adapter --base (default: the Hugging Face checkpoint the model was "
+                        "built from, as its export records it: a hub name, else its path)")
     p.add_argument("--replica-cpus", type=float, default=1.0)
     p.add_argument("--replica-gpus", type=float, default=None, help="default: 1 when the cluster has GPUs")
     p.add_argument("--tracking-uri", help="MLflow tracking URI for models:/ (default: $MLFLOW_TRACKING_URI, "
@@ -72,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
                             max_inputs=args.max_inputs, max_chars=args.max_chars, max_body_kib=args.max_body_kib,
                             max_ongoing_requests=args.max_ongoing_requests,
                             max_queued_requests=args.max_queued_requests, request_timeout_s=args.request_timeout_s,
-                            max_adapter_mib=args.max_adapter_mib,
+                            max_adapter_mib=args.max_adapter_mib, adapter_base=args.adapter_base,
                             replica_cpus=args.replica_cpus, replica_gpus=args.replica_gpus or 0.0)
     if args.model.startswith("models:/"):
         opts.tracking_uri = args.tracking_uri or resolve_tracking_uri(ExperimentConfig())

@@ -7,7 +7,9 @@ refused beyond max_hyper_len) and the task state is the one its cache holds, whe
 The files are hint_model.peft_export's (PEFT's layout within vLLM's limits), with
 hint_provenance.json beside them: the instruction's SHA-256 (of its UTF-8 text as given: for
 serving, the task id is its first 16 hex digits), where the model comes from (its export path,
-or its registered name, version and run), the base and its revision when known.
+or its registered name, version and run), the base and its revision when known. The base
+(adapter_config.json's base_model_name_or_path) is the one the user names, else the one the
+model was built from (`base_of`).
 """
 
 from __future__ import annotations
@@ -44,6 +46,17 @@ def check(cfg: HintConfig, max_bytes: int | None = None) -> None:
                             f"{max_bytes / 2**20:g} MiB (--max-adapter-mib)")
 
 
+def base_of(cfg: HintConfig, named: str | None = None) -> tuple[str | None, str | None]:
+    """(base_model_name_or_path, its revision) for the adapters of a model of `cfg`: `named` as
+    given (hint serve --adapter-base, hint adapter --base; its revision unknown), else the
+    Hugging Face checkpoint the model was built from, as its config records it through every
+    export and variant since (a hub name from the hub's cache, else the local path it was
+    trained from: checkpoint.hf_base); None for a model built from scratch."""
+    if named is not None:
+        return named, None
+    return cfg.base_model_name_or_path, cfg.base_revision
+
+
 def save(predictor: CachedPredictor, state: TaskModules, instruction: str, directory: str | Path,
          provenance: dict[str, str | None], base: str | None = None) -> Path:
     """Write the task state of `instruction` as a PEFT adapter directory (atomically: see
@@ -70,10 +83,10 @@ def write(predictor: CachedPredictor, instruction: str, directory: str | Path,
 
 
 def archive(predictor: CachedPredictor, state: TaskModules, instruction: str, name: str,
-            provenance: dict[str, str | None]) -> bytes:
+            provenance: dict[str, str | None], base: str | None = None) -> bytes:
     """The task state's adapter as the bytes of a tar.gz holding one folder, `name`."""
     with tempfile.TemporaryDirectory() as tmp:
-        directory = save(predictor, state, instruction, Path(tmp) / name, provenance)
+        directory = save(predictor, state, instruction, Path(tmp) / name, provenance, base)
         data = io.BytesIO()
         with tarfile.open(fileobj=data, mode="w:gz") as tar:
             tar.add(directory, arcname=name, filter=_anonymous)

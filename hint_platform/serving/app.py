@@ -91,6 +91,7 @@ class ServeOptions:
     max_queued_requests: int = 256  # waiting for a model replica; beyond: 503
     request_timeout_s: float = 60.0
     max_adapter_mib: float = 256.0  # per GET /v1/tasks/{task_id}/adapter answer (its tensors)
+    adapter_base: str | None = None  # the adapters' base_model_name_or_path (None: adapter.base_of's)
     replica_cpus: float = 1.0
     replica_gpus: float = 0.0
 
@@ -136,7 +137,9 @@ class HintReplica:
                                          max_new_tokens=opts.max_new_tokens, num_beams=opts.num_beams,
                                          batch_size=opts.max_batch_size)
         self.max_adapter_bytes = int(opts.max_adapter_mib * 2**20)
-        self.source = model_source(opts.model, opts.tracking_uri)  # an adapter's provenance
+        self.base, revision = adapter.base_of(self.predictor.model.config, opts.adapter_base)
+        # an adapter's provenance
+        self.source = {**model_source(opts.model, opts.tracking_uri), "base_revision": revision}
         # One thread runs the model, another tokenises: the event loop only gathers requests
         # into batches, so it keeps taking them while the model runs.
         self._pool = ThreadPoolExecutor(max_workers=1)
@@ -189,7 +192,7 @@ class HintReplica:
         state, _ = await self._task_state(key)
         try:
             return await loop.run_in_executor(self._pool, adapter.archive, self.predictor, state,
-                                              instruction, name, self.source)
+                                              instruction, name, self.source, self.base)
         finally:
             self.predictor.cache.release(state)
 
