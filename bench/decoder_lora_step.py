@@ -17,7 +17,8 @@ hint_model.flops through the worker's `training_flops` (the generator once per d
 instruction of a micro-batch; forward + backward = 3x forward), MFU against the device's dense
 bf16 peak (hint_platform.training.throughput.peak_flops; nan on a CPU). Memory: the GPU's peak
 over the timed steps, and per-example LoRA against a copy of A and B per token on the step's
-micro-batch shape at the q projection's width (bench/peft_memory.py, each in a fresh process).
+micro-batch shape at the q projection's width, fp32 (bench/peft_memory.py, each in a fresh
+process).
 
     python bench/decoder_lora_step.py                                 # CPU: llama-tiny, fp32
     python bench/decoder_lora_step.py --preset llama-3b --batch 8     # GPU: bf16 under FSDP
@@ -119,7 +120,7 @@ def main() -> None:
     micro_tasks = max(len({tuple(r["hyper_input_ids"]) for r in m}) for m in micro_rows)
     lora = measure(micro_size, args.input_len + args.target_len, micro_tasks, config.d_model,
                    config.lora_rank)
-    print(f"per-example LoRA, forward + backward of one q projection on a micro-batch "
+    print(f"per-example LoRA, forward + backward of one q projection (fp32) on a micro-batch "
           f"({micro_size} x {args.input_len + args.target_len} tokens, {micro_tasks} tasks, "
           f"d {config.d_model}): batched {lora['batched']:.1f} MiB, a copy per token "
           f"{lora['per_token_copy']:.1f} MiB")
