@@ -25,7 +25,8 @@ import ray
 import torch
 
 from hint_model import HintConfig, HintModel
-from pipelines import build_dataset, collate, iter_records, load_tokenizer, train_tokenizer, write_suite
+from pipelines import build_dataset, iter_records, load_tokenizer, train_tokenizer, write_suite
+from pipelines.collate import collate
 
 SHARED = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 LENS = {"max_input_len": 1024, "max_hyper_len": 1024, "max_target_len": 256}

@@ -42,7 +42,7 @@ from train_step import start_fsdp, time_steps  # this folder's: HINT's training 
 from hint_model import SIZE_PRESETS, HintConfig, HintModel
 from hint_platform.training.throughput import peak_flops
 from hint_platform.training.worker import training_flops
-from pipelines import step_micro_batches
+from pipelines.collate import step_micro_batches
 
 DECODER_PRESETS = [name for name, size in SIZE_PRESETS.items() if "model_type" in size]
 

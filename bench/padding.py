@@ -19,7 +19,8 @@ import argparse
 import itertools
 from pathlib import Path
 
-from pipelines import iter_records, step_micro_batches
+from pipelines import iter_records
+from pipelines.collate import step_micro_batches
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 

@@ -40,8 +40,8 @@ from hint_platform.training.parallel import parallelize
 from hint_platform.training.throughput import peak_flops
 from hint_platform.training.worker import train_step, training_flops
 from t5_step import sdpa_backends  # this folder's: the attention kernels a step runs
-from pipelines import (collate, iter_records, load_tokenizer, step_micro_batches,
-                       train_tokenizer, write_suite)
+from pipelines import iter_records, load_tokenizer, train_tokenizer, write_suite
+from pipelines.collate import collate, step_micro_batches
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 LENGTHS = dict(max_input_len=1024, max_hyper_len=1024, max_target_len=256)  # the paper's SNI

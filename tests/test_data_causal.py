@@ -8,7 +8,8 @@ from transformers import PreTrainedTokenizerFast
 
 from hint_model import HintConfig, HintModel
 from hint_platform import export
-from pipelines import SourceSpec, SpecError, collate, formats, iter_records, load_tokenizer
+from pipelines import SourceSpec, SpecError, formats, iter_records, load_tokenizer
+from pipelines.collate import collate
 from tests.tiny_decoders import sni_texts, train_byte_bpe
 
 TEXT = "Definition: Answer with the word in the sentence.\nOutput: shakespeare"

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from pipelines import build_dataset, collate, iter_records, train_tokenizer, write_suite
+from pipelines import build_dataset, iter_records, train_tokenizer, write_suite
+from pipelines.collate import collate
 
 LENS = {"max_input_len": 32, "max_hyper_len": 48, "max_target_len": 16}
 

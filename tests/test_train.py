@@ -26,7 +26,8 @@ from hint_platform.tracking.runs import TrackingError, resolve_tracking_uri
 from hint_platform.errors import DataError, TrainingError
 from hint_platform.training.driver import fit
 from hint_platform.training.worker import build_model, train_step
-from pipelines import collate, iter_records, train_tokenizer, write_suite
+from pipelines import iter_records, train_tokenizer, write_suite
+from pipelines.collate import collate
 
 # The kill callback runs in the Train controller, which cannot import this test module.
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])

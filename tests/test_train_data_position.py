@@ -1,12 +1,15 @@
 """The training dataset of a resumed run starts at the position its checkpoint saved (training/
 driver.py, 'Data position and resume'): real Ray Data and a real PassBoard actor, a checkpoint
 written by save_checkpoint. The rows are those of the pass without the consumed ones, as an
-uninterrupted run reads them, and the read task starts at the checkpoint's position."""
+uninterrupted run reads them, and the read task starts at the checkpoint's position; the
+dataset loads without torch."""
 
 from __future__ import annotations
 
 import functools
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,10 +17,11 @@ import ray
 
 from hint_model import HintConfig, HintModel
 from hint_platform.config import TrainSection, from_dict
+from hint_platform.training.board import PassBoard
 from hint_platform.training.checkpoint import latest_train_state, save_checkpoint
 from hint_platform.training.driver import TrainingPasses
 from hint_platform.training.optim import build_optimizer, build_scheduler
-from hint_platform.training.state import PassBoard, TrainState, checkpoint_position
+from hint_platform.training.state import TrainState, checkpoint_position
 from pipelines.dataset import BLOCK_ROWS
 
 
@@ -62,3 +66,15 @@ def test_a_resumed_training_dataset_starts_at_the_checkpoint_position(shared_dat
     # The read task started at the saved position: the first block it recorded is that one.
     assert ray.get(again.position_at.remote(0, 0)) is None
     assert ray.get(again.position_at.remote(0, BLOCK_ROWS))["index"] == BLOCK_ROWS
+
+    # What Ray Data's processes of the stream load to run it (the DatasetManager and
+    # SplitCoordinator actors, the read task: new processes each stage) imports no torch: it
+    # would cost them seconds before the first step has its data.
+    dataset = TrainingPasses(cfg, str(run_dir), PassBoard.remote())()
+    loaded = subprocess.run(
+        [sys.executable, "-c", "import sys, ray; ray.init(address=sys.argv[1], log_to_driver=False); "
+         "ray.cloudpickle.loads(sys.stdin.buffer.read()); print(sorted(m for m in sys.modules if m == 'torch'))",
+         ray.get_runtime_context().gcs_address],
+        input=ray.cloudpickle.dumps(dataset), capture_output=True, timeout=120)
+    assert loaded.returncode == 0, loaded.stderr.decode()[-2000:]
+    assert loaded.stdout.decode().strip().splitlines()[-1] == "[]"

@@ -8,7 +8,7 @@ import torch
 from hint_model import HintModel
 from hint_platform.training.parallel import parallelize
 from hint_platform.training.worker import loss_sum
-from pipelines import collate
+from pipelines.collate import collate
 from tests.test_train_performance import one_rank_group  # noqa: F401  (a fixture)
 from tests.tiny_decoders import save_tiny_decoder
 

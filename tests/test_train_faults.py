@@ -28,7 +28,8 @@ from hint_platform.training.driver import fit
 from hint_platform.training.optim import build_optimizer
 from hint_platform.training.worker import build_model, train_step
 from conftest import free_port, wait_until_healthy
-from pipelines import collate, iter_records
+from pipelines import iter_records
+from pipelines.collate import collate
 
 # The server-killing callback runs in the Train controller, which cannot import this module.
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])

@@ -21,7 +21,7 @@ from hint_platform.config import TrainSection
 from hint_platform.training.optim import Adafactor, build_optimizer
 from hint_platform.training.parallel import compile_blocks, parallelize
 from hint_platform.training.worker import train_step
-from pipelines import collate, step_micro_batches
+from pipelines.collate import collate, step_micro_batches
 
 SHAPE = dict(vocab_size=64, num_layers=1, num_decoder_layers=1)
 

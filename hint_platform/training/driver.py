@@ -60,9 +60,9 @@ from hint_platform.config import ConfigError, ExperimentConfig, is_decoder_only
 from hint_platform.errors import DataError, UserError
 from hint_platform.redact import split_credentials
 from hint_platform.tracking import runs
+from hint_platform.training.board import BoardEpoch, BoardRecord, PassBoard, drop_consumed
 from hint_platform.training.checkpoint import latest_train_state
 from hint_platform.training.preflight import resolve
-from hint_platform.training.state import BoardEpoch, BoardRecord, PassBoard, drop_consumed
 from hint_platform.training.worker import train_loop_per_worker
 from pipelines import BadRecordError, SourceSpec, build_dataset, iter_records
 

@@ -39,7 +39,8 @@ from hint_platform.training.parallel import parallelize
 from hint_platform.training.state import (TrainState, checkpoint_position, global_batches,
                                           max_over_ranks, passes)
 from hint_platform.training.throughput import Throughput
-from pipelines import collate, load_tokenizer
+from pipelines import load_tokenizer
+from pipelines.collate import collate
 
 
 def build_model(cfg: ExperimentConfig) -> HintModel:
