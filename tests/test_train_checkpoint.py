@@ -88,6 +88,25 @@ def one_step(model, optimizer, ids):
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
+def test_adamw_is_multi_tensor_and_steps_as_torchs_per_tensor_loop():
+    """build_optimizer's AdamW runs its update as one multi-tensor pass (foreach) on the CPU
+    too, and moves the weights exactly as torch's per-tensor AdamW does."""
+    model, optimizer, _ = trained(steps=3)
+    torch.manual_seed(0)
+    reference = HintModel(HintConfig.preset("tiny", vocab_size=50))
+    per_tensor = torch.optim.AdamW(reference.parameters(), lr=TRAIN.lr, weight_decay=TRAIN.weight_decay,
+                                   foreach=False)
+    scheduler = build_scheduler(per_tensor, TRAIN)
+    for _ in range(3):
+        ids = torch.randint(2, 50, (2, 6))
+        reference(input_ids=ids, hyper_input_ids=ids, labels=ids).loss.backward()
+        per_tensor.step()
+        scheduler.step()
+    assert optimizer.param_groups[0]["foreach"] is True
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
+
+
 def test_fine_tuning_from_an_export_starts_with_its_optimizer_state(tmp_path):
     """The first step from an export takes the step the first stage would have taken next: its
     second moments and step counters carried in the export; a fresh optimizer's differs."""

@@ -23,7 +23,10 @@ def build_optimizer(model: nn.Module, train: TrainSection) -> torch.optim.Optimi
         raise ValueError("the model has no trainable parameters (check model.overrides)")
     if train.optimizer == "adafactor":
         return Adafactor(params, lr=train.lr, weight_decay=train.weight_decay)
-    return torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
+    # Multi-tensor on the CPU too (torch's default there is a loop over parameters): with FSDP
+    # every per-tensor op is a DTensor dispatch: 35 ms of a ~400 ms demo step as a loop, 11-17 ms
+    # as one pass (T5 HINT-tiny, 74 parameters).
+    return torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay, foreach=True)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, train: TrainSection) -> torch.optim.lr_scheduler.LambdaLR:
