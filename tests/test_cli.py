@@ -38,6 +38,12 @@ def test_train_dry_run_prints_the_resolved_config(capsys):
     assert resolved["train"]["global_batch_size"] == 1024
 
 
+def test_overrides_may_come_before_the_config(capsys):
+    code, out, _ = run(capsys, "train", "train.max_steps=5", "--dry-run", CONFIG, "model.variant=concat")
+    assert code == 0
+    assert "max_steps: 5" in out and "variant: concat" in out
+
+
 def test_dry_run_and_errors_show_no_password(capsys):
     secret = "dry-run-pw-0123"
     code, out, _ = run(capsys, "train", CONFIG, f"run.tracking_uri=http://hint:{secret}@127.0.0.1:9",

@@ -36,17 +36,32 @@ def _redacted_traceback(kind, error, tb) -> None:
     sys.stderr.write(redact_text(text, env_secrets(os.environ)))
 
 
+def _config_among_overrides(args: argparse.Namespace) -> None:
+    """`hint train key=value CONFIG`: argparse gave the first positional to the config; the
+    config is the one without `=` (an override always has one, a config name never does)."""
+    config = getattr(args, "config", None)
+    if not (isinstance(config, str) and hasattr(args, "overrides")) or "=" not in config \
+            or os.path.exists(config):
+        return
+    positional = [config, *args.overrides]
+    named = [a for a in positional if "=" not in a]
+    if len(named) == 1:
+        args.config = named[0]
+        args.overrides = [a for a in positional if a != named[0]]
+
+
 def main(argv: list[str] | None = None) -> int:
     sys.excepthook = _redacted_traceback
     parser = build_parser()
-    # Options and `key=value` overrides mix in any order: argparse leaves overrides that follow
-    # an option unparsed; they join the command's own.
+    # Options, `key=value` overrides and the config mix in any order: argparse leaves what
+    # follows an option unparsed; it joins the command's own.
     args, extra = parser.parse_known_args(argv)
-    stray = [a for a in extra if a.startswith("-") or "=" not in a]
+    if hasattr(args, "overrides"):
+        args.overrides = [*args.overrides, *extra]
+        _config_among_overrides(args)
+    stray = [a for a in extra if a.startswith("-") or ("=" not in a and a != getattr(args, "config", None))]
     if stray or (extra and not hasattr(args, "overrides")):
         parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
-    if extra:
-        args.overrides = [*args.overrides, *extra]
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:

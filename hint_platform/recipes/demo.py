@@ -133,6 +133,9 @@ def run_demo(out_dir: str | Path = "runs/demo", settings: DemoSettings | None = 
         shutil.rmtree(out)  # a demo is a fresh run; Ray Train would otherwise resume old runs
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+    # One local node: nothing to be preempted, and the watcher is one more process (Ray Train
+    # imports in it for seconds) at every stage's start.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
     progress(f"writing the synthetic suite under {out / 'data'}")
     suite = synthetic.write_suite(out / "data", num_train_tasks=settings.num_train_tasks,
