@@ -60,6 +60,17 @@ def sni_def(definition: str, input_text: str) -> tuple[str, str]:
     return sni_def_hyper(definition), input_text.strip()
 
 
+def sni_served(instruction: str, input_text: str) -> tuple[str, str]:
+    """A served request as HINT reads it: the model reads the input as 'Def' does; the
+    hypernetwork reads a 'Def + k Pos' text as sni_def_pos_hyper wrote it (its examples first,
+    each block beginning " Positive Example") as it is, its leading space included (a byte-level
+    BPE tokenizer reads " Positive" as another token than "Positive"), anything else as the
+    definition of 'Def'."""
+    if instruction.startswith(" Positive Example "):
+        return instruction, input_text.strip()
+    return sni_def(instruction, input_text)
+
+
 def sni_def_pos_hyper(definition: str, positives: list[dict], k: int, fits_hyper: Fits) -> str:
     """HINT 'Def + k Pos': the hypernetwork's text (see the module docstring)."""
     text = "Definition: " + definition

@@ -4,6 +4,7 @@ base (transformers' own Llama) with the HINT model's logits; its provenance in t
 for a registered model, as a tag on the MLflow run that logged it; each bad input refused in one
 line before anything is written."""
 
+import itertools
 import json
 import os
 import subprocess
@@ -16,9 +17,10 @@ from hint_model import HintConfig, HintModel
 from hint_model.peft_export import PROVENANCE, adapter_nbytes, instruction_sha256
 from hint_platform import cli, export
 from hint_platform.serving import adapter
+from hint_platform.serving.predictor import CachedPredictor
 from hint_platform.tracking import registry
 from hint_platform.tracking.runs import mlflow_client
-from pipelines import formats
+from pipelines import formats, iter_records
 from tests.tiny_decoders import (assert_peft_runs_the_task_as_hint, lora_only_llama, save_tiny_decoder,
                                  sni_texts)
 
@@ -90,6 +92,18 @@ def test_a_task_in_def_pos_format_gives_the_definition_and_positive_examples_as_
                      "--output", "b"]) == 0
     one = formats.sni_def_pos_hyper(data["Definition"][0], data["Positive Examples"], 1, lambda t: True)
     assert json.loads((tmp_path / "b" / PROVENANCE).read_text())["instruction_sha256"] == instruction_sha256(one)
+
+    # The hypernetwork reads the text's tokens as the SNI reader gives them in training, the
+    # leading space of " Positive Example 2" included (this byte-level BPE has a token for it).
+    checkout = tmp_path / "sni"
+    (checkout / "tasks").mkdir(parents=True)
+    (checkout / "tasks" / task.name).symlink_to(task)
+    (checkout / "splits" / "one").mkdir(parents=True)
+    (checkout / "splits" / "one" / "train_tasks.txt").write_text(task.stem + "\n")
+    (trained,) = itertools.islice(iter_records(
+        [{"kind": "sni", "path": str(checkout), "split": "one", "format": "def_pos"}],
+        str(export.tokenizer_dir(out)), max_hyper_len=MAX_HYPER, causal=True), 1)
+    assert list(CachedPredictor(str(out), cache_mib=0).task_key(text)) == trained["hyper_input_ids"]
 
 
 def test_a_registered_model_tags_the_run_that_logged_it(llama, tmp_path, monkeypatch):

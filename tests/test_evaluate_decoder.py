@@ -44,7 +44,7 @@ def test_predictor_caches_the_instruction_and_answers_as_the_whole_prompt(opt_ex
         assert out == tok.decode(whole[0].tolist()).strip()
 
 
-def test_report_shows_flops_with_and_without_the_cache_and_its_memory(opt_export, shared_data):
+def test_report_shows_flops_with_and_without_the_cache_and_its_memory(opt_export, shared_data, ray_local):
     sni = {"kind": "sni", "path": str(shared_data / "sni"), "split": "mini", "part": "test", "format": "concat",
            "num_pos": 2, "max_per_task": 2}
     cfg = config.from_dict({"data": {"eval": [sni], "max_input_len": 128, "max_hyper_len": 256,

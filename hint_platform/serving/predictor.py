@@ -246,8 +246,8 @@ class CachedPredictor:
         decoder-only concat model reads Tk-Instruct's instruction part as its prompt's prefix,
         whose key/values are the task's state (pipelines.dataset, the causal layout)."""
         cfg = self.model.config
-        if cfg.hypernetwork:
-            return formats.sni_def(instruction, input_text)
+        if cfg.hypernetwork:  # 'Def', or a 'Def + k Pos' text as training read it
+            return formats.sni_served(instruction, input_text)
         if cfg.variant == "no_instruct":
             return formats.no_instruct(input_text)
         if cfg.is_decoder_only:
