@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import tarfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -26,6 +27,7 @@ from hint_model.peft_export import PROVENANCE, instruction_sha256
 from hint_platform.errors import UserError
 from hint_platform.export import write as write_export
 from hint_platform.serving.adapter import base_of
+from hint_platform.serving.batching import Batcher
 from hint_platform.serving.predictor import BadRequest, CachedPredictor, Generation, split_by_length
 from hint_platform.tracking import registry
 from hint_platform.tracking.runs import tracking_uri_scope
@@ -121,6 +123,41 @@ def test_split_by_length_is_the_least_cost_grouping():
         best = min(cost(g, lengths) for g in groupings(list(range(len(lengths)))) if all(len(x) <= 4 for x in g))
         assert cost(groups, lengths) == best
     assert split_by_length([5, 7, 6], 100, max_rows=16) == [[0, 2, 1]]  # similar lengths: one forward
+
+
+def test_rows_that_come_while_the_model_runs_share_its_next_forward():
+    """Serve's @serve.batch cut a batch `wait` after its first row even while the model still ran
+    the last one: under load every forward ran one row. The Batcher cuts the next batch when the
+    model is free: every row that came meanwhile (up to max_batch_size), cancelled ones left out,
+    and the model's exception is the answer of each row of its batch."""
+    batches, model_runs, release = [], threading.Event(), threading.Event()
+
+    def run(rows):
+        batches.append(rows)
+        model_runs.set()
+        release.wait()  # the first forward lasts until every later row has come
+        if -1 in rows:
+            raise ValueError("the model failed")
+        return [10 * row for row in rows]
+
+    async def requests():
+        batcher = Batcher(run, ThreadPoolExecutor(max_workers=1), max_batch_size=3, wait_s=0.01)
+        first = asyncio.ensure_future(batcher(0))
+        await asyncio.to_thread(model_runs.wait)
+        later = []
+        for row in (1, 2, 3, 4, 5):
+            later.append(asyncio.ensure_future(batcher(row)))
+            await asyncio.sleep(0.03)  # longer than the wait: @serve.batch cut a batch of each
+        later[1].cancel()
+        release.set()
+        answers = await asyncio.gather(first, *later, return_exceptions=True)
+        failed = await asyncio.gather(batcher(7), batcher(-1), return_exceptions=True)
+        return answers, failed
+
+    answers, failed = asyncio.run(requests())
+    assert batches[:3] == [[0], [1, 3, 4], [5]]
+    assert answers[:2] == [0, 10] and isinstance(answers[2], asyncio.CancelledError) and answers[3:] == [30, 40, 50]
+    assert batches[3:] == [[7, -1]] and all(isinstance(e, ValueError) for e in failed)
 
 
 def test_predictor_in_bf16_equals_the_bf16_model_and_caches_the_longest_instruction(export):

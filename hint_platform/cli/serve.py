@@ -38,8 +38,10 @@ def register(subparsers) -> None:
                    help="longest output (default: the model's target length); a request may ask for fewer")
     p.add_argument("--num-beams", type=int, default=1,
                    help="1: greedy; more: beam search; a request may ask for fewer")
-    p.add_argument("--max-batch-size", type=int, default=16, help="inputs per batched forward")
-    p.add_argument("--batch-wait-ms", type=float, default=5.0, help="how long a batch waits to fill")
+    p.add_argument("--max-batch-size", type=int, default=16,
+                   help="inputs per forward: a free model takes every input waiting, up to this")
+    p.add_argument("--batch-wait-ms", type=float, default=5.0,
+                   help="how long an idle model waits for more inputs to come with the first")
     p.add_argument("--max-inputs", type=int, default=64, help="inputs per request")
     p.add_argument("--max-chars", type=int, default=32_768, help="characters per instruction or input")
     p.add_argument("--max-body-kib", type=int, default=4096, help="request body size")

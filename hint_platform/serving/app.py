@@ -3,8 +3,9 @@
 Two deployments. `HintIngress` (one replica, no model) speaks HTTP: it checks each request,
 keeps the task ids it handed out (task_id -> instruction) and answers 4xx with the reason for
 a bad one. `HintReplica` (N replicas) holds the model and a CachedPredictor whose LRU cache
-of task states is bounded in MiB; its `@serve.batch` method gathers the inputs of concurrent
-requests, of any tasks, into one mixed-task forward. With several replicas a task's requests go
+of task states is bounded in MiB; its model thread runs the inputs of concurrent requests, of
+any tasks, as one mixed-task forward: every input that waited while the model ran the last one
+(serving/batching.py). With several replicas a task's requests go
 to the replica that holds its state (serving/routing.py). The application is named
 (`--name`, default "hint"): two `hint serve` on one cluster need two names, and another name
 than the default answers under /NAME (its routes below that prefix).
@@ -53,7 +54,8 @@ from starlette.responses import JSONResponse, Response
 from hint_model import TaskModules
 from hint_platform.errors import UserError
 from hint_platform.serving import adapter
-from hint_platform.serving.predictor import BadRequest, CachedPredictor, Generation, check_text
+from hint_platform.serving.batching import Batcher
+from hint_platform.serving.predictor import BadRequest, CachedPredictor, check_text
 from hint_platform.serving.routing import TaskAffinityRouter
 from hint_platform.tracking.registry import model_source, resolve_export
 
@@ -144,8 +146,7 @@ class HintReplica:
         # into batches, so it keeps taking them while the model runs.
         self._pool = ThreadPoolExecutor(max_workers=1)
         self._text_pool = ThreadPoolExecutor(max_workers=1)
-        self._batched.set_max_batch_size(opts.max_batch_size)
-        self._batched.set_batch_wait_timeout_s(opts.batch_wait_ms / 1000)
+        self._batcher = Batcher(self.predictor.generate, self._pool, opts.max_batch_size, opts.batch_wait_ms / 1000)
         self._hits = metrics.Counter("hint_task_cache_hits", description="task states served from the cache")
         self._misses = metrics.Counter("hint_task_cache_misses", description="task states generated")
         self._evictions = metrics.Counter("hint_task_cache_evictions",
@@ -164,7 +165,7 @@ class HintReplica:
             if self.predictor.cache.stats.evictions > evictions:
                 self._evictions.inc(self.predictor.cache.stats.evictions - evictions)
             self._bytes.set(self.predictor.cache.stats.total_bytes)
-            outputs = await asyncio.gather(*(self._batched((state, i, asked)) for i in ids))
+            outputs = await asyncio.gather(*(self._batcher((state, i, asked)) for i in ids))
         finally:
             self.predictor.cache.release(state)
         return {"outputs": list(outputs), "cache_hit": hit}
@@ -206,10 +207,6 @@ class HintReplica:
         return {**asdict(stats), "hit_rate": stats.hit_rate, "batches": p.batches, "mixed_batches": p.mixed_batches,
                 "rows": p.rows, "state_seconds": p.state_seconds, "generate_seconds": p.generate_seconds,
                 "longest_state_bytes": p.longest_state_bytes, "max_hyper_len": p.model.config.max_hyper_len}
-
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
-    async def _batched(self, items: list[tuple[TaskModules, list[int], Generation]]) -> list[str]:
-        return await asyncio.get_running_loop().run_in_executor(self._pool, self.predictor.generate, items)
 
 
 class TaskIds:

@@ -12,8 +12,8 @@ ranking fails on: Serve never resolves a request whose routing raised, and every
 of the handle then waits behind it.
 
 It is Ray Serve's public request-router extension (`ray.serve.request_router`); serve.multiplexed
-would route by task too, but Serve then splits every @serve.batch by task, and the replicas'
-batches mix tasks on purpose.
+would route by task too, but it is made for one model per id, loaded and evicted by count, where
+a task state is one entry of a cache bounded in MiB, and the replicas' batches mix tasks on purpose.
 """
 
 from __future__ import annotations
