@@ -11,6 +11,7 @@ when present, else the synthetic suite's. Then the same requests with --cache-mi
 request regenerates its task's state).
 
   python bench/serve_load.py                   # CPU: ~5 minutes on 2 busy cores
+  python bench/serve_load.py --tasks 50 --inputs 20   # the settings before: most misses cold
 
 Each run also says where the replica's model thread spent the run (GET /v1/stats): generating
 task states (what the cache saves), generating outputs, and how many rows a forward took.
@@ -46,16 +47,17 @@ from pipelines import formats, load_tokenizer, train_tokenizer, write_suite
 REPO = Path(__file__).resolve().parent.parent
 SNI = REPO.parent / "shared" / "data" / "sni" / "tasks"
 T5_TOKENIZER = REPO.parent / "shared" / "data" / "tokenizer" / "t5"
-TASKS, INPUTS = 10, 100
+TASKS, INPUTS = 10, 100  # the defaults of --tasks and --inputs
 MAX_HYPER_LEN = 1024  # the served model's (HintConfig default)
 
 
-def tasks_and_tokenizer(work: Path) -> tuple[list[tuple[str, list[str]]], Path, str]:
-    """(instruction, inputs) of TASKS tasks, a tokenizer directory, and where they came from."""
+def tasks_and_tokenizer(work: Path, count: int, inputs: int) -> tuple[list[tuple[str, list[str]]], Path, str]:
+    """(instruction, inputs) of `count` tasks of up to `inputs` inputs, a tokenizer directory, and
+    where they came from."""
     if SNI.is_dir() and T5_TOKENIZER.is_dir():
         files, tokenizer, where = sorted(SNI.glob("*.json")), T5_TOKENIZER, "SNI task files"
     else:
-        suite = write_suite(work / "suite", num_train_tasks=TASKS, num_test_tasks=1, instances_per_task=INPUTS,
+        suite = write_suite(work / "suite", num_train_tasks=count, num_test_tasks=1, instances_per_task=inputs,
                             num_pretrain_docs=5)
         train_tokenizer(suite.texts(), work / "tok", vocab_size=1000)
         files = sorted((Path(suite.root) / "sni" / "tasks").glob("*.json"))
@@ -67,8 +69,8 @@ def tasks_and_tokenizer(work: Path) -> tuple[list[tuple[str, list[str]]], Path, 
         instruction = formats.sni_def_pos_hyper(task["Definition"][0], task["Positive Examples"], 2, lambda text: True)
         # The server rightly refuses (400) an instruction over max_hyper_len: leave such tasks out.
         if len(tok.encode(formats.sni_def(instruction, "")[0])) <= MAX_HYPER_LEN:
-            tasks.append((instruction, [i["input"] for i in task["Instances"][:INPUTS]]))
-    return tasks[:TASKS], tokenizer, where
+            tasks.append((instruction, [i["input"] for i in task["Instances"][:inputs]]))
+    return tasks[:count], tokenizer, where
 
 
 def make_export(work: Path, tokenizer: Path, preset: str) -> Path:
@@ -193,12 +195,14 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=200, help="requests per run (at most)")
     parser.add_argument("--seconds", type=float, default=240, help="time per run (at most)")
     parser.add_argument("--cache-mib", type=float, default=512.0, help="the replica's cache when on")
+    parser.add_argument("--tasks", type=int, default=TASKS, help="tasks the requests go to")
+    parser.add_argument("--inputs", type=int, default=INPUTS, help="inputs per task (at most)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="hint-serve-load-") as tmp:
         work = Path(tmp)
-        tasks, tokenizer, where = tasks_and_tokenizer(work)
+        tasks, tokenizer, where = tasks_and_tokenizer(work, args.tasks, args.inputs)
         export_dir = make_export(work, tokenizer, args.preset)
         rng = random.Random(args.seed)
         weights = [1 / (rank + 1) ** 1.1 for rank in range(len(tasks))]  # Zipf-skewed popularity
@@ -206,7 +210,7 @@ def main() -> None:
         for _ in range(args.requests):
             instruction, inputs = rng.choices(tasks, weights)[0]
             requests.append({"instruction": instruction, "inputs": [rng.choice(inputs)]})
-        print(f"{args.preset} model, {len(tasks)} tasks from {where} (Zipf 1.1), up to {INPUTS} inputs each; "
+        print(f"{args.preset} model, {len(tasks)} tasks from {where} (Zipf 1.1), up to {args.inputs} inputs each; "
               f"{args.clients} clients, <= {args.requests} requests or {args.seconds:g} s a run", flush=True)
         results = {}
         for label, cache_mib in (("cache on", args.cache_mib), ("cache off", 0.0)):
