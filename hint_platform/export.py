@@ -7,6 +7,8 @@ the registry and serving read. Written in one place (`write`), read through this
                            SentencePiece) or tokenizer.json (+ its Hugging Face side files)
     optimizer.safetensors  the optimizer's state by parameter name, and its step (training's
                            `init_from` continues it; training/optim.py); absent when not carried
+    data_format.json       the input format the model was trained on, which serving builds again
+                           (`DataFormat`); absent when not written by training: SNI's
     manifest.json          every other file's size and sha256, written last
 
 An export is written into a temporary directory beside its place and renamed into it once its
@@ -21,6 +23,7 @@ import json
 import os
 import shutil
 import uuid
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -32,12 +35,14 @@ from hint_model import HintConfig, HintModel
 from hint_model.checkpoint import read_config
 from hint_platform.errors import UserError
 from hint_platform.placement import inference_device, inference_dtype
-from pipelines import Tokenizer, load_tokenizer
+from pipelines import SourceSpec, Tokenizer, load_tokenizer
 from pipelines.tokenizer import HF_FILE, MODEL_FILE, SIDE_FILES
 
 CONFIG = "config.json"
 TOKENIZER = "tokenizer"
 OPTIMIZER = "optimizer.safetensors"
+DATA_FORMAT = "data_format.json"
+FAMILIES = ("sni", "p3")  # DataFormat.family
 MANIFEST = "manifest.json"
 _PARTIAL, _OLD = ".partial-", ".old-"  # name.partial-XXXX: being written; name.old-XXXX: replaced
 
@@ -46,11 +51,36 @@ class ExportError(UserError):
     """An export that is missing, incomplete or damaged: the message names it and what is wrong."""
 
 
+@dataclass(frozen=True)
+class DataFormat:
+    """The input format a model was trained on. `family`: `sni` (SNI's formats; C4's too: every
+    text ends in EOS) or `p3` (the T0 mixture's: the hypernetwork reads the masked template, the
+    model the prompt, neither ending in EOS, as t0_tasks.py has it); `input_eos`: whether the
+    input and the hypernetwork text end in EOS (T5's layout); `formats`: the train sources'."""
+
+    family: str = "sni"
+    input_eos: bool = True
+    formats: tuple[str, ...] = ()
+
+    @classmethod
+    def of_sources(cls, sources: list[dict]) -> DataFormat:
+        """What a run's train sources (`data.train`) train its model on."""
+        specs = [SourceSpec.from_dict(s) for s in sources]
+        formats = tuple(sorted({s.format for s in specs}))
+        # A mixture of P3 and SNI (or C4) is served as SNI, as every export was before this record:
+        # a request is an instruction and an input, SNI's shape; a P3 prompt is such an input.
+        if specs and all(s.is_p3 for s in specs):
+            return cls("p3", False, formats)
+        return cls("sni", True, formats)
+
+
 def write(model: nn.Module, directory: str | Path, tokenizer_dir: str | Path,
           state_dict: dict[str, Tensor] | None = None,
-          optimizer: tuple[dict[str, Tensor], dict[str, str]] | None = None) -> Path:
+          optimizer: tuple[dict[str, Tensor], dict[str, str]] | None = None,
+          data_format: DataFormat | None = None) -> Path:
     """Saves `model` (or `state_dict`, e.g. gathered from FSDP shards), a copy of its tokenizer
-    and, given as (tensors, metadata), the optimizer state; replaces an export already there."""
+    and, given as (tensors, metadata), the optimizer state, and the input format it was trained
+    on; replaces an export already there."""
     directory = Path(directory).absolute()
     ours = (directory / MANIFEST).exists() or (directory / CONFIG).exists()
     if directory.is_dir() and any(directory.iterdir()) and not ours:
@@ -65,6 +95,8 @@ def write(model: nn.Module, directory: str | Path, tokenizer_dir: str | Path,
         _copy_tokenizer(Path(tokenizer_dir), partial / TOKENIZER)
         if optimizer is not None:
             save_file(optimizer[0], str(partial / OPTIMIZER), metadata=optimizer[1])
+        if data_format is not None:
+            (partial / DATA_FORMAT).write_text(json.dumps(asdict(data_format), indent=2))
         _write_manifest(partial)
         _replace(partial, directory)
     except BaseException:
@@ -172,6 +204,19 @@ def model_config(directory: str | Path) -> HintConfig:
     if not (directory / CONFIG).is_file():
         raise UserError(f"{directory}: not a model export (no {CONFIG})")
     return read_config(directory)
+
+
+def data_format(directory: str | Path) -> DataFormat:
+    """The input format the export's model was trained on: SNI's when the export does not say
+    (written before it recorded one, or not by training)."""
+    path = Path(directory) / DATA_FORMAT
+    if not path.is_file():
+        return DataFormat()
+    fields = json.loads(path.read_text())
+    if fields["family"] not in FAMILIES:  # a newer version's: serving it as SNI would be wrong
+        raise ExportError(f"{path}: input format family {fields['family']!r} is not one of "
+                          f"{', '.join(FAMILIES)}")
+    return DataFormat(fields["family"], fields["input_eos"], tuple(fields["formats"]))
 
 
 def load(directory: str | Path, device: torch.device | str | None = None,

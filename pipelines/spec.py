@@ -74,6 +74,11 @@ class SourceSpec:
     def is_train(self) -> bool:
         return self.part == "train"
 
+    @property
+    def is_p3(self) -> bool:
+        """The T0 mixture's kinds, whose inputs and hypernetwork inputs end without EOS (pipelines.p3)."""
+        return self.kind in ("p3", "p3_rendered")
+
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = "data source") -> "SourceSpec":
         if not isinstance(data, dict):
@@ -117,7 +122,7 @@ class SourceSpec:
         if self.num_shots and not self.is_train and not self.shots_path:
             raise SpecError(f"{where}: num_shots with part 'test' needs shots_path (the dataset's train "
                             "records): shots are never drawn from the records being evaluated")
-        if self.edited_prompts and self.kind not in ("p3", "p3_rendered"):
+        if self.edited_prompts and not self.is_p3:
             raise SpecError(f"{where}: edited_prompts: only P3 sources (kind p3, p3_rendered) read it, "
                             f"got kind {self.kind!r}")
         if self.kind == "p3" and not (self.templates and self.dataset):

@@ -19,6 +19,7 @@ from mlflow.tracking import MlflowClient
 from ray.train import UserCallback
 from safetensors.torch import load_file
 
+from hint_platform import export
 from hint_platform.training.checkpoint import TRAIN_STATE
 from hint_platform.config import ConfigError, from_dict
 from hint_platform.training.optim import build_optimizer
@@ -157,6 +158,7 @@ def test_fsdp_matches_one_process_through_a_killed_worker(fsdp_run):
     exported = load_file(str(Path(result.export_dir) / "model.safetensors"))
     for name, value in model.state_dict().items():
         torch.testing.assert_close(exported[name], value, rtol=1e-3, atol=1e-5)
+    assert export.data_format(result.export_dir) == export.DataFormat("sni", True, ("def",))  # data.train's
 
 
 def test_skipped_bad_records_are_in_the_run_metrics(fsdp_run):

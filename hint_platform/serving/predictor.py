@@ -7,6 +7,12 @@ batch, reuses it. A batch may mix tasks: their states are stacked and each examp
 own row (the model's batched path), so concurrent requests of different tasks share a forward.
 On the CPU a batch of inputs of very different lengths runs as several forwards of similar
 lengths (`split_by_length`): every row is padded to its forward's longest.
+
+A request is read as the model's training data was (`export.data_format`; SNI's where the
+export does not say): SNI's formats, a T5 model's instruction and input ending in EOS; or P3's:
+the instruction (the masked template) to the hypernetwork, the input (the prompt) to the model,
+neither ending in EOS (t0_tasks.py), and a model without a hypernetwork reads the prompt alone
+(T0's concat: the prompt carries the instruction).
 """
 
 from __future__ import annotations
@@ -216,6 +222,11 @@ class CachedPredictor:
                 raise UserError(f"{name} must be >= 1, got {value}")
         # On the GPU Ray assigned to this process (bf16 there), else the CPU: placement.py.
         self.model, self.tokenizer = export.load(export_dir, device=device, dtype=dtype)
+        trained_on = export.data_format(export_dir)
+        self.p3 = trained_on.family == "p3"
+        # EOS after the instruction and the input: T5's layout, not P3's (t0_tasks.py), nor the
+        # causal one (the prompt goes on).
+        self.input_eos = trained_on.input_eos and not self.model.config.is_decoder_only
         self.device = next(self.model.parameters()).device
         capacity = default_cache_bytes(self.model) if cache_mib is None else int(cache_mib * 2**20)
         self.cache = TaskStateCache(capacity)
@@ -242,10 +253,13 @@ class CachedPredictor:
     # ---- text -> tokens ----
 
     def texts(self, instruction: str, input_text: str) -> tuple[str, str]:
-        """(instruction text, model text) in the SNI format the model's variant trains on. A
-        decoder-only concat model reads Tk-Instruct's instruction part as its prompt's prefix,
-        whose key/values are the task's state (pipelines.dataset, the causal layout)."""
+        """(instruction text, model text) in the format the model's variant trains on: P3's
+        (`joint`, or T0's `concat`), else SNI's. A decoder-only SNI concat model reads
+        Tk-Instruct's instruction part as its prompt's prefix, whose key/values are the task's
+        state (pipelines.dataset, the causal layout)."""
         cfg = self.model.config
+        if self.p3:
+            return formats.p3_joint(instruction, input_text) if cfg.hypernetwork else formats.p3_concat(input_text)
         if cfg.hypernetwork:  # 'Def', or a 'Def + k Pos' text as training read it
             return formats.sni_served(instruction, input_text)
         if cfg.variant == "no_instruct":
@@ -264,9 +278,9 @@ class CachedPredictor:
         text = self.texts(instruction, "")[0]
         if not text:
             return ()
-        tokens = self.tokenizer.encode(text)
-        if self.model.config.is_decoder_only:  # the causal layout: BOS first, no EOS
-            tokens = list(self.tokenizer.bos_ids) + tokens[:-1]
+        tokens = self.tokenizer.encode(text, eos=self.input_eos)
+        if self.model.config.is_decoder_only:  # the causal layout: BOS first
+            tokens = list(self.tokenizer.bos_ids) + tokens
         limit = self.model.config.max_hyper_len
         if len(tokens) > limit:
             raise BadRequest(f"instruction has {len(tokens)} tokens, more than the model's "
@@ -279,7 +293,7 @@ class CachedPredictor:
         check_text(input_text, "input")
         hyper, text = self.texts(instruction, input_text)
         if not self.model.config.is_decoder_only:
-            return self.tokenizer.encode(text, self.max_input_len)
+            return self.tokenizer.encode(text, self.max_input_len, eos=self.input_eos)
         bos = [] if hyper else list(self.tokenizer.bos_ids)  # the prompt's start (causal layout)
         return bos + self.tokenizer.encode(text, self.max_input_len - len(bos), eos=False)
 

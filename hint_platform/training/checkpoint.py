@@ -16,7 +16,8 @@ No pickle: tensors go through DCP and safetensors, the rest is JSON.
 `export_model` gathers the trained weights for the export (its layout: hint_platform/export.py),
 with Adafactor's state, which `restore_optimizer` sets again when a later stage starts from the
 export (the reference restores the optimizer state between stages: t5x's full_restore.gin).
-AdamW's state, twice the model, is not carried.
+AdamW's state, twice the model, is not carried. The export records the input format of the
+run's train sources (`export.DataFormat`), which serving builds again.
 """
 
 from __future__ import annotations
@@ -146,9 +147,11 @@ def latest_train_state(run_dir: str) -> TrainState | None:
 
 
 def export_model(model: nn.Module, directory: str | Path, tokenizer_dir: str | Path,
-                 optimizer: torch.optim.Optimizer | None = None, step: int = 0) -> None:
+                 optimizer: torch.optim.Optimizer | None = None, step: int = 0,
+                 sources: list[dict] | None = None) -> None:
     """Collective: gathers the full state dict (and an Adafactor's state) to rank 0, on CPU,
-    which writes the export; `step` is the training step it was taken at."""
+    which writes the export; `step` is the training step it was taken at, `sources` the run's
+    train sources (data.train), whose input format the export records for serving."""
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
                                                                  cpu_offload=True))
     carried = None
@@ -156,7 +159,8 @@ def export_model(model: nn.Module, directory: str | Path, tokenizer_dir: str | P
         carried = (optimizer.full_state(model), {"optimizer": "adafactor", "step": str(step)})
     if dist.is_initialized() and dist.get_rank() != 0:
         return
-    export.write(model, directory, tokenizer_dir, state_dict=full, optimizer=carried)
+    data_format = None if sources is None else export.DataFormat.of_sources(sources)
+    export.write(model, directory, tokenizer_dir, state_dict=full, optimizer=carried, data_format=data_format)
 
 
 def restore_optimizer(directory: str | Path, model: nn.Module,

@@ -246,7 +246,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
         else:
             ray.train.report(metrics)
     with storage.local_dir(export_dir, upload=rank == 0) as local:
-        export_model(model, local, cfg.data.tokenizer, optimizer, state.step)
+        export_model(model, local, cfg.data.tokenizer, optimizer, state.step, sources=cfg.data.train)
         unlogged = logger.close({"export": local})
     if rank:
         return None
