@@ -20,7 +20,8 @@ def register(subparsers) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", default="runs/demo", help="run directory (replaced if it exists)")
     p.add_argument("--quick", action="store_true",
-                   help="a smoke version: a tiny suite and two steps per stage (about 2 minutes)")
+                   help="a smoke version: a tiny suite, two steps and one worker per stage "
+                        "(about 4 minutes on 2 cores)")
     p.set_defaults(func=run)
 
 

@@ -90,9 +90,12 @@ class DemoSettings:
 
     @classmethod
     def quick(cls) -> "DemoSettings":
+        # One worker a stage: the quick version checks the chain of stages, not the sharding
+        # (tests/test_train.py checks FSDP over two workers); a second worker costs each stage
+        # one more process importing torch.
+        short = ("train.max_steps=2", "train.num_workers=1")
         return cls(num_train_tasks=20, num_test_tasks=4, instances_per_task=20, num_pretrain_docs=40,
-                   vocab_size=300, eval_per_task=4, pretrain_overrides=("train.max_steps=2",),
-                   finetune_overrides=("train.max_steps=2",))
+                   vocab_size=300, eval_per_task=4, pretrain_overrides=short, finetune_overrides=short)
 
 
 class Progress:
