@@ -103,7 +103,7 @@ def test_a_task_in_def_pos_format_gives_the_definition_and_positive_examples_as_
     (trained,) = itertools.islice(iter_records(
         [{"kind": "sni", "path": str(checkout), "split": "one", "format": "def_pos"}],
         str(export.tokenizer_dir(out)), max_hyper_len=MAX_HYPER, causal=True), 1)
-    assert list(CachedPredictor(str(out), cache_mib=0).task_key(text)) == trained["hyper_input_ids"]
+    assert list(CachedPredictor(str(out), cache_mib=0).reader.task_key(text)) == trained["hyper_input_ids"]
 
 
 def test_a_registered_model_tags_the_run_that_logged_it(llama, tmp_path, monkeypatch):

@@ -32,12 +32,12 @@ def test_predictor_caches_the_instruction_and_answers_as_the_whole_prompt(opt_ex
     outputs = predictor.predict([instruction] * 2, inputs)
     assert predictor.predict([instruction], inputs[:1]) == outputs[:1]
     assert (predictor.cache.stats.misses, predictor.cache.stats.hits) == (1, 1)
-    key = predictor.task_key(instruction)
+    key = predictor.reader.task_key(instruction)
     assert key[0] == tok.bos_ids[0] and tok.eos_id not in key[1:]
     state, _ = predictor.task_state(key)
     assert state.instruction_key is not None and state.nbytes > 0
     for text, out in zip(inputs, outputs):
-        prompt = list(key) + predictor.input_ids(instruction, text)
+        prompt = list(key) + predictor.reader.input_ids(instruction, text)
         assert tok.decode(prompt) == formats.sni_concat(instruction, [], 0, text)[1]
         ids = torch.tensor([prompt])
         whole = predictor.model.generate(ids, torch.ones_like(ids), max_new_tokens=6)

@@ -28,7 +28,8 @@ from hint_platform.errors import UserError
 from hint_platform.export import write as write_export
 from hint_platform.serving.adapter import base_of
 from hint_platform.serving.batching import Batcher
-from hint_platform.serving.predictor import BadRequest, CachedPredictor, Generation, split_by_length
+from hint_platform.serving.predictor import CachedPredictor, Generation, split_by_length
+from hint_platform.serving.requests import BadRequest
 from hint_platform.tracking import registry
 from hint_platform.tracking.runs import tracking_uri_scope
 from pipelines import train_tokenizer, write_suite
@@ -67,7 +68,7 @@ def test_predictor_outputs_equal_model_generate(export):
     assert predictor.cache.stats.misses == 3 and predictor.cache.stats.hits == 0
     assert predictor.mixed_batches >= 1 or predictor.batches == 3
     for instruction, text, output in zip(instructions, inputs, got):
-        hyper, model_input = predictor.texts(instruction, text)
+        hyper, model_input = predictor.reader.texts(instruction, text)
         hyper_ids = torch.tensor([predictor.tokenizer.encode(hyper)])
         ids = torch.tensor([predictor.tokenizer.encode(model_input)])
         tokens = model.generate(ids, hyper_input_ids=hyper_ids)
@@ -84,7 +85,7 @@ def test_a_batch_of_short_inputs_and_a_long_one_runs_as_two_forwards_on_the_cpu(
     instruction, inputs = tasks[0]
     long_input = " ".join(inputs * 40)
     rows = [inputs[0], long_input, inputs[1], inputs[2]]
-    key, ids = predictor.tokenize(instruction, rows)
+    key, ids = predictor.reader.tokenize(instruction, rows)
     assert len(ids[1]) > 3 * max(len(ids[i]) for i in (0, 2, 3)) + 150
     state, _ = predictor.task_state(key)
     got = predictor.generate([(state, row, predictor.default) for row in ids])
@@ -165,10 +166,10 @@ def test_predictor_in_bf16_equals_the_bf16_model_and_caches_the_longest_instruct
     predictor = CachedPredictor(out, dtype="bfloat16", batch_size=4)
     assert next(predictor.model.parameters()).dtype == torch.bfloat16 and predictor.device.type == "cpu"
     instruction, inputs = tasks[0][0], tasks[0][1][:3]
-    hyper, _ = predictor.texts(instruction, "")
+    hyper, _ = predictor.reader.texts(instruction, "")
     hyper_ids = torch.tensor([predictor.tokenizer.encode(hyper)])
     for text, output in zip(inputs, predictor.predict([instruction] * 3, inputs)):
-        ids = torch.tensor([predictor.tokenizer.encode(predictor.texts(instruction, text)[1])])
+        ids = torch.tensor([predictor.tokenizer.encode(predictor.reader.texts(instruction, text)[1])])
         tokens = predictor.model.generate(ids, hyper_input_ids=hyper_ids)
         assert output == predictor.tokenizer.decode(tokens[0].tolist()).strip()
     longest = tuple(range(5, 5 + MAX_HYPER))  # the default bound is sized to hold it
@@ -179,9 +180,9 @@ def test_predictor_in_bf16_equals_the_bf16_model_and_caches_the_longest_instruct
 def test_cache_evicts_least_recently_used_at_its_bound(export):
     out, _, tasks = export
     probe = CachedPredictor(out)
-    sizes = [probe.task_state(probe.task_key(t[0]))[0].nbytes for t in tasks[:3]]
+    sizes = [probe.task_state(probe.reader.task_key(t[0]))[0].nbytes for t in tasks[:3]]
     predictor = CachedPredictor(out, cache_mib=(sizes[0] + sizes[1]) / 2**20)
-    keys = [predictor.task_key(t[0]) for t in tasks[:3]]
+    keys = [predictor.reader.task_key(t[0]) for t in tasks[:3]]
     for key in (keys[0], keys[1], keys[0], keys[2]):
         predictor.cache.release(predictor.task_state(key)[0])
     stats = predictor.cache.stats
@@ -196,10 +197,10 @@ def test_cache_counts_the_states_requests_hold_and_the_stacked_copies(export):
     copy counts while it lives."""
     out, _, tasks = export
     probe = CachedPredictor(out)
-    sizes = [probe.task_state(probe.task_key(t[0]))[0].nbytes for t in tasks[:3]]
+    sizes = [probe.task_state(probe.reader.task_key(t[0]))[0].nbytes for t in tasks[:3]]
     predictor = CachedPredictor(out, cache_mib=(sizes[0] + sizes[1]) / 2**20)
     cache, stats = predictor.cache, predictor.cache.stats
-    keys = [predictor.task_key(t[0]) for t in tasks[:3]]
+    keys = [predictor.reader.task_key(t[0]) for t in tasks[:3]]
     held = [predictor.task_state(key)[0] for key in keys]  # three requests in flight at once
     assert keys[0] in cache and keys[1] in cache and keys[2] not in cache
     assert (stats.bytes, stats.in_flight_bytes, stats.evictions) == (sizes[0] + sizes[1], sizes[2], 0)
@@ -251,13 +252,13 @@ def test_the_latency_metric_tags_unknown_paths_as_other():
 def test_bad_instructions_are_refused_with_the_reason(export):
     predictor = CachedPredictor(export[0])
     with pytest.raises(BadRequest, match="instruction is empty"):
-        predictor.task_key("  ")
+        predictor.reader.task_key("  ")
     with pytest.raises(BadRequest, match=f"more than the model's max_hyper_len={MAX_HYPER}"):
-        predictor.task_key("word " * 200)
+        predictor.reader.task_key("word " * 200)
     with pytest.raises(BadRequest, match="instruction is not well-formed Unicode: a lone surrogate at character 5"):
-        predictor.task_key("Count\ud800 the words.")
+        predictor.reader.task_key("Count\ud800 the words.")
     with pytest.raises(BadRequest, match="input is not well-formed Unicode"):
-        predictor.input_ids("Count the words.", "\udfff")
+        predictor.reader.input_ids("Count the words.", "\udfff")
 
 
 # ---- one Ray Serve instance for the rest of the module ----
@@ -292,7 +293,7 @@ def served(export, ray_local, tmp_path_factory):
     registry.log_and_register(out, tracking_uri=uri, name="hint-serve-test")
     registry.set_alias(uri, "hint-serve-test", "champion", 1)
     probe = CachedPredictor(out)
-    size = max(probe.task_state(probe.task_key(t[0]))[0].nbytes for t in tasks)
+    size = max(probe.task_state(probe.reader.task_key(t[0]))[0].nbytes for t in tasks)
     opts = app.ServeOptions(model="models:/hint-serve-test@champion", tracking_uri=uri, replicas=1,
                             cache_mib=2.5 * size / 2**20, max_inputs=8, max_batch_size=8,
                             batch_wait_ms=200.0, replica_cpus=0.5, max_chars=4000, max_body_kib=64,
@@ -692,7 +693,7 @@ def test_hint_predict_equals_model_generate_row_for_row(export, ray_local, tmp_p
     predictor = CachedPredictor(out)
     by_id = got.set_index("id")
     for i, row in enumerate(rows):  # the file's rows: their instruction in the model's format
-        hyper, model_input = predictor.texts(row["instruction"], row["input"])
+        hyper, model_input = predictor.reader.texts(row["instruction"], row["input"])
         tokens = predictor.model.generate(torch.tensor([predictor.tokenizer.encode(model_input)]),
                                           hyper_input_ids=torch.tensor([predictor.tokenizer.encode(hyper)]))
         assert by_id.loc[f"rows.jsonl:{i}", "prediction"] == predictor.tokenizer.decode(tokens[0].tolist()).strip()

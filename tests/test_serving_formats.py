@@ -41,8 +41,8 @@ def assert_served_as_trained(export_dir, records: list[tuple[dict, dict]]) -> No
     predictor = CachedPredictor(export_dir, cache_mib=0)
     for texts, row in records:
         instruction = texts["hyper"] or "Answer."  # a model without a hypernetwork reads none apart
-        assert list(predictor.task_key(instruction)) == row["hyper_input_ids"]
-        assert predictor.input_ids(instruction, texts["input"]) == row["input_ids"]
+        assert list(predictor.reader.task_key(instruction)) == row["hyper_input_ids"]
+        assert predictor.reader.input_ids(instruction, texts["input"]) == row["input_ids"]
 
 
 @pytest.fixture(scope="module")
@@ -118,3 +118,32 @@ def test_only_a_run_of_p3_sources_alone_is_served_as_p3(tmp_path):
     (tmp_path / export.DATA_FORMAT).write_text(json.dumps({"family": "flan", "input_eos": True, "formats": []}))
     with pytest.raises(ExportError, match=r"data_format\.json: input format family 'flan' is not one of sni, p3"):
         export.data_format(tmp_path)
+
+
+@pytest.mark.parametrize("family", ["p3", "decoder"])
+def test_hint_predicts_driver_check_counts_an_instruction_as_the_actors_read_it(
+        shared_data, t5_tokenizer, llama_base, tmp_path, family):
+    """`hint predict` refuses a row before any model work exactly when the actor would: an
+    instruction of max_hyper_len tokens as the model reads it (no EOS for P3; BOS and no EOS
+    for a decoder) passes, one token more is refused naming the row."""
+    import pyarrow as pa
+
+    from hint_platform.errors import UserError
+    from hint_platform.serving.batch import check_rows
+    from hint_platform.serving.requests import BadRequest, RequestReader
+
+    out = tmp_path / "export"
+    if family == "p3":
+        model = HintModel(HintConfig.preset("tiny", vocab_size=T5_VOCAB, max_hyper_len=32))
+        export_model(model, out, t5_tokenizer, sources=[p3_source(shared_data, "joint")])
+    else:
+        model = HintModel.from_hf_checkpoint(llama_base, variant="lora_only", lora_rank=8, max_hyper_len=32)
+        export_model(model, out, llama_base)
+    reader = RequestReader.of_export(out)
+    words = next(n for n in range(1, 64) if len(reader.task_key(" ".join(["yes"] * n))) == 32)
+    fits, over = " ".join(["yes"] * words), " ".join(["yes"] * (words + 1))
+    with pytest.raises(BadRequest):
+        reader.task_key(over)
+    check_rows(pa.table({"id": ["a"], "instruction": [fits]}), out, 1024)
+    with pytest.raises(UserError, match="row b: instruction has 3[3-9] tokens, more than the model's max_hyper_len=32"):
+        check_rows(pa.table({"id": ["a", "b"], "instruction": [fits, over]}), out, 1024)

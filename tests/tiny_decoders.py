@@ -103,7 +103,7 @@ def assert_peft_runs_the_task_as_hint(model_dir: Path, base: Path, adapter: Path
     """PEFT over transformers' base gives the HINT model's logits for the task (fp32, 1e-4),
     and not the base's own."""
     predictor = CachedPredictor(model_dir, cache_mib=0, dtype="float32")
-    ids = torch.tensor([predictor.task_key(instruction)])
+    ids = torch.tensor([predictor.reader.task_key(instruction)])
     modules = predictor.model.generate_modules(ids, torch.ones_like(ids))
     peft_model = PeftModel.from_pretrained(
         AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), adapter).eval()

@@ -21,7 +21,8 @@ from pathlib import Path
 
 from hint_model import HintConfig, TaskModules
 from hint_model.peft_export import AdapterExportError, adapter_nbytes, check_exportable, instruction_sha256
-from hint_platform.serving.predictor import BadRequest, CachedPredictor
+from hint_platform.serving.predictor import CachedPredictor
+from hint_platform.serving.requests import BadRequest
 
 ARCHIVE_TYPE = "application/gzip"  # a .tar.gz: one folder with the adapter's files
 
@@ -75,7 +76,7 @@ def write(predictor: CachedPredictor, instruction: str, directory: str | Path,
           provenance: dict[str, str | None], base: str | None = None) -> Path:
     """The task's adapter in `directory`: its state from the cache, else generated."""
     check(predictor.model.config)
-    state, _ = predictor.task_state(predictor.task_key(instruction))
+    state, _ = predictor.task_state(predictor.reader.task_key(instruction))
     try:
         return save(predictor, state, instruction, directory, provenance, base)
     finally:

@@ -55,7 +55,8 @@ from hint_model import TaskModules
 from hint_platform.errors import UserError
 from hint_platform.serving import adapter
 from hint_platform.serving.batching import Batcher
-from hint_platform.serving.predictor import BadRequest, CachedPredictor, check_text
+from hint_platform.serving.predictor import CachedPredictor
+from hint_platform.serving.requests import BadRequest, check_text
 from hint_platform.serving.routing import TaskAffinityRouter
 from hint_platform.tracking.registry import model_source, resolve_export
 
@@ -157,7 +158,7 @@ class HintReplica:
     async def predict(self, instruction: str, inputs: list[str], generation: dict | None = None) -> dict:
         asked = self.predictor.generation(**(generation or {}))
         loop = asyncio.get_running_loop()
-        key, ids = await loop.run_in_executor(self._text_pool, self.predictor.tokenize, instruction, inputs)
+        key, ids = await loop.run_in_executor(self._text_pool, self.predictor.reader.tokenize, instruction, inputs)
         evictions = self.predictor.cache.stats.evictions
         state, hit = await self._task_state(key)
         try:
@@ -189,7 +190,7 @@ class HintReplica:
         there is one; a model whose tasks are no plain LoRA is refused before any work."""
         adapter.check(self.predictor.model.config, self.max_adapter_bytes)
         loop = asyncio.get_running_loop()
-        key, _ = await loop.run_in_executor(self._text_pool, self.predictor.tokenize, instruction, [])
+        key, _ = await loop.run_in_executor(self._text_pool, self.predictor.reader.tokenize, instruction, [])
         state, _ = await self._task_state(key)
         try:
             return await loop.run_in_executor(self._pool, adapter.archive, self.predictor, state,

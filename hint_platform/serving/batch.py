@@ -44,9 +44,10 @@ from hint_platform.placement import model_process_count, model_process_resources
 from hint_platform.redact import env_secrets, redact
 from hint_platform.serving import batch_output
 from hint_platform.serving.predictor import CachedPredictor
+from hint_platform.serving.requests import BadRequest, RequestReader
 from hint_platform.tracking.registry import resolve_export
 from hint_platform.tracking.runs import experiment_run
-from pipelines import SourceSpec, SpecError, formats, iter_records, load_tokenizer
+from pipelines import SourceSpec, SpecError, iter_records, load_tokenizer
 
 FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
 ROWS = pa.schema([("id", pa.string()), ("task", pa.string()), ("instruction", pa.string()),
@@ -104,10 +105,10 @@ class PredictActor:
                                                          batch["hyper_input_ids"], batch["input_ids"], batch["id"]):
             if instruction:  # a file row: text, formatted and tokenised as the model expects
                 try:
-                    keys.append(self.predictor.task_key(instruction))
+                    keys.append(self.predictor.reader.task_key(instruction))
                 except UserError as e:
                     raise UserError(f"row {row_id}: {e}") from None
-                input_ids.append(self.predictor.input_ids(instruction, text))
+                input_ids.append(self.predictor.reader.input_ids(instruction, text))
             else:  # a data-spec row: tokenised by the pipeline in the spec's format
                 keys.append(tuple(int(t) for t in hyper))
                 input_ids.append([int(t) for t in ids])
@@ -190,25 +191,20 @@ def _file_rows(path: Path) -> pa.Table:
         "references": [[r] if isinstance(r, str) else list(r or []) for r in references]}, schema=ROWS)
 
 
-def check_rows(table: pa.Table, export_dir: Path) -> None:
-    """On the driver, before any model work: every file row's instruction is not empty and fits
-    the model's max_hyper_len once formatted as the model reads it (CachedPredictor.texts: the
-    SNI definition format for a hypernetwork). Data-spec rows were checked by their pipeline."""
-    cfg = read_config(export_dir)
-    tokenizer = load_tokenizer(export.tokenizer_dir(export_dir))
-    lengths: dict[str, int] = {}
+def check_rows(table: pa.Table, export_dir: Path, max_input_len: int) -> None:
+    """On the driver, before any model work: every file row's instruction is well-formed, not
+    empty and fits the model's max_hyper_len, tokenised as the actors will (RequestReader: the
+    model's format, without loading its weights). Data-spec rows were checked by their pipeline."""
+    reader = RequestReader.of_export(export_dir, max_input_len)
+    checked: set[str] = set()
     for row_id, instruction in zip(table.column("id").to_pylist(), table.column("instruction").to_pylist()):
-        if not instruction:  # a data-spec row
+        if not instruction or instruction in checked:  # a data-spec row, or an instruction seen
             continue
-        if not instruction.strip():
-            raise UserError(f"row {row_id}: instruction is empty")
-        if not cfg.hypernetwork:
-            continue
-        if instruction not in lengths:
-            lengths[instruction] = len(tokenizer.encode(formats.sni_def(instruction, "")[0]))
-        if lengths[instruction] > cfg.max_hyper_len:
-            raise UserError(f"row {row_id}: instruction has {lengths[instruction]} tokens, more than "
-                            f"the model's max_hyper_len={cfg.max_hyper_len}")
+        try:
+            reader.task_key(instruction)
+        except BadRequest as e:
+            raise UserError(f"row {row_id}: {e}") from None
+        checked.add(instruction)
 
 
 def predict(opts: PredictOptions, *, log_run: bool = True,
@@ -218,7 +214,7 @@ def predict(opts: PredictOptions, *, log_run: bool = True,
     start = time.perf_counter()
     export_dir = resolve_export(opts.model, opts.tracking_uri)
     table = read_rows(opts.sources, export_dir, opts.max_input_len)
-    check_rows(table, export_dir)
+    check_rows(table, export_dir, opts.max_input_len)
     ids = table.column("id").to_pylist()
     twice = [i for i, n in Counter(ids).items() if n > 1]
     if twice:  # a rerun resumes by id: each must name one row

@@ -8,11 +8,7 @@ own row (the model's batched path), so concurrent requests of different tasks sh
 On the CPU a batch of inputs of very different lengths runs as several forwards of similar
 lengths (`split_by_length`): every row is padded to its forward's longest.
 
-A request is read as the model's training data was (`export.data_format`; SNI's where the
-export does not say): SNI's formats, a T5 model's instruction and input ending in EOS; or P3's:
-the instruction (the masked template) to the hypernetwork, the input (the prompt) to the model,
-neither ending in EOS (t0_tasks.py), and a model without a hypernetwork reads the prompt alone
-(T0's concat: the prompt carries the instruction).
+A request's texts become token ids as the model's training data gave them: serving/requests.py.
 """
 
 from __future__ import annotations
@@ -32,32 +28,15 @@ from hint_platform import export
 from hint_platform.errors import UserError
 from hint_platform.placement import default_cache_bytes, task_state_bytes
 from hint_platform.evaluation.inference import task_modules
-from pipelines import formats
+from hint_platform.serving.requests import BadRequest, RequestReader, TaskKey
 from pipelines.collate import pad_sequences
 
-TaskKey = tuple[int, ...]  # the instruction's token ids (empty for variants that read none)
 # What one more forward costs on the CPU, in padded input tokens: a forward decodes every step
 # through the decoder and the vocabulary projection (read from memory whatever the rows), while
 # an input token costs its encoding. Measured with `bench/serve_load.py`'s small model on one
 # core: ~150 ms a forward + ~1 ms an input token. On an accelerator padding is nearly free
 # until it is saturated: batches run whole there.
 CPU_FORWARD_COST_TOKENS = 150
-
-
-class BadRequest(UserError):
-    """An instruction or input the model cannot take; the message says which and why."""
-
-    status = 400  # what `hint serve` answers it with
-
-
-def check_text(text: str, where: str) -> str:
-    """`text` if it is well-formed Unicode: JSON's "\\ud800" escapes decode to lone surrogates,
-    which neither the tokenizer nor UTF-8 takes."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise BadRequest(f"{where} is not well-formed Unicode: a lone surrogate at character {e.start}") from None
-    return text
 
 
 def split_by_length(lengths: list[int], forward_cost: float, max_rows: int) -> list[list[int]]:
@@ -222,17 +201,14 @@ class CachedPredictor:
                 raise UserError(f"{name} must be >= 1, got {value}")
         # On the GPU Ray assigned to this process (bf16 there), else the CPU: placement.py.
         self.model, self.tokenizer = export.load(export_dir, device=device, dtype=dtype)
-        trained_on = export.data_format(export_dir)
-        self.p3 = trained_on.family == "p3"
-        # EOS after the instruction and the input: T5's layout, not P3's (t0_tasks.py), nor the
-        # causal one (the prompt goes on).
-        self.input_eos = trained_on.input_eos and not self.model.config.is_decoder_only
+        # Requests read as the model's training data was (serving/requests.py).
+        self.reader = RequestReader(self.model.config, self.tokenizer, export.data_format(export_dir), max_input_len)
         self.device = next(self.model.parameters()).device
         capacity = default_cache_bytes(self.model) if cache_mib is None else int(cache_mib * 2**20)
         self.cache = TaskStateCache(capacity)
         self.longest_state_bytes = task_state_bytes(self.model)  # at max_hyper_len tokens
         self.default = Generation(max_new_tokens or self.model.config.max_target_len, num_beams)
-        self.batch_size, self.max_input_len = batch_size, max_input_len
+        self.batch_size = batch_size
         self.forward_cost = CPU_FORWARD_COST_TOKENS if self.device.type == "cpu" else None
         self.batches = self.mixed_batches = self.rows = 0  # forwards run, how many mixed tasks, their rows
         # Seconds the model ran: generating task states, and generating outputs (what a cache
@@ -249,57 +225,6 @@ class CachedPredictor:
                 raise BadRequest(f"field {name!r} must be an integer from 1 to {bound} (this server's bound), "
                                  f"got {json.dumps(value)[:40]}")
         return Generation(max_new_tokens or self.default.max_new_tokens, num_beams or self.default.num_beams)
-
-    # ---- text -> tokens ----
-
-    def texts(self, instruction: str, input_text: str) -> tuple[str, str]:
-        """(instruction text, model text) in the format the model's variant trains on: P3's
-        (`joint`, or T0's `concat`), else SNI's. A decoder-only SNI concat model reads
-        Tk-Instruct's instruction part as its prompt's prefix, whose key/values are the task's
-        state (pipelines.dataset, the causal layout)."""
-        cfg = self.model.config
-        if self.p3:
-            return formats.p3_joint(instruction, input_text) if cfg.hypernetwork else formats.p3_concat(input_text)
-        if cfg.hypernetwork:  # 'Def', or a 'Def + k Pos' text as training read it
-            return formats.sni_served(instruction, input_text)
-        if cfg.variant == "no_instruct":
-            return formats.no_instruct(input_text)
-        if cfg.is_decoder_only:
-            return (formats.sni_concat_instruction(instruction, [], 0, lambda text: True),
-                    formats.sni_concat_prompt(input_text))
-        return formats.sni_concat(instruction, [], 0, input_text)
-
-    def task_key(self, instruction: str) -> TaskKey:
-        """The instruction's tokens (none for a variant that reads no instruction apart), checked:
-        not empty, at most max_hyper_len tokens."""
-        if not isinstance(instruction, str) or not instruction.strip():
-            raise BadRequest("instruction is empty")
-        check_text(instruction, "instruction")
-        text = self.texts(instruction, "")[0]
-        if not text:
-            return ()
-        tokens = self.tokenizer.encode(text, eos=self.input_eos)
-        if self.model.config.is_decoder_only:  # the causal layout: BOS first
-            tokens = list(self.tokenizer.bos_ids) + tokens
-        limit = self.model.config.max_hyper_len
-        if len(tokens) > limit:
-            raise BadRequest(f"instruction has {len(tokens)} tokens, more than the model's "
-                             f"max_hyper_len={limit}")
-        return tuple(tokens)
-
-    def input_ids(self, instruction: str, input_text: str) -> list[int]:
-        if not isinstance(input_text, str):
-            raise BadRequest(f"input must be a string, got {type(input_text).__name__}")
-        check_text(input_text, "input")
-        hyper, text = self.texts(instruction, input_text)
-        if not self.model.config.is_decoder_only:
-            return self.tokenizer.encode(text, self.max_input_len, eos=self.input_eos)
-        bos = [] if hyper else list(self.tokenizer.bos_ids)  # the prompt's start (causal layout)
-        return bos + self.tokenizer.encode(text, self.max_input_len - len(bos), eos=False)
-
-    def tokenize(self, instruction: str, inputs: list[str]) -> tuple[TaskKey, list[list[int]]]:
-        """A request's task key and input ids (one call: replicas run it off the event loop)."""
-        return self.task_key(instruction), [self.input_ids(instruction, text) for text in inputs]
 
     # ---- task states ----
 
@@ -387,5 +312,5 @@ class CachedPredictor:
     def predict(self, instructions: list[str], inputs: list[str]) -> list[str]:
         if len(instructions) != len(inputs):
             raise BadRequest(f"{len(instructions)} instructions for {len(inputs)} inputs")
-        keys = [self.task_key(text) for text in instructions]
-        return self.predict_tokens(keys, [self.input_ids(t, x) for t, x in zip(instructions, inputs)])
+        keys = [self.reader.task_key(text) for text in instructions]
+        return self.predict_tokens(keys, [self.reader.input_ids(t, x) for t, x in zip(instructions, inputs)])
