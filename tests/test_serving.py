@@ -161,6 +161,36 @@ def test_rows_that_come_while_the_model_runs_share_its_next_forward():
     assert batches[3:] == [[7, -1]] and all(isinstance(e, ValueError) for e in failed)
 
 
+def test_a_short_answer_fails_its_batch_and_a_cancelled_batcher_leaves_no_row_waiting():
+    """A model that answers fewer rows than it was given fails each row of the batch (zip would
+    have left the last ones waiting forever); a batcher whose task is cancelled (the replica's
+    loop closing) cancels the rows it runs and the rows still waiting."""
+    model_runs, release = threading.Event(), threading.Event()
+
+    def run(rows):
+        if rows == [1, 2]:
+            return [10]
+        model_runs.set()
+        release.wait()
+        return rows
+
+    async def requests():
+        batcher = Batcher(run, ThreadPoolExecutor(max_workers=1), max_batch_size=2, wait_s=0.01)
+        short = await asyncio.wait_for(asyncio.gather(batcher(1), batcher(2), return_exceptions=True), 5)
+        running = asyncio.ensure_future(batcher(3))
+        await asyncio.to_thread(model_runs.wait)
+        waiting = asyncio.ensure_future(batcher(4))
+        await asyncio.sleep(0)
+        batcher._worker.cancel()
+        left = await asyncio.wait_for(asyncio.gather(running, waiting, return_exceptions=True), 5)
+        release.set()
+        return short, left
+
+    short, left = asyncio.run(requests())
+    assert all(isinstance(e, RuntimeError) and "answered 1 rows of a batch of 2" in str(e) for e in short)
+    assert all(isinstance(e, asyncio.CancelledError) for e in left)
+
+
 def test_predictor_in_bf16_equals_the_bf16_model_and_caches_the_longest_instruction(export):
     out, _, tasks = export
     predictor = CachedPredictor(out, dtype="bfloat16", batch_size=4)

@@ -21,7 +21,8 @@ from typing import Any, Callable
 class Batcher:
     """`await batcher(row)` -> `run(rows)`'s answer for that row; `run` (rows -> one answer per
     row, in order) runs on `executor`, one batch at a time. A row whose request was cancelled
-    while it waited is dropped; an exception in `run` is every row of its batch's answer."""
+    while it waited is dropped; an exception in `run` (or a wrong number of answers) is every
+    row of its batch's answer; cancelling the batcher's task cancels every row it holds."""
 
     def __init__(self, run: Callable[[list], list], executor: Executor, max_batch_size: int, wait_s: float):
         if max_batch_size < 1 or wait_s < 0:
@@ -53,6 +54,13 @@ class Batcher:
                 continue
             try:
                 answers = await loop.run_in_executor(self.executor, self.run, [row for row, _ in batch])
+                if len(answers) != len(batch):
+                    raise RuntimeError(f"the model answered {len(answers)} rows of a batch of {len(batch)}")
+            except asyncio.CancelledError:  # the replica's loop is closing: no row may wait on
+                for _, future in [*batch, *self._waiting]:
+                    future.cancel()
+                self._waiting.clear()
+                raise
             except Exception as e:
                 for _, future in batch:
                     if not future.done():
