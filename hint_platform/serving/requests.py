@@ -15,7 +15,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from hint_model import HintConfig
-from hint_model.checkpoint import read_config
 from hint_platform import export
 from hint_platform.errors import UserError
 from pipelines import Tokenizer, formats, load_tokenizer
@@ -51,7 +50,7 @@ class RequestReader:
     @classmethod
     def of_export(cls, export_dir: str | Path, max_input_len: int = 1024) -> RequestReader:
         """The reader of an export's model, without loading its weights."""
-        return cls(read_config(export_dir), load_tokenizer(export.tokenizer_dir(export_dir)),
+        return cls(export.model_config(export_dir), load_tokenizer(export.tokenizer_dir(export_dir)),
                    export.data_format(export_dir), max_input_len)
 
     def texts(self, instruction: str, input_text: str) -> tuple[str, str]:
