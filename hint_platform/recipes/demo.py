@@ -58,8 +58,11 @@ class Row:
 
 # The decoder rows: the prompt baseline is the decoder base, trained from scratch on the train
 # tasks (demo/decoder_base); HINT-decoder and No-Instruct are fine-tuned from it.
-# HINT-decoder is the `hint` variant: generated LoRA (q, v), adapters and prefixes, and fusion
-# (each input attends to the instruction's keys / values from the hypernetwork's own pass).
+# HINT-decoder is the `frozen_underlying` variant: the `hint` modules (generated LoRA on q and
+# v, adapters, prefixes) and fusion (each input attends to the instruction's keys / values from
+# the hypernetwork's own pass), the hypernetwork trained on the frozen base as Text-to-LoRA
+# trains it. It reads the base's own text, the instruction part to the hypernetwork ('concat'
+# format; demo/decoder_finetune says what the alternatives scored).
 # `lora_only` would have to write a held-out item, which no training instruction names, into
 # generated weights; with fusion the input looks the item up in the instruction, as the T5 does.
 ROWS = (
@@ -67,7 +70,7 @@ ROWS = (
     Row("no_instruct", "no_instruct", "no_instruct", "t5", "demo/finetune"),
     Row("concat", "concat", "concat", "t5", "demo/finetune"),
     Row("decoder_prompt", "concat", "concat", None, "demo/decoder_base"),
-    Row("decoder_hint", "hint", "def", "decoder_prompt", "demo/decoder_finetune"),
+    Row("decoder_hint", "frozen_underlying", "concat", "decoder_prompt", "demo/decoder_finetune"),
     Row("decoder_no_instruct", "no_instruct", "no_instruct", "decoder_prompt", "demo/decoder_finetune"),
 )
 # The Text-to-LoRA control: decoder_hint's model, each held-out task given another's instruction.
