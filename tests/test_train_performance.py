@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -20,7 +21,7 @@ from hint_model.t5 import MASK_ALIGNMENT
 from hint_platform.config import TrainSection
 from hint_platform.training.optim import Adafactor, build_optimizer
 from hint_platform.training.parallel import compile_blocks, parallelize
-from hint_platform.training.worker import train_step
+from hint_platform.training.worker import eval_loss, train_step
 from pipelines.collate import collate, step_micro_batches
 
 SHAPE = dict(vocab_size=64, num_layers=1, num_decoder_layers=1)
@@ -174,6 +175,28 @@ def test_gradients_reduced_once_per_step_under_accumulation(one_rank_group, monk
     plain = tiny()
     expected = train_step(plain, build_optimizer(plain, TrainSection()), [whole], 1.0, 1e-4)["loss"]
     assert float(loss) == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_blocks_kept_gathered_to_backward_take_the_same_steps(one_rank_group):
+    """train.reshard_after_forward=false: after a forward the blocks hold their gathered
+    weights (plain tensors, not the DTensor shards) and the steps are the resharded ones; an
+    evaluation (forwards, no backward: the last step's, before the export reads the weights)
+    leaves them sharded again."""
+    rows = [{"hyper_input_ids": [5, 6, 7], "input_ids": [8, 9], "labels": [10, 11]}] * 2
+    losses = {}
+    for reshard in (True, False):
+        model = parallelize(tiny(), device=torch.device("cpu"), fsdp=True,
+                            activation_checkpointing=False, reshard_after_forward=reshard)
+        optimizer = build_optimizer(model, TrainSection(optimizer="adamw"))
+        block = next(iter(model.blocks()))
+        losses[reshard] = [float(train_step(model, optimizer, [batch(i)], 1.0, 1e-4)["loss"]) for i in range(2)]
+        with torch.no_grad():
+            model(**batch(0))
+        assert isinstance(next(block.parameters()), DTensor) is reshard
+        losses[reshard].append(eval_loss(model, rows, 2, torch.device("cpu")))
+        assert isinstance(next(block.parameters()), DTensor)
+        losses[reshard].append(float(train_step(model, optimizer, [batch(2)], 1.0, 1e-4)["loss"]))
+    assert losses[False] == pytest.approx(losses[True], rel=1e-6)
 
 
 def test_compiled_blocks_give_the_eager_loss_and_gradients():

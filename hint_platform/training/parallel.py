@@ -24,11 +24,13 @@ from hint_model.t5 import Block
 
 
 def parallelize(model: nn.Module, *, device: torch.device, fsdp: bool,
-                activation_checkpointing: bool, compile: bool = False) -> nn.Module:
+                activation_checkpointing: bool, compile: bool = False,
+                reshard_after_forward: bool = True) -> nn.Module:
     """Shards `model` in place over the default process group (when `fsdp` and one exists)
     and returns it. On GPU the compute is bf16 with fp32 master weights and fp32 gradient
     reduction; on CPU (gloo) everything stays fp32. Order as torchtitan's: activation
-    checkpointing, then compilation, then sharding."""
+    checkpointing, then compilation, then sharding. `reshard_after_forward`: FSDP2's (False
+    keeps each block's gathered weights from its forward to its backward)."""
     model.set_activation_checkpointing(activation_checkpointing)
     model.to(device)
     if compile:
@@ -41,12 +43,12 @@ def parallelize(model: nn.Module, *, device: torch.device, fsdp: bool,
     else:
         mp = MixedPrecisionPolicy()
     for block in model.blocks():
-        fully_shard(block, mesh=mesh, mp_policy=mp)
+        fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
         if isinstance(block, Block) and hasattr(block, "cross_attn"):  # fusion's per-task pass
             register_fsdp_forward_method(block, "instruction_keys_values")
         if model.config.is_decoder_only:
             block.register_forward_hook(_cached_keys_values_gather_in_backward, with_kwargs=True)
-    fully_shard(model, mesh=mesh, mp_policy=mp)
+    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
     _prefetch_next_blocks(model)
     return model
 

@@ -121,10 +121,20 @@ def eval_loss(model: nn.Module, rows: list[dict], micro: int, device: torch.devi
             loss = loss_sum(model, batch, causal=causal)
             if i < len(batches):
                 sums += torch.stack([loss.cpu(), (batch["labels"] != -100).sum().cpu().float()])
+    reshard(model)
     model.train()
     if dist.is_initialized():
         dist.all_reduce(sums)
     return (sums[0] / sums[1]).item()
+
+
+def reshard(model: nn.Module) -> None:
+    """Back to the shards after forwards with no backward. FSDP modules that keep their
+    gathered weights after forward (train.reshard_after_forward=false) free them only in
+    backward; held past the optimizer's step, the next forward would run the old weights."""
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
 
 
 def to_device(rows: list[dict], device: torch.device, pad_id: int = 0,
@@ -170,7 +180,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     # The unsharded model's config, kept before parallelize wraps the model (FSDP hides it).
     config = model.config
     model = parallelize(model, device=device, fsdp=t.fsdp,
-                        activation_checkpointing=t.activation_checkpointing, compile=t.compile)
+                        activation_checkpointing=t.activation_checkpointing, compile=t.compile,
+                        reshard_after_forward=t.reshard_after_forward)
     optimizer = build_optimizer(model, t)
     scheduler = build_scheduler(optimizer, t)
     state = TrainState()
