@@ -180,8 +180,8 @@ def test_gradients_reduced_once_per_step_under_accumulation(one_rank_group, monk
 def test_blocks_kept_gathered_to_backward_take_the_same_steps(one_rank_group):
     """train.reshard_after_forward=false: after a forward the blocks hold their gathered
     weights (plain tensors, not the DTensor shards) and the steps are the resharded ones; an
-    evaluation (forwards, no backward: the last step's, before the export reads the weights)
-    leaves them sharded again."""
+    evaluation (forwards, no backward: the last step's, before the export gathers the model
+    again) frees them."""
     rows = [{"hyper_input_ids": [5, 6, 7], "input_ids": [8, 9], "labels": [10, 11]}] * 2
     losses = {}
     for reshard in (True, False):

@@ -129,9 +129,10 @@ def eval_loss(model: nn.Module, rows: list[dict], micro: int, device: torch.devi
 
 
 def reshard(model: nn.Module) -> None:
-    """Back to the shards after forwards with no backward. FSDP modules that keep their
-    gathered weights after forward (train.reshard_after_forward=false) free them only in
-    backward; held past the optimizer's step, the next forward would run the old weights."""
+    """Back to the shards after forwards with no backward (an evaluation). FSDP modules that
+    keep their gathered weights after forward (train.reshard_after_forward=false) free them
+    only in backward: they would stay in memory through the export, which gathers the whole
+    model once more, or until the next step's backward."""
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.reshard()
